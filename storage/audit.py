@@ -1,0 +1,63 @@
+"""The audit log: who erased what, and when. Append-only; rows never hold ciphertext."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+_INSERT = """
+INSERT INTO audit_log (actor_kind, actor_id, action, hoomi_id, target_id, details)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb)
+"""
+
+
+class Actor:
+    """Who did it: a user (by id), the operator (admin token), or the hub itself."""
+
+    __slots__ = ("kind", "id")
+
+    def __init__(self, kind: str, id: UUID | None = None) -> None:
+        self.kind = kind
+        self.id = id
+
+    @classmethod
+    def user(cls, user_id: UUID) -> Actor:
+        return cls("user", user_id)
+
+    @classmethod
+    def operator(cls) -> Actor:
+        return cls("operator")
+
+    @classmethod
+    def system(cls) -> Actor:
+        return cls("system")
+
+
+async def record(
+    conn: asyncpg.Connection,
+    actor: Actor,
+    action: str,
+    *,
+    hoomi_id: UUID | None = None,
+    target_id: UUID | None = None,
+    details: dict[str, Any] | None = None,
+) -> None:
+    """Write one audit row; call it inside the transaction that does the deletion."""
+    await conn.execute(
+        _INSERT, actor.kind, actor.id, action, hoomi_id, target_id, json.dumps(details or {})
+    )
+
+
+async def entries(conn: asyncpg.Connection, *, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest audit rows, for operators and tests."""
+    rows = await conn.fetch(
+        """
+        SELECT id, at, actor_kind, actor_id, action, hoomi_id, target_id, details
+        FROM audit_log ORDER BY id DESC LIMIT $1
+        """,
+        limit,
+    )
+    return [{**dict(r), "details": json.loads(r["details"])} for r in rows]

@@ -1,0 +1,176 @@
+"""Hoomis and their members: who may read and write where, and with which role."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from uuid import UUID, uuid4
+
+import asyncpg
+
+from protocol.errors import ErrorCode
+
+from . import audit
+from .audit import Actor
+from .errors import StorageError, not_found
+from .records import HoomiSummary, Member
+
+ROLES = ("admin", "member")
+
+
+async def create_hoomi(
+    pool: asyncpg.Pool, members: Sequence[Member], hoomi_id: UUID | None = None
+) -> UUID:
+    hoomi_id = hoomi_id or uuid4()
+    for i, m in enumerate(members):
+        if m.role not in ROLES:
+            raise StorageError(ErrorCode.INVALID, f"members[{i}].role: admin or member",
+                               f"members[{i}].role")
+    async with pool.acquire() as conn, conn.transaction():
+        created = await conn.fetchval(
+            "INSERT INTO hoomis (id) VALUES ($1) ON CONFLICT (id) DO NOTHING RETURNING id",
+            hoomi_id,
+        )
+        if created is None:
+            raise StorageError(ErrorCode.INVALID, "id: hoomi already exists", "id")
+        known = {
+            r["id"]
+            for r in await conn.fetch(
+                "SELECT id FROM users WHERE id = ANY($1::uuid[])", [m.user_id for m in members]
+            )
+        }
+        for i, m in enumerate(members):
+            if m.user_id not in known:
+                raise not_found("user", f"members[{i}].user_id")
+        await conn.executemany(
+            """
+            INSERT INTO hoomi_members (hoomi_id, user_id, role) VALUES ($1, $2, $3)
+            ON CONFLICT (hoomi_id, user_id) DO UPDATE SET role = EXCLUDED.role
+            """,
+            [(hoomi_id, m.user_id, m.role) for m in members],
+        )
+    return hoomi_id
+
+
+async def delete_hoomi(pool: asyncpg.Pool, hoomi_id: UUID, actor: Actor) -> list[UUID]:
+    """Delete a Hoomi and, by cascade, all its messages. Returns its former members."""
+    async with pool.acquire() as conn, conn.transaction():
+        members = [
+            r["user_id"]
+            for r in await conn.fetch(
+                "SELECT user_id FROM hoomi_members WHERE hoomi_id = $1", hoomi_id
+            )
+        ]
+        row = await conn.fetchrow(
+            """
+            WITH gone AS (DELETE FROM hoomis WHERE id = $1 RETURNING id, last_seq)
+            SELECT last_seq FROM gone
+            """,
+            hoomi_id,
+        )
+        if row is None:
+            raise not_found("hoomi", "id")
+        await audit.record(conn, actor, "hoomi.delete", hoomi_id=hoomi_id,
+                           details={"last_seq": row["last_seq"], "members": len(members)})
+    return members
+
+
+async def set_member(
+    pool: asyncpg.Pool, hoomi_id: UUID, user_id: UUID, role: str, actor: Actor
+) -> str | None:
+    """Add a member or change their role. Returns the previous role (None if new)."""
+    if role not in ROLES:
+        raise StorageError(ErrorCode.INVALID, "role: admin or member", "role")
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM hoomis WHERE id = $1)", hoomi_id):
+            raise not_found("hoomi", "hoomi_id")
+        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)", user_id):
+            raise not_found("user", "user_id")
+        previous = await conn.fetchval(
+            "SELECT role FROM hoomi_members WHERE hoomi_id = $1 AND user_id = $2 FOR UPDATE",
+            hoomi_id, user_id,
+        )
+        await conn.execute(
+            """
+            INSERT INTO hoomi_members (hoomi_id, user_id, role) VALUES ($1, $2, $3)
+            ON CONFLICT (hoomi_id, user_id) DO UPDATE SET role = EXCLUDED.role
+            """,
+            hoomi_id, user_id, role,
+        )
+        if previous != role:
+            await audit.record(conn, actor, "member.set", hoomi_id=hoomi_id, target_id=user_id,
+                               details={"role": role, "previous": previous})
+    return previous
+
+
+async def remove_member(pool: asyncpg.Pool, hoomi_id: UUID, user_id: UUID, actor: Actor) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        removed = await conn.fetchval(
+            "DELETE FROM hoomi_members WHERE hoomi_id = $1 AND user_id = $2 RETURNING role",
+            hoomi_id, user_id,
+        )
+        if removed is None:
+            raise not_found("member", "user_id")
+        await audit.record(conn, actor, "member.remove", hoomi_id=hoomi_id, target_id=user_id,
+                           details={"role": removed})
+
+
+async def set_retention(
+    pool: asyncpg.Pool, hoomi_id: UUID, seconds: int | None, actor: Actor
+) -> None:
+    if seconds is not None and seconds <= 0:
+        raise StorageError(ErrorCode.INVALID, "retention_seconds: positive or null",
+                           "retention_seconds")
+    async with pool.acquire() as conn, conn.transaction():
+        done = await conn.fetchval(
+            "UPDATE hoomis SET retention_seconds = $2 WHERE id = $1 RETURNING id", hoomi_id, seconds
+        )
+        if done is None:
+            raise not_found("hoomi", "id")
+        await audit.record(conn, actor, "hoomi.retention", hoomi_id=hoomi_id,
+                           details={"retention_seconds": seconds})
+
+
+async def member_role(
+    conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, user_id: UUID
+) -> str | None:
+    role: str | None = await conn.fetchval(
+        "SELECT role FROM hoomi_members WHERE hoomi_id = $1 AND user_id = $2", hoomi_id, user_id
+    )
+    return role
+
+
+async def members(conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID) -> list[Member]:
+    rows = await conn.fetch(
+        "SELECT user_id, role FROM hoomi_members WHERE hoomi_id = $1 ORDER BY user_id", hoomi_id
+    )
+    return [Member(r["user_id"], r["role"]) for r in rows]
+
+
+async def user_hoomis(conn: asyncpg.Connection | asyncpg.Pool, user_id: UUID) -> list[HoomiSummary]:
+    """The user's Hoomis with their current last_seq and the user's role, for `welcome`."""
+    rows = await conn.fetch(
+        """
+        SELECT h.id, h.last_seq, hm.role
+        FROM hoomi_members hm JOIN hoomis h ON h.id = hm.hoomi_id
+        WHERE hm.user_id = $1
+        ORDER BY h.id
+        """,
+        user_id,
+    )
+    return [HoomiSummary(r["id"], r["last_seq"], r["role"]) for r in rows]
+
+
+async def hoomi_info(
+    conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID
+) -> tuple[int, int | None] | None:
+    """(last_seq, retention_seconds) of a Hoomi, or None if it does not exist."""
+    row = await conn.fetchrow(
+        "SELECT last_seq, retention_seconds FROM hoomis WHERE id = $1", hoomi_id
+    )
+    return (row["last_seq"], row["retention_seconds"]) if row else None
+
+
+async def last_seqs(conn: asyncpg.Connection | asyncpg.Pool, ids: Sequence[UUID]) -> dict[UUID, int]:
+    """Current last_seq of each existing Hoomi among `ids` (one round trip)."""
+    rows = await conn.fetch("SELECT id, last_seq FROM hoomis WHERE id = ANY($1::uuid[])", list(ids))
+    return {r["id"]: r["last_seq"] for r in rows}

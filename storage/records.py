@@ -1,0 +1,67 @@
+"""Typed rows that storage hands to the rest of the hub."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import NamedTuple
+from uuid import UUID
+
+
+class AppendRequest(NamedTuple):
+    hoomi_id: UUID
+    sender_id: UUID
+    client_msg_id: UUID
+    content: bytes
+    nonce: bytes
+    session_id: str
+
+
+class AppendResult(NamedTuple):
+    id: UUID
+    hoomi_id: UUID
+    seq: int
+    created_at: datetime
+    # True when this (sender, client_msg_id) was already stored: nothing new was written.
+    duplicate: bool
+
+
+class StoredMessage(NamedTuple):
+    id: UUID
+    hoomi_id: UUID
+    seq: int
+    sender_id: UUID | None
+    content: bytes | None  # None on a tombstone
+    nonce: bytes | None
+    session_id: str | None
+    created_at: datetime
+    deleted_at: datetime | None
+
+
+class HistoryPage(NamedTuple):
+    messages: list[StoredMessage]
+    # history: the `before` for the next older page, None when the oldest is reached.
+    next_before: int | None
+
+
+class SyncPage(NamedTuple):
+    messages: list[StoredMessage]  # ascending seq
+    has_more: bool
+
+
+class HoomiSummary(NamedTuple):
+    hoomi_id: UUID
+    last_seq: int
+    role: str
+
+
+class Member(NamedTuple):
+    user_id: UUID
+    role: str
+
+
+class DeletedMessage(NamedTuple):
+    id: UUID
+    hoomi_id: UUID
+    seq: int
+    # False when the message was already a tombstone: nothing changed, nothing to fan out.
+    changed: bool

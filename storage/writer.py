@@ -1,0 +1,319 @@
+"""Batched writer: group commit of appended messages.
+
+Invariants the rest of the hub relies on, kept by this module alone:
+
+1. Ack after commit. `append` returns only once the transaction holding the row has
+   committed. If a transaction fails, each of its waiters gets the error and none of its
+   rows is stored (the client retries with the same client_msg_id).
+2. Dense seq in commit order. A Hoomi's seqs are allocated inside the transaction while
+   it holds that Hoomi's row lock (`SELECT ... FOR UPDATE`, taken in id order so that two
+   writers never deadlock). The lock is held until COMMIT, so the next allocator for that
+   Hoomi, in this process or in another replica, reads the committed `last_seq`: seqs are
+   1, 2, 3, ... with no gap, and become visible in seq order.
+3. Idempotent retries. The duplicate check runs after the locks are taken, so a retry of
+   a send still in flight in the same Hoomi (on any replica) waits for it, then finds it.
+   A stored (sender, client_msg_id) returns the original (id, seq, created_at).
+4. Per-writer FIFO. One batch is in flight per writer and rows get seqs in arrival order,
+   so messages sent on one connection keep their order.
+5. Row-level verdicts. A row whose Hoomi is gone, whose sender is not a member, or whose
+   client_msg_id was already used in another Hoomi fails alone; its neighbours commit.
+   A row the database itself rejects is isolated by splitting the batch in halves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from uuid import UUID
+
+import asyncpg
+
+from protocol.errors import ErrorCode
+
+from .errors import StorageError, forbidden, not_found, unavailable
+from .ids import uuid7
+from .records import AppendRequest, AppendResult
+
+_log = logging.getLogger(__name__)
+
+_LOCK_HOOMIS = """
+SELECT id, last_seq, now() AS now
+FROM hoomis WHERE id = ANY($1::uuid[])
+ORDER BY id
+FOR UPDATE
+"""
+
+# Runs after the locks: sees every send committed before us in these Hoomis.
+_CHECK_ROWS = """
+SELECT t.ord, m.id, m.hoomi_id, m.seq, m.created_at, hm.user_id IS NOT NULL AS is_member
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) WITH ORDINALITY
+     AS t(hoomi_id, sender_id, client_msg_id, ord)
+LEFT JOIN messages m ON m.sender_id = t.sender_id AND m.client_msg_id = t.client_msg_id
+LEFT JOIN hoomi_members hm ON hm.hoomi_id = t.hoomi_id AND hm.user_id = t.sender_id
+"""
+
+_INSERT_ROWS = """
+WITH ins AS (
+    INSERT INTO messages (id, hoomi_id, seq, sender_id, client_msg_id, content, nonce,
+                          session_id, created_at, updated_at)
+    SELECT t.id, t.hoomi_id, t.seq, t.sender_id, t.client_msg_id, t.content, t.nonce,
+           t.session_id, $11, $11
+    FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::uuid[], $5::uuid[], $6::bytea[],
+                $7::bytea[], $8::text[])
+         AS t(id, hoomi_id, seq, sender_id, client_msg_id, content, nonce, session_id)
+    ON CONFLICT (sender_id, client_msg_id) DO NOTHING
+    RETURNING 1
+), counters AS (
+    UPDATE hoomis h SET last_seq = v.last_seq
+    FROM unnest($9::uuid[], $10::int8[]) AS v(id, last_seq)
+    WHERE h.id = v.id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins) AS inserted
+"""
+
+MAX_SESSION_ID_CHARS = 128
+NONCE_BYTES = 12
+
+
+class _ConcurrentReuse(Exception):
+    """A client_msg_id was committed concurrently in another Hoomi: redo the batch."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: AppendRequest
+    future: asyncio.Future[AppendResult]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+BatchObserver = Callable[[int, float], None]
+# Called once per committed batch, before the waiters wake: (request, result) pairs.
+CommitHook = Callable[[list[tuple[AppendRequest, AppendResult]]], None]
+
+
+class BatchWriter:
+    """Coalesces concurrent `append` calls into one transaction per batch."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        max_batch: int = 256,
+        max_delay: float = 0.001,
+        max_content_bytes: int = 65536,
+        observer: BatchObserver | None = None,
+        on_commit: CommitHook | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._pool = pool
+        self._max_batch = max_batch
+        self._max_delay = max_delay
+        self._max_content = max_content_bytes
+        self._observer = observer
+        self._on_commit = on_commit
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._full = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="batch-writer")
+
+    async def close(self) -> None:
+        """Stop taking appends and commit everything already queued."""
+        self._closing = True
+        self._wakeup.set()
+        self._full.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def append(self, request: AppendRequest) -> AppendResult:
+        """Store one message; returns after its transaction committed."""
+        # If the caller goes away the row may still commit; a retry finds it (invariant 3).
+        return await self.submit(request)
+
+    def submit(self, request: AppendRequest) -> asyncio.Future[AppendResult]:
+        """Queue one message now (its place in the FIFO is taken at this call)."""
+        self._validate(request)
+        if self._closing or self._task is None:
+            raise unavailable("hub is shutting down; retry with the same client_msg_id")
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(request, future))
+        self._wakeup.set()
+        if len(self._queue) >= self._max_batch:
+            self._full.set()
+        return future
+
+    def _validate(self, r: AppendRequest) -> None:
+        # Storage defends its own invariants even though protocol/ checked the frame.
+        if not isinstance(r.content, bytes) or not 16 <= len(r.content) <= self._max_content:
+            raise StorageError(ErrorCode.INVALID, "content: bad length", "content")
+        if not isinstance(r.nonce, bytes) or len(r.nonce) != NONCE_BYTES:
+            raise StorageError(ErrorCode.INVALID, "nonce: must be 12 bytes", "nonce")
+        sid = r.session_id
+        if not isinstance(sid, str) or not 0 < len(sid) <= MAX_SESSION_ID_CHARS or "\x00" in sid:
+            raise StorageError(ErrorCode.INVALID, "session_id: bad value", "session_id")
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if len(self._queue) < self._max_batch and self._max_delay > 0 and not self._closing:
+                # Let the first message wait a little for company: fewer, larger commits.
+                self._full.clear()
+                try:
+                    await asyncio.wait_for(self._full.wait(), self._max_delay)
+                except TimeoutError:
+                    pass
+            n = min(len(self._queue), self._max_batch)
+            batch = [self._queue.popleft() for _ in range(n)]
+            started = time.perf_counter()
+            await self._commit_isolating(batch)
+            if self._observer is not None:
+                self._observer(len(batch), time.perf_counter() - started)
+
+    async def _commit_isolating(self, batch: list[_Pending]) -> None:
+        try:
+            await self._commit_with_retry(batch)
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            # Some row the database refuses: find it by halves, so neighbours still commit.
+            if len(batch) == 1:
+                _log.warning("row rejected by the database: %s", type(exc).__name__)
+                _fail(batch, StorageError(ErrorCode.INVALID, "message rejected by storage"))
+                return
+            mid = len(batch) // 2
+            await self._commit_isolating(batch[:mid])
+            await self._commit_isolating(batch[mid:])
+        except Exception as exc:  # connection lost, server down, pool closed...
+            _log.error("batch of %d failed: %s: %s", len(batch), type(exc).__name__, exc)
+            _fail(batch, unavailable())
+
+    async def _commit_with_retry(self, batch: list[_Pending]) -> None:
+        for attempt in range(5):
+            try:
+                outcomes = await self._commit(batch)
+            except _ConcurrentReuse:
+                _log.info("client_msg_id reused concurrently across Hoomis; retry %d", attempt)
+                continue
+            if self._on_commit is not None:
+                committed = [(p.request, o) for p, o in zip(batch, outcomes, strict=True)
+                             if isinstance(o, AppendResult)]
+                try:
+                    self._on_commit(committed)
+                except Exception:
+                    _log.exception("commit hook failed")
+            for pending, outcome in zip(batch, outcomes, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(outcome, StorageError):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(outcome)
+            return
+        _fail(batch, unavailable())
+
+    async def _commit(self, batch: Sequence[_Pending]) -> list[AppendResult | StorageError]:
+        reqs = [p.request for p in batch]
+        # Two rows of this batch with one (sender, client_msg_id): the first leads.
+        leader_of: dict[tuple[UUID, UUID], int] = {}
+        leaders: list[int] = []
+        for i, r in enumerate(reqs):
+            key = (r.sender_id, r.client_msg_id)
+            if key not in leader_of:
+                leader_of[key] = i
+                leaders.append(i)
+
+        outcomes: list[AppendResult | StorageError | None] = [None] * len(reqs)
+        async with self._pool.acquire() as conn, conn.transaction():
+            hoomi_ids = sorted({reqs[i].hoomi_id for i in leaders})
+            locked = await conn.fetch(_LOCK_HOOMIS, hoomi_ids)
+            last_seq = {row["id"]: row["last_seq"] for row in locked}
+            now = locked[0]["now"] if locked else None
+            checks = await conn.fetch(
+                _CHECK_ROWS,
+                [reqs[i].hoomi_id for i in leaders],
+                [reqs[i].sender_id for i in leaders],
+                [reqs[i].client_msg_id for i in leaders],
+            )
+            new_rows: list[tuple[int, UUID]] = []
+            # Sorted by ord: seqs go in arrival order (invariant 4).
+            for row in sorted(checks, key=lambda c: c["ord"]):
+                i = leaders[row["ord"] - 1]
+                r = reqs[i]
+                if row["id"] is not None:
+                    if row["hoomi_id"] == r.hoomi_id:
+                        outcomes[i] = AppendResult(
+                            row["id"], row["hoomi_id"], row["seq"], row["created_at"], True
+                        )
+                    else:
+                        outcomes[i] = _reused()
+                elif r.hoomi_id not in last_seq:
+                    outcomes[i] = not_found("hoomi", "hoomi_id")
+                elif not row["is_member"]:
+                    outcomes[i] = forbidden("not a member of this hoomi")
+                else:
+                    new_rows.append((i, uuid7()))
+            if new_rows:
+                args, placed = _allocate(reqs, new_rows, last_seq)
+                inserted = await conn.fetchval(_INSERT_ROWS, *args, now)
+                if inserted != len(placed):
+                    raise _ConcurrentReuse()
+                for i, msg_id, seq in placed:
+                    outcomes[i] = AppendResult(msg_id, reqs[i].hoomi_id, seq, now, False)
+        for i, r in enumerate(reqs):
+            lead = leader_of[(r.sender_id, r.client_msg_id)]
+            if lead != i:
+                led = outcomes[lead]
+                if isinstance(led, AppendResult):
+                    outcomes[i] = led._replace(duplicate=True) if led.hoomi_id == r.hoomi_id else _reused()
+                else:
+                    outcomes[i] = led
+        return [o for o in outcomes if o is not None]
+
+
+def _allocate(
+    reqs: list[AppendRequest], new_rows: list[tuple[int, UUID]], last_seq: dict[UUID, int]
+) -> tuple[list[list[object]], list[tuple[int, UUID, int]]]:
+    """Give each new row the next seq of its Hoomi, in arrival order (invariant 4)."""
+    columns: list[list[object]] = [[] for _ in range(8)]
+    placed: list[tuple[int, UUID, int]] = []
+    for i, msg_id in new_rows:
+        r = reqs[i]
+        seq = last_seq[r.hoomi_id] + 1
+        last_seq[r.hoomi_id] = seq
+        placed.append((i, msg_id, seq))
+        row = (msg_id, r.hoomi_id, seq, r.sender_id, r.client_msg_id, r.content, r.nonce,
+               r.session_id)
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    touched = sorted({reqs[i].hoomi_id for i, _, _ in placed})
+    return [*columns, list(touched), [last_seq[h] for h in touched]], placed
+
+
+def _reused() -> StorageError:
+    return StorageError(
+        ErrorCode.INVALID, "client_msg_id: already used in another hoomi", "client_msg_id"
+    )
+
+
+def _fail(batch: Sequence[_Pending], error: StorageError) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(error)

@@ -1,0 +1,174 @@
+"""Queries, deletion and the schema's foreign-key behaviour, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from uuid import uuid4
+
+import asyncpg
+import pytest
+
+from protocol.errors import ErrorCode
+from storage import audit, hoomis, messages, users
+from storage.audit import Actor
+from storage.errors import StorageError
+from storage.migrate import available, migrate
+from storage.records import Member
+from storage.writer import BatchWriter
+from tests import factories
+
+
+@pytest.fixture
+async def writer(pool: asyncpg.Pool):
+    w = BatchWriter(pool)
+    w.start()
+    yield w
+    await w.close()
+
+
+async def test_migrations_rerun_is_a_no_op(pool):
+    async with pool.acquire() as conn:
+        before = await conn.fetch("SELECT version, applied_at FROM schema_migrations")
+        assert await migrate(conn) == []
+        after = await conn.fetch("SELECT version, applied_at FROM schema_migrations")
+    assert before == after
+    assert [r["version"] for r in after] == [m.version for m in available()]
+
+
+async def test_concurrent_migrations_apply_each_version_once(pg_template):
+    from tests import pg
+    admin = await asyncpg.connect(pg_template.dsn)
+    name = f"fresh_{uuid4().hex[:8]}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        conns = [await asyncpg.connect(pg.dsn_for(pg_template, name)) for _ in range(3)]
+        applied = await asyncio.gather(*(migrate(c) for c in conns))
+        for c in conns:
+            await c.close()
+        assert sorted(applied, key=len) == [[], [], [m.version for m in available()]]
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def test_seed_indexes_exist_by_name(pool):
+    names = {r["indexname"] for r in await pool.fetch(
+        "SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")}
+    assert {"idx_messages_hoomi_created", "idx_messages_sender", "idx_messages_created",
+            "messages_hoomi_seq_key"} <= names
+
+
+async def test_deleted_user_leaves_messages_with_null_sender(pool, writer):
+    alice, bob = await factories.users(pool, 2)
+    h = await factories.hoomi(pool, [alice], [bob])
+    ack = await writer.append(factories.request(h, bob))
+    left = await users.delete_user(pool, bob, Actor.operator())
+    assert left == [h]
+    row = await pool.fetchrow("SELECT sender_id, content FROM messages WHERE id = $1", ack.id)
+    assert row["sender_id"] is None and row["content"] is not None
+    assert await hoomis.member_role(pool, h, bob) is None
+    async with pool.acquire() as conn:
+        (entry,) = await audit.entries(conn)
+    assert (entry["action"], entry["actor_kind"], entry["target_id"]) == (
+        "user.delete", "operator", bob)
+
+
+async def test_deleted_hoomi_takes_its_messages_and_is_audited(pool, writer):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    keep = await factories.hoomi(pool, [alice])
+    for hid in (h, h, keep):
+        await writer.append(factories.request(hid, alice))
+    assert await hoomis.delete_hoomi(pool, h, Actor.operator()) == [alice]
+    assert await pool.fetchval("SELECT count(*) FROM messages WHERE hoomi_id = $1", h) == 0
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 1
+    async with pool.acquire() as conn:
+        (entry,) = await audit.entries(conn)
+    assert entry["action"] == "hoomi.delete" and entry["hoomi_id"] == h
+    assert entry["details"] == {"last_seq": 2, "members": 1}
+    with pytest.raises(StorageError) as err:
+        await hoomis.delete_hoomi(pool, h, Actor.operator())
+    assert err.value.code == ErrorCode.NOT_FOUND
+
+
+async def test_delete_for_everyone_erases_ciphertext_and_keeps_seq(pool, writer):
+    alice, bob, carol = await factories.users(pool, 3)
+    h = await factories.hoomi(pool, [alice], [bob, carol])
+    ack = await writer.append(factories.request(h, bob))
+    with pytest.raises(StorageError) as err:
+        await messages.delete_for_everyone(pool, h, ack.id, carol)
+    assert err.value.code == ErrorCode.FORBIDDEN
+    done = await messages.delete_for_everyone(pool, h, ack.id, bob)
+    assert (done.seq, done.changed) == (1, True)
+    row = await pool.fetchrow("SELECT * FROM messages WHERE id = $1", ack.id)
+    assert (row["content"], row["nonce"], row["session_id"]) == (None, None, None)
+    assert row["seq"] == 1 and row["deleted_at"] is not None
+    assert row["updated_at"] >= row["created_at"]
+    again = await messages.delete_for_everyone(pool, h, ack.id, alice)
+    assert again.changed is False
+    async with pool.acquire() as conn:
+        entries = await audit.entries(conn)
+    assert [(e["action"], e["actor_id"], e["details"]["by"]) for e in entries] == [
+        ("message.delete", bob, "sender")]
+
+
+async def test_admin_may_delete_anyones_message_non_member_may_not(pool, writer):
+    alice, bob, eve = await factories.users(pool, 3)
+    h = await factories.hoomi(pool, [alice], [bob])
+    ack = await writer.append(factories.request(h, bob))
+    with pytest.raises(StorageError) as err:
+        await messages.delete_for_everyone(pool, h, ack.id, eve)
+    assert err.value.code == ErrorCode.FORBIDDEN
+    with pytest.raises(StorageError) as err:
+        await messages.delete_for_everyone(pool, h, uuid4(), alice)
+    assert err.value.code == ErrorCode.NOT_FOUND
+    assert (await messages.delete_for_everyone(pool, h, ack.id, alice)).changed
+
+
+async def test_user_hoomis_reports_last_seq_and_role(pool, writer):
+    alice, bob = await factories.users(pool, 2)
+    h1 = await factories.hoomi(pool, [alice], [bob])
+    h2 = await factories.hoomi(pool, [bob])
+    for _ in range(3):
+        await writer.append(factories.request(h1, alice))
+    mine = {s.hoomi_id: (s.last_seq, s.role) for s in await hoomis.user_hoomis(pool, bob)}
+    assert mine == {h1: (3, "member"), h2: (0, "admin")}
+    assert await hoomis.user_hoomis(pool, uuid4()) == []
+
+
+async def test_membership_changes_are_audited_and_checked(pool):
+    alice, bob = await factories.users(pool, 2)
+    h = await factories.hoomi(pool, [alice])
+    assert await hoomis.set_member(pool, h, bob, "member", Actor.user(alice)) is None
+    assert await hoomis.set_member(pool, h, bob, "admin", Actor.user(alice)) == "member"
+    assert await hoomis.members(pool, h) == sorted(
+        [Member(alice, "admin"), Member(bob, "admin")])
+    await hoomis.remove_member(pool, h, bob, Actor.operator())
+    assert await hoomis.member_role(pool, h, bob) is None
+    with pytest.raises(StorageError) as err:
+        await hoomis.remove_member(pool, h, bob, Actor.operator())
+    assert err.value.code == ErrorCode.NOT_FOUND
+    with pytest.raises(StorageError) as err:
+        await hoomis.set_member(pool, h, uuid4(), "member", Actor.operator())
+    assert (err.value.code, err.value.field) == (ErrorCode.NOT_FOUND, "user_id")
+    with pytest.raises(StorageError) as err:
+        await hoomis.set_member(pool, h, bob, "owner", Actor.operator())
+    assert (err.value.code, err.value.field) == (ErrorCode.INVALID, "role")
+    async with pool.acquire() as conn:
+        actions = [e["action"] for e in await audit.entries(conn)]
+    assert actions == ["member.remove", "member.set", "member.set"]
+
+
+async def test_create_hoomi_with_unknown_member_stores_nothing(pool):
+    alice, = await factories.users(pool, 1)
+    with pytest.raises(StorageError) as err:
+        await hoomis.create_hoomi(pool, [Member(alice, "admin"), Member(uuid4(), "member")])
+    assert (err.value.code, err.value.field) == (ErrorCode.NOT_FOUND, "members[1].user_id")
+    assert await pool.fetchval("SELECT count(*) FROM hoomis") == 0
+
+
+async def test_create_user_twice_is_refused(pool):
+    uid = await users.create_user(pool)
+    with pytest.raises(StorageError) as err:
+        await users.create_user(pool, uid)
+    assert (err.value.code, err.value.field) == (ErrorCode.INVALID, "id")

@@ -1,0 +1,215 @@
+"""The batched writer against a real PostgreSQL: ack after commit, dense seqs, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from uuid import uuid4
+
+import asyncpg
+import pytest
+
+from protocol.errors import ErrorCode
+from storage.db import create_pool
+from storage.errors import StorageError
+from storage.writer import BatchWriter
+from tests import factories
+
+
+@pytest.fixture
+async def writer(pool: asyncpg.Pool):
+    w = BatchWriter(pool, max_batch=64, max_delay=0.001)
+    w.start()
+    yield w
+    await w.close()
+
+
+async def test_fifty_appenders_two_writers_store_each_ack_once_with_dense_seqs(dsn, pool):
+    pool_b = await create_pool(dsn, min_size=1, max_size=4)
+    writers = [BatchWriter(pool, max_batch=32), BatchWriter(pool_b, max_batch=32)]
+    for w in writers:
+        w.start()
+    people = await factories.users(pool, 10)
+    hoomis = [await factories.hoomi(pool, people[:1], people[1:]) for _ in range(5)]
+    rng = random.Random(7)
+
+    async def appender(k: int) -> list:
+        acks = []
+        for _ in range(20):
+            w = writers[rng.randrange(2)]
+            acks.append(await w.append(factories.request(rng.choice(hoomis), people[k % 10])))
+        return acks
+
+    results = [a for batch in await asyncio.gather(*(appender(k) for k in range(50))) for a in batch]
+    for w in writers:
+        await w.close()
+    await pool_b.close()
+
+    assert len(results) == 1000
+    assert all(not r.duplicate for r in results)
+    rows = await pool.fetch("SELECT id, hoomi_id, seq FROM messages")
+    assert len(rows) == 1000
+    assert {r["id"] for r in rows} == {a.id for a in results}
+    stored = {r["id"]: (r["hoomi_id"], r["seq"]) for r in rows}
+    assert all(stored[a.id] == (a.hoomi_id, a.seq) for a in results)
+    by_hoomi: dict = defaultdict(list)
+    for r in rows:
+        by_hoomi[r["hoomi_id"]].append(r["seq"])
+    for h in hoomis:
+        seqs = sorted(by_hoomi[h])
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert await pool.fetchval("SELECT last_seq FROM hoomis WHERE id = $1", h) == len(seqs)
+
+
+async def test_messages_from_one_sender_keep_their_order(pool, writer):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    reqs = [factories.request(h, alice) for _ in range(40)]
+    acks = await asyncio.gather(*(writer.append(r) for r in reqs))
+    assert [a.seq for a in acks] == list(range(1, 41))
+
+
+async def test_retry_with_same_client_msg_id_returns_original_ack(dsn, pool, writer):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    req = factories.request(h, alice)
+    first = await writer.append(req)
+    again = await writer.append(req)
+    pool_b = await create_pool(dsn, min_size=1, max_size=2)
+    other = BatchWriter(pool_b)
+    other.start()
+    elsewhere = await other.append(req._replace(content=b"x" * 32))
+    await other.close()
+    await pool_b.close()
+    assert not first.duplicate
+    assert (again.id, again.seq, again.created_at, again.duplicate) == (
+        first.id, first.seq, first.created_at, True)
+    assert (elsewhere.id, elsewhere.seq, elsewhere.duplicate) == (first.id, first.seq, True)
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 1
+    assert await pool.fetchval("SELECT content FROM messages") == req.content
+
+
+async def test_concurrent_retries_in_one_batch_store_one_row(pool, writer):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    req = factories.request(h, alice)
+    acks = await asyncio.gather(*(writer.append(req) for _ in range(10)))
+    assert len({(a.id, a.seq) for a in acks}) == 1
+    assert sorted(a.duplicate for a in acks) == [False] + [True] * 9
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 1
+
+
+async def test_concurrent_retries_on_two_writers_store_one_row(dsn, pool, writer):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    pool_b = await create_pool(dsn, min_size=1, max_size=2)
+    other = BatchWriter(pool_b)
+    other.start()
+    reqs = [factories.request(h, alice) for _ in range(30)]
+    acks = await asyncio.gather(*(w.append(r) for r in reqs for w in (writer, other)))
+    await other.close()
+    await pool_b.close()
+    assert len({a.id for a in acks}) == 30
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 30
+    seqs = [r["seq"] for r in await pool.fetch("SELECT seq FROM messages ORDER BY seq")]
+    assert seqs == list(range(1, 31))
+
+
+async def test_invalid_rows_fail_alone_and_neighbours_commit(pool, writer):
+    alice, bob, carol = await factories.users(pool, 3)
+    h = await factories.hoomi(pool, [alice], [bob])
+    used = factories.request(h, alice)
+    await writer.append(used)
+    other = await factories.hoomi(pool, [alice])
+    good = [factories.request(h, bob) for _ in range(3)]
+    bad = {
+        "forbidden": factories.request(h, carol),
+        "not_found": factories.request(uuid4(), alice),
+        "invalid": used._replace(hoomi_id=other),
+    }
+    outcomes = await asyncio.gather(
+        *(writer.append(r) for r in [good[0], *bad.values(), *good[1:]]),
+        return_exceptions=True,
+    )
+    assert [o.seq for o in outcomes if not isinstance(o, Exception)] == [2, 3, 4]
+    errors = [o for o in outcomes if isinstance(o, StorageError)]
+    assert [e.code for e in errors] == [ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND, ErrorCode.INVALID]
+    assert errors[2].field == "client_msg_id"
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 4
+
+
+async def test_row_refused_by_database_is_isolated_from_its_batch(pool, writer):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    await pool.execute(
+        """
+        CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.session_id = 'poison' THEN
+                RAISE EXCEPTION 'poison' USING ERRCODE = '22023';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER poison BEFORE INSERT ON messages
+        FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+        """
+    )
+    reqs = [factories.request(h, alice, session_id="poison" if i == 5 else "ok") for i in range(12)]
+    outcomes = await asyncio.gather(*(writer.append(r) for r in reqs), return_exceptions=True)
+    assert isinstance(outcomes[5], StorageError) and outcomes[5].code == ErrorCode.INVALID
+    stored = [o for o in outcomes if not isinstance(o, Exception)]
+    assert len(stored) == 11
+    assert sorted(o.seq for o in stored) == list(range(1, 12))
+    assert await pool.fetchval("SELECT last_seq FROM hoomis WHERE id = $1", h) == 11
+
+
+async def test_failed_batch_fails_every_waiter_and_stores_nothing(pool):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    await pool.execute(
+        """
+        CREATE FUNCTION refuse_all() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'storage is broken'; END $$;
+        CREATE TRIGGER broken BEFORE INSERT ON messages
+        FOR EACH ROW EXECUTE FUNCTION refuse_all();
+        """
+    )
+    writer = BatchWriter(pool, max_batch=64, max_delay=0.005)
+    writer.start()
+    outcomes = await asyncio.gather(
+        *(writer.append(factories.request(h, alice)) for _ in range(8)), return_exceptions=True
+    )
+    await writer.close()
+    assert all(isinstance(o, StorageError) and o.code == ErrorCode.UNAVAILABLE for o in outcomes)
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 0
+    assert await pool.fetchval("SELECT last_seq FROM hoomis WHERE id = $1", h) == 0
+
+
+async def test_writer_refuses_bad_fields_before_queueing(pool, writer):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    cases = {
+        "nonce": factories.request(h, alice)._replace(nonce=b"123"),
+        "content": factories.request(h, alice, size=15),
+        "session_id": factories.request(h, alice, session_id="a\x00b"),
+    }
+    for field, req in cases.items():
+        with pytest.raises(StorageError) as err:
+            await writer.append(req)
+        assert (err.value.code, err.value.field) == (ErrorCode.INVALID, field)
+
+
+async def test_close_flushes_queued_appends(pool):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    writer = BatchWriter(pool, max_batch=4, max_delay=0.05)
+    writer.start()
+    pending = [asyncio.ensure_future(writer.append(factories.request(h, alice))) for _ in range(10)]
+    await asyncio.sleep(0)
+    await writer.close()
+    acks = await asyncio.gather(*pending)
+    assert sorted(a.seq for a in acks) == list(range(1, 11))
+    with pytest.raises(StorageError) as err:
+        await writer.append(factories.request(h, alice))
+    assert err.value.code == ErrorCode.UNAVAILABLE
