@@ -25,5 +25,7 @@ def forbidden(message: str) -> StorageError:
     return StorageError(ErrorCode.FORBIDDEN, message)
 
 
-def unavailable(message: str = "storage unavailable, retry with the same client_msg_id") -> StorageError:
+def unavailable(
+    message: str = "storage unavailable, retry with the same client_msg_id",
+) -> StorageError:
     return StorageError(ErrorCode.UNAVAILABLE, message)

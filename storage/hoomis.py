@@ -170,7 +170,11 @@ async def hoomi_info(
     return (row["last_seq"], row["retention_seconds"]) if row else None
 
 
-async def last_seqs(conn: asyncpg.Connection | asyncpg.Pool, ids: Sequence[UUID]) -> dict[UUID, int]:
+async def last_seqs(
+    conn: asyncpg.Connection | asyncpg.Pool, ids: Sequence[UUID]
+) -> dict[UUID, int]:
     """Current last_seq of each existing Hoomi among `ids` (one round trip)."""
-    rows = await conn.fetch("SELECT id, last_seq FROM hoomis WHERE id = ANY($1::uuid[])", list(ids))
+    rows = await conn.fetch(
+        "SELECT id, last_seq FROM hoomis WHERE id = ANY($1::uuid[])", list(ids)
+    )
     return {r["id"]: r["last_seq"] for r in rows}

@@ -122,6 +122,9 @@ async def delete_for_everyone(
             "message.delete",
             hoomi_id=hoomi_id,
             target_id=message_id,
-            details={"seq": row["seq"], "by": "sender" if row["sender_id"] == actor_id else "admin"},
+            details={
+                "seq": row["seq"],
+                "by": "sender" if row["sender_id"] == actor_id else "admin",
+            },
         )
         return DeletedMessage(message_id, hoomi_id, row["seq"], True)

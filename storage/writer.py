@@ -282,7 +282,8 @@ class BatchWriter:
             if lead != i:
                 led = outcomes[lead]
                 if isinstance(led, AppendResult):
-                    outcomes[i] = led._replace(duplicate=True) if led.hoomi_id == r.hoomi_id else _reused()
+                    same = led.hoomi_id == r.hoomi_id
+                    outcomes[i] = led._replace(duplicate=True) if same else _reused()
                 else:
                     outcomes[i] = led
         return [o for o in outcomes if o is not None]

@@ -38,3 +38,52 @@ async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
     p = await create_pool(dsn, min_size=1, max_size=8)
     yield p
     await p.close()
+
+
+# -- hub fixtures: real Valkey, real uvicorn replicas ----------------------------------------
+
+from tests.cluster import Replica, Valkey  # noqa: E402
+from tests.wsclient import Admin  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def valkey() -> Iterator[Valkey]:
+    server = Valkey()
+    server.start()
+    yield server
+    server.stop()
+
+
+class Cluster:
+    """Two replicas on one database and one Valkey, plus an operator client."""
+
+    def __init__(self, dsn: str, replicas: list[Replica]) -> None:
+        self.dsn = dsn
+        self.replicas = replicas
+        self.a, self.b = replicas[0], replicas[-1]
+        self.admin = Admin(self.a.http)
+
+    async def user(self) -> tuple[object, str]:
+        uid = await self.admin.user()
+        return uid, await self.admin.token(uid)
+
+
+@pytest.fixture(scope="module")
+async def module_dsn(pg_template: EmbeddedPostgres) -> AsyncIterator[str]:
+    name = await pg.create_database(pg_template)
+    yield pg.dsn_for(pg_template, name)
+    await pg.drop_database(pg_template, name)
+
+
+@pytest.fixture(scope="module")
+async def cluster(module_dsn: str, valkey: Valkey) -> AsyncIterator[Cluster]:
+    """Shared by a module's tests: each test makes its own users and Hoomis."""
+    replicas = [Replica(module_dsn, valkey.url, name=n, HOOMI_HELLO_TIMEOUT_S="1")
+                for n in ("a", "b")]
+    for r in replicas:
+        r.start()
+    c = Cluster(module_dsn, replicas)
+    yield c
+    await c.admin.close()
+    for r in replicas:
+        r.stop()

@@ -41,7 +41,8 @@ async def test_fifty_appenders_two_writers_store_each_ack_once_with_dense_seqs(d
             acks.append(await w.append(factories.request(rng.choice(hoomis), people[k % 10])))
         return acks
 
-    results = [a for batch in await asyncio.gather(*(appender(k) for k in range(50))) for a in batch]
+    done = await asyncio.gather(*(appender(k) for k in range(50)))
+    results = [a for batch in done for a in batch]
     for w in writers:
         await w.close()
     await pool_b.close()

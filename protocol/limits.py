@@ -1,0 +1,27 @@
+"""The limits of protocol v1, in one place (documented in docs/protocol.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FRAME_OVERHEAD = 4096  # room for the other fields of a `send` around its content
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_content_bytes: int = 65536
+    min_content_bytes: int = 16  # the GCM tag alone
+    nonce_bytes: int = 12
+    max_session_id_chars: int = 128
+    max_ref_chars: int = 64
+    max_page_limit: int = 100
+    default_page_limit: int = 50
+    max_resume_hoomis: int = 1000
+    max_token_chars: int = 8192
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self.max_content_bytes + FRAME_OVERHEAD
+
+
+DEFAULT_LIMITS = Limits()

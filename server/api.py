@@ -1,0 +1,417 @@
+"""The HTTP API (SPEC §5): health, metrics, the user routes and the operator routes.
+
+Every failure becomes one JSON body `{"error": code, "message": text, "field": name}`
+in `_error_response`, with the status the code maps to.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from protocol import ErrorCode
+from storage import hoomis as hoomi_store
+from storage import messages as message_store
+from storage import users as user_store
+from storage.audit import Actor
+from storage.errors import StorageError
+from storage.records import Member, StoredMessage
+
+from . import auth, events
+from .events import Control
+from .metrics import CONTENT_TYPE_LATEST
+from .services import Services
+
+_log = logging.getLogger(__name__)
+
+STATUS = {
+    ErrorCode.INVALID: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404, ErrorCode.TOO_LARGE: 413, ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.UNAVAILABLE: 503,
+}
+MAX_BODY = 64 * 1024
+MAX_TOKEN_TTL = 30 * 86400
+
+
+class HttpError(Exception):
+    def __init__(self, code: ErrorCode, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+
+def _error_response(services: Services, code: ErrorCode, message: str,
+                    field: str | None) -> JSONResponse:
+    services.metrics.errors.labels(code.value).inc()
+    body: dict[str, Any] = {"error": code.value, "message": message}
+    if field:
+        body["field"] = field
+    headers = {"Retry-After": "1"} if code == ErrorCode.UNAVAILABLE else None
+    if code == ErrorCode.UNAUTHORIZED:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse(body, status_code=STATUS[code], headers=headers)
+
+
+Handler = Callable[[Request, Services], Awaitable[Response]]
+
+
+def _route(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        services: Services = request.app.state.services
+        try:
+            return await fn(request, services)
+        except (HttpError, StorageError) as err:
+            return _error_response(services, err.code, err.message, err.field)
+        except Exception as exc:
+            if isinstance(exc, OSError) or type(exc).__module__.startswith("asyncpg"):
+                _log.warning("storage unavailable: %s", exc)
+                return _error_response(services, ErrorCode.UNAVAILABLE, "storage unavailable",
+                                       None)
+            raise
+    return endpoint
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+def _uuid(raw: Any, field: str) -> UUID:
+    try:
+        value = UUID(raw)
+    except (ValueError, TypeError, AttributeError):
+        raise HttpError(ErrorCode.INVALID, f"{field}: not a UUID", field) from None
+    if str(value) != str(raw).lower():
+        raise HttpError(ErrorCode.INVALID, f"{field}: not a canonical UUID", field)
+    return value
+
+
+def _path_uuid(request: Request, name: str) -> UUID:
+    return _uuid(request.path_params[name], name)
+
+
+def _int_param(request: Request, name: str, default: int | None, lo: int,
+               hi: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HttpError(ErrorCode.INVALID, f"{name}: not an integer", name) from None
+    if not lo <= value <= hi:
+        raise HttpError(ErrorCode.INVALID, f"{name}: must be between {lo} and {hi}", name)
+    return value
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise HttpError(ErrorCode.TOO_LARGE, f"body: larger than {MAX_BODY} bytes", "body")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise HttpError(ErrorCode.INVALID, "body: not valid JSON", "body") from None
+    if not isinstance(body, dict):
+        raise HttpError(ErrorCode.INVALID, "body: must be a JSON object", "body")
+    return body
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HttpError(ErrorCode.UNAUTHORIZED, "authorization: Bearer token required",
+                        "authorization")
+    return token.strip()
+
+
+def _user(request: Request, services: Services) -> UUID:
+    try:
+        return auth.verify(services.settings.jwt_secret, _bearer(request))
+    except auth.AuthError as err:
+        raise HttpError(err.code, err.message, "authorization") from None
+
+
+def _operator(request: Request, services: Services) -> None:
+    if not auth.is_operator(services.settings.admin_token, _bearer(request)):
+        raise HttpError(ErrorCode.UNAUTHORIZED, "authorization: operator token required",
+                        "authorization")
+
+
+async def _require_role(services: Services, hoomi_id: UUID, user_id: UUID,
+                        admin: bool = False) -> str:
+    role = await hoomi_store.member_role(services.pool, hoomi_id, user_id)
+    if role is None:
+        if await hoomi_store.hoomi_info(services.pool, hoomi_id) is None:
+            raise HttpError(ErrorCode.NOT_FOUND, "hoomi not found", "id")
+        raise HttpError(ErrorCode.FORBIDDEN, "not a member of this hoomi")
+    if admin and role != "admin":
+        raise HttpError(ErrorCode.FORBIDDEN, "only a hoomi admin may do this")
+    return role
+
+
+def _message_json(m: StoredMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": str(m.id), "hoomi_id": str(m.hoomi_id), "seq": m.seq,
+        "sender_id": str(m.sender_id) if m.sender_id else None,
+        "created_at": events.ms(m.created_at),
+    }
+    if m.deleted_at is not None:
+        out["deleted"] = True
+    else:
+        assert m.content is not None and m.nonce is not None
+        out["content"] = base64.b64encode(m.content).decode()
+        out["nonce"] = base64.b64encode(m.nonce).decode()
+        out["session_id"] = m.session_id
+    return out
+
+
+# -- health ----------------------------------------------------------------------------------
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    services: Services = request.app.state.services
+    checks: dict[str, str] = {}
+    try:
+        await services.pool.fetchval("SELECT 1", timeout=2)
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"down: {type(exc).__name__}"
+    checks["broker"] = "ok" if await services.broker.ping() else "down"
+    if services.draining:
+        checks["replica"] = "draining"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    services: Services = request.app.state.services
+    services.metrics.feeds.set(services.hub.feeds)
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+# -- user routes -----------------------------------------------------------------------------
+
+@_route
+async def my_hoomis(request: Request, s: Services) -> Response:
+    user_id = _user(request, s)
+    mine = await hoomi_store.user_hoomis(s.pool, user_id)
+    return JSONResponse({"hoomis": [
+        {"hoomi_id": str(h.hoomi_id), "last_seq": h.last_seq, "role": h.role} for h in mine]})
+
+
+@_route
+async def hoomi_messages(request: Request, s: Services) -> Response:
+    user_id = _user(request, s)
+    hoomi_id = _path_uuid(request, "id")
+    limit = _int_param(request, "limit", s.limits.default_page_limit, 1, s.limits.max_page_limit)
+    before = _int_param(request, "before", None, 1, 2**63 - 1)
+    after = _int_param(request, "after", None, 0, 2**63 - 1)
+    assert limit is not None
+    if before is not None and after is not None:
+        raise HttpError(ErrorCode.INVALID, "after: cannot be combined with before", "after")
+    await _require_role(s, hoomi_id, user_id)
+    if after is not None:
+        sp = await message_store.since(s.pool, hoomi_id, after, limit)
+        return JSONResponse({"hoomi_id": str(hoomi_id),
+                             "messages": [_message_json(m) for m in sp.messages],
+                             "has_more": sp.has_more})
+    hp = await message_store.history(s.pool, hoomi_id, before, limit)
+    return JSONResponse({"hoomi_id": str(hoomi_id),
+                         "messages": [_message_json(m) for m in hp.messages],
+                         "next_before": hp.next_before})
+
+
+@_route
+async def delete_message(request: Request, s: Services) -> Response:
+    user_id = _user(request, s)
+    hoomi_id = _path_uuid(request, "id")
+    message_id = _path_uuid(request, "message_id")
+    done = await message_store.delete_for_everyone(s.pool, hoomi_id, message_id, user_id)
+    if done.changed:
+        s.hub.deleted(done.hoomi_id, done.id, done.seq)
+    return Response(status_code=204)
+
+
+@_route
+async def hoomi_members(request: Request, s: Services) -> Response:
+    user_id = _user(request, s)
+    hoomi_id = _path_uuid(request, "id")
+    await _require_role(s, hoomi_id, user_id)
+    roster = await hoomi_store.members(s.pool, hoomi_id)
+    return JSONResponse({"members": [{"user_id": str(m.user_id), "role": m.role}
+                                     for m in roster]})
+
+
+@_route
+async def set_retention(request: Request, s: Services) -> Response:
+    user_id = _user(request, s)
+    hoomi_id = _path_uuid(request, "id")
+    body = await _json(request)
+    if "retention_seconds" not in body:
+        raise HttpError(ErrorCode.INVALID, "retention_seconds: required (null keeps forever)",
+                        "retention_seconds")
+    seconds = body["retention_seconds"]
+    if seconds is not None and (type(seconds) is not int or seconds <= 0):
+        raise HttpError(ErrorCode.INVALID, "retention_seconds: a positive integer or null",
+                        "retention_seconds")
+    await _require_role(s, hoomi_id, user_id, admin=True)
+    await hoomi_store.set_retention(s.pool, hoomi_id, seconds, Actor.user(user_id))
+    return Response(status_code=204)
+
+
+def _role(body: dict[str, Any]) -> str:
+    role = body.get("role", "member")
+    if role not in hoomi_store.ROLES:
+        raise HttpError(ErrorCode.INVALID, "role: must be admin or member", "role")
+    return str(role)
+
+
+async def _put_member(s: Services, hoomi_id: UUID, user_id: UUID, role: str,
+                      actor: Actor) -> None:
+    await hoomi_store.set_member(s.pool, hoomi_id, user_id, role, actor)
+    s.hub.control(Control("joined", user_id, hoomi_id, role))
+
+
+async def _remove_member(s: Services, hoomi_id: UUID, user_id: UUID, actor: Actor) -> None:
+    await hoomi_store.remove_member(s.pool, hoomi_id, user_id, actor)
+    s.hub.control(Control("left", user_id, hoomi_id))
+
+
+@_route
+async def admin_put_member(request: Request, s: Services) -> Response:
+    actor_id = _user(request, s)
+    hoomi_id = _path_uuid(request, "id")
+    user_id = _path_uuid(request, "user_id")
+    role = _role(await _json(request))
+    await _require_role(s, hoomi_id, actor_id, admin=True)
+    await _put_member(s, hoomi_id, user_id, role, Actor.user(actor_id))
+    return Response(status_code=204)
+
+
+@_route
+async def admin_remove_member(request: Request, s: Services) -> Response:
+    actor_id = _user(request, s)
+    hoomi_id = _path_uuid(request, "id")
+    user_id = _path_uuid(request, "user_id")
+    if user_id != actor_id:  # anyone may leave; removing others takes an admin
+        await _require_role(s, hoomi_id, actor_id, admin=True)
+    await _remove_member(s, hoomi_id, user_id, Actor.user(actor_id))
+    return Response(status_code=204)
+
+
+# -- operator routes -------------------------------------------------------------------------
+
+@_route
+async def op_create_user(request: Request, s: Services) -> Response:
+    _operator(request, s)
+    body = await _json(request)
+    user_id = _uuid(body["id"], "id") if body.get("id") is not None else None
+    created = await user_store.create_user(s.pool, user_id)
+    return JSONResponse({"id": str(created)}, status_code=201)
+
+
+@_route
+async def op_delete_user(request: Request, s: Services) -> Response:
+    _operator(request, s)
+    user_id = _path_uuid(request, "id")
+    await user_store.delete_user(s.pool, user_id, Actor.operator())
+    s.hub.control(Control("user_gone", user_id))
+    return Response(status_code=204)
+
+
+@_route
+async def op_create_hoomi(request: Request, s: Services) -> Response:
+    _operator(request, s)
+    body = await _json(request)
+    hoomi_id = _uuid(body["id"], "id") if body.get("id") is not None else None
+    raw_members = body.get("members", [])
+    if not isinstance(raw_members, list) or len(raw_members) > 10_000:
+        raise HttpError(ErrorCode.INVALID, "members: must be a list", "members")
+    roster: list[Member] = []
+    for i, m in enumerate(raw_members):
+        if not isinstance(m, dict):
+            raise HttpError(ErrorCode.INVALID, f"members[{i}]: must be an object",
+                            f"members[{i}]")
+        role = m.get("role", "member")
+        if role not in hoomi_store.ROLES:
+            raise HttpError(ErrorCode.INVALID, f"members[{i}].role: must be admin or member",
+                            f"members[{i}].role")
+        roster.append(Member(_uuid(m.get("user_id"), f"members[{i}].user_id"), role))
+    created = await hoomi_store.create_hoomi(s.pool, roster, hoomi_id)
+    for m in roster:
+        s.hub.control(Control("joined", m.user_id, created, m.role))
+    return JSONResponse({"id": str(created)}, status_code=201)
+
+
+@_route
+async def op_delete_hoomi(request: Request, s: Services) -> Response:
+    _operator(request, s)
+    hoomi_id = _path_uuid(request, "id")
+    former = await hoomi_store.delete_hoomi(s.pool, hoomi_id, Actor.operator())
+    for user_id in former:
+        s.hub.control(Control("left", user_id, hoomi_id))
+    return Response(status_code=204)
+
+
+@_route
+async def op_put_member(request: Request, s: Services) -> Response:
+    _operator(request, s)
+    hoomi_id = _path_uuid(request, "id")
+    user_id = _path_uuid(request, "user_id")
+    role = _role(await _json(request))
+    await _put_member(s, hoomi_id, user_id, role, Actor.operator())
+    return Response(status_code=204)
+
+
+@_route
+async def op_remove_member(request: Request, s: Services) -> Response:
+    _operator(request, s)
+    await _remove_member(s, _path_uuid(request, "id"), _path_uuid(request, "user_id"),
+                         Actor.operator())
+    return Response(status_code=204)
+
+
+@_route
+async def op_token(request: Request, s: Services) -> Response:
+    _operator(request, s)
+    body = await _json(request)
+    user_id = _uuid(body.get("user_id"), "user_id")
+    ttl = body.get("ttl_seconds", 86400)
+    if type(ttl) is not int or not 1 <= ttl <= MAX_TOKEN_TTL:
+        raise HttpError(ErrorCode.INVALID, f"ttl_seconds: an integer from 1 to {MAX_TOKEN_TTL}",
+                        "ttl_seconds")
+    if not await user_store.user_exists(s.pool, user_id):
+        raise HttpError(ErrorCode.NOT_FOUND, "user not found", "user_id")
+    return JSONResponse({"token": auth.issue(s.settings.jwt_secret, user_id, ttl)})
+
+
+routes = [
+    Route("/healthz", healthz),
+    Route("/readyz", readyz),
+    Route("/metrics", metrics),
+    Route("/v1/hoomis", my_hoomis),
+    Route("/v1/hoomis/{id}/messages", hoomi_messages),
+    Route("/v1/hoomis/{id}/messages/{message_id}", delete_message, methods=["DELETE"]),
+    Route("/v1/hoomis/{id}/members", hoomi_members),
+    Route("/v1/hoomis/{id}/retention", set_retention, methods=["PUT"]),
+    Route("/v1/hoomis/{id}/members/{user_id}", admin_put_member, methods=["PUT"]),
+    Route("/v1/hoomis/{id}/members/{user_id}", admin_remove_member, methods=["DELETE"]),
+    Route("/v1/admin/users", op_create_user, methods=["POST"]),
+    Route("/v1/admin/users/{id}", op_delete_user, methods=["DELETE"]),
+    Route("/v1/admin/hoomis", op_create_hoomi, methods=["POST"]),
+    Route("/v1/admin/hoomis/{id}", op_delete_hoomi, methods=["DELETE"]),
+    Route("/v1/admin/hoomis/{id}/members/{user_id}", op_put_member, methods=["PUT"]),
+    Route("/v1/admin/hoomis/{id}/members/{user_id}", op_remove_member, methods=["DELETE"]),
+    Route("/v1/admin/tokens", op_token, methods=["POST"]),
+]

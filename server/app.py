@@ -1,0 +1,92 @@
+"""The Starlette application factory. Nothing connects at import time: the lifespan opens
+the database (embedded if no DATABASE_URL), migrates, starts the broker, the hub and the
+writer, and on shutdown closes them in reverse order, flushing the writer first."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+
+from protocol import Limits
+from storage.db import create_pool
+from storage.embedded import start_embedded
+from storage.migrate import migrate
+from storage.writer import BatchWriter
+
+from . import api, ws
+from .broker import Broker, LocalBroker, RedisBroker
+from .config import Settings
+from .hub import Hub
+from .metrics import Metrics
+from .services import Services
+
+_log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        embedded = None
+        dsn = settings.database_url
+        if dsn is None:
+            embedded = await asyncio.to_thread(start_embedded, settings.data_dir)
+            dsn = embedded.dsn
+        pool = await create_pool(dsn, max_size=settings.db_pool_size)
+        async with pool.acquire() as conn:
+            applied = await migrate(conn)
+        if applied:
+            _log.info("applied migrations %s", applied)
+        metrics = Metrics()
+        broker: Broker = RedisBroker(settings.redis_url) if settings.redis_url else LocalBroker()
+        hub = Hub(pool, broker, gap_grace=settings.gap_grace_ms / 1000,
+                  on_gap_fill=metrics.gap_fills.inc)
+        writer = BatchWriter(
+            pool,
+            max_batch=settings.batch_max_size,
+            max_delay=settings.batch_max_delay_ms / 1000,
+            max_content_bytes=settings.max_content_bytes,
+            observer=metrics.observe_batch,
+            on_commit=hub.committed,
+        )
+        await hub.start()
+        writer.start()
+        reconcile = asyncio.get_running_loop().create_task(
+            hub.reconcile_forever(settings.reconcile_interval_s))
+        services = Services(
+            settings=settings,
+            limits=Limits(max_content_bytes=settings.max_content_bytes),
+            pool=pool, writer=writer, broker=broker, hub=hub, metrics=metrics,
+        )
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await drain(services)
+            reconcile.cancel()
+            await hub.close()
+            await pool.close()
+            if embedded is not None:
+                await asyncio.to_thread(embedded.stop)
+
+    return Starlette(
+        routes=[*api.routes, WebSocketRoute("/v1/ws", ws.endpoint)],
+        lifespan=lifespan,
+    )
+
+
+async def drain(services: Services) -> None:
+    """Graceful stop: refuse new sockets, commit and ack queued sends, close with 1012."""
+    if services.draining:
+        return
+    services.draining = True
+    await services.writer.close()
+    # Give the acks just resolved a moment to reach their sockets' queues and the wire.
+    await asyncio.sleep(0.05)
+    for sock in list(services.sockets):
+        sock.close(1012, "replica shutting down; reconnect elsewhere")  # type: ignore[attr-defined]
+    await asyncio.sleep(0.1)

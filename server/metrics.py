@@ -1,0 +1,43 @@
+"""Prometheus metrics, on a registry owned by the app (no process globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge("hoomi_connections", "Open WebSocket connections", registry=r)
+        self.feeds = Gauge("hoomi_feeds", "Hoomis this replica is subscribed to", registry=r)
+        self.frames_in = Counter("hoomi_frames_in", "Frames received, by type", ["type"],
+                                 registry=r)
+        self.frames_out = Counter("hoomi_frames_out", "Frames sent, by type", ["type"],
+                                  registry=r)
+        self.errors = Counter("hoomi_errors", "Error frames and responses, by code", ["code"],
+                              registry=r)
+        self.closes = Counter("hoomi_closes", "Connections closed by the hub, by close code",
+                              ["code"], registry=r)
+        self.batch_size = Histogram(
+            "hoomi_writer_batch_size", "Messages per committed batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
+        self.batch_seconds = Histogram(
+            "hoomi_writer_batch_seconds", "Time to commit one batch",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r)
+        self.ack_seconds = Histogram(
+            "hoomi_ack_seconds", "From a send frame read to its ack queued",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0),
+            registry=r)
+        self.gap_fills = Counter("hoomi_gap_fill_messages",
+                                 "Messages read from PostgreSQL to fill pub/sub gaps", registry=r)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

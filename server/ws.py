@@ -1,0 +1,447 @@
+"""`/v1/ws`: one Connection per socket, speaking protocol v1.
+
+A connection reads frames, turns each into a reply through protocol/ and storage/, and
+owns a bounded queue of outgoing frames drained by its own sender task. Pushes never
+block the hub: when the queue is full the client is too slow and is closed with 4408
+(it reconnects and resumes). Per Hoomi the connection keeps a cursor, the last seq it
+queued; a push is queued only if it is the cursor's next seq, otherwise the connection
+catches up from PostgreSQL, so pushes reach the client in seq order without gaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+from uuid import UUID
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from protocol import (
+    Ack,
+    CloseCode,
+    Delete,
+    Error,
+    ErrorCode,
+    Hello,
+    History,
+    HoomiState,
+    Membership,
+    Page,
+    Ping,
+    Pong,
+    ProtocolError,
+    Send,
+    Sync,
+    Welcome,
+    decode_client,
+    encode_server,
+)
+from storage import hoomis as hoomi_store
+from storage import messages as message_store
+from storage.errors import StorageError
+from storage.records import AppendRequest
+
+from . import auth, events
+from .services import Services
+
+_log = logging.getLogger(__name__)
+
+RETRY_AFTER_MS = 1000
+CATCH_UP_PAGE = 200
+
+
+class _Cursor:
+    __slots__ = ("sent", "catching_up")
+
+    def __init__(self, sent: int, catching_up: bool = False) -> None:
+        self.sent = sent
+        self.catching_up = catching_up
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, services: Services) -> None:
+        self.ws = ws
+        self.s = services
+        self.user_id: UUID = UUID(int=0)
+        self.cursors: dict[UUID, _Cursor] = {}
+        self._out: deque[bytes] = deque()
+        self._max_out = services.settings.send_queue_frames
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._drained = asyncio.Event()  # set while the outgoing queue is empty
+        self._drained.set()
+        self._inflight = asyncio.Semaphore(services.settings.max_inflight_sends)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing: tuple[int, str] | None = None
+        self._attached = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        m = self.s.metrics
+        if self.s.draining:
+            await self._close_now(CloseCode.SERVICE_RESTART, "replica shutting down")
+            return
+        self.s.sockets.add(self)
+        m.connections.inc()
+        sender = asyncio.get_running_loop().create_task(self._send_loop())
+        try:
+            if await self._hello():
+                await self._read_loop()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            m.connections.dec()
+            self.s.sockets.discard(self)
+            if self._attached:
+                self.s.hub.detach(self, list(self.cursors))
+            self.cursors.clear()
+            for task in self._tasks:
+                task.cancel()
+            if self._closing is not None:
+                # Let the sender flush what was queued before the close (e.g. an error).
+                self._wake.set()
+                try:
+                    await asyncio.wait_for(sender, 2.0)
+                except (TimeoutError, asyncio.CancelledError, Exception):
+                    pass
+            sender.cancel()
+            if self._closing is not None:
+                await self._close_now(*self._closing)
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask for the socket to close after what is already queued."""
+        if self._closing is None:
+            self._closing = (code, reason)
+            self.s.metrics.closes.labels(str(code)).inc()
+            self._wake.set()
+            # Wake the reader: it is parked in receive().
+            self._spawn(self._close_after_flush())
+
+    async def _close_after_flush(self) -> None:
+        try:
+            await asyncio.wait_for(self._drained.wait(), 2.0)
+        except TimeoutError:
+            pass  # a reader this slow gets the close without the rest
+        assert self._closing is not None
+        await self._close_now(*self._closing)
+
+    async def _close_now(self, code: int, reason: str) -> None:
+        try:
+            await self.ws.close(code=code, reason=reason)
+        except Exception:
+            pass
+
+    async def _send_loop(self) -> None:
+        ws = self.ws
+        out = self._out
+        low = self._max_out // 2
+        while True:
+            if not out:
+                self._drained.set()
+                if self._closing is not None:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            frame = out.popleft()
+            await ws.send_bytes(frame)
+            if not self._room.is_set() and len(out) <= low:
+                self._room.set()
+
+    def _enqueue(self, frame: bytes, kind: str) -> None:
+        if self._closing is not None:
+            return
+        if len(self._out) >= self._max_out:
+            self.close(CloseCode.TOO_SLOW, "too slow to read pushes; reconnect and resume")
+            return
+        self._out.append(frame)
+        self._drained.clear()
+        self.s.metrics.frames_out.labels(kind).inc()
+        self._wake.set()
+
+    async def _enqueue_paced(self, frame: bytes, kind: str) -> None:
+        """For catch-up from the database: wait for room instead of overflowing."""
+        while len(self._out) >= self._max_out // 2 and self._closing is None:
+            self._room.clear()
+            await self._room.wait()
+        self._enqueue(frame, kind)
+
+    def _reply(self, frame: Any, kind: str) -> None:
+        self._enqueue(encode_server(frame), kind)
+
+    def _error(self, code: ErrorCode, message: str, ref: str | int | None,
+               retry_after_ms: int | None = None) -> None:
+        self.s.metrics.errors.labels(code.value).inc()
+        self._reply(Error(code=code, message=message, ref=ref, retry_after_ms=retry_after_ms),
+                    "error")
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- hello -----------------------------------------------------------------------------
+
+    async def _hello(self) -> bool:
+        try:
+            data = await asyncio.wait_for(self._receive(), self.s.settings.hello_timeout_s)
+        except TimeoutError:
+            self.close(CloseCode.UNAUTHORIZED, "no hello within the time limit")
+            return False
+        if data is None:
+            return False
+        try:
+            frame = decode_client(data, self.s.limits)
+        except ProtocolError as err:
+            self._error(err.code, err.message, err.ref)
+            self.close(err.close or CloseCode.UNAUTHORIZED, "expected hello")
+            return False
+        self.s.metrics.frames_in.labels(type(frame).__name__.lower()).inc()
+        if not isinstance(frame, Hello):
+            self._error(ErrorCode.UNAUTHORIZED, "type: the first frame must be hello", frame.ref)
+            self.close(CloseCode.UNAUTHORIZED, "expected hello")
+            return False
+        try:
+            self.user_id = auth.verify(self.s.settings.jwt_secret, frame.token)
+        except auth.AuthError as err:
+            self._error(err.code, err.message, frame.ref)
+            self.close(CloseCode.UNAUTHORIZED, err.message)
+            return False
+        try:
+            await self._welcome(frame)
+        except Exception as exc:
+            _log.warning("hello failed: %s", exc)
+            self._error(ErrorCode.UNAVAILABLE, "storage unavailable", frame.ref, RETRY_AFTER_MS)
+            self.close(CloseCode.SERVICE_RESTART, "storage unavailable")
+            return False
+        return True
+
+    async def _welcome(self, hello: Hello) -> None:
+        pool, hub = self.s.pool, self.s.hub
+        first = await hoomi_store.user_hoomis(pool, self.user_id)
+        # Cursors exist (catching up) before the feeds open, so no push is lost in between.
+        for s in first:
+            self.cursors[s.hoomi_id] = _Cursor(0, catching_up=True)
+        hub.attach(self)
+        self._attached = True
+        await hub.join(self, [s.hoomi_id for s in first])
+        # Read again once subscribed: this last_seq is the edge between catch-up and pushes.
+        mine = await hoomi_store.user_hoomis(pool, self.user_id)
+        current = {s.hoomi_id for s in mine}
+        for h in [h for h in self.cursors if h not in current]:
+            del self.cursors[h]
+            hub.leave(self, h)
+        added = [s.hoomi_id for s in mine if s.hoomi_id not in self.cursors]
+        for h in added:
+            self.cursors[h] = _Cursor(0, catching_up=True)
+        if added:
+            await hub.join(self, added)
+        self._reply(Welcome(user_id=self.user_id, ref=hello.ref, hoomis=[
+            HoomiState(hoomi_id=s.hoomi_id, last_seq=s.last_seq, role=s.role) for s in mine]),
+            "welcome")
+        for s in mine:
+            cursor = self.cursors[s.hoomi_id]
+            seen = hello.resume.get(s.hoomi_id)
+            # A client claiming more than exists gets pushes from the real edge on.
+            cursor.sent = s.last_seq if seen is None else min(seen, s.last_seq)
+            self._spawn(self._catch_up(s.hoomi_id, cursor))
+
+    # -- the hub's side (Socket protocol) ---------------------------------------------------
+
+    def deliver(self, hoomi_id: UUID, seq: int, frame: bytes) -> None:
+        cursor = self.cursors.get(hoomi_id)
+        if cursor is None or cursor.catching_up or seq <= cursor.sent:
+            return
+        if seq == cursor.sent + 1:
+            cursor.sent = seq
+            self._enqueue(frame, "message")
+        else:
+            cursor.catching_up = True
+            self._spawn(self._catch_up(hoomi_id, cursor))
+
+    def push(self, frame: bytes) -> None:
+        self._enqueue(frame, "deleted")
+
+    def joined(self, hoomi_id: UUID, role: str) -> None:
+        if hoomi_id in self.cursors:
+            return
+        cursor = self.cursors[hoomi_id] = _Cursor(0, catching_up=True)
+        self._spawn(self._join(hoomi_id, cursor))
+
+    async def _join(self, hoomi_id: UUID, cursor: _Cursor) -> None:
+        await self.s.hub.join(self, [hoomi_id])
+        if self.cursors.get(hoomi_id) is not cursor:
+            return
+        last = await hoomi_store.last_seqs(self.s.pool, [hoomi_id])
+        cursor.sent = last.get(hoomi_id, 0)
+        self._reply(Membership(hoomi_id=hoomi_id, state="joined"), "membership")
+        await self._catch_up(hoomi_id, cursor)
+
+    def left(self, hoomi_id: UUID) -> None:
+        if self.cursors.pop(hoomi_id, None) is None:
+            return
+        self.s.hub.leave(self, hoomi_id)
+        self._reply(Membership(hoomi_id=hoomi_id, state="left"), "membership")
+
+    def gone(self) -> None:
+        self.close(CloseCode.UNAUTHORIZED, "user deleted")
+
+    async def _catch_up(self, hoomi_id: UUID, cursor: _Cursor) -> None:
+        """Queue what the database has after the cursor, until it meets the live pushes."""
+        cursor.catching_up = True
+        failures = 0
+        try:
+            while self.cursors.get(hoomi_id) is cursor:
+                try:
+                    page = await message_store.since(self.s.pool, hoomi_id, cursor.sent,
+                                                     CATCH_UP_PAGE)
+                except Exception as exc:
+                    failures += 1
+                    if failures >= 5:
+                        _log.warning("catch-up failed: %s", exc)
+                        self.close(CloseCode.SERVICE_RESTART, "storage unavailable")
+                        return
+                    await asyncio.sleep(0.1 * 2**failures)
+                    continue
+                failures = 0
+                for m in page.messages:
+                    if self.cursors.get(hoomi_id) is not cursor or m.seq <= cursor.sent:
+                        continue
+                    await self._enqueue_paced(events.message_frame(m), "message")
+                    cursor.sent = m.seq
+                if page.has_more:
+                    continue
+                live = self.s.hub.delivered(hoomi_id)
+                if cursor.sent >= live:
+                    return
+                if not page.messages:
+                    cursor.sent = live  # purged meanwhile: nothing left to send below it
+                    return
+        finally:
+            cursor.catching_up = False
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def _receive(self) -> bytes | None:
+        msg = await self.ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(msg.get("code", 1000))
+        data = msg.get("bytes")
+        if data is None:
+            self.close(CloseCode.BAD_FRAME, "frames must be binary msgpack maps")
+            return None
+        return data  # type: ignore[no-any-return]
+
+    async def _read_loop(self) -> None:
+        limits = self.s.limits
+        frames_in = self.s.metrics.frames_in
+        while self._closing is None:
+            data = await self._receive()
+            if data is None:
+                return
+            try:
+                frame = decode_client(data, limits)
+            except ProtocolError as err:
+                self._error(err.code, err.message, err.ref)
+                if err.close is not None:
+                    self.close(err.close, err.message)
+                    return
+                continue
+            kind = type(frame).__name__.lower()
+            frames_in.labels(kind).inc()
+            if isinstance(frame, Send):
+                await self._inflight.acquire()
+                try:
+                    self._on_send(frame)
+                except BaseException:
+                    self._inflight.release()
+                    raise
+            elif isinstance(frame, Ping):
+                self._reply(Pong(ref=frame.ref), "pong")
+            else:
+                await self._request(frame)
+
+    def _on_send(self, frame: Send) -> None:
+        started = time.perf_counter()
+        request = AppendRequest(frame.hoomi_id, self.user_id, frame.client_msg_id,
+                                frame.content, frame.nonce, frame.session_id)
+        try:
+            future = self.s.writer.submit(request)
+        except StorageError as err:
+            self._inflight.release()
+            self._storage_error(err, frame.ref)
+            return
+        self._spawn(self._await_ack(frame, future, started))
+
+    async def _await_ack(self, frame: Send, future: asyncio.Future[Any], started: float) -> None:
+        try:
+            result = await future
+        except StorageError as err:
+            self._storage_error(err, frame.ref)
+            return
+        finally:
+            self._inflight.release()
+        self._reply(Ack(ref=frame.ref, id=result.id, hoomi_id=result.hoomi_id, seq=result.seq,
+                        created_at=events.ms(result.created_at)), "ack")
+        self.s.metrics.ack_seconds.observe(time.perf_counter() - started)
+
+    def _storage_error(self, err: StorageError, ref: str | int | None) -> None:
+        retry = RETRY_AFTER_MS if err.code == ErrorCode.UNAVAILABLE else None
+        self._error(err.code, err.message, ref, retry)
+
+    async def _request(self, frame: Hello | History | Sync | Delete) -> None:
+        try:
+            if isinstance(frame, Hello):
+                self._error(ErrorCode.INVALID, "type: hello was already received", frame.ref)
+            elif isinstance(frame, History):
+                await self._authorize(frame.hoomi_id)
+                hp = await message_store.history(self.s.pool, frame.hoomi_id, frame.before,
+                                                 frame.limit)
+                self._reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
+                                 messages=[events.message_body(m) for m in hp.messages],
+                                 next_before=hp.next_before), "page")
+            elif isinstance(frame, Sync):
+                await self._authorize(frame.hoomi_id)
+                sp = await message_store.since(self.s.pool, frame.hoomi_id, frame.after,
+                                               frame.limit)
+                self._reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
+                                 messages=[events.message_body(m) for m in sp.messages],
+                                 has_more=sp.has_more), "page")
+            elif isinstance(frame, Delete):
+                done = await message_store.delete_for_everyone(
+                    self.s.pool, frame.hoomi_id, frame.id, self.user_id)
+                self._reply(Ack(ref=frame.ref, id=done.id, hoomi_id=done.hoomi_id, seq=done.seq,
+                                created_at=int(time.time() * 1000)), "ack")
+                if done.changed:
+                    self.s.hub.deleted(done.hoomi_id, done.id, done.seq)
+        except StorageError as err:
+            self._storage_error(err, frame.ref)
+        except (TimeoutError, OSError) as exc:
+            _log.warning("request failed: %s", exc)
+            self._error(ErrorCode.UNAVAILABLE, "storage unavailable", frame.ref, RETRY_AFTER_MS)
+        except Exception as exc:
+            if type(exc).__module__.startswith("asyncpg"):
+                _log.warning("request failed: %s", exc)
+                self._error(ErrorCode.UNAVAILABLE, "storage unavailable", frame.ref,
+                            RETRY_AFTER_MS)
+            else:
+                raise
+
+    async def _authorize(self, hoomi_id: UUID) -> None:
+        role = await hoomi_store.member_role(self.s.pool, hoomi_id, self.user_id)
+        if role is None:
+            if await hoomi_store.hoomi_info(self.s.pool, hoomi_id) is None:
+                raise StorageError(ErrorCode.NOT_FOUND, "hoomi not found", "hoomi_id")
+            raise StorageError(ErrorCode.FORBIDDEN, "not a member of this hoomi", "hoomi_id")
+
+
+async def endpoint(ws: WebSocket) -> None:
+    services: Services = ws.app.state.services
+    await Connection(ws, services).run()
