@@ -61,6 +61,27 @@ class _Cursor:
         self.catching_up = catching_up
 
 
+class TokenBucket:
+    """Sends allowed per connection: `rate` per second on average, `burst` at once."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> int:
+        """0 if a send may go now, else the milliseconds until one may."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0
+        return max(1, int((1.0 - self.tokens) / self.rate * 1000))
+
+
 class Connection:
     def __init__(self, ws: WebSocket, services: Services) -> None:
         self.ws = ws
@@ -75,6 +96,7 @@ class Connection:
         self._drained = asyncio.Event()  # set while the outgoing queue is empty
         self._drained.set()
         self._inflight = asyncio.Semaphore(services.settings.max_inflight_sends)
+        self._bucket = TokenBucket(services.settings.send_rate, services.settings.send_burst)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing: tuple[int, str] | None = None
         self._attached = False
@@ -357,6 +379,11 @@ class Connection:
             kind = type(frame).__name__.lower()
             frames_in.labels(kind).inc()
             if isinstance(frame, Send):
+                wait_ms = self._bucket.take()
+                if wait_ms:
+                    self._error(ErrorCode.RATE_LIMITED, "too many sends; retry later",
+                                frame.ref, wait_ms)
+                    continue
                 await self._inflight.acquire()
                 try:
                     self._on_send(frame)
