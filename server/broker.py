@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -147,35 +147,49 @@ class RedisBroker:
         backoff = 0.05
         while True:
             try:
-                async for item in self._pubsub.listen():
-                    if item.get("type") == "message":
-                        data: bytes = item["data"]
-                        if data[:8] == self._origin:
-                            continue  # our own echo: our sockets already have it
-                        channel = item["channel"]
-                        if isinstance(channel, bytes):
-                            channel = channel.decode()
-                        try:
-                            self._handler(channel, data[8:])
-                        except Exception:
-                            _log.exception("handler failed on %s", channel)
-                backoff = 0.05
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                self._healthy = False
-                _log.warning("pub/sub connection lost (%s); reconnecting", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                try:
-                    async with self._lock:
-                        await self._pubsub.aclose()
-                        self._pubsub = self._sub_client.pubsub(ignore_subscribe_messages=True)
-                        await self._pubsub.subscribe(*self._channels)
-                        self._healthy = True
-                    _log.info("pub/sub reconnected to %d channels", len(self._channels))
+                if not self._healthy:
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    await self._resubscribe()
+                    backoff = 0.05
                     # Whatever was published while we were away is lost: ask the hub to
                     # compare every Hoomi against PostgreSQL.
                     await self._on_reconnect()
-                except (RedisError, OSError) as again:
-                    _log.warning("pub/sub reconnect failed: %s", again)
+                async for item in self._pubsub.listen():
+                    if item.get("type") == "message":
+                        self._dispatch(item)
+                # listen() ends only when nothing is subscribed: start over.
+                self._healthy = False
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                if self._healthy:
+                    _log.warning("pub/sub connection lost (%s); reconnecting", exc)
+                self._healthy = False
+            except Exception:
+                _log.exception("pub/sub reader failed; reconnecting")
+                self._healthy = False
+
+    async def _resubscribe(self) -> None:
+        async with self._lock:
+            try:
+                await self._pubsub.aclose()
+            except (RedisError, OSError):
+                pass
+            self._pubsub = self._sub_client.pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.subscribe(*self._channels)
+            self._healthy = True
+        _log.info("pub/sub reconnected to %d channels", len(self._channels))
+
+    def _dispatch(self, item: dict[str, Any]) -> None:
+        assert self._handler is not None
+        data: bytes = item["data"]
+        if data[:8] == self._origin:
+            return  # our own echo: our sockets already have it
+        channel = item["channel"]
+        if isinstance(channel, bytes):
+            channel = channel.decode()
+        try:
+            self._handler(channel, data[8:])
+        except Exception:
+            _log.exception("handler failed on %s", channel)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import msgpack
 import pytest
@@ -17,11 +17,9 @@ from protocol import (
     Hello,
     History,
     Membership,
-    MessageBody,
     Page,
     Ping,
     Pong,
-    Send,
     Sync,
 )
 from tests.cluster import JWT_SECRET

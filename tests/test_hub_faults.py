@@ -1,0 +1,178 @@
+"""Fault tests with real processes: kill a replica, stop one, lose the database or Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import httpx
+import pytest
+
+from protocol import Ack, Error, ErrorCode, Send
+from tests.cluster import Replica, Valkey
+from tests.test_hub_delivery import joined, messages, send
+from tests.wsclient import Admin, Peer
+
+
+@pytest.fixture
+async def pair(dsn, valkey):
+    replicas = [Replica(dsn, valkey.url, name=n, HOOMI_RECONCILE_INTERVAL_S="0.5")
+                for n in ("ka", "kb")]
+    for r in replicas:
+        r.start()
+    admin = Admin(replicas[1].http)
+    yield replicas, admin
+    await admin.close()
+    for r in replicas:
+        r.stop()
+
+
+async def stored(dsn: str, hoomi) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(
+            "SELECT id, seq, client_msg_id FROM messages WHERE hoomi_id = $1 ORDER BY seq", hoomi)
+    finally:
+        await conn.close()
+
+
+async def test_sigkill_replica_loses_no_acked_message_and_clients_resume(dsn, pair):
+    (ra, rb), admin = pair
+    alice, bob = await admin.user(), await admin.user()
+    h = await admin.hoomi([alice], [bob])
+    pb, _ = await joined(rb.ws, await admin.token(bob))
+    pa, _ = await joined(ra.ws, await admin.token(alice))
+    frames = [send(h, ref=i) for i in range(200)]
+    acked: dict[int, Ack] = {}
+    forty = asyncio.Event()
+
+    async def sender() -> None:
+        for f in frames:
+            await pa.send(f)
+            await asyncio.sleep(0.001)
+
+    async def reader() -> None:
+        try:
+            while True:
+                frame = await pa.recv()
+                if isinstance(frame, Ack):
+                    acked[frame.ref] = frame
+                    if len(acked) >= 40:
+                        forty.set()
+        except Exception:
+            return
+
+    sending = asyncio.ensure_future(sender())
+    reading = asyncio.ensure_future(reader())
+    await asyncio.wait_for(forty.wait(), 10)
+    ra.kill()
+    await asyncio.gather(sending, reading, return_exceptions=True)
+    assert 40 <= len(acked) < 200
+    # Alice reconnects to the other replica and retries every send she has no ack for.
+    pa2, _ = await joined(rb.ws, await admin.token(alice))
+    for f in frames:
+        if f.ref not in acked:
+            await pa2.send(f)
+    while len(acked) < 200:
+        frame = await pa2.recv()
+        if isinstance(frame, Ack):
+            acked[frame.ref] = frame
+    rows = await stored(dsn, h)
+    assert [r["seq"] for r in rows] == list(range(1, 201))
+    assert len({r["client_msg_id"] for r in rows}) == 200
+    assert {r["id"] for r in rows} == {a.id for a in acked.values()}
+    # Bob, on the surviving replica all along, saw every message once, in order.
+    got = await messages(pb, 200)
+    assert [m.seq for m in got] == list(range(1, 201))
+    await pa2.close()
+    await pb.close()
+
+
+async def test_sigterm_acks_what_was_queued_then_closes_1012(dsn, pair):
+    (ra, rb), admin = pair
+    alice = await admin.user()
+    h = await admin.hoomi([alice])
+    pa, _ = await joined(ra.ws, await admin.token(alice))
+    for i in range(100):
+        await pa.send(send(h, ref=i))
+    await asyncio.sleep(0.05)
+    ra.proc.send_signal(15)
+    code, frames = await pa.closed()
+    assert code == 1012
+    assert ra.proc.wait(20) in (0, -15)  # uvicorn re-raises SIGTERM once it is done
+    assert "Traceback" not in ra.output()
+    acks = [f for f in frames if isinstance(f, Ack)]
+    rows = await stored(dsn, h)
+    assert {a.id for a in acks} <= {r["id"] for r in rows}
+    assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+    # A fresh socket to the drained replica is refused; the other replica serves.
+    with pytest.raises(OSError):
+        await Peer.connect(ra.ws)
+
+
+async def test_database_down_gives_unavailable_then_retry_stores_once(dsn, pg_template, pair):
+    (ra, rb), admin = pair
+    alice = await admin.user()
+    h = await admin.hoomi([alice])
+    pa, _ = await joined(ra.ws, await admin.token(alice))
+    name = dsn.split("?")[0].rsplit("/", 1)[1]
+    root = await asyncpg.connect(pg_template.dsn)
+    try:
+        await root.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        await root.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        frame = send(h, ref="down")
+        await pa.send(frame)
+        err = await pa.recv(timeout=30)
+        assert isinstance(err, Error) and err.code == ErrorCode.UNAVAILABLE
+        assert err.retry_after_ms and err.ref == "down"
+        async with httpx.AsyncClient() as http:
+            ready = await http.get(ra.http + "/readyz")
+        assert ready.status_code == 503 and ready.json()["database"].startswith("down")
+    finally:
+        await root.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        await root.close()
+    retry = Send(hoomi_id=h, client_msg_id=frame.client_msg_id, content=frame.content,
+                 nonce=frame.nonce, session_id="s1", ref="retry")
+    deadline = time.monotonic() + 20
+    while True:
+        await pa.send(retry)
+        got = await pa.recv(timeout=30)
+        if isinstance(got, Ack) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert isinstance(got, Ack) and got.seq == 1
+    assert len(await stored(dsn, h)) == 1
+    await pa.close()
+
+
+async def test_redis_outage_still_delivers_across_replicas(dsn):
+    own = Valkey()
+    own.start()
+    replicas = [Replica(dsn, own.url, name=n, HOOMI_RECONCILE_INTERVAL_S="0.3").start()
+                for n in ("va", "vb")]
+    admin = Admin(replicas[0].http)
+    try:
+        alice, bob = await admin.user(), await admin.user()
+        h = await admin.hoomi([alice], [bob])
+        pa, _ = await joined(replicas[0].ws, await admin.token(alice))
+        pb, _ = await joined(replicas[1].ws, await admin.token(bob))
+        await pa.send(send(h, ref=1))
+        assert [m.seq for m in await messages(pb, 1)] == [1]
+        own.stop()
+        for i in range(2, 6):
+            await pa.send(send(h, ref=i))
+        # No pub/sub: the other replica finds them by reconcile against PostgreSQL.
+        assert [m.seq for m in await messages(pb, 4, )] == [2, 3, 4, 5]
+        own.start()
+        for i in range(6, 9):
+            await pa.send(send(h, ref=i))
+        assert [m.seq for m in await messages(pb, 3)] == [6, 7, 8]
+        await pa.close()
+        await pb.close()
+    finally:
+        await admin.close()
+        for r in replicas:
+            r.stop()
+        own.stop()
