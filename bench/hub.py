@@ -1,0 +1,192 @@
+"""Acked messages per second and ack latency of the hub, against a bare echo server.
+
+    .venv/bin/python -m bench.hub [--seconds 10] [--connections 50] [--window 8]
+
+Both servers run as separate uvicorn processes on loopback. The same client code drives
+both: `--connections` sockets, pairs of them in two-member Hoomis (50 connections →
+25 Hoomis), each keeping up to `--window` requests in flight for `--seconds`.
+  hub   a `send` of a 200-byte ciphertext, timed until its `ack` (stored, committed),
+        while every message is also pushed to both members of its Hoomi
+  echo  the same encoded frame, timed until the server sends it back
+The client shares the machine's two cores with the server: numbers are for comparison
+within one run, not absolute capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from uuid import uuid4
+
+import asyncpg
+import httpx
+import msgpack
+import websockets
+
+from bench.common import fresh_database
+from protocol import Ack, Hello, MessageBody, Send, decode_server, encode_client
+from tests.cluster import ADMIN_TOKEN, JWT_SECRET, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _start(args: list[str], env: dict[str, str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("server exited") from None
+            time.sleep(0.1)
+    raise TimeoutError("server did not start")
+
+
+def _wait_port(port: int) -> None:
+    import socket
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError("echo server did not start")
+
+
+def pct(xs: list[float], p: float) -> float:
+    return xs[min(len(xs) - 1, int(len(xs) * p))] * 1000
+
+
+async def drive(url: str, tokens: list[str], hoomis: list, seconds: float, window: int,
+                hub: bool) -> dict[str, float]:
+    rng = random.Random(7)
+    payload = os.urandom(200)
+    latencies: list[float] = []
+    pushes = 0
+    stop_at = time.monotonic() + seconds
+
+    async def one(k: int) -> None:
+        nonlocal pushes
+        ws = await websockets.connect(url, max_queue=None, max_size=2**22)
+        if hub:
+            await ws.send(encode_client(Hello(token=tokens[k])))
+            await ws.recv()
+        h = hoomis[k // 2]
+        sent_at: dict[int, float] = {}
+        slots = asyncio.Semaphore(window)
+        done = asyncio.Event()
+
+        async def reader() -> None:
+            nonlocal pushes
+            while not (done.is_set() and not sent_at):
+                try:
+                    data = await asyncio.wait_for(ws.recv(), 5)
+                except (TimeoutError, websockets.ConnectionClosed):
+                    return
+                if not hub:  # the echo of our own send frame
+                    ref = msgpack.unpackb(data)["ref"]
+                else:
+                    frame = decode_server(data)
+                    if isinstance(frame, MessageBody):
+                        pushes += 1
+                        continue
+                    if not isinstance(frame, Ack):
+                        raise RuntimeError(f"unexpected {frame}")
+                    ref = frame.ref
+                latencies.append(time.perf_counter() - sent_at.pop(ref))
+                slots.release()
+
+        task = asyncio.ensure_future(reader())
+        i = 0
+        while time.monotonic() < stop_at:
+            await slots.acquire()
+            i += 1
+            sent_at[i] = time.perf_counter()
+            frame = Send(hoomi_id=h, client_msg_id=uuid4(), content=payload,
+                         nonce=rng.randbytes(12), session_id="s1", ref=i)
+            await ws.send(encode_client(frame))
+        done.set()
+        await task
+        await ws.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(k) for k in range(len(tokens))))
+    elapsed = time.monotonic() - started
+    latencies.sort()
+    return {"rate": len(latencies) / elapsed, "p50": pct(latencies, 0.5),
+            "p99": pct(latencies, 0.99), "n": len(latencies), "pushes": pushes / elapsed}
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--window", type=int, default=8)
+    args = ap.parse_args()
+    env = {**os.environ, "HOOMI_JWT_SECRET": JWT_SECRET, "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
+           "HOOMI_LOG_LEVEL": "warning", "HOOMI_SEND_RATE": "100000",
+           "HOOMI_SEND_BURST": "100000"}
+    env.pop("REDIS_URL", None)
+    async with fresh_database() as dsn:
+        hub_port, echo_port = free_port(), free_port()
+        hub = _start([sys.executable, "-m", "server.cli", "serve"],
+                     {**env, "DATABASE_URL": dsn, "HOOMI_PORT": str(hub_port)}, hub_port)
+        echo = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "bench.echo_app:app", "--port", str(echo_port),
+             "--ws", "websockets-sansio", "--log-level", "warning"], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(echo_port)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{hub_port}",
+                                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+                                         ) as admin:
+                users = [(await admin.post("/v1/admin/users", json={})).json()["id"]
+                         for _ in range(args.connections)]
+                hoomis = []
+                for k in range(0, len(users), 2):
+                    members = [{"user_id": u, "role": "admin"} for u in users[k:k + 2]]
+                    r = await admin.post("/v1/admin/hoomis", json={"members": members})
+                    hoomis.append(r.json()["id"])
+                tokens = [(await admin.post("/v1/admin/tokens", json={
+                    "user_id": u, "ttl_seconds": 3600})).json()["token"] for u in users]
+            from uuid import UUID
+            hoomi_ids = [UUID(h) for h in hoomis]
+            results = {
+                "echo": await drive(f"ws://127.0.0.1:{echo_port}/v1/ws", tokens, hoomi_ids,
+                                    args.seconds, args.window, hub=False),
+                "hub": await drive(f"ws://127.0.0.1:{hub_port}/v1/ws", tokens, hoomi_ids,
+                                   args.seconds, args.window, hub=True),
+            }
+            conn = await asyncpg.connect(dsn)
+            stored = await conn.fetchval("SELECT count(*) FROM messages")
+            await conn.close()
+        finally:
+            hub.terminate()
+            echo.terminate()
+            hub.wait(20)
+            echo.wait(20)
+    print(f"connections={args.connections} hoomis={len(hoomis)} window={args.window} "
+          f"seconds={args.seconds} payload=200B cores={os.cpu_count()}")
+    for name, r in results.items():
+        extra = f", pushes {r['pushes']:.0f}/s" if name == "hub" else ""
+        print(f"  {name:5s} {r['rate']:8.0f} msg/s  p50 {r['p50']:6.2f} ms  "
+              f"p99 {r['p99']:6.2f} ms  ({r['n']} round trips{extra})")
+    print(f"  hub/echo throughput: {results['hub']['rate'] / results['echo']['rate']:.0%}; "
+          f"stored rows: {stored} (acked: {results['hub']['n']})")
+
+
+if __name__ == "__main__":
+    tempfile.tempdir = None
+    asyncio.run(main())
