@@ -1,0 +1,147 @@
+"""The reference SDK end to end: encrypted exchange across replicas, exactly-once sends
+across a client crash, and refusal of tampered ciphertext."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from client.crypto import DecryptError, decrypt
+from client.keys import Keyring, generate_key_file, load_key_file, new_key
+from client.sdk import HoomiClient, HubError, Unauthorized
+from protocol import ErrorCode, MessageBody
+from tests.cluster import ROOT
+
+
+async def test_two_clients_exchange_encrypted_messages_through_two_replicas(cluster, tmp_path):
+    (alice, a_tok), (bob, b_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    ring = generate_key_file(tmp_path / "keys.json", [h])
+    a = HoomiClient([cluster.a.ws], a_tok, keyring=ring)
+    b = HoomiClient([cluster.b.ws], b_tok, keyring=load_key_file(tmp_path / "keys.json"))
+    await a.start()
+    await b.start()
+    texts = [f"hello {i} ✓".encode() for i in range(20)]
+    acks = [await a.send_text(h, t) for t in texts]
+    assert [x.seq for x in acks] == list(range(1, 21))
+    got = []
+    while len(got) < 20:
+        ev = await b.next_event(10)
+        if isinstance(ev, MessageBody):
+            got.append(b.open(ev))
+    assert [o.plaintext for o in got] == texts
+    # The hub only ever had ciphertext.
+    conn = await asyncpg.connect(cluster.dsn)
+    stored = await conn.fetch("SELECT content FROM messages WHERE hoomi_id = $1", h)
+    await conn.close()
+    assert all(b"hello" not in r["content"] for r in stored)
+    # Infinite scroll back through history, newest first, in pages of 7.
+    pages = [p async for p in b.scroll(h, limit=7)]
+    assert [len(p) for p in pages] == [7, 7, 6]
+    assert [b.open(m).plaintext for p in pages for m in p] == texts[::-1]
+    await a.close()
+    await b.close()
+
+
+async def test_client_killed_mid_send_resends_and_stores_each_message_once(cluster, tmp_path):
+    (alice, tok) = await cluster.user()
+    h = await cluster.admin.hoomi([alice])
+    keyfile = tmp_path / "keys.json"
+    generate_key_file(keyfile, [h])
+    state = tmp_path / "state.json"
+    count = 300
+    args = [sys.executable, str(ROOT / "tests" / "sdk_sender.py"), cluster.a.ws, tok, str(h),
+            str(keyfile), str(state), str(count)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    progress = Path(str(state) + ".next")
+    while time.monotonic() < deadline:
+        if progress.exists() and progress.read_text() and int(progress.read_text()) >= 60:
+            break
+        await asyncio.sleep(0.01)
+    first.kill()
+    first.wait()
+    conn = await asyncpg.connect(cluster.dsn)
+    before = await conn.fetchval("SELECT count(*) FROM messages WHERE hoomi_id = $1", h)
+    assert before < count  # it really died mid-way
+    second = subprocess.run(args, env=env, capture_output=True, timeout=60)
+    assert second.stdout.strip() == b"done", second.stderr.decode()[-2000:]
+    rows = await conn.fetch(
+        "SELECT seq, sender_id, content, nonce, session_id FROM messages WHERE hoomi_id = $1 "
+        "ORDER BY seq", h)
+    await conn.close()
+    ring = load_key_file(keyfile)
+    texts = [decrypt(ring, h, r["sender_id"], r["content"], r["nonce"], r["session_id"]
+                     ).plaintext for r in rows]
+    assert sorted(texts) == sorted(f"message {i}".encode() for i in range(count))
+    assert [r["seq"] for r in rows] == list(range(1, count + 1))
+
+
+async def test_tampered_or_wrongly_keyed_messages_fail_clearly(cluster, tmp_path):
+    (alice, a_tok), (bob, b_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    ring = generate_key_file(tmp_path / "keys.json", [h])
+    wrong = Keyring()
+    wrong.add(h, new_key(ring.current(h).session_id))
+    a = HoomiClient(cluster.a.ws, a_tok, keyring=ring)
+    b = HoomiClient(cluster.b.ws, b_tok, keyring=wrong)
+    await a.start()
+    await b.start()
+    ack = await a.send_text(h, b"for alice's keyholders only")
+    ev = await b.next_event(10)
+    assert isinstance(ev, MessageBody) and ev.id == ack.id
+    with pytest.raises(DecryptError) as err:
+        b.open(ev)
+    assert err.value.reason == "tampered"
+    flipped = bytearray(ev.content)
+    flipped[0] ^= 1
+    with pytest.raises(DecryptError) as err:
+        decrypt(ring, h, ev.sender_id, bytes(flipped), ev.nonce, ev.session_id)
+    assert err.value.reason == "tampered"
+    assert a.open(ev).plaintext == b"for alice's keyholders only"
+    await a.close()
+    await b.close()
+
+
+async def test_client_reconnects_to_another_replica_and_resumes(cluster, tmp_path):
+    (alice, a_tok), (bob, b_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    ring = generate_key_file(tmp_path / "keys.json", [h])
+    a = HoomiClient(cluster.a.ws, a_tok, keyring=ring)
+    b = HoomiClient([cluster.b.ws, cluster.a.ws], b_tok, keyring=ring)
+    await a.start()
+    await b.start()
+    await a.send_text(h, b"one")
+    assert b.open(await b.next_event(10)).plaintext == b"one"
+    await b._ws.close()  # the connection drops; the client comes back on its own
+    await a.send_text(h, b"two")
+    await a.send_text(h, b"three")
+    got = [b.open(await b.next_event(10)).plaintext for _ in range(2)]
+    assert got == [b"two", b"three"] and b.connects == 2
+    await a.close()
+    await b.close()
+
+
+async def test_refused_token_and_forbidden_send_raise(cluster):
+    bad = HoomiClient(cluster.a.ws, "not-a-token")
+    with pytest.raises(Unauthorized):
+        await bad.start(timeout=10)
+    await bad.close()
+    (_, tok) = await cluster.user()
+    (bob, _) = await cluster.user()
+    theirs = await cluster.admin.hoomi([bob])
+    c = HoomiClient(cluster.a.ws, tok)
+    await c.start()
+    with pytest.raises(HubError) as err:
+        await c.send(theirs, os.urandom(32), os.urandom(12), "s1")
+    assert err.value.code == ErrorCode.FORBIDDEN
+    assert c.state.outbox == {}  # refused for good: not retried
+    await c.close()
