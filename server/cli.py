@@ -163,6 +163,18 @@ def cmd_member(args: argparse.Namespace) -> None:
     print("ok")
 
 
+def cmd_keys(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from client.keys import generate_key_file
+
+    try:
+        generate_key_file(Path(args.path), [_uuid_arg(h) for h in args.hoomi_id])
+    except FileExistsError:
+        sys.exit(f"hoomi: {args.path} exists; refusing to overwrite keys")
+    print(f"wrote {args.path} (mode 0600); share it with the hoomi's members only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hoomi", description="Hoomi hub")
     sub = p.add_subparsers(dest="command", required=True)
@@ -189,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("user_id")
     m.add_argument("--role", choices=["admin", "member"], default="member")
     m.set_defaults(fn=cmd_member)
+    from client import chat  # the reference client's terminal chat
+
+    chat.add_parser(sub)
+    k = sub.add_parser("keys", help="create a key file with a fresh group key per hoomi")
+    k.add_argument("path")
+    k.add_argument("hoomi_id", nargs="+")
+    k.set_defaults(fn=cmd_keys)
     return p
 
 

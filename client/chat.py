@@ -1,0 +1,132 @@
+"""`hoomi chat`: a line-based terminal chat on the reference SDK, for trying the hub.
+
+    hoomi chat --url ws://127.0.0.1:8000/v1/ws --token "$TOKEN" --hoomi HOOMI_ID \
+               --key-file keys.json            # or --passphrase-env HOOMI_PASSPHRASE
+
+Type a line and Enter to send it (encrypted here). Commands: /more (older messages),
+/delete SEQ (delete one of yours, or any as an admin), /quit. Messages arriving on the
+socket are printed as they come, `#seq sender: text`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from uuid import UUID
+
+from protocol import Deleted, Membership, MessageBody
+
+from .crypto import DecryptError
+from .keys import Keyring, key_from_passphrase, load_key_file
+from .sdk import HoomiClient, HubError
+
+
+class Chat:
+    def __init__(self, client: HoomiClient, hoomi: UUID) -> None:
+        self.client = client
+        self.hoomi = hoomi
+        self.oldest: int | None = None
+        self.ids: dict[int, UUID] = {}
+
+    def line(self, m: MessageBody) -> str:
+        self.ids[m.seq] = m.id
+        who = "me" if m.sender_id == self.client.user_id else (
+            str(m.sender_id)[:8] if m.sender_id else "(deleted user)")
+        if m.deleted:
+            return f"#{m.seq} {who}: (deleted)"
+        try:
+            text = self.client.open(m).plaintext.decode("utf-8", errors="replace")
+        except DecryptError as err:
+            text = f"(cannot decrypt: {err.reason})"
+        return f"#{m.seq} {who}: {text}"
+
+    async def more(self, limit: int = 20) -> None:
+        if self.oldest == 0:
+            print("-- start of history --", flush=True)
+            return
+        page = await self.client.history(self.hoomi, self.oldest, limit)
+        for m in reversed(page.messages):
+            print(self.line(m), flush=True)
+        self.oldest = page.next_before if page.next_before is not None else 0
+        if self.oldest == 0:
+            print("-- start of history --", flush=True)
+
+    async def pushes(self) -> None:
+        async for ev in self.client.events():
+            if isinstance(ev, MessageBody) and ev.hoomi_id == self.hoomi:
+                print(self.line(ev), flush=True)
+            elif isinstance(ev, Deleted) and ev.hoomi_id == self.hoomi:
+                print(f"#{ev.seq} was deleted", flush=True)
+            elif isinstance(ev, Membership) and ev.hoomi_id == self.hoomi:
+                print(f"-- you {ev.state} this hoomi --", flush=True)
+
+    async def typing(self) -> None:
+        while True:
+            raw = await asyncio.to_thread(sys.stdin.readline)
+            if not raw:
+                return
+            text = raw.rstrip("\n")
+            try:
+                if text == "/quit":
+                    return
+                if text == "/more":
+                    await self.more()
+                elif text.startswith("/delete "):
+                    seq = int(text.split()[1])
+                    if seq not in self.ids:
+                        print(f"-- #{seq} is not on screen --", flush=True)
+                    else:
+                        await self.client.delete(self.hoomi, self.ids[seq])
+                elif text:
+                    await self.client.send_text(self.hoomi, text.encode("utf-8"))
+            except (HubError, ValueError) as err:
+                print(f"-- {err} --", flush=True)
+
+
+async def run(args: argparse.Namespace) -> int:
+    hoomi = UUID(args.hoomi)
+    if args.key_file:
+        ring = load_key_file(Path(args.key_file))
+    else:
+        passphrase = os.environ.get(args.passphrase_env or "")
+        if not passphrase:
+            print("hoomi chat: give --key-file or --passphrase-env NAME", file=sys.stderr)
+            return 2
+        ring = Keyring()
+        ring.add(hoomi, key_from_passphrase(passphrase, hoomi))
+    token = args.token or os.environ.get("HOOMI_TOKEN", "")
+    client = HoomiClient(args.url, token, keyring=ring)
+    try:
+        welcome = await client.start()
+    except Exception as err:
+        print(f"hoomi chat: cannot join: {err}", file=sys.stderr)
+        await client.close()
+        return 1
+    if hoomi not in {h.hoomi_id for h in welcome.hoomis}:
+        print("hoomi chat: you are not a member of this hoomi", file=sys.stderr)
+        await client.close()
+        return 1
+    # The live stream starts after what history shows.
+    chat = Chat(client, hoomi)
+    print(f"-- joined {hoomi} as {client.user_id}; /more for older, /quit to leave --",
+          flush=True)
+    await chat.more()
+    pushes = asyncio.ensure_future(chat.pushes())
+    await chat.typing()
+    pushes.cancel()
+    await client.close()
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("chat", help="a terminal chat in one hoomi (end-to-end encrypted)")
+    p.add_argument("--url", default=os.environ.get("HOOMI_WS_URL", "ws://127.0.0.1:8000/v1/ws"))
+    p.add_argument("--token", help="user token (default: $HOOMI_TOKEN)")
+    p.add_argument("--hoomi", required=True)
+    p.add_argument("--key-file")
+    p.add_argument("--passphrase-env", metavar="NAME",
+                   help="environment variable holding the shared passphrase")
+    p.set_defaults(fn=lambda a: sys.exit(asyncio.run(run(a))))

@@ -1,0 +1,111 @@
+"""`hoomi chat` driven through pseudo-terminals, as two people would use it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import subprocess
+import sys
+import time
+
+from client.keys import generate_key_file
+from tests.cluster import ROOT
+
+
+class Terminal:
+    """A process on a pseudo-terminal: type lines, wait for text on the screen."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                     cwd=ROOT, close_fds=True)
+        os.close(slave)
+        os.set_blocking(self.master, False)
+        self.screen = ""
+
+    def type(self, line: str) -> None:
+        os.write(self.master, (line + "\n").encode())
+
+    async def expect(self, text: str, timeout: float = 15) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in self.screen:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not on screen:\n{self.screen}")
+            try:
+                self.screen += os.read(self.master, 65536).decode(errors="replace")
+            except BlockingIOError:
+                await asyncio.sleep(0.02)
+            except OSError:  # the process ended
+                await asyncio.sleep(0.02)
+        return self.screen
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        os.close(self.master)
+
+
+async def test_two_people_chat_in_terminals(cluster, tmp_path):
+    (alice, a_tok), (bob, b_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    keyfile = tmp_path / "keys.json"
+    generate_key_file(keyfile, [h])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    chat = [sys.executable, "-m", "server.cli", "chat", "--hoomi", str(h), "--key-file",
+            str(keyfile)]
+    a = Terminal(chat + ["--url", cluster.a.ws, "--token", a_tok], env)
+    b = Terminal(chat + ["--url", cluster.b.ws, "--token", b_tok], env)
+    try:
+        await a.expect("start of history")
+        await b.expect("start of history")
+        a.type("hello bob, this is end-to-end encrypted")
+        await b.expect("#1 " + str(alice)[:8] + ": hello bob, this is end-to-end encrypted")
+        await a.expect("#1 me: hello bob")
+        b.type("hi alice ✓")
+        await a.expect("#2 " + str(bob)[:8] + ": hi alice ✓")
+        b.type("/delete 2")
+        await a.expect("#2 was deleted")
+        b.type("/quit")
+        assert b.proc.wait(10) == 0
+        for i in range(25):
+            a.type(f"line {i}")
+        await a.expect("#27 me: line 24")
+        # A newcomer sees the last 20, then scrolls back with /more.
+        c = Terminal(chat + ["--url", cluster.a.ws, "--token", b_tok], env)
+        try:
+            screen = await c.expect("#27 " + str(alice)[:8] + ": line 24")
+            assert "#8 " in screen and "#7 " not in screen
+            c.type("/more")
+            screen = await c.expect("start of history")
+            assert "#2 me: (deleted)" in screen  # bob again, on a second device
+            assert "#1 " + str(alice)[:8] + ": hello bob" in screen
+        finally:
+            c.close()
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_chat_with_a_wrong_key_says_it_cannot_decrypt(cluster, tmp_path):
+    (alice, a_tok) = await cluster.user()
+    h = await cluster.admin.hoomi([alice])
+    right, wrong = tmp_path / "right.json", tmp_path / "wrong.json"
+    generate_key_file(right, [h])
+    generate_key_file(wrong, [h])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "server.cli", "chat", "--hoomi", str(h), "--url",
+            cluster.a.ws, "--token", a_tok, "--key-file"]
+    a = Terminal(base + [str(right)], env)
+    try:
+        await a.expect("start of history")
+        a.type("secret")
+        await a.expect("#1 me: secret")
+    finally:
+        a.close()
+    w = Terminal(base + [str(wrong)], env)
+    try:
+        await w.expect("#1 me: (cannot decrypt: tampered)")
+    finally:
+        w.close()
