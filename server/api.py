@@ -22,7 +22,7 @@ from storage import hoomis as hoomi_store
 from storage import messages as message_store
 from storage import users as user_store
 from storage.audit import Actor
-from storage.errors import StorageError
+from storage.errors import StorageError, is_outage
 from storage.records import Member, StoredMessage
 
 from . import auth, events
@@ -70,11 +70,10 @@ def _route(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
         except (HttpError, StorageError) as err:
             return _error_response(services, err.code, err.message, err.field)
         except Exception as exc:
-            if isinstance(exc, OSError) or type(exc).__module__.startswith("asyncpg"):
-                _log.warning("storage unavailable: %s", exc)
-                return _error_response(services, ErrorCode.UNAVAILABLE, "storage unavailable",
-                                       None)
-            raise
+            if not is_outage(exc):
+                raise
+            _log.warning("storage unavailable: %s", exc)
+            return _error_response(services, ErrorCode.UNAVAILABLE, "storage unavailable", None)
     return endpoint
 
 
@@ -147,14 +146,8 @@ def _operator(request: Request, services: Services) -> None:
 
 async def _require_role(services: Services, hoomi_id: UUID, user_id: UUID,
                         admin: bool = False) -> str:
-    role = await hoomi_store.member_role(services.pool, hoomi_id, user_id)
-    if role is None:
-        if await hoomi_store.hoomi_info(services.pool, hoomi_id) is None:
-            raise HttpError(ErrorCode.NOT_FOUND, "hoomi not found", "id")
-        raise HttpError(ErrorCode.FORBIDDEN, "not a member of this hoomi")
-    if admin and role != "admin":
-        raise HttpError(ErrorCode.FORBIDDEN, "only a hoomi admin may do this")
-    return role
+    return await hoomi_store.require_member(services.pool, hoomi_id, user_id, admin=admin,
+                                            field="id")
 
 
 def _message_json(m: StoredMessage) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 
 class ConfigError(ValueError):
@@ -51,27 +52,19 @@ class Settings:
         return self.database_url is None
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+N = TypeVar("N", int, float)
+
+
+def _number(env: Mapping[str, str], name: str, default: N, lo: N, hi: N) -> N:
+    """The variable parsed as the type of its default, within [lo, hi]."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
+    kind = type(default)
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name}: must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
     if not lo <= value <= hi:
         raise ConfigError(f"{name}: must be between {lo} and {hi}, got {value}")
     return value
@@ -87,19 +80,19 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         jwt_secret=env.get("HOOMI_JWT_SECRET", ""),
         admin_token=env.get("HOOMI_ADMIN_TOKEN", ""),
         host=env.get("HOOMI_HOST") or "127.0.0.1",
-        port=_int(env, "HOOMI_PORT", 8000, 0, 65535),
+        port=_number(env, "HOOMI_PORT", 8000, 0, 65535),
         data_dir=data_dir,
-        max_content_bytes=_int(env, "HOOMI_MAX_CONTENT_BYTES", 65536, 16, 16 * 1024 * 1024),
-        batch_max_size=_int(env, "HOOMI_BATCH_MAX_SIZE", 256, 1, 10000),
-        batch_max_delay_ms=_float(env, "HOOMI_BATCH_MAX_DELAY_MS", 1.0, 0.0, 1000.0),
-        db_pool_size=_int(env, "HOOMI_DB_POOL_SIZE", 10, 2, 1000),
-        send_queue_frames=_int(env, "HOOMI_SEND_QUEUE_FRAMES", 1024, 8, 1_000_000),
-        max_inflight_sends=_int(env, "HOOMI_MAX_INFLIGHT_SENDS", 256, 1, 100_000),
-        hello_timeout_s=_float(env, "HOOMI_HELLO_TIMEOUT_S", 10.0, 0.1, 3600.0),
-        reconcile_interval_s=_float(env, "HOOMI_RECONCILE_INTERVAL_S", 2.0, 0.05, 3600.0),
-        gap_grace_ms=_float(env, "HOOMI_GAP_GRACE_MS", 30.0, 0.0, 10_000.0),
-        send_rate=_float(env, "HOOMI_SEND_RATE", 200.0, 0.1, 1_000_000.0),
-        send_burst=_int(env, "HOOMI_SEND_BURST", 400, 1, 1_000_000),
+        max_content_bytes=_number(env, "HOOMI_MAX_CONTENT_BYTES", 65536, 16, 16 * 1024 * 1024),
+        batch_max_size=_number(env, "HOOMI_BATCH_MAX_SIZE", 256, 1, 10000),
+        batch_max_delay_ms=_number(env, "HOOMI_BATCH_MAX_DELAY_MS", 1.0, 0.0, 1000.0),
+        db_pool_size=_number(env, "HOOMI_DB_POOL_SIZE", 10, 2, 1000),
+        send_queue_frames=_number(env, "HOOMI_SEND_QUEUE_FRAMES", 1024, 8, 1_000_000),
+        max_inflight_sends=_number(env, "HOOMI_MAX_INFLIGHT_SENDS", 256, 1, 100_000),
+        hello_timeout_s=_number(env, "HOOMI_HELLO_TIMEOUT_S", 10.0, 0.1, 3600.0),
+        reconcile_interval_s=_number(env, "HOOMI_RECONCILE_INTERVAL_S", 2.0, 0.05, 3600.0),
+        gap_grace_ms=_number(env, "HOOMI_GAP_GRACE_MS", 30.0, 0.0, 10_000.0),
+        send_rate=_number(env, "HOOMI_SEND_RATE", 200.0, 0.1, 1_000_000.0),
+        send_burst=_number(env, "HOOMI_SEND_BURST", 400, 1, 1_000_000),
         log_level=(env.get("HOOMI_LOG_LEVEL") or "info").lower(),
     )
     if settings.log_level not in ("debug", "info", "warning", "error"):

@@ -41,7 +41,7 @@ from protocol import (
 )
 from storage import hoomis as hoomi_store
 from storage import messages as message_store
-from storage.errors import StorageError
+from storage.errors import StorageError, is_outage
 from storage.records import AppendRequest
 
 from . import auth, events
@@ -450,23 +450,14 @@ class Connection:
                     self.s.hub.deleted(done.hoomi_id, done.id, done.seq)
         except StorageError as err:
             self._storage_error(err, frame.ref)
-        except (TimeoutError, OSError) as exc:
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
             _log.warning("request failed: %s", exc)
             self._error(ErrorCode.UNAVAILABLE, "storage unavailable", frame.ref, RETRY_AFTER_MS)
-        except Exception as exc:
-            if type(exc).__module__.startswith("asyncpg"):
-                _log.warning("request failed: %s", exc)
-                self._error(ErrorCode.UNAVAILABLE, "storage unavailable", frame.ref,
-                            RETRY_AFTER_MS)
-            else:
-                raise
 
     async def _authorize(self, hoomi_id: UUID) -> None:
-        role = await hoomi_store.member_role(self.s.pool, hoomi_id, self.user_id)
-        if role is None:
-            if await hoomi_store.hoomi_info(self.s.pool, hoomi_id) is None:
-                raise StorageError(ErrorCode.NOT_FOUND, "hoomi not found", "hoomi_id")
-            raise StorageError(ErrorCode.FORBIDDEN, "not a member of this hoomi", "hoomi_id")
+        await hoomi_store.require_member(self.s.pool, hoomi_id, self.user_id)
 
 
 async def endpoint(ws: WebSocket) -> None:

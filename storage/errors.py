@@ -6,6 +6,8 @@ never formats either.
 
 from __future__ import annotations
 
+import asyncpg
+
 from protocol.errors import ErrorCode
 
 
@@ -15,6 +17,20 @@ class StorageError(Exception):
         self.code = code
         self.message = message
         self.field = field
+
+
+# SQLSTATE classes that mean "the database is not there for us right now": connection
+# exception, insufficient resources, object not in prerequisite state (a database not
+# accepting connections), operator intervention (shutdown), system error.
+_OUTAGE_CLASSES = ("08", "53", "55", "57", "58")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for failures of the database itself, not of one statement: `unavailable`."""
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in _OUTAGE_CLASSES
 
 
 def not_found(what: str, field: str | None = None) -> StorageError:

@@ -139,6 +139,22 @@ async def member_role(
     return role
 
 
+async def require_member(
+    conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, user_id: UUID, *,
+    admin: bool = False, field: str = "hoomi_id",
+) -> str:
+    """The user's role in the Hoomi; not_found if there is no such Hoomi, forbidden if
+    the user is not a member (or not an admin, when `admin` is asked)."""
+    role = await member_role(conn, hoomi_id, user_id)
+    if role is None:
+        if await hoomi_info(conn, hoomi_id) is None:
+            raise not_found("hoomi", field)
+        raise StorageError(ErrorCode.FORBIDDEN, "not a member of this hoomi")
+    if admin and role != "admin":
+        raise StorageError(ErrorCode.FORBIDDEN, "only a hoomi admin may do this")
+    return role
+
+
 async def members(conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID) -> list[Member]:
     rows = await conn.fetch(
         "SELECT user_id, role FROM hoomi_members WHERE hoomi_id = $1 ORDER BY user_id", hoomi_id
