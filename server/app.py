@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
@@ -16,6 +17,7 @@ from protocol import Limits
 from storage.db import create_pool
 from storage.embedded import start_embedded
 from storage.migrate import migrate
+from storage.retention import purge_expired
 from storage.writer import BatchWriter
 
 from . import api, ws
@@ -57,6 +59,8 @@ def create_app(settings: Settings) -> Starlette:
         writer.start()
         reconcile = asyncio.get_running_loop().create_task(
             hub.reconcile_forever(settings.reconcile_interval_s))
+        purging = asyncio.get_running_loop().create_task(
+            purge_forever(pool, settings.purge_interval_s))
         services = Services(
             settings=settings,
             limits=Limits(max_content_bytes=settings.max_content_bytes),
@@ -68,6 +72,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             await drain(services)
             reconcile.cancel()
+            purging.cancel()
             await hub.close()
             await pool.close()
             if embedded is not None:
@@ -77,6 +82,18 @@ def create_app(settings: Settings) -> Starlette:
         routes=[*api.routes, WebSocketRoute("/v1/ws", ws.endpoint)],
         lifespan=lifespan,
     )
+
+
+async def purge_forever(pool: asyncpg.Pool, interval: float) -> None:
+    """Apply each Hoomi's retention every `interval` seconds (one replica at a time)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            purged = await purge_expired(pool)
+            if purged:
+                _log.info("retention purged %d messages", purged)
+        except Exception as exc:
+            _log.warning("retention purge failed: %s", exc)
 
 
 async def drain(services: Services) -> None:

@@ -43,6 +43,7 @@ class Settings:
     hello_timeout_s: float = 10.0
     reconcile_interval_s: float = 2.0
     gap_grace_ms: float = 30.0
+    purge_interval_s: float = 60.0
     send_rate: float = 200.0  # sends per second per connection, sustained
     send_burst: int = 400
     log_level: str = "info"
@@ -91,6 +92,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         hello_timeout_s=_number(env, "HOOMI_HELLO_TIMEOUT_S", 10.0, 0.1, 3600.0),
         reconcile_interval_s=_number(env, "HOOMI_RECONCILE_INTERVAL_S", 2.0, 0.05, 3600.0),
         gap_grace_ms=_number(env, "HOOMI_GAP_GRACE_MS", 30.0, 0.0, 10_000.0),
+        purge_interval_s=_number(env, "HOOMI_PURGE_INTERVAL_S", 60.0, 1.0, 86400.0),
         send_rate=_number(env, "HOOMI_SEND_RATE", 200.0, 0.1, 1_000_000.0),
         send_burst=_number(env, "HOOMI_SEND_BURST", 400, 1, 1_000_000),
         log_level=(env.get("HOOMI_LOG_LEVEL") or "info").lower(),

@@ -172,3 +172,25 @@ async def test_create_user_twice_is_refused(pool):
     with pytest.raises(StorageError) as err:
         await users.create_user(pool, uid)
     assert (err.value.code, err.value.field) == (ErrorCode.INVALID, "id")
+
+
+async def test_retention_purges_only_expired_messages_and_audits(pool, writer):
+    from storage.retention import purge_expired
+
+    alice, = await factories.users(pool, 1)
+    short = await factories.hoomi(pool, [alice])
+    forever = await factories.hoomi(pool, [alice])
+    for h in (short, short, short, forever):
+        await writer.append(factories.request(h, alice))
+    await hoomis.set_retention(pool, short, 3600, Actor.user(alice))
+    await pool.execute("UPDATE messages SET created_at = now() - interval '2 hours' "
+                       "WHERE seq <= 2")
+    assert await purge_expired(pool, batch=1) == 2
+    left = await pool.fetch("SELECT hoomi_id, seq FROM messages ORDER BY hoomi_id, seq")
+    assert sorted((r["hoomi_id"], r["seq"]) for r in left) == sorted([(short, 3), (forever, 1)])
+    async with pool.acquire() as conn:
+        purges = [e for e in await audit.entries(conn) if e["action"] == "retention.purge"]
+    assert [(e["actor_kind"], e["details"]["count"]) for e in purges] == [("system", 1)] * 2
+    page = await messages.history(pool, short, None, 10)
+    assert [m.seq for m in page.messages] == [3] and page.next_before is None
+    assert await purge_expired(pool) == 0

@@ -1,0 +1,54 @@
+"""Retention: a Hoomi with `retention_seconds` set loses its messages once they are older.
+
+Purged rows are deleted outright (not tombstoned): retention is the Hoomi admins' choice
+to keep nothing past that age. Seqs are not reused, so clients see history start later,
+and a gap fill or catch-up simply skips the purged range. One replica at a time does
+the work (advisory lock), in small batches so it never holds long locks; each batch is
+audited with its count and seq range.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from . import audit
+from .audit import Actor
+
+_LOCK_KEY = 0x686F6F6D69726574  # "hoomiret"
+
+_PURGE = """
+DELETE FROM messages WHERE id IN (
+    SELECT id FROM messages
+    WHERE hoomi_id = $1 AND created_at < now() - make_interval(secs => $2)
+    ORDER BY created_at
+    LIMIT $3
+)
+RETURNING seq
+"""
+
+
+async def purge_expired(pool: asyncpg.Pool, *, batch: int = 1000) -> int:
+    """Delete every message past its Hoomi's retention; returns how many went."""
+    total = 0
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+            return 0  # another replica is purging
+        try:
+            due = await conn.fetch(
+                "SELECT id, retention_seconds FROM hoomis WHERE retention_seconds IS NOT NULL")
+            for row in due:
+                while True:
+                    async with conn.transaction():
+                        seqs = [r["seq"] for r in await conn.fetch(
+                            _PURGE, row["id"], float(row["retention_seconds"]), batch)]
+                        if seqs:
+                            await audit.record(
+                                conn, Actor.system(), "retention.purge", hoomi_id=row["id"],
+                                details={"count": len(seqs), "from_seq": min(seqs),
+                                         "to_seq": max(seqs)})
+                    total += len(seqs)
+                    if len(seqs) < batch:
+                        break
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    return total
