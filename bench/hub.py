@@ -79,7 +79,7 @@ async def drive(url: str, tokens: list[str], hoomis: list, seconds: float, windo
 
     async def one(k: int) -> None:
         nonlocal pushes
-        ws = await websockets.connect(url, max_queue=None, max_size=2**22)
+        ws = await websockets.connect(url, max_queue=None, max_size=2**22, compression=None)
         if hub:
             await ws.send(encode_client(Hello(token=tokens[k])))
             await ws.recv()
@@ -145,7 +145,8 @@ async def main() -> None:
                      {**env, "DATABASE_URL": dsn, "HOOMI_PORT": str(hub_port)}, hub_port)
         echo = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "bench.echo_app:app", "--port", str(echo_port),
-             "--ws", "websockets-sansio", "--log-level", "warning"], cwd=ROOT,
+             "--ws", "websockets-sansio", "--ws-per-message-deflate", "false",
+             "--log-level", "warning"], cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(echo_port)
         try:

@@ -129,8 +129,9 @@ class HoomiClient:
             if self._closing:
                 return
             try:
+                # No compression: ciphertext is incompressible.
                 async with websockets.connect(url, max_queue=None, max_size=2**22,
-                                              open_timeout=10) as ws:
+                                              open_timeout=10, compression=None) as ws:
                     self._ws = ws
                     await self._session(ws)
                     attempt = 0

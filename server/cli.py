@@ -68,6 +68,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uv = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         ws="websockets-sansio", ws_max_size=settings.max_content_bytes + 4096,
+        # Ciphertext does not compress: permessage-deflate would only burn CPU (it was
+        # 9 % of the hub's CPU under bench/hub.py before it was turned off).
+        ws_per_message_deflate=False,
         ws_ping_interval=20, ws_ping_timeout=20, timeout_graceful_shutdown=10,
         proxy_headers=True, lifespan="on",
     )
