@@ -34,3 +34,14 @@ def test_every_configuration_variable_in_the_readme_is_read_by_the_hub():
     assert documented and all(f'"{name}"' in source for name in documented)
     read = set(re.findall(r'"((?:HOOMI|DATABASE|REDIS)_[A-Z_]+)"', source))
     assert read <= documented, read - documented
+
+
+def test_protocol_doc_lists_every_error_and_close_code():
+    from protocol import CloseCode, ErrorCode
+
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    for code in ErrorCode:
+        assert f"| `{code.value}` |" in doc, code
+    for close in CloseCode:
+        if close != CloseCode.NORMAL:
+            assert f"| {int(close)} |" in doc, close
