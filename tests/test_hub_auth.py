@@ -285,3 +285,14 @@ async def test_slow_reader_is_closed_4408_and_resumes(cluster, module_dsn, valke
     finally:
         await admin.close()
         r.stop()
+
+
+async def test_frame_over_the_size_limit_closes_1009(cluster):
+    (a, tok) = await cluster.user()
+    h = await cluster.admin.hoomi([a])
+    peer, _ = await joined(cluster.a.ws, tok)
+    await peer.send_map({"type": "send", "hoomi_id": str(h), "client_msg_id": str(uuid4()),
+                         "content": os.urandom(65536 + 5000), "nonce": os.urandom(12),
+                         "session_id": "s"})
+    code, _ = await peer.closed()
+    assert code == 1009
