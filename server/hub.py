@@ -93,10 +93,6 @@ class Hub:
         await self._broker.close()
 
     @property
-    def connections(self) -> int:
-        return sum(len(s) for s in self._users.values())
-
-    @property
     def feeds(self) -> int:
         return len(self._feeds)
 
@@ -118,7 +114,7 @@ class Hub:
         for h in list(hoomi_ids):
             self.leave(sock, h)
 
-    async def join(self, sock: Socket, hoomi_ids: Iterable[UUID]) -> None:
+    async def join(self, sock: Socket, hoomi_ids: list[UUID]) -> None:
         """Route these Hoomis' pushes to `sock`; returns once each feed is live."""
         new: list[UUID] = []
         feeds: list[_Feed] = []
@@ -131,9 +127,12 @@ class Hub:
             feeds.append(feed)
         if new:
             await self._open(new)
-        for feed in feeds:
+        for h, feed in zip(hoomi_ids, feeds, strict=True):
             if not feed.ready.is_set():
                 await feed.ready.wait()
+            if self._feeds.get(h) is not feed:
+                # Another socket's subscribe for this Hoomi failed: so does ours.
+                raise ConnectionError(f"feed for {h} could not be opened")
 
     async def _open(self, new: list[UUID]) -> None:
         try:

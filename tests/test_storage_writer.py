@@ -214,3 +214,11 @@ async def test_close_flushes_queued_appends(pool):
     with pytest.raises(StorageError) as err:
         await writer.append(factories.request(h, alice))
     assert err.value.code == ErrorCode.UNAVAILABLE
+
+
+def test_message_ids_are_time_ordered_uuid7():
+    from storage.ids import uuid7
+
+    ids = [uuid7() for _ in range(20000)]
+    assert all(i.version == 7 and i.variant == "specified in RFC 4122" for i in ids)
+    assert ids == sorted(ids, key=lambda u: u.bytes) and len(set(ids)) == len(ids)
