@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import random
+import struct
 import subprocess
 import sys
 import tempfile
@@ -69,20 +70,26 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p))] * 1000
 
 
-async def drive(url: str, tokens: list[str], hoomis: list, seconds: float, window: int,
+async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float, window: int,
                 hub: bool) -> dict[str, float]:
     rng = random.Random(7)
     payload = os.urandom(200)
     latencies: list[float] = []
+    # Send → push at the *other* member: the sender's clock rides in the first 8 bytes of
+    # the (opaque to the hub) content; both members are in this process.
+    deliveries: list[float] = []
     pushes = 0
     stop_at = time.monotonic() + seconds
 
     async def one(k: int) -> None:
         nonlocal pushes
-        ws = await websockets.connect(url, max_queue=None, max_size=2**22, compression=None)
+        # Connection k and k+1 share a Hoomi; with two replicas they sit on different ones.
+        ws = await websockets.connect(urls[k % len(urls)], max_queue=None, max_size=2**22,
+                                      compression=None)
+        me = None
         if hub:
             await ws.send(encode_client(Hello(token=tokens[k])))
-            await ws.recv()
+            me = decode_server(await ws.recv()).user_id  # type: ignore[union-attr]
         h = hoomis[k // 2]
         sent_at: dict[int, float] = {}
         slots = asyncio.Semaphore(window)
@@ -101,6 +108,9 @@ async def drive(url: str, tokens: list[str], hoomis: list, seconds: float, windo
                     frame = decode_server(data)
                     if isinstance(frame, MessageBody):
                         pushes += 1
+                        if frame.sender_id != me and frame.content is not None:
+                            (t0,) = struct.unpack_from(">d", frame.content)
+                            deliveries.append(time.perf_counter() - t0)
                         continue
                     if not isinstance(frame, Ack):
                         raise RuntimeError(f"unexpected {frame}")
@@ -114,7 +124,8 @@ async def drive(url: str, tokens: list[str], hoomis: list, seconds: float, windo
             await slots.acquire()
             i += 1
             sent_at[i] = time.perf_counter()
-            frame = Send(hoomi_id=h, client_msg_id=uuid4(), content=payload,
+            content = struct.pack(">d", sent_at[i]) + payload[8:]
+            frame = Send(hoomi_id=h, client_msg_id=uuid4(), content=content,
                          nonce=rng.randbytes(12), session_id="s1", ref=i)
             await ws.send(encode_client(frame))
         done.set()
@@ -125,8 +136,11 @@ async def drive(url: str, tokens: list[str], hoomis: list, seconds: float, windo
     await asyncio.gather(*(one(k) for k in range(len(tokens))))
     elapsed = time.monotonic() - started
     latencies.sort()
+    deliveries.sort()
     return {"rate": len(latencies) / elapsed, "p50": pct(latencies, 0.5),
-            "p99": pct(latencies, 0.99), "n": len(latencies), "pushes": pushes / elapsed}
+            "p99": pct(latencies, 0.99), "n": len(latencies), "pushes": pushes / elapsed,
+            "d50": pct(deliveries, 0.5) if deliveries else 0.0,
+            "d99": pct(deliveries, 0.99) if deliveries else 0.0}
 
 
 async def main() -> None:
@@ -134,15 +148,25 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--replicas", type=int, choices=[1, 2], default=1,
+                    help="2: two hub processes and a Valkey; each Hoomi spans both")
     args = ap.parse_args()
     env = {**os.environ, "HOOMI_JWT_SECRET": JWT_SECRET, "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
            "HOOMI_LOG_LEVEL": "warning", "HOOMI_SEND_RATE": "100000",
            "HOOMI_SEND_BURST": "100000"}
     env.pop("REDIS_URL", None)
+    valkey = None
+    if args.replicas == 2:
+        from tests.cluster import Valkey
+        valkey = Valkey()
+        valkey.start()
+        env["REDIS_URL"] = valkey.url
     async with fresh_database() as dsn:
-        hub_port, echo_port = free_port(), free_port()
-        hub = _start([sys.executable, "-m", "server.cli", "serve"],
-                     {**env, "DATABASE_URL": dsn, "HOOMI_PORT": str(hub_port)}, hub_port)
+        hub_ports = [free_port() for _ in range(args.replicas)]
+        hub_port, echo_port = hub_ports[0], free_port()
+        hubs = [_start([sys.executable, "-m", "server.cli", "serve"],
+                       {**env, "DATABASE_URL": dsn, "HOOMI_PORT": str(p)}, p)
+                for p in hub_ports]
         echo = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "bench.echo_app:app", "--port", str(echo_port),
              "--ws", "websockets-sansio", "--ws-per-message-deflate", "false",
@@ -165,23 +189,27 @@ async def main() -> None:
             from uuid import UUID
             hoomi_ids = [UUID(h) for h in hoomis]
             results = {
-                "echo": await drive(f"ws://127.0.0.1:{echo_port}/v1/ws", tokens, hoomi_ids,
+                "echo": await drive([f"ws://127.0.0.1:{echo_port}/v1/ws"], tokens, hoomi_ids,
                                     args.seconds, args.window, hub=False),
-                "hub": await drive(f"ws://127.0.0.1:{hub_port}/v1/ws", tokens, hoomi_ids,
-                                   args.seconds, args.window, hub=True),
+                "hub": await drive([f"ws://127.0.0.1:{p}/v1/ws" for p in hub_ports], tokens,
+                                   hoomi_ids, args.seconds, args.window, hub=True),
             }
             conn = await asyncpg.connect(dsn)
             stored = await conn.fetchval("SELECT count(*) FROM messages")
             await conn.close()
         finally:
-            hub.terminate()
-            echo.terminate()
-            hub.wait(20)
-            echo.wait(20)
-    print(f"connections={args.connections} hoomis={len(hoomis)} window={args.window} "
+            for proc in [*hubs, echo]:
+                proc.terminate()
+            for proc in [*hubs, echo]:
+                proc.wait(20)
+            if valkey is not None:
+                valkey.stop()
+    print(f"replicas={args.replicas} connections={args.connections} hoomis={len(hoomis)} "
+          f"window={args.window} "
           f"seconds={args.seconds} payload=200B cores={os.cpu_count()}")
     for name, r in results.items():
-        extra = f", pushes {r['pushes']:.0f}/s" if name == "hub" else ""
+        extra = (f", pushes {r['pushes']:.0f}/s; send→other member's push p50 "
+                 f"{r['d50']:.2f} ms p99 {r['d99']:.2f} ms") if name == "hub" else ""
         print(f"  {name:5s} {r['rate']:8.0f} msg/s  p50 {r['p50']:6.2f} ms  "
               f"p99 {r['p99']:6.2f} ms  ({r['n']} round trips{extra})")
     print(f"  hub/echo throughput: {results['hub']['rate'] / results['echo']['rate']:.0%}; "
