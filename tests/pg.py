@@ -21,13 +21,18 @@ def dsn_for(server: EmbeddedPostgres, database: str) -> str:
     return server._handle.get_uri(database=database)
 
 
-async def prepare_template(server: EmbeddedPostgres) -> None:
+async def _admin(server: EmbeddedPostgres, *statements: str) -> None:
     admin = await asyncpg.connect(server.dsn)
     try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {TEMPLATE}")
+        for sql in statements:
+            await admin.execute(sql)
     finally:
         await admin.close()
+
+
+async def prepare_template(server: EmbeddedPostgres) -> None:
+    await _admin(server, f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)",
+                 f"CREATE DATABASE {TEMPLATE}")
     conn = await asyncpg.connect(dsn_for(server, TEMPLATE))
     try:
         await migrate(conn)
@@ -37,21 +42,13 @@ async def prepare_template(server: EmbeddedPostgres) -> None:
 
 async def create_database(server: EmbeddedPostgres) -> str:
     name = f"t_{next(_counter)}"
-    admin = await asyncpg.connect(server.dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    finally:
-        await admin.close()
+    await _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)",
+                 f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
     return name
 
 
 async def drop_database(server: EmbeddedPostgres, name: str) -> None:
-    admin = await asyncpg.connect(server.dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    await _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def embedded_server(base: Path) -> Iterator[EmbeddedPostgres]:
