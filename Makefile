@@ -18,7 +18,8 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check protocol storage server client tests bench
-	$(BIN)/mypy --strict protocol
+	$(BIN)/mypy --strict protocol client/crypto.py client/keys.py
+	$(BIN)/mypy storage server client
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

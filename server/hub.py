@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Protocol
 from uuid import UUID
 
 import asyncpg
@@ -257,9 +257,14 @@ class Hub:
         for sock in list(feed.sockets):
             sock.deliver(hoomi_id, seq, frame)
 
+    def _drain(self, hoomi_id: UUID, feed: _Feed) -> None:
+        """Push the pending events that now follow `delivered` without a gap."""
+        while feed.delivered + 1 in feed.pending:
+            seq = feed.delivered + 1
+            self._push(hoomi_id, feed, seq, feed.pending.pop(seq))
+
     def _advance(self, hoomi_id: UUID, feed: _Feed) -> None:
-        while (frame := feed.pending.pop(feed.delivered + 1, None)) is not None:
-            self._push(hoomi_id, feed, feed.delivered + 1, frame)
+        self._drain(hoomi_id, feed)
         if feed.want > feed.delivered and feed.filler is None:
             feed.filler = asyncio.get_running_loop().create_task(self._fill(hoomi_id, feed))
 
@@ -282,10 +287,9 @@ class Hub:
                 for row in rows:
                     # A seq jump inside the page means those rows were purged: skip them.
                     if row.seq > feed.delivered:
-                        frame = feed.pending.pop(row.seq, None) or events.message_frame(row)
+                        frame = feed.pending.pop(row.seq, b"") or events.message_frame(row)
                         self._push(hoomi_id, feed, row.seq, frame)
-                while (frame := feed.pending.pop(feed.delivered + 1, None)) is not None:
-                    self._push(hoomi_id, feed, feed.delivered + 1, frame)
+                self._drain(hoomi_id, feed)
                 if not rows and feed.delivered < upto:
                     # Purged by retention (or the Hoomi is gone): skip what no longer exists.
                     feed.delivered = upto
@@ -314,7 +318,7 @@ class Hub:
             except Exception as exc:
                 _log.warning("reconcile failed: %s", exc)
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -271,6 +271,7 @@ class BatchWriter:
                 else:
                     new_rows.append((i, uuid7()))
             if new_rows:
+                assert now is not None  # rows to insert means some Hoomi row was locked
                 args, placed = _allocate(reqs, new_rows, last_seq)
                 inserted = await conn.fetchval(_INSERT_ROWS, *args, now)
                 if inserted != len(placed):
