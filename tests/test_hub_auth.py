@@ -194,7 +194,8 @@ async def test_bad_token_closes_4401(cluster):
     import jwt
     (a, _) = await cluster.user()
     expired = jwt.encode({"sub": str(a), "exp": 1}, JWT_SECRET, algorithm="HS256")
-    forged = jwt.encode({"sub": str(a), "exp": 2**40}, "not-the-secret", algorithm="HS256")
+    other_secret = "not-the-secret-but-just-as-long-as-a-real-one"
+    forged = jwt.encode({"sub": str(a), "exp": 2**40}, other_secret, algorithm="HS256")
     for token in ("garbage", expired, forged):
         peer = await Peer.connect(cluster.a.ws)
         await peer.send(Hello(token=token, ref="h"))
