@@ -45,3 +45,11 @@ def test_protocol_doc_lists_every_error_and_close_code():
     for close in CloseCode:
         if close != CloseCode.NORMAL:
             assert f"| {int(close)} |" in doc, close
+
+
+def test_operations_guide_has_the_same_configuration_table():
+    def table(text: str) -> str:
+        start = text.index("| variable | default | meaning |")
+        return text[start:text.index("\n\n", start)]
+
+    assert table((ROOT / "docs" / "operations.md").read_text()) == table(README)
