@@ -1,4 +1,8 @@
-"""Protocol v1 of the Hoomi hub: frames, codec, limits and error codes. Pure: no I/O."""
+"""Protocol v1 of the Hoomi hub: frames, codec, limits and error codes.
+
+Invariant: pure code. Bytes in, typed frames out (and back); no I/O, no asyncio, and no
+imports from server/, storage/ or client/ (they import this package, never the reverse).
+"""
 
 from .codec import decode_client, decode_server, encode_client, encode_server
 from .errors import CloseCode, ErrorCode, ProtocolError
@@ -16,6 +20,7 @@ from .frames import (
     Page,
     Ping,
     Pong,
+    Ref,
     Send,
     ServerFrame,
     Sync,
@@ -26,6 +31,6 @@ from .limits import DEFAULT_LIMITS, Limits
 __all__ = [
     "Ack", "ClientFrame", "CloseCode", "DEFAULT_LIMITS", "Delete", "Deleted", "Error",
     "ErrorCode", "Hello", "History", "HoomiState", "Limits", "Membership", "MessageBody",
-    "Page", "Ping", "Pong", "ProtocolError", "Send", "ServerFrame", "Sync", "Welcome",
+    "Page", "Ping", "Pong", "ProtocolError", "Ref", "Send", "ServerFrame", "Sync", "Welcome",
     "decode_client", "decode_server", "encode_client", "encode_server",
 ]

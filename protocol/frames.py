@@ -1,4 +1,10 @@
-"""Protocol v1 frames as typed, immutable values. Field names are the wire names."""
+"""Protocol v1 frames as typed, immutable values; field names are the wire names.
+
+Invariant: a frame that `decode_client` returns has already passed every check of
+protocol/limits.py, so code past the codec never re-validates fields. `ref` (the
+request's correlation value: a string or an int64) is always the last field and
+defaults to None; replies copy it from their request, pushes have none.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ Ref = str | int | None
 @dataclass(frozen=True, slots=True)
 class Hello:
     token: str
-    resume: dict[UUID, int] = field(default_factory=dict)
+    resume: dict[UUID, int] = field(default_factory=dict)  # hoomi_id → last seq seen
     ref: Ref = None
 
 
@@ -23,7 +29,7 @@ class Hello:
 class Send:
     hoomi_id: UUID
     client_msg_id: UUID
-    content: bytes
+    content: bytes  # ciphertext with its GCM tag
     nonce: bytes
     session_id: str
     ref: Ref = None
@@ -32,7 +38,7 @@ class Send:
 @dataclass(frozen=True, slots=True)
 class History:
     hoomi_id: UUID
-    before: int | None = None
+    before: int | None = None  # exclusive; None = from the newest
     limit: int = 50
     ref: Ref = None
 
@@ -40,7 +46,7 @@ class History:
 @dataclass(frozen=True, slots=True)
 class Sync:
     hoomi_id: UUID
-    after: int = 0
+    after: int = 0  # exclusive
     limit: int = 50
     ref: Ref = None
 
@@ -66,7 +72,7 @@ ClientFrame = Hello | Send | History | Sync | Delete | Ping
 class HoomiState:
     hoomi_id: UUID
     last_seq: int
-    role: str
+    role: str  # "admin" | "member"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +95,9 @@ class Ack:
 class MessageBody:
     """A stored message: the `message` push, and each element of a `page`.
 
-    A tombstone (deleted for everyone) has `deleted=True` and no content, nonce or
-    session_id.
+    A tombstone (deleted for everyone) has `deleted=True` and None for content, nonce
+    and session_id; on the wire those keys are absent. `sender_id` is None when the
+    sender's account was deleted.
     """
 
     id: UUID
@@ -100,16 +107,23 @@ class MessageBody:
     content: bytes | None
     nonce: bytes | None
     session_id: str | None
-    created_at: int
+    created_at: int  # ms since the Unix epoch
     deleted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
+    """The reply to `history` (newest first) or `sync` (ascending).
+
+    A history page sets `next_before` (None when it reaches the oldest message) and
+    leaves `has_more` None; a sync page sets `has_more`. The wire carries only the key
+    that applies: `has_more` when it is not None, `next_before` otherwise.
+    """
+
     hoomi_id: UUID
     messages: list[MessageBody]
-    next_before: int | None = None  # history pages
-    has_more: bool | None = None  # sync pages (then next_before is not sent)
+    next_before: int | None = None
+    has_more: bool | None = None
     ref: Ref = None
 
 
@@ -129,7 +143,7 @@ class Membership:
 @dataclass(frozen=True, slots=True)
 class Error:
     code: ErrorCode
-    message: str
+    message: str  # starts with the bad field's name when one is at fault
     ref: Ref = None
     retry_after_ms: int | None = None
 

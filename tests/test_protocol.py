@@ -1,9 +1,11 @@
-"""The wire codec: round trips of every frame, and hostile bytes never raise anything but
-ProtocolError. Pure code: no servers."""
+"""The wire codec: every frame round-trips, hostile input raises only ProtocolError, and each
+validation rule answers with its exact code and field. Pure code: no servers, no asyncio."""
 
 from __future__ import annotations
 
-import os
+import struct
+import tracemalloc
+from typing import Any
 from uuid import UUID, uuid4
 
 import msgpack
@@ -12,7 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import (
+    DEFAULT_LIMITS,
     Ack,
+    ClientFrame,
     CloseCode,
     Delete,
     Deleted,
@@ -21,6 +25,7 @@ from protocol import (
     Hello,
     History,
     HoomiState,
+    Limits,
     Membership,
     MessageBody,
     Page,
@@ -28,6 +33,7 @@ from protocol import (
     Pong,
     ProtocolError,
     Send,
+    ServerFrame,
     Sync,
     Welcome,
     decode_client,
@@ -36,175 +42,461 @@ from protocol import (
     encode_server,
 )
 
+INT64_MAX = 2**63 - 1
+HOOMI = UUID("0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b")
+
+# -- strategies --------------------------------------------------------------------------------
+
 uuids = st.uuids()
-seqs = st.integers(min_value=1, max_value=2**63 - 1)
-refs = st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1) | st.text(max_size=64)
-ms = st.integers(min_value=0, max_value=2**53)
-session_ids = st.text(min_size=1, max_size=128).filter(lambda s: "\x00" not in s)
+seqs = st.integers(min_value=1, max_value=INT64_MAX)
+refs = st.none() | st.integers(-(2**63), INT64_MAX) | st.text(max_size=64)
+times = st.integers(min_value=0, max_value=2**53)
+no_nul_text = st.text(min_size=1, max_size=128).filter(lambda s: "\x00" not in s)
 
 client_frames = st.one_of(
-    st.builds(Hello, token=st.text(min_size=1, max_size=200).filter(lambda s: "\x00" not in s),
-              resume=st.dictionaries(uuids, st.integers(0, 2**63 - 1), max_size=20), ref=refs),
-    st.builds(Send, hoomi_id=uuids, client_msg_id=uuids,
-              content=st.binary(min_size=16, max_size=2048), nonce=st.binary(min_size=12,
-                                                                              max_size=12),
-              session_id=session_ids, ref=refs),
+    st.builds(Hello, token=no_nul_text, ref=refs,
+              resume=st.dictionaries(uuids, st.integers(0, INT64_MAX), max_size=10)),
+    st.builds(Send, hoomi_id=uuids, client_msg_id=uuids, session_id=no_nul_text, ref=refs,
+              content=st.binary(min_size=16, max_size=1024),
+              nonce=st.binary(min_size=12, max_size=12)),
     st.builds(History, hoomi_id=uuids, before=st.none() | seqs, limit=st.integers(1, 100),
               ref=refs),
-    st.builds(Sync, hoomi_id=uuids, after=st.integers(0, 2**63 - 1), limit=st.integers(1, 100),
-              ref=refs),
+    st.builds(Sync, hoomi_id=uuids, after=st.integers(0, INT64_MAX),
+              limit=st.integers(1, 100), ref=refs),
     st.builds(Delete, hoomi_id=uuids, id=uuids, ref=refs),
     st.builds(Ping, ref=refs),
 )
 
-live_bodies = st.builds(MessageBody, id=uuids, hoomi_id=uuids, seq=seqs,
-                        sender_id=st.none() | uuids, content=st.binary(min_size=16,
-                                                                        max_size=512),
-                        nonce=st.binary(min_size=12, max_size=12), session_id=session_ids,
-                        created_at=ms, deleted=st.just(False))
-dead_bodies = st.builds(MessageBody, id=uuids, hoomi_id=uuids, seq=seqs,
-                        sender_id=st.none() | uuids, content=st.none(), nonce=st.none(),
-                        session_id=st.none(), created_at=ms, deleted=st.just(True))
-bodies = live_bodies | dead_bodies
+live_bodies = st.builds(
+    MessageBody, id=uuids, hoomi_id=uuids, seq=seqs, sender_id=st.none() | uuids,
+    content=st.binary(min_size=16, max_size=256), nonce=st.binary(min_size=12, max_size=12),
+    session_id=no_nul_text, created_at=times, deleted=st.just(False))
+tombstones = st.builds(
+    MessageBody, id=uuids, hoomi_id=uuids, seq=seqs, sender_id=st.none() | uuids,
+    content=st.none(), nonce=st.none(), session_id=st.none(), created_at=times,
+    deleted=st.just(True))
+bodies = live_bodies | tombstones
 
 server_frames = st.one_of(
     st.builds(Welcome, user_id=uuids, ref=refs, hoomis=st.lists(st.builds(
-        HoomiState, hoomi_id=uuids, last_seq=st.integers(0, 2**63 - 1),
-        role=st.sampled_from(["admin", "member"])), max_size=5)),
-    st.builds(Ack, id=uuids, hoomi_id=uuids, seq=seqs, created_at=ms, ref=refs),
+        HoomiState, hoomi_id=uuids, last_seq=st.integers(0, INT64_MAX),
+        role=st.sampled_from(["admin", "member"])), max_size=4)),
+    st.builds(Ack, id=uuids, hoomi_id=uuids, seq=seqs, created_at=times, ref=refs),
     bodies,
-    st.builds(Page, hoomi_id=uuids, messages=st.lists(bodies, max_size=5),
+    st.builds(Page, hoomi_id=uuids, messages=st.lists(bodies, max_size=4),
               next_before=st.none() | seqs, has_more=st.none(), ref=refs),
-    st.builds(Page, hoomi_id=uuids, messages=st.lists(bodies, max_size=5),
+    st.builds(Page, hoomi_id=uuids, messages=st.lists(bodies, max_size=4),
               next_before=st.none(), has_more=st.booleans(), ref=refs),
     st.builds(Deleted, hoomi_id=uuids, id=uuids, seq=seqs),
     st.builds(Membership, hoomi_id=uuids, state=st.sampled_from(["joined", "left"])),
-    st.builds(Error, code=st.sampled_from(list(ErrorCode)), message=st.text(max_size=100),
-              ref=refs, retry_after_ms=st.none() | st.integers(1, 60000)),
+    st.builds(Error, code=st.sampled_from(list(ErrorCode)), message=st.text(max_size=80),
+              ref=refs, retry_after_ms=st.none() | st.integers(1, 60_000)),
     st.builds(Pong, ref=refs),
 )
 
-
-@settings(max_examples=300)
-@given(client_frames)
-def test_every_client_frame_round_trips(frame):
-    assert decode_client(encode_client(frame)) == frame
-
-
-@settings(max_examples=300)
-@given(server_frames)
-def test_every_server_frame_round_trips(frame):
-    assert decode_server(encode_server(frame)) == frame
-
-
-@settings(max_examples=500)
-@given(st.binary(max_size=512))
-def test_arbitrary_bytes_raise_only_protocol_error(data):
-    try:
-        decode_client(data)
-    except ProtocolError:
-        pass
-
-
+# Everything msgpack can carry, floats and bins included.
 msgpack_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
     | st.text(max_size=40) | st.binary(max_size=40),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
-        st.text(max_size=12) | st.integers(0, 10), inner, max_size=6),
-    max_leaves=20,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.text(max_size=12) | st.integers(0, 10) | st.none(), inner, max_size=4),
+    max_leaves=16,
 )
-keys = st.sampled_from(["type", "ref", "token", "resume", "hoomi_id", "client_msg_id",
-                        "content", "nonce", "session_id", "before", "after", "limit", "id"])
-types = st.sampled_from(["hello", "send", "history", "sync", "delete", "ping", "nope"])
+field_names = st.sampled_from([
+    "type", "ref", "token", "resume", "hoomi_id", "client_msg_id", "content", "nonce",
+    "session_id", "before", "after", "limit", "id"])
+field_values = msgpack_values | uuids.map(str) | st.binary(min_size=10, max_size=20) | (
+    st.dictionaries(uuids.map(str), msgpack_values, max_size=3))
+frame_types = st.sampled_from(["hello", "send", "history", "sync", "delete", "ping", "nope"])
 
 
-@settings(max_examples=500)
-@given(st.dictionaries(keys, msgpack_values, max_size=8), types)
-def test_arbitrary_maps_raise_only_protocol_error(m, kind):
-    m = {**m, "type": m.get("type", kind)}
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False)
+
+
+def rejects(data: bytes, limits: Limits = DEFAULT_LIMITS) -> ProtocolError:
+    with pytest.raises(ProtocolError) as err:
+        decode_client(data, limits)
+    return err.value
+
+
+def send_map(**over: Any) -> dict[str, Any]:
+    """A valid `send` with ref "r1", with fields replaced (or removed, given ...)."""
+    m = {"type": "send", "hoomi_id": str(HOOMI), "client_msg_id": str(uuid4()),
+         "content": bytes(16), "nonce": bytes(12), "session_id": "s1", "ref": "r1"}
+    m.update(over)
+    return {k: v for k, v in m.items() if v is not ...}
+
+
+# -- round trips -------------------------------------------------------------------------------
+
+@settings(max_examples=250, deadline=None)
+@given(client_frames)
+def test_every_client_frame_round_trips(frame: ClientFrame) -> None:
+    assert decode_client(encode_client(frame)) == frame
+
+
+@settings(max_examples=250, deadline=None)
+@given(server_frames)
+def test_every_server_frame_round_trips_with_type_first_and_no_nil_ref(
+        frame: ServerFrame) -> None:
+    data = encode_server(frame)
+    assert decode_server(data) == frame
+    raw = unpack(data)
+    assert next(iter(raw)) == "type"
+    assert "ref" not in raw or raw["ref"] is not None
+
+
+# -- hostile input -----------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=256))
+def test_arbitrary_bytes_raise_only_protocol_error(data: bytes) -> None:
     try:
-        decode_client(msgpack.packb(m, use_bin_type=True))
+        decode_client(data)
     except ProtocolError as err:
         assert isinstance(err.code, ErrorCode)
 
 
-def _send(**over) -> bytes:
-    m = {"type": "send", "hoomi_id": str(uuid4()), "client_msg_id": str(uuid4()),
-         "content": os.urandom(16), "nonce": os.urandom(12), "session_id": "s", "ref": "r1"}
-    m.update(over)
-    return msgpack.packb({k: v for k, v in m.items() if v is not ...}, use_bin_type=True)
+@settings(max_examples=300, deadline=None)
+@given(msgpack_values)
+def test_arbitrary_msgpack_values_raise_only_protocol_error(value: Any) -> None:
+    try:
+        decode_client(pack(value))
+    except ProtocolError as err:
+        assert isinstance(err.code, ErrorCode)
+        assert (err.close == CloseCode.BAD_FRAME) == (not isinstance(value, dict))
 
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(field_names, field_values, max_size=8), frame_types)
+def test_maps_of_arbitrary_fields_raise_only_protocol_error(m: dict[str, Any],
+                                                            kind: str) -> None:
+    m.setdefault("type", kind)
+    try:
+        frame = decode_client(pack(m))
+    except ProtocolError as err:
+        assert err.close is None
+        assert err.field is not None and err.message.startswith(err.field + ":")
+    else:
+        assert decode_client(encode_client(frame)) == frame
+
+
+@settings(max_examples=250, deadline=None)
+@given(client_frames, st.data())
+def test_corrupted_frames_decode_or_raise_only_protocol_error(frame: ClientFrame,
+                                                              data: st.DataObject) -> None:
+    raw = bytearray(encode_client(frame))
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(raw)))
+    try:
+        decode_client(bytes(raw[:cut]))
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=256) | msgpack_values.map(pack))
+def test_decode_server_raises_only_protocol_error_on_garbage(data: bytes) -> None:
+    try:
+        decode_server(data)
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize("data", [
+    pack([1]), pack("x"), pack(7), pack(None), pack(b"bin"), b"", b"\xc1",
+    pack({"type": "ping"})[:-1],  # truncated
+    pack({"type": "ping"}) + b"\x00",  # two values
+    b"\x91" * 5000,  # nesting deeper than msgpack's stack
+    b"\xdd\xff\xff\xff\xff",  # an array header claiming 4 billion items
+    pack({(1, 2): 1}),  # an unhashable map key
+])
+def test_frames_that_are_not_one_msgpack_map_ask_to_close_with_4400(data: bytes) -> None:
+    err = rejects(data)
+    assert (err.code, err.close, err.field) == (ErrorCode.INVALID, CloseCode.BAD_FRAME, "frame")
+
+
+def test_nested_array_headers_cannot_make_the_decoder_allocate_much() -> None:
+    # msgpack allocates an array's slots from its header: 300 nested headers of 60 000
+    # items would take 144 MB if the decoder did not bound array lengths.
+    header = b"\xdc" + struct.pack(">H", 60_000)
+    tracemalloc.start()
+    try:
+        err = rejects(header * 300)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.close == CloseCode.BAD_FRAME
+    assert peak < 4_000_000
+
+
+def test_frame_over_the_size_limit_is_too_large() -> None:
+    limits = Limits(max_content_bytes=1024)
+    err = rejects(pack(send_map(content=bytes(limits.max_frame_bytes))), limits)
+    assert (err.code, err.field, err.close) == (ErrorCode.TOO_LARGE, "frame", None)
+
+
+def test_max_frame_bytes_leaves_4096_bytes_around_the_content() -> None:
+    assert DEFAULT_LIMITS.max_frame_bytes == 65536 + 4096
+    assert Limits(max_content_bytes=100).max_frame_bytes == 4196
+
+
+# -- validation rules, one by one ------------------------------------------------------------
 
 @pytest.mark.parametrize("over, code, field", [
-    ({"nonce": os.urandom(11)}, ErrorCode.INVALID, "nonce"),
-    ({"nonce": "not bytes 12"}, ErrorCode.INVALID, "nonce"),
-    ({"content": os.urandom(15)}, ErrorCode.INVALID, "content"),
-    ({"content": os.urandom(65537)}, ErrorCode.TOO_LARGE, "content"),
+    ({"nonce": bytes(11)}, ErrorCode.INVALID, "nonce"),
+    ({"nonce": bytes(13)}, ErrorCode.INVALID, "nonce"),
+    ({"nonce": "x" * 12}, ErrorCode.INVALID, "nonce"),
+    ({"nonce": ...}, ErrorCode.INVALID, "nonce"),
+    ({"content": bytes(15)}, ErrorCode.INVALID, "content"),
+    ({"content": bytes(65537)}, ErrorCode.TOO_LARGE, "content"),
+    ({"content": "x" * 16}, ErrorCode.INVALID, "content"),
     ({"content": ...}, ErrorCode.INVALID, "content"),
-    ({"hoomi_id": str(uuid4()).upper()}, ErrorCode.INVALID, "hoomi_id"),
-    ({"hoomi_id": uuid4().hex}, ErrorCode.INVALID, "hoomi_id"),
+    ({"hoomi_id": str(HOOMI).upper()}, ErrorCode.INVALID, "hoomi_id"),
+    ({"hoomi_id": HOOMI.hex}, ErrorCode.INVALID, "hoomi_id"),
+    ({"hoomi_id": "{" + str(HOOMI) + "}"}, ErrorCode.INVALID, "hoomi_id"),
+    ({"hoomi_id": "urn:uuid:" + str(HOOMI)}, ErrorCode.INVALID, "hoomi_id"),
+    ({"hoomi_id": HOOMI.bytes}, ErrorCode.INVALID, "hoomi_id"),
+    ({"hoomi_id": ...}, ErrorCode.INVALID, "hoomi_id"),
     ({"client_msg_id": 5}, ErrorCode.INVALID, "client_msg_id"),
+    ({"client_msg_id": "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5g"}, ErrorCode.INVALID,
+     "client_msg_id"),
     ({"session_id": "x" * 129}, ErrorCode.INVALID, "session_id"),
     ({"session_id": ""}, ErrorCode.INVALID, "session_id"),
     ({"session_id": "a\x00"}, ErrorCode.INVALID, "session_id"),
+    ({"session_id": b"s1"}, ErrorCode.INVALID, "session_id"),
     ({"type": "shout"}, ErrorCode.INVALID, "type"),
+    ({"type": b"send"}, ErrorCode.INVALID, "type"),
     ({"type": ...}, ErrorCode.INVALID, "type"),
 ])
-def test_bad_send_fields_are_named_and_keep_the_ref(over, code, field):
-    with pytest.raises(ProtocolError) as err:
-        decode_client(_send(**over))
-    assert (err.value.code, err.value.field, err.value.ref) == (code, field, "r1")
-    assert err.value.message.startswith(field + ":")
-    assert err.value.close is None
+def test_bad_send_field_is_named_and_the_error_echoes_the_ref(over: dict[str, Any],
+                                                              code: ErrorCode,
+                                                              field: str) -> None:
+    err = rejects(pack(send_map(**over)))
+    assert (err.code, err.field, err.ref, err.close) == (code, field, "r1", None)
+    assert str(err) == err.message and err.message.startswith(field + ": ")
+
+
+def test_nonce_error_message_says_the_rule() -> None:
+    assert rejects(pack(send_map(nonce=bytes(11)))).message == "nonce: must be exactly 12 bytes"
+
+
+def test_content_at_both_bounds_is_accepted() -> None:
+    for size in (16, 65536):
+        frame = decode_client(pack(send_map(content=bytes(size))))
+        assert isinstance(frame, Send) and frame.content == bytes(size)
+
+
+def test_content_bounds_follow_the_given_limits() -> None:
+    limits = Limits(max_content_bytes=1024, min_content_bytes=28)
+    assert rejects(pack(send_map(content=bytes(1025))), limits).code == ErrorCode.TOO_LARGE
+    assert rejects(pack(send_map(content=bytes(27))), limits).code == ErrorCode.INVALID
+    assert isinstance(decode_client(pack(send_map(content=bytes(1024))), limits), Send)
+
+
+def test_valid_send_decodes_to_typed_values() -> None:
+    cmid = uuid4()
+    frame = decode_client(pack(send_map(client_msg_id=str(cmid), ref=7)))
+    assert frame == Send(hoomi_id=HOOMI, client_msg_id=cmid, content=bytes(16),
+                         nonce=bytes(12), session_id="s1", ref=7)
 
 
 @pytest.mark.parametrize("frame, field", [
     ({"type": "history", "limit": 0}, "limit"),
     ({"type": "history", "limit": 101}, "limit"),
     ({"type": "history", "limit": True}, "limit"),
+    ({"type": "history", "limit": 1.0}, "limit"),
+    ({"type": "history", "limit": "5"}, "limit"),
     ({"type": "history", "before": 0}, "before"),
+    ({"type": "history", "before": -5}, "before"),
+    ({"type": "history", "before": True}, "before"),
+    ({"type": "history", "before": 2**64 - 1}, "before"),
+    ({"type": "sync", "after": 0, "limit": 0}, "limit"),
+    ({"type": "sync", "after": 0, "limit": 101}, "limit"),
     ({"type": "sync", "after": -1}, "after"),
+    ({"type": "sync", "after": False}, "after"),
+    ({"type": "sync", "after": "3"}, "after"),
     ({"type": "sync"}, "after"),
-    ({"type": "hello"}, "token"),
-    ({"type": "hello", "token": "t", "resume": {"nope": 1}}, "resume"),
-    ({"type": "hello", "token": "t", "resume": {str(uuid4()): -1}}, "resume"),
+    ({"type": "delete"}, "id"),
+    ({"type": "delete", "id": str(HOOMI).upper()}, "id"),
+    ({"type": "history", "hoomi_id": None}, "hoomi_id"),
 ])
-def test_bad_request_fields_are_named(frame, field):
-    frame.setdefault("hoomi_id", str(uuid4()))
+def test_bad_request_field_is_invalid_and_named(frame: dict[str, Any], field: str) -> None:
+    frame = {"hoomi_id": str(HOOMI), "ref": 42, **frame}
+    err = rejects(pack(frame))
+    assert (err.code, err.field, err.ref) == (ErrorCode.INVALID, field, 42)
+
+
+def test_history_defaults_to_the_newest_fifty() -> None:
+    expected = History(hoomi_id=HOOMI, before=None, limit=50)
+    assert decode_client(pack({"type": "history", "hoomi_id": str(HOOMI)})) == expected
+    with_nil = {"type": "history", "hoomi_id": str(HOOMI), "before": None, "limit": None}
+    assert decode_client(pack(with_nil)) == expected
+
+
+def test_limit_and_seq_bounds_are_accepted() -> None:
+    assert decode_client(pack({"type": "history", "hoomi_id": str(HOOMI), "before": 1,
+                               "limit": 100})) == History(hoomi_id=HOOMI, before=1, limit=100)
+    assert decode_client(pack({"type": "sync", "hoomi_id": str(HOOMI), "after": 0,
+                               "limit": 1})) == Sync(hoomi_id=HOOMI, after=0, limit=1)
+    assert decode_client(pack({"type": "sync", "hoomi_id": str(HOOMI),
+                               "after": INT64_MAX})) == Sync(hoomi_id=HOOMI, after=INT64_MAX)
+
+
+@pytest.mark.parametrize("frame, field", [
+    ({"type": "hello"}, "token"),
+    ({"type": "hello", "token": ""}, "token"),
+    ({"type": "hello", "token": b"jwt"}, "token"),
+    ({"type": "hello", "token": "t", "resume": [str(HOOMI)]}, "resume"),
+    ({"type": "hello", "token": "t", "resume": {"nope": 1}}, "resume"),
+    ({"type": "hello", "token": "t", "resume": {str(HOOMI).upper(): 1}}, "resume"),
+    ({"type": "hello", "token": "t", "resume": {1: 1}}, "resume"),
+    ({"type": "hello", "token": "t", "resume": {str(HOOMI): -1}}, "resume"),
+    ({"type": "hello", "token": "t", "resume": {str(HOOMI): True}}, "resume"),
+    ({"type": "hello", "token": "t", "resume": {str(HOOMI): 2**64 - 1}}, "resume"),
+])
+def test_bad_hello_field_is_invalid_and_named(frame: dict[str, Any], field: str) -> None:
+    err = rejects(pack({**frame, "ref": "h1"}))
+    assert (err.code, err.field, err.ref) == (ErrorCode.INVALID, field, "h1")
+
+
+def test_resume_is_limited_to_a_thousand_hoomis() -> None:
+    resume = {str(UUID(int=i)): i for i in range(1000)}
+    frame = decode_client(pack({"type": "hello", "token": "t", "resume": resume}))
+    assert isinstance(frame, Hello) and frame.resume[UUID(int=999)] == 999
+    resume[str(UUID(int=1000))] = 0
+    err = rejects(pack({"type": "hello", "token": "t", "resume": resume}))
+    assert (err.code, err.field, err.close) == (ErrorCode.INVALID, "resume", None)
+
+
+@pytest.mark.parametrize("ref", ["", "x" * 64, 0, -(2**63), INT64_MAX])
+def test_refs_at_the_bounds_are_echoed_in_the_frame(ref: str | int) -> None:
+    assert decode_client(pack({"type": "ping", "ref": ref})) == Ping(ref=ref)
+
+
+@pytest.mark.parametrize("ref", [True, 1.5, "x" * 65, 2**63, 2**64 - 1, [1], b"r"])
+def test_unreadable_ref_is_invalid_and_not_echoed(ref: Any) -> None:
+    err = rejects(pack({"type": "ping", "ref": ref}))
+    assert (err.code, err.field, err.ref, err.close) == (ErrorCode.INVALID, "ref", None, None)
+
+
+def test_ref_is_echoed_even_when_the_type_is_missing() -> None:
+    err = rejects(pack({"ref": 9}))
+    assert (err.field, err.ref, err.message) == ("type", 9, "type: required")
+
+
+def test_unknown_keys_are_ignored_for_forward_compatibility() -> None:
+    m = {"type": "ping", "ref": 3, "v2": [1, {"x": 1.5}], 7: None, None: 1, 2.5: "f",
+         "ext": msgpack.ExtType(5, b"ab"), "at": msgpack.Timestamp(1, 2)}
+    assert decode_client(pack(m)) == Ping(ref=3)
+
+
+def test_extension_value_in_a_field_is_invalid_not_a_bad_frame() -> None:
+    err = rejects(pack(send_map(nonce=msgpack.ExtType(1, bytes(12)))))
+    assert (err.code, err.field, err.close) == (ErrorCode.INVALID, "nonce", None)
+
+
+# -- server frames on the wire -----------------------------------------------------------------
+
+def body(seq: int, deleted: bool = False) -> MessageBody:
+    if deleted:
+        return MessageBody(id=UUID(int=seq), hoomi_id=HOOMI, seq=seq, sender_id=None,
+                           content=None, nonce=None, session_id=None, created_at=5,
+                           deleted=True)
+    return MessageBody(id=UUID(int=seq), hoomi_id=HOOMI, seq=seq, sender_id=UUID(int=1),
+                       content=bytes(16), nonce=bytes(12), session_id="s1", created_at=5)
+
+
+def test_message_push_has_type_message_and_every_field() -> None:
+    raw = unpack(encode_server(body(3)))
+    assert raw == {"type": "message", "id": str(UUID(int=3)), "hoomi_id": str(HOOMI),
+                   "seq": 3, "sender_id": "00000000-0000-0000-0000-000000000001",
+                   "content": bytes(16), "nonce": bytes(12), "session_id": "s1",
+                   "created_at": 5}
+    assert list(raw)[0] == "type"
+
+
+def test_content_and_nonce_travel_as_bin_and_uuids_as_str() -> None:
+    raw = msgpack.unpackb(encode_server(body(3)), raw=True)
+    assert raw[b"content"] == bytes(16) and raw[b"nonce"] == bytes(12)
+    assert raw[b"hoomi_id"] == str(HOOMI).encode()
+    # with raw=False a str would still decode as str, a bin as bytes:
+    assert isinstance(unpack(encode_server(body(3)))["content"], bytes)
+
+
+def test_tombstone_has_deleted_and_no_content_keys_and_live_has_no_deleted_key() -> None:
+    page = Page(hoomi_id=HOOMI, messages=[body(4, deleted=True), body(3)], next_before=3)
+    raw = unpack(encode_server(page))
+    dead, live = raw["messages"]
+    assert dead.keys() == {"id", "hoomi_id", "seq", "sender_id", "deleted", "created_at"}
+    assert dead["deleted"] is True and dead["sender_id"] is None
+    assert "deleted" not in live and live["content"] == bytes(16)
+
+
+def test_history_page_carries_next_before_even_when_nil_and_no_has_more() -> None:
+    raw = unpack(encode_server(Page(hoomi_id=HOOMI, messages=[], ref="up")))
+    assert raw == {"type": "page", "ref": "up", "hoomi_id": str(HOOMI), "messages": [],
+                   "next_before": None}
+
+
+def test_sync_page_carries_has_more_and_no_next_before() -> None:
+    raw = unpack(encode_server(Page(hoomi_id=HOOMI, messages=[body(1)], has_more=False)))
+    assert raw["has_more"] is False and "next_before" not in raw and "ref" not in raw
+
+
+def test_ack_and_error_echo_the_ref_and_error_omits_absent_retry() -> None:
+    ack = unpack(encode_server(Ack(id=UUID(int=2), hoomi_id=HOOMI, seq=44, created_at=9,
+                                   ref=7)))
+    assert ack == {"type": "ack", "ref": 7, "id": str(UUID(int=2)), "hoomi_id": str(HOOMI),
+                   "seq": 44, "created_at": 9}
+    err = unpack(encode_server(Error(code=ErrorCode.INVALID,
+                                     message="nonce: must be exactly 12 bytes", ref=8)))
+    assert err == {"type": "error", "ref": 8, "code": "invalid",
+                   "message": "nonce: must be exactly 12 bytes"}
+    limited = unpack(encode_server(Error(ErrorCode.RATE_LIMITED, "slow down",
+                                         retry_after_ms=250)))
+    assert limited == {"type": "error", "code": "rate_limited", "message": "slow down",
+                       "retry_after_ms": 250}
+
+
+def test_pushes_without_ref_have_no_ref_key() -> None:
+    assert unpack(encode_server(Pong())) == {"type": "pong"}
+    assert unpack(encode_server(Deleted(hoomi_id=HOOMI, id=UUID(int=2), seq=3))) == {
+        "type": "deleted", "hoomi_id": str(HOOMI), "id": str(UUID(int=2)), "seq": 3}
+    assert unpack(encode_server(Membership(hoomi_id=HOOMI, state="left"))) == {
+        "type": "membership", "hoomi_id": str(HOOMI), "state": "left"}
+
+
+@pytest.mark.parametrize("m, field", [
+    ({"type": "nope"}, "type"),
+    ({"type": "ack", "id": "x", "hoomi_id": str(HOOMI), "seq": 1, "created_at": 1}, "id"),
+    ({"type": "ack", "id": str(HOOMI), "hoomi_id": str(HOOMI), "seq": "1",
+      "created_at": 1}, "seq"),
+    ({"type": "message", "id": str(HOOMI), "hoomi_id": str(HOOMI), "seq": 1,
+      "sender_id": None, "content": 2**40, "nonce": bytes(12), "session_id": "s",
+      "created_at": 1}, "content"),
+    ({"type": "page", "hoomi_id": str(HOOMI), "messages": "abc"}, "messages"),
+    ({"type": "page", "hoomi_id": str(HOOMI), "messages": [1]}, "messages"),
+    ({"type": "error", "code": "teapot", "message": "m"}, "code"),
+    ({"type": "pong", "ref": [1]}, "ref"),
+])
+def test_decode_server_rejects_malformed_frames_naming_the_field(m: dict[str, Any],
+                                                                 field: str) -> None:
     with pytest.raises(ProtocolError) as err:
-        decode_client(msgpack.packb(frame, use_bin_type=True))
+        decode_server(pack(m))
     assert (err.value.code, err.value.field) == (ErrorCode.INVALID, field)
 
 
-def test_history_defaults_to_newest_fifty():
-    h = UUID(int=7)
-    assert decode_client(msgpack.packb({"type": "history", "hoomi_id": str(h)})) == History(
-        hoomi_id=h, before=None, limit=50)
-
-
-@pytest.mark.parametrize("data", [msgpack.packb([1]), msgpack.packb("x"), b"\xc1", b""])
-def test_non_map_frames_ask_for_close_4400(data):
-    with pytest.raises(ProtocolError) as err:
-        decode_client(data)
-    assert err.value.close == CloseCode.BAD_FRAME
-
-
-@pytest.mark.parametrize("ref", [True, 1.5, "x" * 65, 2**63, [1]])
-def test_bad_ref_is_invalid(ref):
-    with pytest.raises(ProtocolError) as err:
-        decode_client(msgpack.packb({"type": "ping", "ref": ref}))
-    assert (err.value.code, err.value.field) == (ErrorCode.INVALID, "ref")
-
-
-def test_unknown_keys_are_ignored_for_forward_compatibility():
-    assert decode_client(msgpack.packb({"type": "ping", "ref": 3, "v2_field": 1})) == Ping(ref=3)
-
-
-def test_tombstone_in_a_page_has_no_content_keys():
-    body = MessageBody(id=uuid4(), hoomi_id=uuid4(), seq=3, sender_id=None, content=None,
-                       nonce=None, session_id=None, created_at=5, deleted=True)
-    raw = msgpack.unpackb(encode_server(Page(hoomi_id=body.hoomi_id, messages=[body],
-                                             next_before=None)))
-    assert raw["messages"][0].keys() == {"id", "hoomi_id", "seq", "sender_id", "created_at",
-                                         "deleted"}
-    assert list(raw)[0] == "type" and raw["next_before"] is None and "has_more" not in raw
+def test_protocol_error_repr_and_str() -> None:
+    err = ProtocolError(ErrorCode.INVALID, "limit: must be an integer from 1 to 100", "limit",
+                        ref="r")
+    assert str(err) == "limit: must be an integer from 1 to 100"
+    assert "limit" in repr(err) and err.close is None
+    assert ErrorCode.INVALID == "invalid" and str(ErrorCode.TOO_LARGE) == "too_large"
+    assert int(CloseCode.BAD_FRAME) == 4400
