@@ -1,21 +1,41 @@
 """End-to-end encryption of message bodies: AES-256-GCM, on the client only.
 
-Layout of what the server stores for one message:
-    nonce    12 random bytes, fresh per message (os.urandom): with 2**32 messages under
-             one key the chance of a repeat stays below 2**-32, the NIST bound
-    content  AES-GCM(key, nonce, envelope, associated data) = ciphertext || 16-byte tag
-    envelope 0x01 | client_msg_id (16) | body length (4, big-endian) | body | zero padding
-             to a multiple of 32 bytes, so lengths leak only to within 32 bytes
-    AD       b"hoomi/v1" | hoomi_id (16) | sender_id (16) | session_id (UTF-8)
+The hub stores, per message, `content`, `nonce` and `session_id`, and learns nothing
+else: no key, no plaintext, the body's length only to within 32 bytes.
 
-What the associated data buys: a ciphertext cannot be replayed into another Hoomi, nor
-passed off as another member's (the server, which assigns `sender_id`, cannot re-attribute
-it), nor moved to another key session. The client_msg_id inside the envelope binds it to
-one logical message, and readers recover it to match their own sends.
-What it does not: `seq` is not bound, because the server assigns it after encryption; the
-hub could reorder or withhold messages within a Hoomi. Readers see seq gaps, but the
-order itself is not cryptographically protected. A message whose sender was deleted
-(sender_id null) cannot be checked against its AD and is refused ("unknown_sender").
+    nonce     12 bytes from os.urandom, fresh per message. Random 96-bit nonces keep
+              the chance of any repeat under one key below 2**-32 up to 2**32 messages
+              (NIST SP 800-38D's bound); rotate the key (a new session) well before.
+    content   AES-256-GCM(key, nonce, envelope, AD) = ciphertext || 16-byte tag
+    envelope  0x01 (version, 1) | client_msg_id (16) | sender_id (16)
+              | body length (4, unsigned big-endian) | body | zero bytes up to a
+              multiple of 32. Padding: "ok" and "on my way" seal to the same size, so
+              short replies are not told apart by length; it costs at most 31 bytes.
+    AD        b"hoomi/v1" | hoomi_id (16) | session_id (UTF-8, at the end so the layout
+              stays unambiguous)
+
+What is authenticated, and what it buys against the server (or anyone on the path):
+- hoomi_id (AD): a ciphertext cannot be replayed into another Hoomi.
+- sender_id (envelope, compared with the sender the server reports): a message cannot
+  be passed off as another member's. It sits inside the envelope rather than in the AD
+  so that a message whose sender was deleted (the server then reports sender_id null,
+  and keeps the message) still opens: decrypt(sender_id=None) checks everything else
+  and leaves the sender unattributed. Such a message is vouched for by the group key
+  alone, as every message is against the other key holders: a group key proves "a
+  member wrote this", never which one; only the authenticated hub ties a sender to it.
+- client_msg_id (envelope): binds the ciphertext to one logical message and lets a
+  reader, who is not told client_msg_id by the hub, match its own sends and spot a
+  replayed copy (same sender and client_msg_id under a new seq; readers should drop it).
+- session_id (AD): a ciphertext cannot be relabelled to another key's session.
+
+What it does not protect: `seq` is not bound, because the hub assigns it after the
+client has encrypted (and a retried send may race its original). The hub can therefore
+reorder, withhold or duplicate messages within a Hoomi: readers detect gaps and
+duplicates from seq and client_msg_id, but the order itself is not cryptographically
+guaranteed. Timing, sizes to 32 bytes, and who talks to whom stay visible to the hub.
+
+Errors are values: DecryptError.reason is "unknown_session", "tampered" or "malformed";
+no message of any exception here holds key bytes or plaintext.
 """
 
 from __future__ import annotations
@@ -23,35 +43,49 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Literal
 from uuid import UUID
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from protocol.limits import DEFAULT_LIMITS
+
 from .keys import GroupKey, Keyring
 
 VERSION = 1
-NONCE_BYTES = 12
+AD_PREFIX = b"hoomi/v1"
+NONCE_BYTES = 12  # GCM's native nonce size; the hub requires exactly this
 TAG_BYTES = 16
-PAD = 32
-MAX_CONTENT = 65536
-_HEADER = struct.Struct(">B16sI")
-# The largest body whose padded envelope plus tag still fits in MAX_CONTENT.
-MAX_PLAINTEXT = ((MAX_CONTENT - TAG_BYTES) // PAD) * PAD - _HEADER.size
+PAD_TO = 32
+MAX_CONTENT = DEFAULT_LIMITS.max_content_bytes  # the hub's default limit, 65536
+_HEADER = struct.Struct(">B16s16sI")  # version, client_msg_id, sender_id, body length
+HEADER_BYTES = _HEADER.size  # 37
+# The largest body whose padded envelope plus the tag still fits in MAX_CONTENT:
+# (65536 - 16) // 32 * 32 = 65504 bytes of envelope, less the 37-byte header.
+MAX_PLAINTEXT = (MAX_CONTENT - TAG_BYTES) // PAD_TO * PAD_TO - HEADER_BYTES
+
+Reason = Literal["unknown_session", "tampered", "malformed"]
 
 
 class DecryptError(Exception):
-    """A message that cannot be opened. `reason` is one of: unknown_session (no key for
-    its session_id), tampered (the GCM check failed: wrong key, or content, nonce, Hoomi,
-    sender or session altered), malformed (bad nonce or envelope), unknown_sender."""
+    """A message that cannot be opened. `reason`:
+    - unknown_session: no key for its (Hoomi, session_id);
+    - tampered: authentication failed: wrong key, content or nonce altered, another
+      Hoomi or session, or a sender other than the one who sealed it;
+    - malformed: a nonce that is not 12 bytes, content shorter than the tag, or an
+      envelope that authenticates but does not parse (an unknown version, say).
+    """
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason: Reason = reason
 
 
 @dataclass(frozen=True)
 class Sealed:
+    """What `send` carries: content (ciphertext and tag), nonce and session_id."""
+
     content: bytes
     nonce: bytes
     session_id: str
@@ -59,44 +93,74 @@ class Sealed:
 
 @dataclass(frozen=True)
 class Opened:
+    """An authenticated message: its body and the client_msg_id its sender chose."""
+
     plaintext: bytes = field(repr=False)
     client_msg_id: UUID
 
 
-def _ad(hoomi_id: UUID, sender_id: UUID, session_id: str) -> bytes:
-    return b"hoomi/v1" + hoomi_id.bytes + sender_id.bytes + session_id.encode("utf-8")
+def _associated_data(hoomi_id: UUID, session_id: str) -> bytes:
+    return AD_PREFIX + hoomi_id.bytes + session_id.encode("utf-8")
+
+
+def _padded(size: int) -> int:
+    return size + (-size % PAD_TO)
 
 
 def encrypt(key: GroupKey, hoomi_id: UUID, sender_id: UUID, client_msg_id: UUID,
             plaintext: bytes) -> Sealed:
+    """Seal a body with the given key (normally `Keyring.current(hoomi_id)`) for one
+    Hoomi, as sent by `sender_id` under `client_msg_id`. ValueError if the body is over
+    MAX_PLAINTEXT bytes (the content would exceed the hub's 64 KiB)."""
+    if not isinstance(plaintext, bytes):
+        raise TypeError("plaintext: bytes expected")
     if len(plaintext) > MAX_PLAINTEXT:
-        raise ValueError(f"plaintext: at most {MAX_PLAINTEXT} bytes")
-    envelope = _HEADER.pack(VERSION, client_msg_id.bytes, len(plaintext)) + plaintext
-    envelope += b"\x00" * (-len(envelope) % PAD)
+        raise ValueError(f"plaintext: at most MAX_PLAINTEXT = {MAX_PLAINTEXT} bytes, so "
+                         f"that the content fits the hub's {MAX_CONTENT}; got {len(plaintext)}")
+    header = _HEADER.pack(VERSION, client_msg_id.bytes, sender_id.bytes, len(plaintext))
+    size = len(header) + len(plaintext)
+    envelope = header + plaintext + bytes(_padded(size) - size)
     nonce = os.urandom(NONCE_BYTES)
-    content = AESGCM(key.key).encrypt(nonce, envelope, _ad(hoomi_id, sender_id, key.session_id))
+    content = AESGCM(key.key).encrypt(nonce, envelope,
+                                      _associated_data(hoomi_id, key.session_id))
     return Sealed(content, nonce, key.session_id)
 
 
-def decrypt(keys: Keyring | GroupKey, hoomi_id: UUID, sender_id: UUID | None, content: bytes,
-            nonce: bytes, session_id: str) -> Opened:
-    if sender_id is None:
-        raise DecryptError("unknown_sender")
+def decrypt(keys: Keyring | GroupKey, hoomi_id: UUID, sender_id: UUID | None,
+            content: bytes, nonce: bytes, session_id: str) -> Opened:
+    """Open a message as the hub delivered it, or raise DecryptError; never returns
+    unauthenticated bytes.
+
+    `sender_id` is the sender the hub reports: when given, it must be the one who sealed
+    the message ("tampered" otherwise). None (the sender's account was deleted) opens
+    the message without attributing it to anyone.
+    """
     if isinstance(keys, GroupKey):
         key = keys if keys.session_id == session_id else None
     else:
         key = keys.get(hoomi_id, session_id)
     if key is None:
-        raise DecryptError("unknown_session")
-    if len(nonce) != NONCE_BYTES or len(content) < TAG_BYTES:
-        raise DecryptError("malformed")
+        raise DecryptError("unknown_session",
+                           f"no key for session {session_id!r} of hoomi {hoomi_id}")
+    if len(nonce) != NONCE_BYTES:
+        raise DecryptError("malformed", f"nonce is {len(nonce)} bytes, not {NONCE_BYTES}")
+    if len(content) < TAG_BYTES:
+        raise DecryptError("malformed", f"content is shorter than the {TAG_BYTES}-byte tag")
     try:
-        envelope = AESGCM(key.key).decrypt(nonce, content, _ad(hoomi_id, sender_id, session_id))
+        envelope = AESGCM(key.key).decrypt(nonce, content,
+                                           _associated_data(hoomi_id, session_id))
     except InvalidTag:
         raise DecryptError("tampered") from None
-    if len(envelope) < _HEADER.size:
-        raise DecryptError("malformed")
-    version, cmid, length = _HEADER.unpack_from(envelope)
-    if version != VERSION or _HEADER.size + length > len(envelope):
-        raise DecryptError("malformed")
-    return Opened(envelope[_HEADER.size:_HEADER.size + length], UUID(bytes=cmid))
+    # Authentic from here on: a key holder wrote it. Still parse strictly, so that only
+    # the one encoding encrypt() produces is accepted.
+    if len(envelope) < HEADER_BYTES:
+        raise DecryptError("malformed", "envelope shorter than its header")
+    version, raw_cmid, raw_sender, length = _HEADER.unpack_from(envelope)
+    if version != VERSION:
+        raise DecryptError("malformed", f"envelope version {version}")
+    end = HEADER_BYTES + length
+    if len(envelope) != _padded(end) or any(envelope[end:]):
+        raise DecryptError("malformed", "envelope length or padding")
+    if sender_id is not None and raw_sender != sender_id.bytes:
+        raise DecryptError("tampered", "sealed by another sender")
+    return Opened(envelope[HEADER_BYTES:end], UUID(bytes=raw_cmid))
