@@ -194,3 +194,25 @@ async def last_seqs(
         "SELECT id, last_seq FROM hoomis WHERE id = ANY($1::uuid[])", list(ids)
     )
     return {r["id"]: r["last_seq"] for r in rows}
+
+
+async def memberships(
+    conn: asyncpg.Connection | asyncpg.Pool, user_ids: Sequence[UUID]
+) -> tuple[set[UUID], dict[UUID, dict[UUID, str]]]:
+    """For the hub's reconcile: which of `user_ids` still exist, and each one's Hoomis
+    with its role there (one round trip)."""
+    rows = await conn.fetch(
+        """
+        SELECT u.id AS user_id, hm.hoomi_id, hm.role
+        FROM users u LEFT JOIN hoomi_members hm ON hm.user_id = u.id
+        WHERE u.id = ANY($1::uuid[])
+        """,
+        list(user_ids),
+    )
+    existing: set[UUID] = set()
+    roles: dict[UUID, dict[UUID, str]] = {}
+    for r in rows:
+        existing.add(r["user_id"])
+        if r["hoomi_id"] is not None:
+            roles.setdefault(r["user_id"], {})[r["hoomi_id"]] = r["role"]
+    return existing, roles
