@@ -15,6 +15,9 @@ from .errors import StorageError, not_found
 from .records import HoomiSummary, Member
 
 ROLES = ("admin", "member")
+# 100 years. Also a CHECK in migration 0002: past PostgreSQL's timestamp range the purge
+# query itself fails.
+MAX_RETENTION_SECONDS = 3_153_600_000
 
 
 async def create_hoomi(
@@ -117,9 +120,12 @@ async def remove_member(pool: asyncpg.Pool, hoomi_id: UUID, user_id: UUID, actor
 async def set_retention(
     pool: asyncpg.Pool, hoomi_id: UUID, seconds: int | None, actor: Actor
 ) -> None:
-    if seconds is not None and seconds <= 0:
-        raise StorageError(ErrorCode.INVALID, "retention_seconds: positive or null",
-                           "retention_seconds")
+    if seconds is not None and not 0 < seconds <= MAX_RETENTION_SECONDS:
+        raise StorageError(
+            ErrorCode.INVALID,
+            f"retention_seconds: positive, at most {MAX_RETENTION_SECONDS}, or null",
+            "retention_seconds",
+        )
     async with pool.acquire() as conn, conn.transaction():
         done = await conn.fetchval(
             "UPDATE hoomis SET retention_seconds = $2 WHERE id = $1 RETURNING id", hoomi_id, seconds

@@ -9,10 +9,16 @@ audited with its count and seq range.
 
 from __future__ import annotations
 
+import logging
+from uuid import UUID
+
 import asyncpg
 
 from . import audit
 from .audit import Actor
+from .errors import is_outage
+
+_log = logging.getLogger(__name__)
 
 _LOCK_KEY = 0x686F6F6D69726574  # "hoomiret"
 
@@ -35,20 +41,35 @@ async def purge_expired(pool: asyncpg.Pool, *, batch: int = 1000) -> int:
             return 0  # another replica is purging
         try:
             due = await conn.fetch(
-                "SELECT id, retention_seconds FROM hoomis WHERE retention_seconds IS NOT NULL")
+                "SELECT id, retention_seconds FROM hoomis WHERE retention_seconds IS NOT NULL "
+                "ORDER BY id")
             for row in due:
-                while True:
-                    async with conn.transaction():
-                        seqs = [r["seq"] for r in await conn.fetch(
-                            _PURGE, row["id"], float(row["retention_seconds"]), batch)]
-                        if seqs:
-                            await audit.record(
-                                conn, Actor.system(), "retention.purge", hoomi_id=row["id"],
-                                details={"count": len(seqs), "from_seq": min(seqs),
-                                         "to_seq": max(seqs)})
-                    total += len(seqs)
-                    if len(seqs) < batch:
-                        break
+                try:
+                    total += await _purge_hoomi(conn, row["id"], row["retention_seconds"], batch)
+                except Exception as exc:
+                    if is_outage(exc):
+                        raise  # the database is gone: every later Hoomi would fail too
+                    # One Hoomi's failure must not starve the others of their purge;
+                    # its committed batches stay purged, the next run retries the rest.
+                    _log.error("retention purge of hoomi %s failed: %s: %s",
+                               row["id"], type(exc).__name__, exc)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return total
+
+
+async def _purge_hoomi(
+    conn: asyncpg.Connection, hoomi_id: UUID, retention_seconds: int, batch: int
+) -> int:
+    purged = 0
+    while True:
+        async with conn.transaction():
+            seqs = [r["seq"] for r in await conn.fetch(
+                _PURGE, hoomi_id, float(retention_seconds), batch)]
+            if seqs:
+                await audit.record(
+                    conn, Actor.system(), "retention.purge", hoomi_id=hoomi_id,
+                    details={"count": len(seqs), "from_seq": min(seqs), "to_seq": max(seqs)})
+        purged += len(seqs)
+        if len(seqs) < batch:
+            return purged

@@ -194,3 +194,41 @@ async def test_retention_purges_only_expired_messages_and_audits(pool, writer):
     page = await messages.history(pool, short, None, 10)
     assert [m.seq for m in page.messages] == [3] and page.next_before is None
     assert await purge_expired(pool) == 0
+
+
+async def test_retention_beyond_100_years_is_refused_by_storage_and_schema(pool):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    with pytest.raises(StorageError) as err:
+        await hoomis.set_retention(pool, h, 10**12, Actor.user(alice))
+    assert (err.value.code, err.value.field) == (ErrorCode.INVALID, "retention_seconds")
+    await hoomis.set_retention(pool, h, hoomis.MAX_RETENTION_SECONDS, Actor.user(alice))
+    assert await hoomis.hoomi_info(pool, h) == (0, 3_153_600_000)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute("UPDATE hoomis SET retention_seconds = $2 WHERE id = $1",
+                           h, 3_153_600_001)
+
+
+async def test_purge_failure_in_one_hoomi_does_not_stop_the_others(pool, writer):
+    from storage.retention import purge_expired
+
+    alice, = await factories.users(pool, 1)
+    broken, fine = sorted([await factories.hoomi(pool, [alice]) for _ in range(2)])
+    for h in (broken, fine):
+        await writer.append(factories.request(h, alice))
+        await hoomis.set_retention(pool, h, 60, Actor.user(alice))
+    await pool.execute("UPDATE messages SET created_at = now() - interval '1 hour'")
+    await pool.execute(
+        f"""
+        CREATE FUNCTION refuse_purge() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF OLD.hoomi_id = '{broken}' THEN RAISE EXCEPTION 'cannot purge'; END IF;
+            RETURN OLD;
+        END $$;
+        CREATE TRIGGER refuse_purge BEFORE DELETE ON messages
+        FOR EACH ROW EXECUTE FUNCTION refuse_purge();
+        """
+    )
+    assert await purge_expired(pool) == 1
+    left = await pool.fetch("SELECT hoomi_id, seq FROM messages")
+    assert [(r["hoomi_id"], r["seq"]) for r in left] == [(broken, 1)]
