@@ -4,7 +4,10 @@ Invariants the rest of the hub relies on, kept by this module alone:
 
 1. Ack after commit. `append` returns only once the transaction holding the row has
    committed. If a transaction fails, each of its waiters gets the error and none of its
-   rows is stored (the client retries with the same client_msg_id).
+   rows is stored (the client retries with the same client_msg_id). If it fails in a way
+   that leaves COMMIT's outcome unknown (connection lost mid-COMMIT), the writer reads
+   back, on a fresh connection, which rows were stored: those waiters get their real ack
+   and the commit hook runs for them; the rest get `unavailable`.
 2. Dense seq in commit order. A Hoomi's seqs are allocated inside the transaction while
    it holds that Hoomi's row lock (`SELECT ... FOR UPDATE`, taken in id order so that two
    writers never deadlock). The lock is held until COMMIT, so the next allocator for that
@@ -41,15 +44,18 @@ from .records import AppendRequest, AppendResult
 _log = logging.getLogger(__name__)
 
 _LOCK_HOOMIS = """
-SELECT id, last_seq, now() AS now
+SELECT id, last_seq
 FROM hoomis WHERE id = ANY($1::uuid[])
 ORDER BY id
 FOR UPDATE
 """
 
-# Runs after the locks: sees every send committed before us in these Hoomis.
+# Runs after the locks: sees every send committed before us in these Hoomis. `now` is
+# read here, after the lock wait, not as the transaction's start time: a batch that
+# waited for a Hoomi's lock must not stamp an earlier created_at than the seqs before it.
 _CHECK_ROWS = """
-SELECT t.ord, m.id, m.hoomi_id, m.seq, m.created_at, hm.user_id IS NOT NULL AS is_member
+SELECT t.ord, m.id, m.hoomi_id, m.seq, m.created_at, hm.user_id IS NOT NULL AS is_member,
+       (SELECT clock_timestamp()) AS now
 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) WITH ORDINALITY
      AS t(hoomi_id, sender_id, client_msg_id, ord)
 LEFT JOIN messages m ON m.sender_id = t.sender_id AND m.client_msg_id = t.client_msg_id
@@ -74,6 +80,13 @@ WITH ins AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM ins) AS inserted
+"""
+
+# After a failure that may have happened after COMMIT was applied: what got stored.
+_LOOKUP_STORED = """
+SELECT m.sender_id, m.client_msg_id, m.id, m.hoomi_id, m.seq, m.created_at
+FROM unnest($1::uuid[], $2::uuid[]) AS t(sender_id, client_msg_id)
+JOIN messages m ON m.sender_id = t.sender_id AND m.client_msg_id = t.client_msg_id
 """
 
 MAX_SESSION_ID_CHARS = 128
@@ -203,7 +216,44 @@ class BatchWriter:
             await self._commit_isolating(batch[mid:])
         except Exception as exc:  # connection lost, server down, pool closed...
             _log.error("batch of %d failed: %s: %s", len(batch), type(exc).__name__, exc)
-            _fail(batch, unavailable())
+            await self._settle(batch)
+
+    async def _settle(self, batch: list[_Pending]) -> None:
+        """After a failure that may have come after COMMIT was applied: ack what is stored.
+
+        Without this, a committed row's waiter would get `unavailable`, its retry would be
+        a duplicate, and the hub does not fan out duplicates: nobody would ever see it.
+        """
+        open_ = [p for p in batch if not p.future.done()]
+        if not open_:
+            return
+        try:
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(
+                    _LOOKUP_STORED,
+                    [p.request.sender_id for p in open_],
+                    [p.request.client_msg_id for p in open_],
+                )
+        except Exception as exc:
+            _log.error("could not settle a failed batch: %s: %s", type(exc).__name__, exc)
+            _fail(open_, unavailable())
+            return
+        stored = {(r["sender_id"], r["client_msg_id"]): r for r in rows}
+        seen: set[tuple[UUID, UUID]] = set()
+        outcomes: list[AppendResult | StorageError] = []
+        for p in open_:
+            key = (p.request.sender_id, p.request.client_msg_id)
+            row = stored.get(key)
+            if row is None or row["hoomi_id"] != p.request.hoomi_id:
+                outcomes.append(unavailable())
+                continue
+            # Reported as new (the hub then publishes it; publishing a seq twice is
+            # harmless, the hub drops seqs it already delivered), except for a repeat of
+            # the same key within this batch, which was a duplicate in any case.
+            outcomes.append(AppendResult(row["id"], row["hoomi_id"], row["seq"],
+                                         row["created_at"], key in seen))
+            seen.add(key)
+        self._deliver(open_, outcomes)
 
     async def _commit_with_retry(self, batch: list[_Pending]) -> None:
         for attempt in range(5):
@@ -212,22 +262,33 @@ class BatchWriter:
             except _ConcurrentReuse:
                 _log.info("client_msg_id reused concurrently across Hoomis; retry %d", attempt)
                 continue
-            if self._on_commit is not None:
-                committed = [(p.request, o) for p, o in zip(batch, outcomes, strict=True)
-                             if isinstance(o, AppendResult)]
-                try:
-                    self._on_commit(committed)
-                except Exception:
-                    _log.exception("commit hook failed")
-            for pending, outcome in zip(batch, outcomes, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(outcome, StorageError):
-                    pending.future.set_exception(outcome)
-                else:
-                    pending.future.set_result(outcome)
+            except asyncpg.TransactionRollbackError as exc:
+                # Deadlock or serialization failure: the transaction was rolled back
+                # whole, so nothing of it is stored and running it again is safe.
+                _log.info("batch rolled back (%s); retry %d", type(exc).__name__, attempt)
+                continue
+            self._deliver(batch, outcomes)
             return
         _fail(batch, unavailable())
+
+    def _deliver(
+        self, batch: Sequence[_Pending], outcomes: Sequence[AppendResult | StorageError]
+    ) -> None:
+        """Run the commit hook for the stored rows, then wake every waiter."""
+        if self._on_commit is not None:
+            committed = [(p.request, o) for p, o in zip(batch, outcomes, strict=True)
+                         if isinstance(o, AppendResult)]
+            try:
+                self._on_commit(committed)
+            except Exception:
+                _log.exception("commit hook failed")
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(outcome, StorageError):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
 
     async def _commit(self, batch: Sequence[_Pending]) -> list[AppendResult | StorageError]:
         reqs = [p.request for p in batch]
@@ -245,13 +306,13 @@ class BatchWriter:
             hoomi_ids = sorted({reqs[i].hoomi_id for i in leaders})
             locked = await conn.fetch(_LOCK_HOOMIS, hoomi_ids)
             last_seq = {row["id"]: row["last_seq"] for row in locked}
-            now = locked[0]["now"] if locked else None
             checks = await conn.fetch(
                 _CHECK_ROWS,
                 [reqs[i].hoomi_id for i in leaders],
                 [reqs[i].sender_id for i in leaders],
                 [reqs[i].client_msg_id for i in leaders],
             )
+            now = checks[0]["now"] if checks else None
             new_rows: list[tuple[int, UUID]] = []
             # Sorted by ord: seqs go in arrival order (invariant 4).
             for row in sorted(checks, key=lambda c: c["ord"]):
@@ -301,6 +362,13 @@ def _allocate(
         seq = last_seq[r.hoomi_id] + 1
         last_seq[r.hoomi_id] = seq
         placed.append((i, msg_id, seq))
+    # Rows go to the INSERT in (sender_id, client_msg_id) order, the unique index's order:
+    # two writers whose batches reuse client_msg_ids crosswise then wait for each other
+    # in one direction only, instead of deadlocking. Seqs are already assigned above, so
+    # row order no longer matters for them.
+    for i, msg_id, seq in sorted(placed, key=lambda p: (reqs[p[0]].sender_id,
+                                                         reqs[p[0]].client_msg_id)):
+        r = reqs[i]
         row = (msg_id, r.hoomi_id, seq, r.sender_id, r.client_msg_id, r.content, r.nonce,
                r.session_id)
         for column, value in zip(columns, row, strict=True):

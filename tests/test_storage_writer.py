@@ -222,3 +222,97 @@ def test_message_ids_are_time_ordered_uuid7():
     ids = [uuid7() for _ in range(20000)]
     assert all(i.version == 7 and i.variant == "specified in RFC 4122" for i in ids)
     assert ids == sorted(ids, key=lambda u: u.bytes) and len(set(ids)) == len(ids)
+
+
+async def test_commit_lost_after_it_applied_acks_stored_rows_and_runs_the_hook(pool):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    hooked: list = []
+    writer = BatchWriter(pool, max_batch=64, max_delay=0.02, on_commit=hooked.extend)
+    real_commit = writer._commit
+
+    async def commit_then_lose_connection(batch):
+        await real_commit(batch)
+        raise ConnectionResetError("connection lost during COMMIT")
+
+    writer._commit = commit_then_lose_connection  # type: ignore[method-assign]
+    writer.start()
+    reqs = [factories.request(h, alice) for _ in range(3)] + [factories.request(uuid4(), alice)]
+    outcomes = await asyncio.gather(*(writer.append(r) for r in reqs), return_exceptions=True)
+    await writer.close()
+
+    stored = await pool.fetch("SELECT id, seq, created_at FROM messages ORDER BY seq")
+    assert [(o.id, o.hoomi_id, o.seq, o.created_at, o.duplicate) for o in outcomes[:3]] == [
+        (r["id"], h, r["seq"], r["created_at"], False) for r in stored
+    ]
+    assert [r["seq"] for r in stored] == [1, 2, 3]
+    assert isinstance(outcomes[3], StorageError) and outcomes[3].code == ErrorCode.UNAVAILABLE
+    assert [(req, res) for req, res in hooked] == list(zip(reqs[:3], outcomes[:3], strict=True))
+
+
+async def test_failure_whose_read_back_also_fails_gives_every_waiter_unavailable(pool):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    writer = BatchWriter(pool, max_batch=64, max_delay=0.005)
+
+    async def lose_everything(batch):
+        await pool.close()
+        raise ConnectionResetError("gone")
+
+    writer._commit = lose_everything  # type: ignore[method-assign]
+    writer.start()
+    outcomes = await asyncio.gather(
+        *(writer.append(factories.request(h, alice)) for _ in range(2)), return_exceptions=True
+    )
+    await writer.close()
+    assert [(type(o), o.code) for o in outcomes] == [(StorageError, ErrorCode.UNAVAILABLE)] * 2
+
+
+async def test_deadlocked_batch_is_retried_and_its_rows_commit(pool):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    writer = BatchWriter(pool, max_batch=64, max_delay=0.005)
+    real_commit = writer._commit
+    calls: list[int] = []
+
+    async def deadlock_once(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+        return await real_commit(batch)
+
+    writer._commit = deadlock_once  # type: ignore[method-assign]
+    writer.start()
+    ack = await writer.append(factories.request(h, alice))
+    await writer.close()
+    assert (ack.seq, ack.duplicate, calls) == (1, False, [1, 1])
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 1
+
+
+def test_insert_rows_go_in_unique_index_order():
+    from storage.writer import _allocate
+
+    h, sender = uuid4(), uuid4()
+    reqs = [factories.request(h, sender) for _ in range(20)]
+    args, placed = _allocate(reqs, [(i, uuid4()) for i in range(20)], {h: 0})
+    assert [seq for _, _, seq in placed] == list(range(1, 21))
+    assert args[4] == sorted(r.client_msg_id for r in reqs)
+    by_cmid = {r.client_msg_id: seq for (i, _, seq), r in zip(placed, reqs, strict=True)}
+    assert args[2] == [by_cmid[c] for c in args[4]]
+
+
+async def test_created_at_is_taken_after_the_hoomi_lock_wait(pool, writer):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", h)
+        pending = asyncio.ensure_future(writer.append(factories.request(h, alice)))
+        await asyncio.sleep(0.3)
+        released_at = await conn.fetchval("SELECT clock_timestamp()")
+        await tx.commit()
+    ack = await pending
+    assert ack.created_at > released_at
+    assert await pool.fetchval("SELECT created_at FROM messages WHERE id = $1", ack.id) \
+        == ack.created_at
