@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -58,6 +59,33 @@ def _error_response(services: Services, code: ErrorCode, message: str,
         headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(body, status_code=STATUS[code], headers=headers)
 
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (no such route, wrong method) in our JSON shape too."""
+    assert isinstance(exc, HTTPException)
+    services: Services = request.app.state.services
+    if exc.status_code == 404:
+        return _error_response(services, ErrorCode.NOT_FOUND, "path: no such route", "path")
+    if exc.status_code == 405:
+        response = _error_response(services, ErrorCode.INVALID,
+                                   f"method: {request.method} is not allowed here", "method")
+        if exc.headers and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        response.status_code = 405
+        return response
+    return JSONResponse({"error": "invalid", "message": str(exc.detail)},
+                        status_code=exc.status_code)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # The traceback goes to the log (Starlette re-raises after this); the client gets
+    # JSON without details, which could hold data we must not echo.
+    return JSONResponse({"error": "internal", "message": "internal error"}, status_code=500)
+
+
+exception_handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    HTTPException: _http_exception, Exception: _internal_error,
+}
 
 Handler = Callable[[Request, Services], Awaitable[Response]]
 
@@ -131,11 +159,15 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
-def _user(request: Request, services: Services) -> UUID:
+async def _user(request: Request, services: Services) -> UUID:
     try:
-        return auth.verify(services.settings.jwt_secret, _bearer(request))
+        user_id = auth.verify(services.settings.jwt_secret, _bearer(request))
     except auth.AuthError as err:
         raise HttpError(err.code, err.message, "authorization") from None
+    # As on the socket: a deleted user's tokens stop working with it.
+    if not await user_store.user_exists(services.pool, user_id):
+        raise HttpError(ErrorCode.UNAUTHORIZED, "unknown user", "authorization")
+    return user_id
 
 
 def _operator(request: Request, services: Services) -> None:
@@ -197,7 +229,7 @@ async def metrics(request: Request) -> Response:
 
 @_route
 async def my_hoomis(request: Request, s: Services) -> Response:
-    user_id = _user(request, s)
+    user_id = await _user(request, s)
     mine = await hoomi_store.user_hoomis(s.pool, user_id)
     return JSONResponse({"hoomis": [
         {"hoomi_id": str(h.hoomi_id), "last_seq": h.last_seq, "role": h.role} for h in mine]})
@@ -205,7 +237,7 @@ async def my_hoomis(request: Request, s: Services) -> Response:
 
 @_route
 async def hoomi_messages(request: Request, s: Services) -> Response:
-    user_id = _user(request, s)
+    user_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     limit = _int_param(request, "limit", s.limits.default_page_limit, 1, s.limits.max_page_limit)
     before = _int_param(request, "before", None, 1, 2**63 - 1)
@@ -227,7 +259,7 @@ async def hoomi_messages(request: Request, s: Services) -> Response:
 
 @_route
 async def delete_message(request: Request, s: Services) -> Response:
-    user_id = _user(request, s)
+    user_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     message_id = _path_uuid(request, "message_id")
     done = await message_store.delete_for_everyone(s.pool, hoomi_id, message_id, user_id)
@@ -238,7 +270,7 @@ async def delete_message(request: Request, s: Services) -> Response:
 
 @_route
 async def hoomi_members(request: Request, s: Services) -> Response:
-    user_id = _user(request, s)
+    user_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     await _require_role(s, hoomi_id, user_id)
     roster = await hoomi_store.members(s.pool, hoomi_id)
@@ -248,7 +280,7 @@ async def hoomi_members(request: Request, s: Services) -> Response:
 
 @_route
 async def set_retention(request: Request, s: Services) -> Response:
-    user_id = _user(request, s)
+    user_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     body = await _json(request)
     if "retention_seconds" not in body:
@@ -283,7 +315,7 @@ async def _remove_member(s: Services, hoomi_id: UUID, user_id: UUID, actor: Acto
 
 @_route
 async def admin_put_member(request: Request, s: Services) -> Response:
-    actor_id = _user(request, s)
+    actor_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     user_id = _path_uuid(request, "user_id")
     role = _role(await _json(request))
@@ -294,7 +326,7 @@ async def admin_put_member(request: Request, s: Services) -> Response:
 
 @_route
 async def admin_remove_member(request: Request, s: Services) -> Response:
-    actor_id = _user(request, s)
+    actor_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     user_id = _path_uuid(request, "user_id")
     if user_id != actor_id:  # anyone may leave; removing others takes an admin

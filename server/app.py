@@ -80,6 +80,7 @@ def create_app(settings: Settings) -> Starlette:
 
     return Starlette(
         routes=[*api.routes, WebSocketRoute("/v1/ws", ws.endpoint)],
+        exception_handlers=api.exception_handlers,
         lifespan=lifespan,
     )
 

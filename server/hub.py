@@ -33,16 +33,21 @@ from .broker import CONTROL_CHANNEL, Broker, hoomi_channel
 _log = logging.getLogger(__name__)
 
 FILL_PAGE = 500
+MEMBERSHIP_PAGE = 5000
 
 
 class Socket(Protocol):
     user_id: UUID
+    # Bumped by every membership change the socket applies: a reconcile that read the
+    # database before a change it has since applied must not undo it.
+    membership_epoch: int
 
     def deliver(self, hoomi_id: UUID, seq: int, frame: bytes) -> None: ...
-    def push(self, frame: bytes) -> None: ...
+    def deleted(self, hoomi_id: UUID, seq: int, frame: bytes) -> None: ...
     def joined(self, hoomi_id: UUID, role: str) -> None: ...
     def left(self, hoomi_id: UUID) -> None: ...
     def gone(self) -> None: ...
+    def memberships(self, roles: dict[UUID, str]) -> None: ...
 
 
 class _Feed:
@@ -240,8 +245,9 @@ class Hub:
     def _on_deleted(self, event: events.Event) -> None:
         feed = self._feeds.get(event.hoomi_id)
         if feed is not None:
+            # Each socket orders it after the message it deletes (see Connection.deleted).
             for sock in list(feed.sockets):
-                sock.push(event.frame)
+                sock.deleted(event.hoomi_id, event.seq, event.frame)
 
     def _on_control(self, change: events.Control) -> None:
         for sock in list(self._users.get(change.user_id, ())):
@@ -299,16 +305,36 @@ class Hub:
             feed.filler = None
 
     async def reconcile(self) -> None:
-        """Compare every live feed with PostgreSQL and fill what pub/sub did not bring."""
+        """Compare every live feed, and every connected user's memberships, with
+        PostgreSQL, and apply what pub/sub did not bring (an event lost while the broker
+        was down, or never published by a replica that died)."""
         ids = [h for h, f in self._feeds.items() if f.ready.is_set()]
-        if not ids:
-            return
-        last = await hoomi_store.last_seqs(self._pool, ids)
-        for h, seq in last.items():
-            feed = self._feeds.get(h)
-            if feed is not None and seq > feed.want:
-                feed.want = seq
-                self._advance(h, feed)
+        if ids:
+            last = await hoomi_store.last_seqs(self._pool, ids)
+            for h, seq in last.items():
+                feed = self._feeds.get(h)
+                if feed is not None and seq > feed.want:
+                    feed.want = seq
+                    self._advance(h, feed)
+        await self._reconcile_memberships()
+
+    async def _reconcile_memberships(self) -> None:
+        # A removed member must stop receiving even if its `left` event was lost; the
+        # database is the truth, read for all connected users in a few round trips.
+        users = list(self._users)
+        for start in range(0, len(users), MEMBERSHIP_PAGE):
+            chunk = users[start:start + MEMBERSHIP_PAGE]
+            epochs = {sock: sock.membership_epoch
+                      for u in chunk for sock in self._users.get(u, ())}
+            existing, roles = await hoomi_store.memberships(self._pool, chunk)
+            for user_id in chunk:
+                for sock in list(self._users.get(user_id, ())):
+                    if epochs.get(sock) != sock.membership_epoch:
+                        continue  # changed while we read: the next round checks it
+                    if user_id not in existing:
+                        sock.gone()
+                    else:
+                        sock.memberships(roles.get(user_id, {}))
 
     async def reconcile_forever(self, interval: float) -> None:
         while True:

@@ -41,6 +41,7 @@ from protocol import (
 )
 from storage import hoomis as hoomi_store
 from storage import messages as message_store
+from storage import users as user_store
 from storage.errors import StorageError, is_outage
 from storage.records import AppendRequest
 
@@ -51,14 +52,18 @@ _log = logging.getLogger(__name__)
 
 RETRY_AFTER_MS = 1000
 CATCH_UP_PAGE = 200
+# Deletions of messages this socket has not been sent yet, held to follow their message.
+# Past this many the rest are dropped: catch-up reads those messages as tombstones.
+MAX_HELD_DELETIONS = 1024
 
 
 class _Cursor:
-    __slots__ = ("sent", "catching_up")
+    __slots__ = ("sent", "catching_up", "held")
 
     def __init__(self, sent: int, catching_up: bool = False) -> None:
         self.sent = sent
         self.catching_up = catching_up
+        self.held: dict[int, bytes] = {}  # seq -> `deleted` frame, for seqs above `sent`
 
 
 class TokenBucket:
@@ -100,6 +105,11 @@ class Connection:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing: tuple[int, str] | None = None
         self._attached = False
+        # Nothing but the reply to hello goes out before `welcome`: membership changes
+        # that arrive during hello are applied after it, in order.
+        self._welcomed = False
+        self._early: list[tuple[UUID, str | None]] = []
+        self.membership_epoch = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -187,12 +197,11 @@ class Connection:
         self.s.metrics.frames_out.labels(kind).inc()
         self._wake.set()
 
-    async def _enqueue_paced(self, frame: bytes, kind: str) -> None:
-        """For catch-up from the database: wait for room instead of overflowing."""
+    async def _room_for_catch_up(self) -> None:
+        """Catch-up from the database waits for room instead of overflowing the queue."""
         while len(self._out) >= self._max_out // 2 and self._closing is None:
             self._room.clear()
             await self._room.wait()
-        self._enqueue(frame, kind)
 
     def _reply(self, frame: Any, kind: str) -> None:
         self._enqueue(encode_server(frame), kind)
@@ -232,12 +241,14 @@ class Connection:
             return False
         try:
             self.user_id = auth.verify(self.s.settings.jwt_secret, frame.token)
+            # A valid signature is not enough: a deleted user's tokens die with it.
+            if not await user_store.user_exists(self.s.pool, self.user_id):
+                raise auth.AuthError(ErrorCode.UNAUTHORIZED, "unknown user")
+            await self._welcome(frame)
         except auth.AuthError as err:
             self._error(err.code, err.message, frame.ref)
             self.close(CloseCode.UNAUTHORIZED, err.message)
             return False
-        try:
-            await self._welcome(frame)
         except Exception as exc:
             _log.warning("hello failed: %s", exc)
             self._error(ErrorCode.UNAVAILABLE, "storage unavailable", frame.ref, RETRY_AFTER_MS)
@@ -273,7 +284,15 @@ class Connection:
             seen = hello.resume.get(s.hoomi_id)
             # A client claiming more than exists gets pushes from the real edge on.
             cursor.sent = s.last_seq if seen is None else min(seen, s.last_seq)
+            self._release_held(cursor)
             self._spawn(self._catch_up(s.hoomi_id, cursor))
+        self._welcomed = True
+        early, self._early = self._early, []
+        for hoomi_id, role in early:
+            if role is None:
+                self.left(hoomi_id)
+            else:
+                self.joined(hoomi_id, role)
 
     # -- the hub's side (Socket protocol) ---------------------------------------------------
 
@@ -282,35 +301,80 @@ class Connection:
         if cursor is None or cursor.catching_up or seq <= cursor.sent:
             return
         if seq == cursor.sent + 1:
-            cursor.sent = seq
-            self._enqueue(frame, "message")
+            self._send_message(cursor, seq, frame)
         else:
             cursor.catching_up = True
             self._spawn(self._catch_up(hoomi_id, cursor))
 
-    def push(self, frame: bytes) -> None:
-        self._enqueue(frame, "deleted")
+    def _send_message(self, cursor: _Cursor, seq: int, frame: bytes) -> None:
+        cursor.sent = seq
+        self._enqueue(frame, "message")
+        if cursor.held:
+            self._release_held(cursor)
+
+    def _release_held(self, cursor: _Cursor) -> None:
+        """Queue the held deletions whose message the client now has."""
+        for seq in sorted(s for s in cursor.held if s <= cursor.sent):
+            self._enqueue(cursor.held.pop(seq), "deleted")
+
+    def deleted(self, hoomi_id: UUID, seq: int, frame: bytes) -> None:
+        # A client must never see `deleted` before the message it deletes (it would then
+        # show that message's content): hold it until the message has been queued.
+        cursor = self.cursors.get(hoomi_id)
+        if cursor is None:
+            return
+        if self._welcomed and seq <= cursor.sent:
+            self._enqueue(frame, "deleted")
+        elif len(cursor.held) < MAX_HELD_DELETIONS:
+            cursor.held[seq] = frame
 
     def joined(self, hoomi_id: UUID, role: str) -> None:
-        if hoomi_id in self.cursors:
+        if not self._welcomed:
+            self._early.append((hoomi_id, role))
             return
+        if hoomi_id in self.cursors or self._closing is not None:
+            return
+        self.membership_epoch += 1
         cursor = self.cursors[hoomi_id] = _Cursor(0, catching_up=True)
         self._spawn(self._join(hoomi_id, cursor))
 
     async def _join(self, hoomi_id: UUID, cursor: _Cursor) -> None:
-        await self.s.hub.join(self, [hoomi_id])
-        if self.cursors.get(hoomi_id) is not cursor:
+        try:
+            await self.s.hub.join(self, [hoomi_id])
+            if self.cursors.get(hoomi_id) is not cursor:
+                return
+            last = await hoomi_store.last_seqs(self.s.pool, [hoomi_id])
+        except Exception as exc:
+            # Without its feed this socket would miss the Hoomi silently: make the client
+            # reconnect (and resume) instead.
+            _log.warning("join failed: %s", exc)
+            self.close(CloseCode.SERVICE_RESTART, "storage unavailable")
             return
-        last = await hoomi_store.last_seqs(self.s.pool, [hoomi_id])
+        if self.cursors.get(hoomi_id) is not cursor:
+            return  # left while we read
         cursor.sent = last.get(hoomi_id, 0)
         self._reply(Membership(hoomi_id=hoomi_id, state="joined"), "membership")
         await self._catch_up(hoomi_id, cursor)
 
     def left(self, hoomi_id: UUID) -> None:
+        if not self._welcomed:
+            self._early.append((hoomi_id, None))
+            return
         if self.cursors.pop(hoomi_id, None) is None:
             return
+        self.membership_epoch += 1
         self.s.hub.leave(self, hoomi_id)
         self._reply(Membership(hoomi_id=hoomi_id, state="left"), "membership")
+
+    def memberships(self, roles: dict[UUID, str]) -> None:
+        """The hub's reconcile: the user's Hoomis as PostgreSQL has them now."""
+        if not self._welcomed or self._closing is not None:
+            return
+        for hoomi_id in [h for h in self.cursors if h not in roles]:
+            self.left(hoomi_id)
+        for hoomi_id, role in roles.items():
+            if hoomi_id not in self.cursors:
+                self.joined(hoomi_id, role)
 
     def gone(self) -> None:
         self.close(CloseCode.UNAUTHORIZED, "user deleted")
@@ -334,10 +398,11 @@ class Connection:
                     continue
                 failures = 0
                 for m in page.messages:
+                    await self._room_for_catch_up()
+                    # Re-checked after the wait: the member may have left meanwhile.
                     if self.cursors.get(hoomi_id) is not cursor or m.seq <= cursor.sent:
                         continue
-                    await self._enqueue_paced(events.message_frame(m), "message")
-                    cursor.sent = m.seq
+                    self._send_message(cursor, m.seq, events.message_frame(m))
                 if page.has_more:
                     continue
                 live = self.s.hub.delivered(hoomi_id)
@@ -345,6 +410,7 @@ class Connection:
                     return
                 if not page.messages:
                     cursor.sent = live  # purged meanwhile: nothing left to send below it
+                    self._release_held(cursor)
                     return
         finally:
             cursor.catching_up = False

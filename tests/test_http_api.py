@@ -161,3 +161,14 @@ async def test_health_readiness_and_metrics(cluster, http):
                  "hoomi_errors_total", "hoomi_writer_batch_size_bucket",
                  "hoomi_ack_seconds_bucket", "hoomi_gap_fill_messages_total"):
         assert name in text, name
+
+
+async def test_unknown_route_and_wrong_method_answer_json(http):
+    r = await http.get("/v1/nothing-here")
+    assert r.status_code == 404
+    assert r.json() == {"error": "not_found", "message": "path: no such route", "field": "path"}
+    r = await http.post("/v1/hoomis")
+    assert r.status_code == 405
+    assert r.json() == {"error": "invalid", "message": "method: POST is not allowed here",
+                        "field": "method"}
+    assert "GET" in r.headers["allow"]

@@ -6,6 +6,7 @@ import asyncio
 import os
 from uuid import uuid4
 
+import httpx
 import msgpack
 import pytest
 
@@ -149,6 +150,23 @@ async def test_deleted_user_is_disconnected(cluster):
     assert r.status_code == 204
     code, _ = await pa.closed()
     assert code == 4401
+
+
+async def test_deleted_users_token_is_refused_at_hello_and_over_http(cluster):
+    (a, a_tok) = await cluster.user()
+    r = await cluster.admin.http.delete(f"/v1/admin/users/{a}")
+    assert r.status_code == 204
+    peer = await Peer.connect(cluster.a.ws)
+    await peer.send(Hello(token=a_tok, ref="h"))
+    code, frames = await peer.closed()
+    assert code == 4401
+    assert [(f.code, f.message, f.ref) for f in frames] == [
+        (ErrorCode.UNAUTHORIZED, "unknown user", "h")]
+    async with httpx.AsyncClient(base_url=cluster.a.http, timeout=10) as http:
+        r = await http.get("/v1/hoomis", headers={"Authorization": f"Bearer {a_tok}"})
+    assert r.status_code == 401
+    assert r.json() == {"error": "unauthorized", "message": "unknown user",
+                        "field": "authorization"}
 
 
 # -- error codes --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import asyncpg
 import httpx
 import pytest
 
-from protocol import Ack, Error, ErrorCode, Send
+from protocol import Ack, Error, ErrorCode, Membership, Send
 from tests.cluster import Replica, Valkey
 from tests.test_hub_delivery import joined, messages, send
 from tests.wsclient import Admin, Peer
@@ -176,3 +176,38 @@ async def test_redis_outage_still_delivers_across_replicas(dsn):
         for r in replicas:
             r.stop()
         own.stop()
+
+
+async def test_membership_changes_that_skip_pub_sub_still_reach_sockets(dsn, pair):
+    # Written straight to PostgreSQL, as if the replica that made them died before
+    # publishing (or Redis was down): only the reconcile can tell the sockets.
+    replicas, admin = pair
+    alice, bob, carol = await admin.user(), await admin.user(), await admin.user()
+    h1 = await admin.hoomi([alice], [bob])
+    h2 = await admin.hoomi([alice], [])
+    pb, _ = await joined(replicas[0].ws, await admin.token(bob))
+    pc, _ = await joined(replicas[0].ws, await admin.token(carol))
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("DELETE FROM hoomi_members WHERE hoomi_id = $1 AND user_id = $2",
+                           h1, bob)
+        await conn.execute("INSERT INTO hoomi_members (hoomi_id, user_id, role) "
+                           "VALUES ($1, $2, 'member')", h2, bob)
+        await conn.execute("DELETE FROM users WHERE id = $1", carol)
+    finally:
+        await conn.close()
+    changes = set()
+    while len(changes) < 2:
+        frame, _ = await pb.recv_until(Membership)
+        changes.add((frame.hoomi_id, frame.state))
+    assert changes == {(h1, "left"), (h2, "joined")}
+    code, _ = await pc.closed()
+    assert code == 4401
+    # Bob now gets h2's messages and no longer h1's.
+    pa, _ = await joined(replicas[1].ws, await admin.token(alice))
+    await pa.send(send(h1, ref=1))
+    await pa.send(send(h2, ref=2))
+    got = await messages(pb, 1)
+    assert [(m.hoomi_id, m.seq) for m in got] == [(h2, 1)]
+    await pa.close()
+    await pb.close()

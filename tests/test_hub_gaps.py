@@ -25,16 +25,18 @@ class Screen:
         self.seqs: list[int] = []
         self.bodies: list[MessageBody] = []
         self.arrived = asyncio.Event()
+        self.membership_epoch = 0
 
     def deliver(self, hoomi_id: UUID, seq: int, frame: bytes) -> None:
         self.seqs.append(seq)
         self.bodies.append(decode_server(frame))  # type: ignore[arg-type]
         self.arrived.set()
 
-    def push(self, frame: bytes) -> None: ...
+    def deleted(self, hoomi_id: UUID, seq: int, frame: bytes) -> None: ...
     def joined(self, hoomi_id: UUID, role: str) -> None: ...
     def left(self, hoomi_id: UUID) -> None: ...
     def gone(self) -> None: ...
+    def memberships(self, roles: dict[UUID, str]) -> None: ...
 
     async def until(self, n: int) -> list[int]:
         while len(self.seqs) < n:
