@@ -21,6 +21,8 @@ Invariants the rest of the hub relies on, kept by this module alone:
 5. Row-level verdicts. A row whose Hoomi is gone, whose sender is not a member, or whose
    client_msg_id was already used in another Hoomi fails alone; its neighbours commit.
    A row the database itself rejects is isolated by splitting the batch in halves.
+   A repeat of a (sender, client_msg_id) within one batch shares its first occurrence's
+   ack only if that one was stored; otherwise it is decided alone in the next batch.
 """
 
 from __future__ import annotations
@@ -91,6 +93,14 @@ JOIN messages m ON m.sender_id = t.sender_id AND m.client_msg_id = t.client_msg_
 
 MAX_SESSION_ID_CHARS = 128
 NONCE_BYTES = 12
+
+
+class _Requeue:
+    """Outcome of a row this batch could not decide: it goes back to the queue's front."""
+
+
+_REQUEUE = _Requeue()
+Outcome = AppendResult | StorageError | _Requeue
 
 
 class _ConcurrentReuse(Exception):
@@ -271,9 +281,7 @@ class BatchWriter:
             return
         _fail(batch, unavailable())
 
-    def _deliver(
-        self, batch: Sequence[_Pending], outcomes: Sequence[AppendResult | StorageError]
-    ) -> None:
+    def _deliver(self, batch: Sequence[_Pending], outcomes: Sequence[Outcome]) -> None:
         """Run the commit hook for the stored rows, then wake every waiter."""
         if self._on_commit is not None:
             committed = [(p.request, o) for p, o in zip(batch, outcomes, strict=True)
@@ -282,15 +290,19 @@ class BatchWriter:
                 self._on_commit(committed)
             except Exception:
                 _log.exception("commit hook failed")
+        # Ahead of everything queued since, in their original order: they keep their
+        # place in the FIFO (invariant 4) and are decided on their own next batch.
+        self._queue.extendleft(reversed([p for p, o in zip(batch, outcomes, strict=True)
+                                         if isinstance(o, _Requeue)]))
         for pending, outcome in zip(batch, outcomes, strict=True):
-            if pending.future.done():
+            if pending.future.done() or isinstance(outcome, _Requeue):
                 continue
             if isinstance(outcome, StorageError):
                 pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
 
-    async def _commit(self, batch: Sequence[_Pending]) -> list[AppendResult | StorageError]:
+    async def _commit(self, batch: Sequence[_Pending]) -> list[Outcome]:
         reqs = [p.request for p in batch]
         # Two rows of this batch with one (sender, client_msg_id): the first leads.
         leader_of: dict[tuple[UUID, UUID], int] = {}
@@ -301,7 +313,7 @@ class BatchWriter:
                 leader_of[key] = i
                 leaders.append(i)
 
-        outcomes: list[AppendResult | StorageError | None] = [None] * len(reqs)
+        outcomes: list[Outcome | None] = [None] * len(reqs)
         async with self._pool.acquire() as conn, conn.transaction():
             hoomi_ids = sorted({reqs[i].hoomi_id for i in leaders})
             locked = await conn.fetch(_LOCK_HOOMIS, hoomi_ids)
@@ -347,7 +359,9 @@ class BatchWriter:
                     same = led.hoomi_id == r.hoomi_id
                     outcomes[i] = led._replace(duplicate=True) if same else _reused()
                 else:
-                    outcomes[i] = led
+                    # The leader's failure (unknown Hoomi, not a member, ...) may not
+                    # apply to this row, which can name another Hoomi: decide it alone.
+                    outcomes[i] = _REQUEUE
         return [o for o in outcomes if o is not None]
 
 

@@ -316,3 +316,25 @@ async def test_created_at_is_taken_after_the_hoomi_lock_wait(pool, writer):
     assert ack.created_at > released_at
     assert await pool.fetchval("SELECT created_at FROM messages WHERE id = $1", ack.id) \
         == ack.created_at
+
+
+async def test_repeat_in_batch_is_decided_alone_when_its_leader_failed(pool):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    writer = BatchWriter(pool, max_batch=64, max_delay=0.02)
+    writer.start()
+    cmid = uuid4()
+    leader = factories.request(uuid4(), alice, cmid)
+    follower = factories.request(h, alice, cmid)
+    repeat = factories.request(h, alice, cmid)
+    outcomes = await asyncio.gather(
+        writer.append(leader), writer.append(follower), writer.append(repeat),
+        return_exceptions=True,
+    )
+    await writer.close()
+    lost, stored, again = outcomes
+    assert isinstance(lost, StorageError)
+    assert (lost.code, lost.field) == (ErrorCode.NOT_FOUND, "hoomi_id")
+    assert (stored.hoomi_id, stored.seq, stored.duplicate) == (h, 1, False)
+    assert again == stored._replace(duplicate=True)
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 1
