@@ -11,8 +11,15 @@ Guarantees:
   `unavailable`/`rate_limited`, under the same client_msg_id, so the hub stores it once.
   With a `state_path` the outbox survives a restart of the client process too.
 - `events()` yields each message once, in seq order per Hoomi: the client remembers the
-  last seq seen per Hoomi and resumes from it on every reconnect.
-- Reconnects use full-jitter exponential backoff across the given URLs (replicas).
+  last seq the app consumed per Hoomi (saved with the state, at least every second and
+  on close) and resumes from it on every reconnect, so a push queued but not consumed
+  before a restart is pushed again.
+- The push queue is bounded (`max_events`): while it is full the socket is not read, so
+  the hub's backpressure applies (it may close 4408; the client then resumes).
+- Reconnects use full-jitter exponential backoff across the given URLs (replicas),
+  reset once a session is welcomed. Only a refused token (`unauthorized`, close 4401)
+  stops the client; when it stops, pending requests and `events()` raise instead of
+  waiting forever.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import contextlib
 import itertools
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +38,7 @@ from uuid import UUID, uuid4
 import websockets
 
 from protocol import (
+    DEFAULT_LIMITS,
     Ack,
     ClientFrame,
     Delete,
@@ -43,12 +52,14 @@ from protocol import (
     Page,
     Ping,
     Pong,
+    ProtocolError,
     Send,
     Sync,
     Welcome,
     decode_server,
     encode_client,
 )
+from protocol.limits import FRAME_OVERHEAD
 
 from .crypto import Opened, decrypt, encrypt
 from .keys import Keyring
@@ -58,6 +69,12 @@ _log = logging.getLogger(__name__)
 
 Event = MessageBody | Deleted | Membership
 RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED}
+# The largest frame the hub sends is a full page: max_page_limit messages, each at most
+# max_frame_bytes (content plus the other fields), plus the page's own fields. A smaller
+# bound (it was 4 MiB) makes the client close 1009 on a legitimate page of 100 x 64 KiB.
+MAX_INCOMING_BYTES = (DEFAULT_LIMITS.max_page_limit * DEFAULT_LIMITS.max_frame_bytes
+                      + FRAME_OVERHEAD)
+SAVE_EVERY = 1.0  # seconds: how often consumed seqs are written to the state file
 
 
 class HubError(Exception):
@@ -73,10 +90,36 @@ class Unauthorized(HubError):
     """The token was refused (close 4401): reconnecting will not help."""
 
 
+class Closed(Exception):
+    """The client is closed (or its connection loop ended): nothing more will arrive."""
+
+
+class ResponseTooLarge(Exception):
+    """A reply was larger than the client accepts (it closed 1009); not asked again."""
+
+
+class _Retry(Exception):
+    """The hub answered hello with a retryable error: reconnect after `after` seconds."""
+
+    def __init__(self, code: ErrorCode, message: str, after: float) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.after = after
+
+
+def _code(close: Any) -> int | None:
+    return None if close is None else int(close.code)
+
+
+def _raise_if_unauthorized(exc: websockets.ConnectionClosed) -> None:
+    if _code(exc.rcvd) == 4401:
+        raise Unauthorized(ErrorCode.UNAUTHORIZED, exc.rcvd.reason if exc.rcvd else "") from None
+
+
 class HoomiClient:
     def __init__(self, urls: list[str] | str, token: str, *, keyring: Keyring | None = None,
                  state_path: Path | None = None, backoff_min: float = 0.05,
-                 backoff_max: float = 5.0) -> None:
+                 backoff_max: float = 5.0, max_events: int = 1000,
+                 max_size: int = MAX_INCOMING_BYTES) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         self.token = token
         self.keyring = keyring
@@ -86,7 +129,14 @@ class HoomiClient:
         self._backoff = (backoff_min, backoff_max)
         self._refs = itertools.count(1)
         self._pending: dict[int, tuple[ClientFrame, asyncio.Future[Any]]] = {}
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        # None is the end-of-stream mark, put when the connection loop is over.
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue(max_events)
+        self._queued: dict[UUID, int] = {}  # highest seq put in _events, per Hoomi
+        self._max_size = max_size
+        self._attempt = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._resends: set[asyncio.Task[Any]] = set()
+        self._saved_at = time.monotonic()
         self._ws: Any = None
         self._connected = asyncio.Event()
         self._welcomed = asyncio.Event()
@@ -104,91 +154,151 @@ class HoomiClient:
                                      return_when=asyncio.FIRST_COMPLETED)
         if waiter not in done:
             waiter.cancel()
-            if self._fatal is not None:
-                raise self._fatal
-            raise TimeoutError("no welcome from the hub")
+            if self._fatal is None:
+                # Not welcomed in time: stop trying, so nothing runs on behind the caller.
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._task
+                raise TimeoutError("no welcome from the hub")
+            raise self._fatal
         assert self.welcome is not None
         # Sends left over from a previous run of this client go out again.
         for out in list(self.state.outbox.values()):
-            self._spawn_resend(out)
+            self._spawn(self._deliver(out), self._resends)
         return self.welcome
 
+    async def flush(self) -> None:
+        """Wait until every send left over from a previous run is acked or refused."""
+        await asyncio.gather(*self._resends, return_exceptions=True)
+
     async def close(self) -> None:
+        """Disconnect; pending requests fail with Closed and `events()` ends with it."""
         self._closing = True
-        self.state.save()
-        if self._ws is not None:
-            await self._ws.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        self._shutdown(Closed("the client was closed"))
+        for task in list(self._tasks):
+            task.cancel()
+        self.state.save()
+
+    def _shutdown(self, exc: BaseException) -> None:
+        """The connection loop is over for good: nobody may wait for it any longer."""
+        if self._fatal is None:
+            self._fatal = exc
+        self._fail_all(self._fatal)
+        if not self._events.full():
+            self._events.put_nowait(None)  # wakes a reader blocked in events()
 
     async def _run(self) -> None:
-        attempt = 0
+        exc: BaseException = Closed("the client was closed")
+        try:
+            await self._connect_loop()
+        except Unauthorized as err:
+            exc = err
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a bug: end loudly rather than hang every caller
+            _log.exception("client connection loop failed")
+            exc = Closed(f"the connection loop failed: {err!r}")
+        finally:
+            self._shutdown(exc)
+
+    async def _connect_loop(self) -> None:
         for url in itertools.cycle(self.urls):
             if self._closing:
                 return
+            wait = 0.0
             try:
-                # No compression: ciphertext is incompressible.
-                async with websockets.connect(url, max_queue=None, max_size=2**22,
+                # No compression: ciphertext is incompressible. max_queue bounds what
+                # websockets buffers while `events()` is full: past it the socket is not
+                # read, so the hub's own backpressure applies (close 4408, then resume).
+                async with websockets.connect(url, max_queue=16, max_size=self._max_size,
                                               open_timeout=10, compression=None) as ws:
                     self._ws = ws
                     await self._session(ws)
-                    attempt = 0
-            except Unauthorized as exc:
-                self._fatal = exc
-                self._fail_all(exc)
-                return
+            except _Retry as retry:
+                _log.info("hub at %s unavailable: %s", url, retry)
+                wait = retry.after
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
                 _log.info("connection to %s lost: %s", url, exc)
+                if isinstance(exc, websockets.ConnectionClosed) and _code(exc.sent) == 1009:
+                    self._fail_oversized()
             finally:
                 self._ws = None
                 self._connected.clear()
             if self._closing:
                 return
-            attempt += 1
+            # Capped: 2**attempt must not overflow after a long outage.
+            self._attempt = min(self._attempt + 1, 30)
             lo, hi = self._backoff
-            await asyncio.sleep(random.uniform(lo, min(hi, lo * 2**attempt)))
+            await asyncio.sleep(max(wait, random.uniform(lo, min(hi, lo * 2**self._attempt))))
 
     async def _session(self, ws: Any) -> None:
         await ws.send(encode_client(Hello(token=self.token, resume=dict(self.state.last_seq))))
         try:
             first = decode_server(await asyncio.wait_for(ws.recv(), 15))
         except websockets.ConnectionClosed as exc:
-            if exc.rcvd is not None and exc.rcvd.code == 4401:
-                raise Unauthorized(ErrorCode.UNAUTHORIZED, exc.rcvd.reason) from None
+            _raise_if_unauthorized(exc)
             raise
+        except ProtocolError as exc:
+            raise websockets.WebSocketException(f"malformed first frame: {exc}") from None
         if isinstance(first, Error):
-            raise Unauthorized(first.code, first.message)
+            # Only a refused token is final; `unavailable` (storage down during hello)
+            # and anything else is tried again, no sooner than the hub asked.
+            if first.code == ErrorCode.UNAUTHORIZED:
+                raise Unauthorized(first.code, first.message)
+            raise _Retry(first.code, first.message, (first.retry_after_ms or 0) / 1000)
         if not isinstance(first, Welcome):
             raise websockets.WebSocketException(f"expected welcome, got {first}")
-        self.welcome, self.user_id = first, first.user_id
-        for h in first.hoomis:
-            self.state.last_seq.setdefault(h.hoomi_id, h.last_seq)
-        self.connects += 1
-        self._connected.set()
-        self._welcomed.set()
+        self._welcome(first)
         # Everything not answered on the previous connection is asked again.
-        for frame, _ in list(self._pending.values()):
-            await ws.send(encode_client(frame))
+        for request, _ in list(self._pending.values()):
+            await ws.send(encode_client(request))
         try:
             async for data in ws:
-                self._dispatch(decode_server(data))
+                try:
+                    frame = decode_server(data)
+                except ProtocolError as exc:
+                    if exc.field == "type":
+                        # A frame type newer than this client: skip it (forward
+                        # compatibility), as the protocol's unknown keys are skipped.
+                        _log.info("skipped a server frame of unknown type")
+                        continue
+                    raise websockets.WebSocketException(f"malformed server frame: {exc}"
+                                                        ) from None
+                await self._dispatch(frame)
         except websockets.ConnectionClosed as exc:
-            if exc.rcvd is not None and exc.rcvd.code == 4401:
-                raise Unauthorized(ErrorCode.UNAUTHORIZED, exc.rcvd.reason) from None
+            _raise_if_unauthorized(exc)
             raise
 
-    def _dispatch(self, frame: Any) -> None:
+    def _welcome(self, welcome: Welcome) -> None:
+        self.welcome, self.user_id = welcome, welcome.user_id
+        for h in welcome.hoomis:
+            saved = self.state.last_seq.get(h.hoomi_id)
+            if saved is None or h.last_seq < saved:
+                # New Hoomi: start at its end. Below what we saved (a database restore):
+                # follow the hub down, or every message it stores next would be dropped
+                # as already seen.
+                self.state.last_seq[h.hoomi_id] = h.last_seq
+                self._queued[h.hoomi_id] = h.last_seq
+        self.state.save()
+        self.connects += 1
+        self._attempt = 0  # welcomed: the next loss starts backing off from the bottom
+        self._connected.set()
+        self._welcomed.set()
+
+    async def _dispatch(self, frame: Any) -> None:
         if isinstance(frame, MessageBody):
-            last = self.state.last_seq.get(frame.hoomi_id, 0)
-            if frame.seq <= last:
-                return  # already seen (e.g. a resume overlapping a push)
-            self.state.last_seq[frame.hoomi_id] = frame.seq
-            self._events.put_nowait(frame)
+            h = frame.hoomi_id
+            if frame.seq <= max(self._queued.get(h, 0), self.state.last_seq.get(h, 0)):
+                return  # already queued or consumed (a resume overlapping the queue)
+            self._queued[h] = frame.seq
+            await self._events.put(frame)  # full: stop reading, the hub holds the rest
             return
         if isinstance(frame, Deleted | Membership):
-            self._events.put_nowait(frame)
+            await self._events.put(frame)
             return
         ref = getattr(frame, "ref", None)
         if not isinstance(ref, int) or ref not in self._pending:
@@ -207,10 +317,35 @@ class HoomiClient:
         else:
             future.set_result(frame)
 
+    def _spawn(self, coro: Any, also: set[asyncio.Task[Any]] | None = None) -> None:
+        """A background task, referenced until done (the loop holds only weak ones)."""
+        task = asyncio.ensure_future(coro)
+        for bag in (self._tasks, also if also is not None else self._tasks):
+            bag.add(task)
+            task.add_done_callback(bag.discard)
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
     def _resend(self, ref: int) -> None:
         entry = self._pending.get(ref)
         if entry is not None and self._ws is not None and self._connected.is_set():
-            asyncio.ensure_future(self._ws.send(encode_client(entry[0])))
+            self._spawn(self._send_quietly(self._ws, entry[0]))
+
+    @staticmethod
+    async def _send_quietly(ws: Any, frame: ClientFrame) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await ws.send(encode_client(frame))
+
+    def _fail_oversized(self) -> None:
+        """We closed 1009: a reply was larger than max_size. Only a page can be; asking
+        again would break the next connection the same way, so the request fails."""
+        for ref, (frame, future) in list(self._pending.items()):
+            if isinstance(frame, History | Sync):
+                del self._pending[ref]
+                if not future.done():
+                    kind = type(frame).__name__.lower()
+                    future.set_exception(ResponseTooLarge(
+                        f"the reply to {kind} was over {self._max_size} bytes; "
+                        "ask for fewer messages"))
 
     def _fail_all(self, exc: BaseException) -> None:
         for _, future in self._pending.values():
@@ -234,10 +369,18 @@ class HoomiClient:
 
     async def send(self, hoomi_id: UUID, content: bytes, nonce: bytes, session_id: str,
                    client_msg_id: UUID | None = None) -> Ack:
-        """Send ciphertext; returns the ack. Retried until acked, never stored twice."""
-        out = Outgoing(hoomi_id, client_msg_id or uuid4(), content, nonce, session_id)
-        self.state.outbox[out.client_msg_id] = out
-        self.state.save()
+        """Send ciphertext; returns the ack. Retried until acked, never stored twice.
+
+        Give a `client_msg_id` derived from the app's own record of the message (say
+        uuid5 of its local id) to make the send idempotent across a crash of the app
+        itself: sending it again after a restart returns the original ack. If it is
+        still in the outbox, the copy saved there is what goes out."""
+        cmid = client_msg_id or uuid4()
+        out = self.state.outbox.get(cmid)
+        if out is None:
+            out = Outgoing(hoomi_id, cmid, content, nonce, session_id)
+            self.state.outbox[cmid] = out
+            self.state.save()
         return await self._deliver(out)
 
     async def _deliver(self, out: Outgoing) -> Ack:
@@ -259,11 +402,16 @@ class HoomiClient:
         task = asyncio.ensure_future(self._deliver(out))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def send_text(self, hoomi_id: UUID, plaintext: bytes) -> Ack:
-        """Encrypt with the Hoomi's current key, then send."""
+    async def send_text(self, hoomi_id: UUID, plaintext: bytes,
+                        client_msg_id: UUID | None = None) -> Ack:
+        """Encrypt with the Hoomi's current key, then send (see `send` for
+        `client_msg_id`)."""
         if self.keyring is None or self.user_id is None:
             raise RuntimeError("send_text needs a keyring and a started client")
-        cmid = uuid4()
+        cmid = client_msg_id or uuid4()
+        if cmid in self.state.outbox:
+            out = self.state.outbox[cmid]
+            return await self.send(out.hoomi_id, out.content, out.nonce, out.session_id, cmid)
         sealed = encrypt(self.keyring.current(hoomi_id), hoomi_id, self.user_id, cmid, plaintext)
         return await self.send(hoomi_id, sealed.content, sealed.nonce, sealed.session_id, cmid)
 
@@ -307,9 +455,29 @@ class HoomiClient:
         return pong
 
     async def events(self) -> AsyncIterator[Event]:
-        """Pushes as they come: messages in seq order per Hoomi, deletions, membership."""
+        """Pushes as they come: messages in seq order per Hoomi, deletions, membership.
+        Ends with the error that stopped the client (Closed, Unauthorized)."""
         while True:
-            yield await self._events.get()
+            yield await self.next_event()
 
     async def next_event(self, timeout: float | None = None) -> Event:
-        return await asyncio.wait_for(self._events.get(), timeout)
+        """The next push; what it returns counts as consumed (resume starts after it)."""
+        if self._events.empty() and self._fatal is not None:
+            raise self._fatal
+        event = await asyncio.wait_for(self._events.get(), timeout)
+        if event is None:
+            self._events.put_nowait(None)  # for the next reader too
+            assert self._fatal is not None
+            raise self._fatal
+        if isinstance(event, MessageBody):
+            h = event.hoomi_id
+            if event.seq > self.state.last_seq.get(h, 0):
+                self.state.last_seq[h] = event.seq
+                if time.monotonic() - self._saved_at >= SAVE_EVERY:
+                    self.save()
+        return event
+
+    def save(self) -> None:
+        """Write the state file now (it is also written on every send, ack and close)."""
+        self._saved_at = time.monotonic()
+        self.state.save()

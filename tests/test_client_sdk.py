@@ -61,14 +61,17 @@ async def test_client_killed_mid_send_resends_and_stores_each_message_once(clust
             str(keyfile), str(state), str(count)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    progress = Path(str(state) + ".next")
-    while time.monotonic() < deadline:
-        if progress.exists() and progress.read_text() and int(progress.read_text()) >= 60:
-            break
-        await asyncio.sleep(0.01)
-    first.kill()
-    first.wait()
+    try:
+        deadline = time.monotonic() + 30
+        progress = Path(str(state) + ".next")
+        while time.monotonic() < deadline:
+            if progress.exists() and int(progress.read_text()) >= 60:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        first.kill()
+        first.wait()
+        first.stdout.close()
     conn = await asyncpg.connect(cluster.dsn)
     before = await conn.fetchval("SELECT count(*) FROM messages WHERE hoomi_id = $1", h)
     assert before < count  # it really died mid-way
