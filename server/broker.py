@@ -72,7 +72,11 @@ class RedisBroker:
     def __init__(self, url: str) -> None:
         self._url = url
         self._pub = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        self._sub_client = aioredis.Redis.from_url(url, socket_connect_timeout=5)
+        # The reader blocks on this connection for as long as nothing is published, so
+        # no socket_timeout; the health check PINGs an idle one to notice a dead peer.
+        self._sub_client = aioredis.Redis.from_url(url, socket_connect_timeout=5,
+                                                   health_check_interval=30,
+                                                   socket_keepalive=True)
         self._pubsub = self._sub_client.pubsub(ignore_subscribe_messages=True)
         self._channels: set[str] = set()
         self._handler: Handler | None = None
@@ -153,8 +157,12 @@ class RedisBroker:
                     await self._resubscribe()
                     backoff = 0.05
                     # Whatever was published while we were away is lost: ask the hub to
-                    # compare every Hoomi against PostgreSQL.
-                    await self._on_reconnect()
+                    # compare every Hoomi against PostgreSQL. If that fails too (database
+                    # down), listen anyway: the periodic reconcile will catch up.
+                    try:
+                        await self._on_reconnect()
+                    except Exception as exc:
+                        _log.warning("reconcile after reconnect failed: %s", exc)
                 async for item in self._pubsub.listen():
                     if item.get("type") == "message":
                         self._dispatch(item)
