@@ -262,7 +262,8 @@ async def delete_message(request: Request, s: Services) -> Response:
     user_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     message_id = _path_uuid(request, "message_id")
-    done = await message_store.delete_for_everyone(s.pool, hoomi_id, message_id, user_id)
+    done = await message_store.delete_for_everyone(s.pool, hoomi_id, message_id, user_id,
+                                                   field="message_id")
     if done.changed:
         s.hub.deleted(done.hoomi_id, done.id, done.seq)
     return Response(status_code=204)
@@ -304,7 +305,7 @@ def _role(body: dict[str, Any]) -> str:
 
 async def _put_member(s: Services, hoomi_id: UUID, user_id: UUID, role: str,
                       actor: Actor) -> None:
-    await hoomi_store.set_member(s.pool, hoomi_id, user_id, role, actor)
+    await hoomi_store.set_member(s.pool, hoomi_id, user_id, role, actor, hoomi_field="id")
     s.hub.control(Control("joined", user_id, hoomi_id, role))
 
 

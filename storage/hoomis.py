@@ -21,8 +21,11 @@ MAX_RETENTION_SECONDS = 3_153_600_000
 
 
 async def create_hoomi(
-    pool: asyncpg.Pool, members: Sequence[Member], hoomi_id: UUID | None = None
+    pool: asyncpg.Pool, members: Sequence[Member], hoomi_id: UUID | None = None,
+    *, actor: Actor | None = None,
 ) -> UUID:
+    """Create a Hoomi with its first members, audited (`hoomi.create`) as `actor`,
+    the operator unless told otherwise (only the operator routes create Hoomis)."""
     hoomi_id = hoomi_id or uuid4()
     for i, m in enumerate(members):
         if m.role not in ROLES:
@@ -51,16 +54,27 @@ async def create_hoomi(
             """,
             [(hoomi_id, m.user_id, m.role) for m in members],
         )
+        # Every membership change is audited, the first ones included.
+        roster = {str(m.user_id): m.role for m in members}  # a repeated user: last role wins
+        await audit.record(conn, actor or Actor.operator(), "hoomi.create", hoomi_id=hoomi_id,
+                           details={"members": roster})
     return hoomi_id
 
 
-async def delete_hoomi(pool: asyncpg.Pool, hoomi_id: UUID, actor: Actor) -> list[UUID]:
+async def delete_hoomi(
+    pool: asyncpg.Pool, hoomi_id: UUID, actor: Actor, *, field: str = "id"
+) -> list[UUID]:
     """Delete a Hoomi and, by cascade, all its messages. Returns its former members."""
     async with pool.acquire() as conn, conn.transaction():
+        # Lock the Hoomi row, then delete (not read) its members: a member added
+        # concurrently either committed before the lock (and is returned here) or waits
+        # on the row's key for its foreign-key check and then fails. Reading first could
+        # miss one that the cascade then removes unreported.
+        await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", hoomi_id)
         members = [
             r["user_id"]
             for r in await conn.fetch(
-                "SELECT user_id FROM hoomi_members WHERE hoomi_id = $1", hoomi_id
+                "DELETE FROM hoomi_members WHERE hoomi_id = $1 RETURNING user_id", hoomi_id
             )
         ]
         row = await conn.fetchrow(
@@ -71,23 +85,27 @@ async def delete_hoomi(pool: asyncpg.Pool, hoomi_id: UUID, actor: Actor) -> list
             hoomi_id,
         )
         if row is None:
-            raise not_found("hoomi", "id")
+            raise not_found("hoomi", field)
         await audit.record(conn, actor, "hoomi.delete", hoomi_id=hoomi_id,
                            details={"last_seq": row["last_seq"], "members": len(members)})
     return members
 
 
 async def set_member(
-    pool: asyncpg.Pool, hoomi_id: UUID, user_id: UUID, role: str, actor: Actor
+    pool: asyncpg.Pool, hoomi_id: UUID, user_id: UUID, role: str, actor: Actor,
+    *, hoomi_field: str = "hoomi_id", user_field: str = "user_id",
 ) -> str | None:
-    """Add a member or change their role. Returns the previous role (None if new)."""
+    """Add a member or change their role. Returns the previous role (None if new).
+
+    `hoomi_field`/`user_field` name the ids in a not_found: the HTTP routes call the
+    Hoomi `id` (its path parameter)."""
     if role not in ROLES:
         raise StorageError(ErrorCode.INVALID, "role: admin or member", "role")
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM hoomis WHERE id = $1)", hoomi_id):
-            raise not_found("hoomi", "hoomi_id")
+            raise not_found("hoomi", hoomi_field)
         if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)", user_id):
-            raise not_found("user", "user_id")
+            raise not_found("user", user_field)
         previous = await conn.fetchval(
             "SELECT role FROM hoomi_members WHERE hoomi_id = $1 AND user_id = $2 FOR UPDATE",
             hoomi_id, user_id,
@@ -105,20 +123,23 @@ async def set_member(
     return previous
 
 
-async def remove_member(pool: asyncpg.Pool, hoomi_id: UUID, user_id: UUID, actor: Actor) -> None:
+async def remove_member(
+    pool: asyncpg.Pool, hoomi_id: UUID, user_id: UUID, actor: Actor, *, field: str = "user_id"
+) -> None:
     async with pool.acquire() as conn, conn.transaction():
         removed = await conn.fetchval(
             "DELETE FROM hoomi_members WHERE hoomi_id = $1 AND user_id = $2 RETURNING role",
             hoomi_id, user_id,
         )
         if removed is None:
-            raise not_found("member", "user_id")
+            raise not_found("member", field)
         await audit.record(conn, actor, "member.remove", hoomi_id=hoomi_id, target_id=user_id,
                            details={"role": removed})
 
 
 async def set_retention(
-    pool: asyncpg.Pool, hoomi_id: UUID, seconds: int | None, actor: Actor
+    pool: asyncpg.Pool, hoomi_id: UUID, seconds: int | None, actor: Actor,
+    *, hoomi_field: str = "id",
 ) -> None:
     if seconds is not None and not 0 < seconds <= MAX_RETENTION_SECONDS:
         raise StorageError(
@@ -131,7 +152,7 @@ async def set_retention(
             "UPDATE hoomis SET retention_seconds = $2 WHERE id = $1 RETURNING id", hoomi_id, seconds
         )
         if done is None:
-            raise not_found("hoomi", "id")
+            raise not_found("hoomi", hoomi_field)
         await audit.record(conn, actor, "hoomi.retention", hoomi_id=hoomi_id,
                            details={"retention_seconds": seconds})
 

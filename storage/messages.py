@@ -12,9 +12,11 @@ from uuid import UUID
 
 import asyncpg
 
+from protocol.errors import ErrorCode
+
 from . import audit
 from .audit import Actor
-from .errors import forbidden, not_found
+from .errors import StorageError, forbidden, not_found
 from .records import DeletedMessage, HistoryPage, StoredMessage, SyncPage
 
 _COLUMNS = "id, hoomi_id, seq, sender_id, content, nonce, session_id, created_at, deleted_at"
@@ -46,10 +48,19 @@ def _message(row: asyncpg.Record) -> StoredMessage:
     return StoredMessage(*row)
 
 
+def _check_limit(limit: int, field: str) -> None:
+    # Pages read limit + 1 rows to know whether more exist; below 1 that trick breaks
+    # (limit 0 would index an empty page), so storage refuses it itself.
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise StorageError(ErrorCode.INVALID, f"{field}: must be at least 1", field)
+
+
 async def history(
-    conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, before: int | None, limit: int
+    conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, before: int | None, limit: int,
+    *, limit_field: str = "limit",
 ) -> HistoryPage:
     """Up to `limit` messages with seq < before (newest first); tombstones included."""
+    _check_limit(limit, limit_field)
     rows = await conn.fetch(_BEFORE, hoomi_id, _NEWEST if before is None else before, limit + 1)
     page = [_message(r) for r in rows[:limit]]
     next_before = page[-1].seq if len(rows) > limit else None
@@ -57,9 +68,11 @@ async def history(
 
 
 async def since(
-    conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, after: int, limit: int
+    conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, after: int, limit: int,
+    *, limit_field: str = "limit",
 ) -> SyncPage:
     """Up to `limit` messages with seq > after, ascending: a reconnecting client's catch-up."""
+    _check_limit(limit, limit_field)
     rows = await conn.fetch(_AFTER, hoomi_id, after, limit + 1)
     return SyncPage([_message(r) for r in rows[:limit]], len(rows) > limit)
 
@@ -79,31 +92,35 @@ async def get(
 
 
 async def delete_for_everyone(
-    pool: asyncpg.Pool, hoomi_id: UUID, message_id: UUID, actor_id: UUID
+    pool: asyncpg.Pool, hoomi_id: UUID, message_id: UUID, actor_id: UUID,
+    *, field: str = "id",
 ) -> DeletedMessage:
     """Erase a message's ciphertext, nonce and session for good; keep its seq as a tombstone.
 
     Allowed to its sender and to the Hoomi's admins; audited in the same transaction.
-    Deleting a tombstone again succeeds and changes nothing.
+    Deleting a tombstone again succeeds and changes nothing. `field` names the message
+    in a not_found: `id` in a socket frame, `message_id` in the HTTP route's path.
     """
     async with pool.acquire() as conn, conn.transaction():
+        # Membership first: a non-member learns nothing, not even whether the id exists.
+        role = await conn.fetchval(
+            "SELECT role FROM hoomi_members WHERE hoomi_id = $1 AND user_id = $2",
+            hoomi_id, actor_id,
+        )
+        if role is None:
+            raise forbidden("not a member of this hoomi")
         row = await conn.fetchrow(
             """
-            SELECT m.seq, m.sender_id, m.deleted_at, hm.role
-            FROM messages m
-            LEFT JOIN hoomi_members hm ON hm.hoomi_id = m.hoomi_id AND hm.user_id = $3
-            WHERE m.id = $1 AND m.hoomi_id = $2
-            FOR UPDATE OF m
+            SELECT seq, sender_id, deleted_at FROM messages
+            WHERE id = $1 AND hoomi_id = $2
+            FOR UPDATE
             """,
             message_id,
             hoomi_id,
-            actor_id,
         )
         if row is None:
-            raise not_found("message", "id")
-        if row["role"] is None:
-            raise forbidden("not a member of this hoomi")
-        if row["sender_id"] != actor_id and row["role"] != "admin":
+            raise not_found("message", field)
+        if row["sender_id"] != actor_id and role != "admin":
             raise forbidden("only the sender or a hoomi admin may delete a message")
         if row["deleted_at"] is not None:
             return DeletedMessage(message_id, hoomi_id, row["seq"], False)

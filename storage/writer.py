@@ -210,7 +210,11 @@ class BatchWriter:
             started = time.perf_counter()
             await self._commit_isolating(batch)
             if self._observer is not None:
-                self._observer(len(batch), time.perf_counter() - started)
+                try:
+                    self._observer(len(batch), time.perf_counter() - started)
+                except Exception:
+                    # Metrics must never stop the writer: every later append would hang.
+                    _log.exception("batch observer failed")
 
     async def _commit_isolating(self, batch: list[_Pending]) -> None:
         try:

@@ -142,13 +142,23 @@ async def test_operator_routes_and_their_errors(cluster, http):
         {"user_id": uid, "role": "admin"}]})).json()["id"]
     r = await admin.put(f"/v1/admin/hoomis/{h}/members/{uid}", json={"role": "boss"})
     assert (r.status_code, r.json()["field"]) == (400, "role")
+    r = await admin.put(f"/v1/admin/hoomis/{uuid4()}/members/{uid}", json={"role": "member"})
+    assert (r.status_code, r.json()["field"]) == (404, "id")
+    r = await admin.put(f"/v1/admin/hoomis/{h}/members/{uuid4()}", json={"role": "member"})
+    assert (r.status_code, r.json()["field"]) == (404, "user_id")
+    # A 404 names the path parameter the caller got wrong.
+    user_tok = (await admin.post("/v1/admin/tokens", json={"user_id": uid})).json()["token"]
+    r = await http.delete(f"/v1/hoomis/{h}/messages/{uuid4()}", headers=bearer(user_tok))
+    assert (r.status_code, r.json()["field"]) == (404, "message_id")
     assert (await admin.delete(f"/v1/admin/hoomis/{h}/members/{uid}")).status_code == 204
     r = await admin.delete(f"/v1/admin/hoomis/{h}/members/{uid}")
-    assert r.status_code == 404
+    assert (r.status_code, r.json()["field"]) == (404, "user_id")
     assert (await admin.delete(f"/v1/admin/hoomis/{h}")).status_code == 204
-    assert (await admin.delete(f"/v1/admin/hoomis/{h}")).status_code == 404
+    r = await admin.delete(f"/v1/admin/hoomis/{h}")
+    assert (r.status_code, r.json()["field"]) == (404, "id")
     assert (await admin.delete(f"/v1/admin/users/{uid}")).status_code == 204
-    assert (await admin.delete(f"/v1/admin/users/{uid}")).status_code == 404
+    r = await admin.delete(f"/v1/admin/users/{uid}")
+    assert (r.status_code, r.json()["field"]) == (404, "id")
 
 
 async def test_health_readiness_and_metrics(cluster, http):

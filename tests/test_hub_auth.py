@@ -83,14 +83,15 @@ async def test_members_and_admins_may_send_read_and_sync(world):
 @pytest.mark.parametrize("who", ["outsider", "removed"])
 async def test_non_members_are_forbidden_every_frame(world, who):
     peer = world.peers[who]
+    real = await reply(world.peers["admin"], send(world.h, ref=f"real-{who}"))
+    assert isinstance(real, Ack)
     frames = [send(world.h, ref="s"), History(hoomi_id=world.h, ref="h"),
               Sync(hoomi_id=world.h, after=0, ref="y"),
-              Delete(hoomi_id=world.h, id=uuid4(), ref="d")]
+              Delete(hoomi_id=world.h, id=real.id, ref="d"),
+              Delete(hoomi_id=world.h, id=uuid4(), ref="d2")]
     for f in frames:
         err = await reply(peer, f)
-        assert isinstance(err, Error) and err.code in (ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND)
-        if not isinstance(f, Delete):
-            assert err.code == ErrorCode.FORBIDDEN, (f, err)
+        assert isinstance(err, Error) and err.code == ErrorCode.FORBIDDEN, (f, err)
 
 
 async def test_non_members_receive_no_pushes(world):

@@ -68,7 +68,8 @@ async def test_deleted_user_leaves_messages_with_null_sender(pool, writer):
     assert row["sender_id"] is None and row["content"] is not None
     assert await hoomis.member_role(pool, h, bob) is None
     async with pool.acquire() as conn:
-        (entry,) = await audit.entries(conn)
+        entry, created = await audit.entries(conn)
+    assert created["action"] == "hoomi.create"
     assert (entry["action"], entry["actor_kind"], entry["target_id"]) == (
         "user.delete", "operator", bob)
 
@@ -83,7 +84,8 @@ async def test_deleted_hoomi_takes_its_messages_and_is_audited(pool, writer):
     assert await pool.fetchval("SELECT count(*) FROM messages WHERE hoomi_id = $1", h) == 0
     assert await pool.fetchval("SELECT count(*) FROM messages") == 1
     async with pool.acquire() as conn:
-        (entry,) = await audit.entries(conn)
+        entry, *created = await audit.entries(conn)
+    assert [e["action"] for e in created] == ["hoomi.create", "hoomi.create"]
     assert entry["action"] == "hoomi.delete" and entry["hoomi_id"] == h
     assert entry["details"] == {"last_seq": 2, "members": 1}
     with pytest.raises(StorageError) as err:
@@ -107,7 +109,7 @@ async def test_delete_for_everyone_erases_ciphertext_and_keeps_seq(pool, writer)
     again = await messages.delete_for_everyone(pool, h, ack.id, alice)
     assert again.changed is False
     async with pool.acquire() as conn:
-        entries = await audit.entries(conn)
+        entries = [e for e in await audit.entries(conn) if e["action"] != "hoomi.create"]
     assert [(e["action"], e["actor_id"], e["details"]["by"]) for e in entries] == [
         ("message.delete", bob, "sender")]
 
@@ -156,7 +158,7 @@ async def test_membership_changes_are_audited_and_checked(pool):
     assert (err.value.code, err.value.field) == (ErrorCode.INVALID, "role")
     async with pool.acquire() as conn:
         actions = [e["action"] for e in await audit.entries(conn)]
-    assert actions == ["member.remove", "member.set", "member.set"]
+    assert actions == ["member.remove", "member.set", "member.set", "hoomi.create"]
 
 
 async def test_create_hoomi_with_unknown_member_stores_nothing(pool):
@@ -232,3 +234,87 @@ async def test_purge_failure_in_one_hoomi_does_not_stop_the_others(pool, writer)
     assert await purge_expired(pool) == 1
     left = await pool.fetch("SELECT hoomi_id, seq FROM messages")
     assert [(r["hoomi_id"], r["seq"]) for r in left] == [(broken, 1)]
+
+
+async def test_create_hoomi_is_audited_with_its_members(pool):
+    alice, bob = await factories.users(pool, 2)
+    h = await hoomis.create_hoomi(pool, [Member(alice, "admin"), Member(bob, "member")])
+    h2 = await hoomis.create_hoomi(pool, [Member(alice, "admin")], actor=Actor.user(bob))
+    async with pool.acquire() as conn:
+        second, first = await audit.entries(conn)
+    assert (first["action"], first["actor_kind"], first["actor_id"], first["hoomi_id"],
+            first["details"]) == ("hoomi.create", "operator", None, h,
+                                  {"members": {str(alice): "admin", str(bob): "member"}})
+    assert (second["action"], second["actor_kind"], second["actor_id"], second["hoomi_id"],
+            second["details"]) == ("hoomi.create", "user", bob, h2,
+                                   {"members": {str(alice): "admin"}})
+
+
+async def test_delete_hoomi_returns_a_member_added_concurrently(pool):
+    alice, bob = await factories.users(pool, 2)
+    h = await factories.hoomi(pool, [alice])
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute(
+            "INSERT INTO hoomi_members (hoomi_id, user_id, role) VALUES ($1, $2, 'member')",
+            h, bob)
+        deleting = asyncio.ensure_future(hoomis.delete_hoomi(pool, h, Actor.operator()))
+        await asyncio.sleep(0.2)
+        await tx.commit()
+    assert sorted(await deleting) == sorted([alice, bob])
+
+
+async def test_delete_user_returns_a_hoomi_joined_concurrently(pool):
+    alice, bob = await factories.users(pool, 2)
+    first = await factories.hoomi(pool, [alice, bob])
+    second = await factories.hoomi(pool, [alice])
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute(
+            "INSERT INTO hoomi_members (hoomi_id, user_id, role) VALUES ($1, $2, 'member')",
+            second, bob)
+        deleting = asyncio.ensure_future(users.delete_user(pool, bob, Actor.operator()))
+        await asyncio.sleep(0.2)
+        await tx.commit()
+    assert sorted(await deleting) == sorted([first, second])
+
+
+async def test_page_limit_below_one_is_invalid(pool):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    for call in (messages.history(pool, h, None, 0), messages.since(pool, h, 0, 0),
+                 messages.history(pool, h, None, -1, limit_field="query.limit")):
+        with pytest.raises(StorageError) as err:
+            await call
+        assert err.value.code == ErrorCode.INVALID
+        assert err.value.field in ("limit", "query.limit")
+    assert (await messages.history(pool, h, None, 1)).messages == []
+
+
+async def test_not_found_names_the_callers_field(pool):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    cases = [
+        (messages.delete_for_everyone(pool, h, uuid4(), alice), "id"),
+        (messages.delete_for_everyone(pool, h, uuid4(), alice, field="message_id"),
+         "message_id"),
+        (hoomis.set_member(pool, uuid4(), alice, "member", Actor.operator()), "hoomi_id"),
+        (hoomis.set_member(pool, uuid4(), alice, "member", Actor.operator(), hoomi_field="id"),
+         "id"),
+        (hoomis.set_member(pool, h, uuid4(), "member", Actor.operator(), user_field="body.user"),
+         "body.user"),
+        (hoomis.remove_member(pool, h, uuid4(), Actor.operator()), "user_id"),
+        (hoomis.set_retention(pool, uuid4(), 60, Actor.operator(), hoomi_field="hoomi_id"),
+         "hoomi_id"),
+        (hoomis.delete_hoomi(pool, uuid4(), Actor.operator(), field="hoomi_id"), "hoomi_id"),
+        (users.delete_user(pool, uuid4(), Actor.operator(), field="user_id"), "user_id"),
+    ]
+    fields = []
+    for call, _ in cases:
+        with pytest.raises(StorageError) as err:
+            await call
+        assert err.value.code == ErrorCode.NOT_FOUND
+        fields.append(err.value.field)
+    assert fields == [f for _, f in cases]

@@ -338,3 +338,20 @@ async def test_repeat_in_batch_is_decided_alone_when_its_leader_failed(pool):
     assert (stored.hoomi_id, stored.seq, stored.duplicate) == (h, 1, False)
     assert again == stored._replace(duplicate=True)
     assert await pool.fetchval("SELECT count(*) FROM messages") == 1
+
+
+async def test_failing_observer_does_not_stop_the_writer(pool):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    seen: list[int] = []
+
+    def observer(n: int, _seconds: float) -> None:
+        seen.append(n)
+        raise RuntimeError("metrics broke")
+
+    writer = BatchWriter(pool, max_batch=64, max_delay=0, observer=observer)
+    writer.start()
+    first = await writer.append(factories.request(h, alice))
+    second = await asyncio.wait_for(writer.append(factories.request(h, alice)), 5)
+    await writer.close()
+    assert (first.seq, second.seq, seen) == (1, 2, [1, 1])
