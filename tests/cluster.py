@@ -7,6 +7,7 @@ through the environment, exactly as an operator would run it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,6 +56,7 @@ class Valkey:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)  # stop() removes it; a restart recreates it
         self.proc = subprocess.Popen(
             [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"],
@@ -72,6 +74,7 @@ class Valkey:
             self.proc.kill()
             self.proc.wait(5)
         self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Replica:

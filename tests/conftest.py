@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,6 +12,16 @@ import pytest
 from storage.db import create_pool
 from storage.embedded import EmbeddedPostgres
 from tests import pg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temp_under_pytest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Replica logs and Valkey dirs go under pytest's base temp, which pytest prunes
+    (the last three runs are kept for a look after a failure), not loose in /tmp."""
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("servers"))
+    yield
+    tempfile.tempdir = before
 
 
 @pytest.fixture(scope="session")
