@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -34,6 +36,24 @@ class Metrics:
             registry=r)
         self.gap_fills = Counter("hoomi_gap_fill_messages",
                                  "Messages read from PostgreSQL to fill pub/sub gaps", registry=r)
+
+        # Children resolved once per label value: labels() takes a lock and builds a tuple
+        # on every call, and these two are counted for every frame.
+        self._in: dict[type, Any] = {}
+        self._out: dict[str, Any] = {}
+
+    def frame_in(self, frame_type: type) -> Any:
+        """The frames_in child for a decoded frame's class (label: its lowercased name)."""
+        child = self._in.get(frame_type)
+        if child is None:
+            child = self._in[frame_type] = self.frames_in.labels(frame_type.__name__.lower())
+        return child
+
+    def frame_out(self, kind: str) -> Any:
+        child = self._out.get(kind)
+        if child is None:
+            child = self._out[kind] = self.frames_out.labels(kind)
+        return child
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -194,7 +194,7 @@ class Connection:
             return
         self._out.append(frame)
         self._drained.clear()
-        self.s.metrics.frames_out.labels(kind).inc()
+        self.s.metrics.frame_out(kind).inc()
         self._wake.set()
 
     async def _room_for_catch_up(self) -> None:
@@ -234,7 +234,7 @@ class Connection:
             self._error(err.code, err.message, err.ref)
             self.close(err.close or CloseCode.UNAUTHORIZED, "expected hello")
             return False
-        self.s.metrics.frames_in.labels(type(frame).__name__.lower()).inc()
+        self.s.metrics.frame_in(type(frame)).inc()
         if not isinstance(frame, Hello):
             self._error(ErrorCode.UNAUTHORIZED, "type: the first frame must be hello", frame.ref)
             self.close(CloseCode.UNAUTHORIZED, "expected hello")
@@ -429,7 +429,7 @@ class Connection:
 
     async def _read_loop(self) -> None:
         limits = self.s.limits
-        frames_in = self.s.metrics.frames_in
+        frames_in = self.s.metrics.frame_in
         while self._closing is None:
             data = await self._receive()
             if data is None:
@@ -442,8 +442,7 @@ class Connection:
                     self.close(err.close, err.message)
                     return
                 continue
-            kind = type(frame).__name__.lower()
-            frames_in.labels(kind).inc()
+            frames_in(type(frame)).inc()
             if isinstance(frame, Send):
                 wait_ms = self._bucket.take()
                 if wait_ms:
@@ -471,16 +470,24 @@ class Connection:
             self._inflight.release()
             self._storage_error(err, frame.ref)
             return
-        self._spawn(self._await_ack(frame, future, started))
+        # A done-callback, not a task per send: the ack is queued the moment the batch
+        # commits, and the hot path creates and schedules nothing per message.
+        future.add_done_callback(lambda f: self._acked(frame, f, started))
 
-    async def _await_ack(self, frame: Send, future: asyncio.Future[Any], started: float) -> None:
-        try:
-            result = await future
-        except StorageError as err:
-            self._storage_error(err, frame.ref)
+    def _acked(self, frame: Send, future: asyncio.Future[Any], started: float) -> None:
+        self._inflight.release()
+        if future.cancelled():
             return
-        finally:
-            self._inflight.release()
+        err = future.exception()
+        if err is not None:
+            if isinstance(err, StorageError):
+                self._storage_error(err, frame.ref)
+            else:
+                _log.error("send failed: %r", err)
+                self._error(ErrorCode.UNAVAILABLE, "storage failed; retry", frame.ref,
+                            RETRY_AFTER_MS)
+            return
+        result = future.result()
         self._reply(Ack(ref=frame.ref, id=result.id, hoomi_id=result.hoomi_id, seq=result.seq,
                         created_at=events.ms(result.created_at)), "ack")
         self.s.metrics.ack_seconds.observe(time.perf_counter() - started)
