@@ -19,22 +19,35 @@ _counter = 0
 
 def uuid7() -> uuid.UUID:
     """A new UUIDv7, strictly increasing among the ids this process makes."""
+    return uuid7s(1)[0]
+
+
+def uuid7s(n: int) -> list[uuid.UUID]:
+    """`n` new UUIDv7s in increasing order, with one clock read and one urandom call for
+    all of them (the writer makes one per stored message, inside its transaction)."""
     global _last_ms, _counter
+    ids: list[uuid.UUID] = []
+    if n <= 0:
+        return ids
+    rand = os.urandom(8 * n + 2)
     with _lock:
-        ms = time.time_ns() // 1_000_000
-        if ms > _last_ms:
-            _last_ms = ms
-            _counter = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave room to count
-        else:
+        now = time.time_ns() // 1_000_000
+        if now > _last_ms:
+            _last_ms = now
+            # Start low in the 12-bit counter to leave room to count within this ms.
+            _counter = (int.from_bytes(rand[-2:], "big") & 0x3FF) - 1
+        for k in range(n):
             _counter += 1
             if _counter > 0xFFF:  # counter exhausted: borrow the next millisecond
                 _last_ms += 1
                 _counter = 0
-            ms = _last_ms
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = (ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76
-    value |= _counter << 64
-    value |= 0b10 << 62
-    value |= rand_b
-    return uuid.UUID(int=value)
+            rand_b = int.from_bytes(rand[8 * k:8 * k + 8], "big") & _RAND_B_MASK
+            value = ((_last_ms & _MS_MASK) << 80) | _VERSION | (_counter << 64) | _VARIANT
+            ids.append(uuid.UUID(int=value | rand_b))
+    return ids
+
+
+_MS_MASK = (1 << 48) - 1
+_VERSION = 0x7 << 76
+_VARIANT = 0b10 << 62
+_RAND_B_MASK = (1 << 62) - 1

@@ -40,7 +40,7 @@ import asyncpg
 from protocol.errors import ErrorCode
 
 from .errors import StorageError, forbidden, not_found, unavailable
-from .ids import uuid7
+from .ids import uuid7s
 from .records import AppendRequest, AppendResult
 
 _log = logging.getLogger(__name__)
@@ -329,7 +329,7 @@ class BatchWriter:
                 [reqs[i].client_msg_id for i in leaders],
             )
             now = checks[0]["now"] if checks else None
-            new_rows: list[tuple[int, UUID]] = []
+            new_rows: list[int] = []
             # Sorted by ord: seqs go in arrival order (invariant 4).
             for row in sorted(checks, key=lambda c: c["ord"]):
                 i = leaders[row["ord"] - 1]
@@ -346,10 +346,11 @@ class BatchWriter:
                 elif not row["is_member"]:
                     outcomes[i] = forbidden("not a member of this hoomi")
                 else:
-                    new_rows.append((i, uuid7()))
+                    new_rows.append(i)
             if new_rows:
                 assert now is not None  # rows to insert means some Hoomi row was locked
-                args, placed = _allocate(reqs, new_rows, last_seq)
+                args, placed = _allocate(reqs, list(zip(new_rows, uuid7s(len(new_rows)),
+                                                        strict=True)), last_seq)
                 inserted = await conn.fetchval(_INSERT_ROWS, *args, now)
                 if inserted != len(placed):
                     raise _ConcurrentReuse()
@@ -384,8 +385,9 @@ def _allocate(
     # two writers whose batches reuse client_msg_ids crosswise then wait for each other
     # in one direction only, instead of deadlocking. Seqs are already assigned above, so
     # row order no longer matters for them.
-    for i, msg_id, seq in sorted(placed, key=lambda p: (reqs[p[0]].sender_id,
-                                                         reqs[p[0]].client_msg_id)):
+    # (UUID.int orders as PostgreSQL's uuid comparison does, and much faster than UUIDs.)
+    for i, msg_id, seq in sorted(placed, key=lambda p: (reqs[p[0]].sender_id.int,
+                                                         reqs[p[0]].client_msg_id.int)):
         r = reqs[i]
         row = (msg_id, r.hoomi_id, seq, r.sender_id, r.client_msg_id, r.content, r.nonce,
                r.session_id)

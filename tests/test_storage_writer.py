@@ -217,11 +217,18 @@ async def test_close_flushes_queued_appends(pool):
 
 
 def test_message_ids_are_time_ordered_uuid7():
-    from storage.ids import uuid7
+    from storage.ids import uuid7, uuid7s
 
     ids = [uuid7() for _ in range(20000)]
+    # Batches (past the 12-bit counter's room within one millisecond) and single ids
+    # interleaved stay in one increasing sequence.
+    for _ in range(5):
+        ids += uuid7s(5000)
+        ids.append(uuid7())
+    assert uuid7s(0) == []
     assert all(i.version == 7 and i.variant == "specified in RFC 4122" for i in ids)
     assert ids == sorted(ids, key=lambda u: u.bytes) and len(set(ids)) == len(ids)
+    assert all(a.int < b.int for a, b in zip(ids, ids[1:], strict=False))
 
 
 async def test_commit_lost_after_it_applied_acks_stored_rows_and_runs_the_hook(pool):
