@@ -41,8 +41,9 @@ KEY_BYTES = 32  # AES-256
 MAX_SESSION_ID_CHARS = DEFAULT_LIMITS.max_session_id_chars  # what the hub accepts
 KEY_FILE_VERSION = 1
 
-# scrypt's cost. Memory is 128 * n * r bytes = 32 MiB and one derivation takes ~0.1 s
-# (measured: 0.10 s on a 2-core VM; 2**14 takes 0.07 s, 2**16 0.16 s). A client derives
+# scrypt's cost. Memory is 128 * n * r bytes = 32 MiB and one derivation takes ~0.08 s
+# (measured 2026-11-25 on a 2-core VM, best of 5: 2**14 0.037 s, 2**15 0.078 s, 2**16
+# 0.160 s: time doubles with n, as it should). A client derives
 # once per Hoomi at start-up, so this is affordable; someone guessing a shared
 # passphrase offline pays the same per guess, in memory that GPUs do not parallelise
 # cheaply. Percival's interactive setting was n = 2**14; we double it because nobody
