@@ -19,18 +19,21 @@ Guarantees:
 - Reconnects use full-jitter exponential backoff across the given URLs (replicas),
   reset once a session is welcomed. Only a refused token (`unauthorized`, close 4401)
   stops the client; when it stops, pending requests and `events()` raise instead of
-  waiting forever.
+  waiting forever. The hub closes a socket (4401) when its token expires: give a
+  token source (a callable, sync or async) instead of a fixed token and the client
+  fetches a fresh one before every hello, so an expiry is a reconnect and a resume.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -98,6 +101,10 @@ class ResponseTooLarge(Exception):
     """A reply was larger than the client accepts (it closed 1009); not asked again."""
 
 
+# Where a fresh token comes from: called before every hello (sync or async).
+TokenSource = Callable[[], str | Awaitable[str]]
+
+
 class _Retry(Exception):
     """The hub answered hello with a retryable error: reconnect after `after` seconds."""
 
@@ -116,12 +123,15 @@ def _raise_if_unauthorized(exc: websockets.ConnectionClosed) -> None:
 
 
 class HoomiClient:
-    def __init__(self, urls: list[str] | str, token: str, *, keyring: Keyring | None = None,
+    def __init__(self, urls: list[str] | str, token: str | TokenSource, *,
+                 keyring: Keyring | None = None,
                  state_path: Path | None = None, backoff_min: float = 0.05,
                  backoff_max: float = 5.0, max_events: int = 1000,
                  max_size: int = MAX_INCOMING_BYTES) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
-        self.token = token
+        # A fixed token, or a source asked for a fresh one on every (re)connect: with a
+        # source, a socket closed because its token expired reconnects and resumes.
+        self._token = token
         self.keyring = keyring
         self.state = ClientState.load(state_path)
         self.user_id: UUID | None = None
@@ -235,8 +245,15 @@ class HoomiClient:
             lo, hi = self._backoff
             await asyncio.sleep(max(wait, random.uniform(lo, min(hi, lo * 2**self._attempt))))
 
+    async def _current_token(self) -> str:
+        if isinstance(self._token, str):
+            return self._token
+        got = self._token()
+        return await got if inspect.isawaitable(got) else got
+
     async def _session(self, ws: Any) -> None:
-        await ws.send(encode_client(Hello(token=self.token, resume=dict(self.state.last_seq))))
+        token = await self._current_token()
+        await ws.send(encode_client(Hello(token=token, resume=dict(self.state.last_seq))))
         try:
             first = decode_server(await asyncio.wait_for(ws.recv(), 15))
         except websockets.ConnectionClosed as exc:
@@ -270,6 +287,10 @@ class HoomiClient:
                                                         ) from None
                 await self._dispatch(frame)
         except websockets.ConnectionClosed as exc:
+            if _code(exc.rcvd) == 4401 and not isinstance(self._token, str):
+                # Refused after welcome: the token expired. Ask the source for a new one
+                # at once; a source that hands out a bad token is refused at hello.
+                raise _Retry(ErrorCode.UNAUTHORIZED, "token expired", 0) from None
             _raise_if_unauthorized(exc)
             raise
 

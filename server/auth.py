@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from dataclasses import dataclass
 from uuid import UUID
 
 import jwt
@@ -27,20 +28,37 @@ def issue(secret: str, user_id: UUID, ttl_seconds: int = 86400) -> str:
     )
 
 
+# Clock skew tolerated between the token's issuer and this replica, in seconds.
+LEEWAY_S = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    user_id: UUID
+    expires_at: float  # Unix seconds after which the token no longer counts (leeway included)
+
+
 def verify(secret: str, token: str) -> UUID:
     """The user id the token was issued for; AuthError(unauthorized) otherwise."""
+    return verify_claims(secret, token).user_id
+
+
+def verify_claims(secret: str, token: str) -> Claims:
+    """What a valid token grants, and until when; AuthError(unauthorized) otherwise."""
     try:
         claims = jwt.decode(
-            token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]}, leeway=5
+            token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]},
+            leeway=LEEWAY_S,
         )
     except jwt.ExpiredSignatureError:
         raise AuthError(ErrorCode.UNAUTHORIZED, "token expired") from None
     except jwt.PyJWTError:
         raise AuthError(ErrorCode.UNAUTHORIZED, "invalid token") from None
     try:
-        return UUID(claims["sub"])
+        user_id = UUID(claims["sub"])
     except (ValueError, TypeError, AttributeError):
         raise AuthError(ErrorCode.UNAUTHORIZED, "token sub is not a user id") from None
+    return Claims(user_id, float(claims["exp"]) + LEEWAY_S)
 
 
 def is_operator(expected: str, presented: str) -> bool:

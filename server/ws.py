@@ -104,6 +104,7 @@ class Connection:
         self._bucket = TokenBucket(services.settings.send_rate, services.settings.send_burst)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing: tuple[int, str] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
         self._attached = False
         # Nothing but the reply to hello goes out before `welcome`: membership changes
         # that arrive during hello are applied after it, in order.
@@ -128,6 +129,8 @@ class Connection:
         except WebSocketDisconnect:
             pass
         finally:
+            if self._expiry is not None:
+                self._expiry.cancel()
             m.connections.dec()
             self.s.sockets.discard(self)
             if self._attached:
@@ -145,6 +148,10 @@ class Connection:
             sender.cancel()
             if self._closing is not None:
                 await self._close_now(*self._closing)
+
+    def _token_expired(self) -> None:
+        self._error(ErrorCode.UNAUTHORIZED, "token expired; reconnect with a new token", None)
+        self.close(CloseCode.UNAUTHORIZED, "token expired")
 
     def close(self, code: int, reason: str) -> None:
         """Ask for the socket to close after what is already queued."""
@@ -240,11 +247,17 @@ class Connection:
             self.close(CloseCode.UNAUTHORIZED, "expected hello")
             return False
         try:
-            self.user_id = auth.verify(self.s.settings.jwt_secret, frame.token)
+            claims = auth.verify_claims(self.s.settings.jwt_secret, frame.token)
+            self.user_id = claims.user_id
             # A valid signature is not enough: a deleted user's tokens die with it.
             if not await user_store.user_exists(self.s.pool, self.user_id):
                 raise auth.AuthError(ErrorCode.UNAUTHORIZED, "unknown user")
             await self._welcome(frame)
+            # The socket lives as long as its token: a stolen or revoked-by-expiry token
+            # must not keep a socket open forever. The client reconnects with a new one
+            # and resumes, so nothing is missed.
+            self._expiry = asyncio.get_running_loop().call_later(
+                max(0.0, claims.expires_at - time.time()), self._token_expired)
         except auth.AuthError as err:
             self._error(err.code, err.message, frame.ref)
             self.close(CloseCode.UNAUTHORIZED, err.message)

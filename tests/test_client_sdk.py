@@ -148,3 +148,47 @@ async def test_refused_token_and_forbidden_send_raise(cluster):
     assert err.value.code == ErrorCode.FORBIDDEN
     assert c.state.outbox == {}  # refused for good: not retried
     await c.close()
+
+
+def _token(user, exp: float) -> str:
+    import jwt
+
+    from tests.cluster import JWT_SECRET
+    return jwt.encode({"sub": str(user), "exp": int(exp)}, JWT_SECRET, algorithm="HS256")
+
+
+async def test_token_source_renews_an_expired_socket_and_misses_nothing(cluster, tmp_path):
+    (alice, a_tok), (bob, _) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    ring = generate_key_file(tmp_path / "keys.json", [h])
+    issued: list[float] = []
+
+    async def source() -> str:
+        # First a token the hub still accepts (5 s leeway) that dies ~1.5 s later, then
+        # long-lived ones, as an identity service would hand out on refresh.
+        issued.append(time.time())
+        return _token(bob, time.time() - 3.5 if len(issued) == 1 else time.time() + 3600)
+
+    a = HoomiClient(cluster.a.ws, a_tok, keyring=ring)
+    b = HoomiClient(cluster.b.ws, source, keyring=ring)
+    await a.start()
+    await b.start()
+    texts = [f"m{i}".encode() for i in range(12)]
+    for t in texts:
+        await a.send_text(h, t)
+        await asyncio.sleep(0.25)  # spans the expiry: some are pushed while b is away
+    got = [b.open(await b.next_event(10)).plaintext for _ in texts]
+    assert got == texts
+    assert b.connects == 2 and len(issued) == 2
+    await a.close()
+    await b.close()
+
+
+async def test_fixed_token_that_expires_stops_the_client(cluster):
+    (alice, _) = await cluster.user()
+    await cluster.admin.hoomi([alice])
+    c = HoomiClient(cluster.a.ws, _token(alice, time.time() - 3.5))
+    await c.start()
+    with pytest.raises(Unauthorized):
+        await asyncio.wait_for(c.next_event(10), 10)
+    await c.close()

@@ -223,6 +223,26 @@ async def test_bad_token_closes_4401(cluster):
         assert frames[0].code == ErrorCode.UNAUTHORIZED and frames[0].ref == "h"
 
 
+async def test_socket_is_closed_4401_when_its_token_expires(cluster):
+    import time
+
+    import jwt
+    (a, _) = await cluster.user()
+    h = await cluster.admin.hoomi([a])
+    # Expired 3.5 s ago: still inside the hub's 5 s leeway, so hello succeeds and the
+    # socket has about 1.5 s to live.
+    exp = int(time.time() - 3.5)
+    token = jwt.encode({"sub": str(a), "exp": exp}, JWT_SECRET, algorithm="HS256")
+    peer, welcome = await joined(cluster.a.ws, token)
+    assert [s.hoomi_id for s in welcome.hoomis] == [h]
+    assert isinstance(await reply(peer, send(h, ref="before")), Ack)
+    code, frames = await peer.closed(timeout=6)
+    assert time.time() >= exp + 5 - 0.5
+    assert code == 4401
+    assert [(f.code, f.ref) for f in frames if isinstance(f, Error)] == [
+        (ErrorCode.UNAUTHORIZED, None)]
+
+
 async def test_first_frame_must_be_hello(cluster):
     peer = await Peer.connect(cluster.a.ws)
     await peer.send(Ping(ref=1))
