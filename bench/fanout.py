@@ -1,0 +1,181 @@
+"""Fan-out to a large Hoomi, and what each open socket costs, against a bare broadcast.
+
+    .venv/bin/python -m bench.fanout [--members 1000] [--messages 200] [--rate 10]
+
+`--members` sockets join one Hoomi (each with its own user and token); one of them sends
+`--messages` ciphertexts at `--rate` per second. For every message the bench records
+when each member's push arrived (the sender's clock rides inside the content, which the
+hub never reads), and reports:
+  delivery   send → push, over every (message, member) pair: p50 / p99
+  last       send → push at the *last* member, per message: p50 / p99 (what the slowest
+             member of a big group sees)
+  memory     the server's resident memory before the sockets opened and with all of
+             them open and welcomed, per socket
+  connect    sockets opened and welcomed per second
+The same client drives a bare Starlette broadcast server (bench/broadcast_app.py) on
+the same uvicorn and WebSocket implementation: no storage, no ordering, no queues.
+Everything shares the machine's cores; compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from uuid import UUID, uuid4
+
+import asyncpg
+import websockets
+
+from bench.common import fresh_database
+from bench.hub import ROOT, _start, _wait_port, pct
+from protocol import Hello, MessageBody, Send, decode_client, decode_server, encode_client
+from server import auth
+from storage.hoomis import create_hoomi
+from storage.records import Member
+from storage.users import create_user
+from tests.cluster import ADMIN_TOKEN, JWT_SECRET, free_port
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def drive(url: str, pid: int, tokens: list[str], hoomi_id: UUID, messages: int,
+                rate: float, read: Callable[[bytes], bytes | None]) -> dict[str, float]:
+    """Open every socket, then send from the first; `read` returns a push's content or
+    None for frames that are not pushes."""
+    before = rss_kib(pid)
+    started = time.perf_counter()
+    socks = []
+    for chunk in range(0, len(tokens), 100):  # in waves: a burst of SYNs overflows backlog
+        async def open_one(token: str) -> websockets.ClientConnection:
+            ws = await websockets.connect(url, max_queue=None, compression=None,
+                                          open_timeout=60, ping_interval=None)
+            await ws.send(encode_client(Hello(token=token)))
+            await ws.recv()  # welcome
+            return ws
+        socks += await asyncio.gather(*(open_one(t) for t in tokens[chunk:chunk + 100]))
+    connect_s = time.perf_counter() - started
+    await asyncio.sleep(1.0)
+    during = rss_kib(pid)
+
+    arrivals: dict[int, list[float]] = {i: [] for i in range(messages)}
+
+    async def listen(ws: websockets.ClientConnection) -> None:
+        got = 0
+        while got < messages:
+            try:
+                data = await asyncio.wait_for(ws.recv(), 20)
+            except (TimeoutError, websockets.ConnectionClosed):
+                return
+            content = read(data)
+            if content is None:
+                continue
+            i, t0 = struct.unpack_from(">Id", content)
+            arrivals[i].append(time.perf_counter() - t0)
+            got += 1
+
+    listeners = [asyncio.ensure_future(listen(ws)) for ws in socks]
+    sender = socks[0]
+    payload = os.urandom(200)
+    tick = 1 / rate
+    start = time.perf_counter()
+    for i in range(messages):
+        await asyncio.sleep(max(0.0, start + i * tick - time.perf_counter()))
+        content = struct.pack(">Id", i, time.perf_counter()) + payload[12:]
+        await sender.send(encode_client(Send(
+            hoomi_id=hoomi_id, client_msg_id=uuid4(), content=content, nonce=os.urandom(12),
+            session_id="s1", ref=i)))
+    await asyncio.gather(*listeners)
+    for ws in socks:
+        await ws.close()
+    every = sorted(d for ds in arrivals.values() for d in ds)
+    complete = [ds for ds in arrivals.values() if len(ds) == len(socks)]
+    last = sorted(max(ds) for ds in complete)
+    return {"connect_rate": len(socks) / connect_s, "rss_before": before, "rss": during,
+            "per_socket_kib": (during - before) / len(socks),
+            "d50": pct(every, 0.5), "d99": pct(every, 0.99),
+            "last50": pct(last, 0.5) if last else float("nan"),
+            "last99": pct(last, 0.99) if last else float("nan"),
+            "delivered": len(every), "expected": messages * len(socks),
+            "complete": len(complete)}
+
+
+def _hub_push(data: bytes) -> bytes | None:
+    frame = decode_server(data)
+    if isinstance(frame, MessageBody) and frame.content is not None:
+        return frame.content
+    return None
+
+
+def _echoed_send(data: bytes) -> bytes | None:
+    try:
+        frame = decode_client(data)
+    except Exception:
+        return None  # the welcome
+    return frame.content if isinstance(frame, Send) else None
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--members", type=int, default=1000)
+    ap.add_argument("--messages", type=int, default=200)
+    ap.add_argument("--rate", type=float, default=10, help="messages per second")
+    args = ap.parse_args()
+    env = {**os.environ, "HOOMI_JWT_SECRET": JWT_SECRET, "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
+           "HOOMI_LOG_LEVEL": "warning", "HOOMI_SEND_RATE": "100000",
+           "HOOMI_SEND_BURST": "100000"}
+    env.pop("REDIS_URL", None)
+    results = {}
+    async with fresh_database() as dsn:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        users = [await create_user(pool) for _ in range(args.members)]
+        hoomi_id = await create_hoomi(pool, [Member(u, "member") for u in users])
+        await pool.close()
+        tokens = [auth.issue(JWT_SECRET, u, 3600) for u in users]
+
+        port = free_port()
+        hub = _start([sys.executable, "-m", "server.cli", "serve"],
+                     {**env, "DATABASE_URL": dsn, "HOOMI_PORT": str(port)}, port)
+        try:
+            results["hub"] = await drive(f"ws://127.0.0.1:{port}/v1/ws", hub.pid, tokens,
+                                         hoomi_id, args.messages, args.rate, _hub_push)
+        finally:
+            hub.terminate()
+            hub.wait(20)
+        port = free_port()
+        base = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "bench.broadcast_app:app", "--port", str(port),
+             "--ws", "websockets-sansio", "--ws-per-message-deflate", "false",
+             "--log-level", "warning"], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_port(port)
+            results["broadcast"] = await drive(f"ws://127.0.0.1:{port}/v1/ws", base.pid,
+                                               tokens, hoomi_id, args.messages, args.rate,
+                                               _echoed_send)
+        finally:
+            base.terminate()
+            base.wait(20)
+    print(f"members={args.members} messages={args.messages} rate={args.rate}/s "
+          f"payload=200B cores={os.cpu_count()}")
+    for name, r in results.items():
+        print(f"  {name:9s} delivery p50 {r['d50']:7.2f} ms p99 {r['d99']:7.2f} ms | last member "
+              f"p50 {r['last50']:7.2f} ms p99 {r['last99']:7.2f} ms | "
+              f"{r['delivered']}/{r['expected']} pushes")
+        print(f"  {'':9s} RSS {r['rss_before'] / 1024:.1f} -> {r['rss'] / 1024:.1f} MiB, "
+              f"{r['per_socket_kib']:.1f} KiB per socket; {r['connect_rate']:.0f} sockets "
+              f"opened and welcomed per second")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
