@@ -19,7 +19,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check protocol storage server client tests bench
 	$(BIN)/mypy --strict protocol client/crypto.py client/keys.py
-	$(BIN)/mypy storage server client
+	$(BIN)/mypy storage server client bench
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

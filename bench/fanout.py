@@ -74,7 +74,7 @@ async def drive(url: str, pid: int, tokens: list[str], hoomi_id: UUID, messages:
         got = 0
         while got < messages:
             try:
-                data = await asyncio.wait_for(ws.recv(), 20)
+                data = await asyncio.wait_for(ws.recv(decode=False), 20)
             except (TimeoutError, websockets.ConnectionClosed):
                 return
             content = read(data)

@@ -89,7 +89,8 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
         me = None
         if hub:
             await ws.send(encode_client(Hello(token=tokens[k])))
-            me = decode_server(await ws.recv()).user_id  # type: ignore[union-attr]
+            welcome = decode_server(await ws.recv(decode=False))
+            me = getattr(welcome, "user_id", None)
         h = hoomis[k // 2]
         sent_at: dict[int, float] = {}
         slots = asyncio.Semaphore(window)
@@ -99,7 +100,7 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
             nonlocal pushes
             while not (done.is_set() and not sent_at):
                 try:
-                    data = await asyncio.wait_for(ws.recv(), 5)
+                    data = await asyncio.wait_for(ws.recv(decode=False), 5)
                 except (TimeoutError, websockets.ConnectionClosed):
                     return
                 if not hub:  # the echo of our own send frame
@@ -207,11 +208,11 @@ async def main() -> None:
     print(f"replicas={args.replicas} connections={args.connections} hoomis={len(hoomis)} "
           f"window={args.window} "
           f"seconds={args.seconds} payload=200B cores={os.cpu_count()}")
-    for name, r in results.items():
-        extra = (f", pushes {r['pushes']:.0f}/s; send→other member's push p50 "
-                 f"{r['d50']:.2f} ms p99 {r['d99']:.2f} ms") if name == "hub" else ""
-        print(f"  {name:5s} {r['rate']:8.0f} msg/s  p50 {r['p50']:6.2f} ms  "
-              f"p99 {r['p99']:6.2f} ms  ({r['n']} round trips{extra})")
+    for name, res in results.items():
+        extra = (f", pushes {res['pushes']:.0f}/s; send→other member's push p50 "
+                 f"{res['d50']:.2f} ms p99 {res['d99']:.2f} ms") if name == "hub" else ""
+        print(f"  {name:5s} {res['rate']:8.0f} msg/s  p50 {res['p50']:6.2f} ms  "
+              f"p99 {res['p99']:6.2f} ms  ({res['n']} round trips{extra})")
     print(f"  hub/echo throughput: {results['hub']['rate'] / results['echo']['rate']:.0%}; "
           f"stored rows: {stored} (acked: {results['hub']['n']})")
 
