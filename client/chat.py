@@ -20,7 +20,7 @@ from uuid import UUID
 from protocol import Deleted, Membership, MessageBody
 
 from .crypto import DecryptError
-from .keys import Keyring, key_from_passphrase, load_key_file
+from .keys import PASSPHRASE_SESSION, Keyring, key_from_passphrase, load_key_file
 from .sdk import HoomiClient, HubError
 
 
@@ -96,7 +96,7 @@ async def run(args: argparse.Namespace) -> int:
             print("hoomi chat: give --key-file or --passphrase-env NAME", file=sys.stderr)
             return 2
         ring = Keyring()
-        ring.add(hoomi, key_from_passphrase(passphrase, hoomi))
+        ring.add(hoomi, key_from_passphrase(passphrase, hoomi, args.session))
     token = args.token or os.environ.get("HOOMI_TOKEN", "")
     client = HoomiClient(args.url, token, keyring=ring)
     try:
@@ -129,4 +129,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--key-file")
     p.add_argument("--passphrase-env", metavar="NAME",
                    help="environment variable holding the shared passphrase")
+    p.add_argument("--session", default=PASSPHRASE_SESSION,
+                   help="session_id of the passphrase key (default %(default)s); a new "
+                        "passphrase needs a new name")
     p.set_defaults(fn=lambda a: sys.exit(asyncio.run(run(a))))

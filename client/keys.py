@@ -131,7 +131,7 @@ def new_key(session_id: str | None = None) -> GroupKey:
 def key_from_passphrase(passphrase: str, hoomi_id: UUID,
                         session_id: str = PASSPHRASE_SESSION) -> GroupKey:
     """The Hoomi's key derived from a passphrase its members share: scrypt with n = 2**15,
-    r = 8, p = 1 (32 MiB, ~0.1 s), salt b"hoomi/v1/" + hoomi_id.bytes, 32-byte output.
+    r = 8, p = 1 (32 MiB, ~0.08 s), salt b"hoomi/v1/" + hoomi_id.bytes, 32-byte output.
 
     The passphrase is NFC-normalised first, so members typing the same accented text on
     different systems derive the same key. Deterministic per (passphrase, Hoomi): every

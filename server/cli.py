@@ -170,12 +170,23 @@ def cmd_member(args: argparse.Namespace) -> None:
 def cmd_keys(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from client.keys import generate_key_file
+    from client.keys import KeyFileError, add_key, generate_key_file
 
+    hoomis = [_uuid_arg(h) for h in args.hoomi_id]
+    if args.rotate:
+        try:
+            for h in hoomis:
+                key = add_key(Path(args.path), h)
+                print(f"{h}: new current key {key.session_id}")
+        except (FileNotFoundError, KeyFileError) as err:
+            sys.exit(f"hoomi: {err}")
+        print(f"updated {args.path}; share it with the remaining members only")
+        return
     try:
-        generate_key_file(Path(args.path), [_uuid_arg(h) for h in args.hoomi_id])
+        generate_key_file(Path(args.path), hoomis)
     except FileExistsError:
-        sys.exit(f"hoomi: {args.path} exists; refusing to overwrite keys")
+        sys.exit(f"hoomi: {args.path} exists; refusing to overwrite keys "
+                 "(--rotate adds a new key to it)")
     print(f"wrote {args.path} (mode 0600); share it with the hoomi's members only")
 
 
@@ -211,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="create a key file with a fresh group key per hoomi")
     k.add_argument("path")
     k.add_argument("hoomi_id", nargs="+")
+    k.add_argument("--rotate", action="store_true",
+                   help="add a new current key for these hoomis to an existing key file "
+                        "(older keys stay, so older messages still open)")
     k.set_defaults(fn=cmd_keys)
     return p
 

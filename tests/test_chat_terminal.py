@@ -8,8 +8,11 @@ import pty
 import subprocess
 import sys
 import time
+from uuid import uuid4
 
-from client.keys import generate_key_file
+from client.crypto import decrypt
+from client.keys import Keyring, generate_key_file, key_from_passphrase, load_key_file
+from client.sdk import HoomiClient
 from tests.cluster import ROOT
 
 
@@ -109,3 +112,53 @@ async def test_chat_with_a_wrong_key_says_it_cannot_decrypt(cluster, tmp_path):
         await w.expect("#1 me: (cannot decrypt: tampered)")
     finally:
         w.close()
+
+
+async def test_passphrase_chat_uses_the_given_session_name(cluster):
+    (alice, a_tok) = await cluster.user()
+    h = await cluster.admin.hoomi([alice])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOOMI_PASS": "correct horse battery"}
+    t = Terminal([sys.executable, "-m", "server.cli", "chat", "--hoomi", str(h), "--url",
+                  cluster.a.ws, "--token", a_tok, "--passphrase-env", "HOOMI_PASS",
+                  "--session", "pw2"], env)
+    try:
+        await t.expect("start of history")
+        t.type("rotated")
+        await t.expect("#1 me: rotated")
+    finally:
+        t.close()
+    client = HoomiClient(cluster.a.ws, a_tok)
+    await client.start()
+    (page,) = [p async for p in client.scroll(h)]
+    await client.close()
+    ring = Keyring()
+    ring.add(h, key_from_passphrase("correct horse battery", h, "pw2"))
+    (m,) = page
+    assert m.session_id == "pw2"
+    assert decrypt(ring, h, alice, m.content, m.nonce, m.session_id).plaintext == b"rotated"
+
+
+def test_keys_command_creates_then_rotates(tmp_path):
+    h1, h2 = uuid4(), uuid4()
+    path = tmp_path / "keys.json"
+
+    def hoomi_keys(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "server.cli", "keys", str(path), *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+    assert hoomi_keys(str(h1), str(h2)).returncode == 0
+    first = load_key_file(path)
+    again = hoomi_keys(str(h1))
+    assert again.returncode != 0 and "--rotate" in again.stderr
+    rotated = hoomi_keys("--rotate", str(h1))
+    assert rotated.returncode == 0, rotated.stderr
+    ring = load_key_file(path)
+    assert [k.session_id for k in ring.keys_of(h2)] == ["k1"]
+    old, new = ring.keys_of(h1)
+    assert old == first.current(h1) and ring.current(h1) == new != old
+    assert new.session_id.startswith("k2-") and new.session_id in rotated.stdout
+    assert (path.stat().st_mode & 0o777) == 0o600
+    missing = subprocess.run([sys.executable, "-m", "server.cli", "keys", "--rotate",
+                              str(tmp_path / "none.json"), str(h1)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode != 0 and "none.json" in missing.stderr
