@@ -250,35 +250,36 @@ async def test_create_hoomi_is_audited_with_its_members(pool):
                                    {"members": {str(alice): "admin"}})
 
 
-async def test_delete_hoomi_returns_a_member_added_concurrently(pool):
-    alice, bob = await factories.users(pool, 2)
-    h = await factories.hoomi(pool, [alice])
+async def _while_a_join_is_uncommitted(pool, hoomi_id, user_id, deletion):
+    """Start `deletion` while another transaction holds an uncommitted membership row,
+    then commit that row: the deletion must wait for it and report it."""
     async with pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
         await conn.execute(
             "INSERT INTO hoomi_members (hoomi_id, user_id, role) VALUES ($1, $2, 'member')",
-            h, bob)
-        deleting = asyncio.ensure_future(hoomis.delete_hoomi(pool, h, Actor.operator()))
+            hoomi_id, user_id)
+        deleting = asyncio.ensure_future(deletion)
         await asyncio.sleep(0.2)
         await tx.commit()
-    assert sorted(await deleting) == sorted([alice, bob])
+    return await deleting
+
+
+async def test_delete_hoomi_returns_a_member_added_concurrently(pool):
+    alice, bob = await factories.users(pool, 2)
+    h = await factories.hoomi(pool, [alice])
+    former = await _while_a_join_is_uncommitted(
+        pool, h, bob, hoomis.delete_hoomi(pool, h, Actor.operator()))
+    assert sorted(former) == sorted([alice, bob])
 
 
 async def test_delete_user_returns_a_hoomi_joined_concurrently(pool):
     alice, bob = await factories.users(pool, 2)
     first = await factories.hoomi(pool, [alice, bob])
     second = await factories.hoomi(pool, [alice])
-    async with pool.acquire() as conn:
-        tx = conn.transaction()
-        await tx.start()
-        await conn.execute(
-            "INSERT INTO hoomi_members (hoomi_id, user_id, role) VALUES ($1, $2, 'member')",
-            second, bob)
-        deleting = asyncio.ensure_future(users.delete_user(pool, bob, Actor.operator()))
-        await asyncio.sleep(0.2)
-        await tx.commit()
-    assert sorted(await deleting) == sorted([first, second])
+    left = await _while_a_join_is_uncommitted(
+        pool, second, bob, users.delete_user(pool, bob, Actor.operator()))
+    assert sorted(left) == sorted([first, second])
 
 
 async def test_page_limit_below_one_is_invalid(pool):
