@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.writer
 	$(BIN)/python -m bench.hub
+	$(BIN)/python -m bench.fanout
 
 clean:
 	rm -rf $(VENV)
