@@ -286,8 +286,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command in ("user", "hoomi") and args.action == "delete" and not args.id:
         sys.exit(f"hoomi: {args.command} delete needs an id")
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if args.command in _PRINTERS:
+        # `hoomi token ... | head` ends quietly, as Unix tools do. Never for the server or
+        # the chat: with SIGPIPE's default action a write to a socket its peer had just
+        # reset (a client gone, PostgreSQL restarting) would kill the whole process.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args.fn(args)
+
+
+# Short-lived commands that only print: the ones where a closed stdout should end them.
+_PRINTERS = frozenset({"token", "user", "hoomi", "member", "keys"})
 
 
 if __name__ == "__main__":

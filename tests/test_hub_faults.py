@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -211,3 +213,18 @@ async def test_membership_changes_that_skip_pub_sub_still_reach_sockets(dsn, pai
     assert [(m.hoomi_id, m.seq) for m in got] == [(h2, 1)]
     await pa.close()
     await pb.close()
+
+
+def _ignores_sigpipe(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGPIPE - 1)))
+    raise AssertionError("no SigIgn line")
+
+
+async def test_hub_ignores_sigpipe(pair):
+    # With SIGPIPE's default action, a write to a socket the peer had just reset (a
+    # client gone, PostgreSQL crashing) kills the whole hub; it must get EPIPE instead.
+    (ra, rb), _ = pair
+    assert ra.proc is not None and rb.proc is not None
+    assert _ignores_sigpipe(ra.proc.pid) and _ignores_sigpipe(rb.proc.pid)
