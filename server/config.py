@@ -44,6 +44,7 @@ class Settings:
     reconcile_interval_s: float = 2.0
     gap_grace_ms: float = 30.0
     purge_interval_s: float = 60.0
+    db_wait_s: float = 30.0
     send_rate: float = 200.0  # sends per second per connection, sustained
     send_burst: int = 400
     log_level: str = "info"
@@ -93,6 +94,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         reconcile_interval_s=_number(env, "HOOMI_RECONCILE_INTERVAL_S", 2.0, 0.05, 3600.0),
         gap_grace_ms=_number(env, "HOOMI_GAP_GRACE_MS", 30.0, 0.0, 10_000.0),
         purge_interval_s=_number(env, "HOOMI_PURGE_INTERVAL_S", 60.0, 1.0, 86400.0),
+        db_wait_s=_number(env, "HOOMI_DB_WAIT_S", 30.0, 0.0, 3600.0),
         send_rate=_number(env, "HOOMI_SEND_RATE", 200.0, 0.1, 1_000_000.0),
         send_burst=_number(env, "HOOMI_SEND_BURST", 400, 1, 1_000_000),
         log_level=(env.get("HOOMI_LOG_LEVEL") or "info").lower(),

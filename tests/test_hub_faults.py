@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import httpx
 import pytest
 
 from protocol import Ack, Error, ErrorCode, Membership, Send
-from tests.cluster import Replica, Valkey
+from tests.cluster import ADMIN_TOKEN, JWT_SECRET, ROOT, Replica, Valkey
 from tests.test_hub_delivery import joined, messages, send
 from tests.wsclient import Admin, Peer
 
@@ -228,3 +231,44 @@ async def test_hub_ignores_sigpipe(pair):
     (ra, rb), _ = pair
     assert ra.proc is not None and rb.proc is not None
     assert _ignores_sigpipe(ra.proc.pid) and _ignores_sigpipe(rb.proc.pid)
+
+
+async def test_hub_waits_for_its_database_at_start_up(dsn, pg_template):
+    name = dsn.split("?")[0].rsplit("/", 1)[1]
+    root = await asyncpg.connect(pg_template.dsn)
+    try:
+        # Like a database still starting next to the hub: connections refused for a while.
+        await root.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        hub = Replica(dsn, None, name="wait", HOOMI_DB_WAIT_S="30")
+        hub.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=hub.env,
+            stdout=hub.log, stderr=subprocess.STDOUT)
+        await asyncio.sleep(2)
+        assert hub.proc.poll() is None and "waiting for PostgreSQL" in hub.output()
+        await root.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        async with httpx.AsyncClient() as http:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if (await http.get(hub.http + "/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, hub.output()
+                await asyncio.sleep(0.2)
+        hub.stop()
+    finally:
+        await root.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        await root.close()
+
+
+def test_hub_that_cannot_reach_its_database_exits_with_one_clear_line():
+    env = {**os.environ, "DATABASE_URL": "postgresql://hoomi:s3cret-pw@127.0.0.1:1/hoomi",
+           "HOOMI_DB_WAIT_S": "1", "HOOMI_JWT_SECRET": JWT_SECRET,
+           "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN, "HOOMI_PORT": "1"}
+    done = subprocess.run([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("hoomi: cannot start: PostgreSQL at 127.0.0.1:1/hoomi")
+    assert "Traceback" not in done.stderr and "s3cret-pw" not in done.stderr
