@@ -90,8 +90,15 @@ class RedisBroker:
         self._handler = handler
         self._on_reconnect = on_reconnect
         self._channels.add(CONTROL_CHANNEL)
-        await self._pubsub.subscribe(*self._channels)
-        self._healthy = True
+        try:
+            await self._pubsub.subscribe(*self._channels)
+            self._healthy = True
+        except (RedisError, OSError) as exc:
+            # Start anyway, as when Redis goes away later: sockets on this replica are
+            # served, other replicas' messages arrive by reconcile from PostgreSQL, and
+            # the reader keeps reconnecting (/readyz says `broker: down` meanwhile).
+            _log.warning("Redis unreachable at start-up (%s); serving without pub/sub "
+                         "until it answers", exc)
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="redis-reader")
 
     async def publish(self, events: Iterable[tuple[str, bytes]]) -> None:

@@ -272,3 +272,36 @@ def test_hub_that_cannot_reach_its_database_exits_with_one_clear_line():
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("hoomi: cannot start: PostgreSQL at 127.0.0.1:1/hoomi")
     assert "Traceback" not in done.stderr and "s3cret-pw" not in done.stderr
+
+
+async def test_replica_started_before_redis_serves_and_joins_pub_sub_later(dsn):
+    own = Valkey()  # not started yet: its port refuses connections
+    replicas = [Replica(dsn, own.url, name=n, HOOMI_RECONCILE_INTERVAL_S="0.3").start()
+                for n in ("ra", "rb")]
+    admin = Admin(replicas[0].http)
+    try:
+        async with httpx.AsyncClient() as http:
+            ready = await http.get(replicas[0].http + "/readyz")
+            assert ready.status_code == 503 and ready.json()["broker"].startswith("down")
+            alice, bob = await admin.user(), await admin.user()
+            h = await admin.hoomi([alice], [bob])
+            pa, _ = await joined(replicas[0].ws, await admin.token(alice))
+            pb, _ = await joined(replicas[1].ws, await admin.token(bob))
+            await pa.send(send(h, ref=1))
+            # Served without pub/sub: the other replica reconciles from PostgreSQL.
+            assert [m.seq for m in await messages(pb, 1)] == [1]
+            own.start()
+            deadline = time.monotonic() + 20
+            while (await http.get(replicas[1].http + "/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, replicas[1].output()
+                await asyncio.sleep(0.2)
+        for i in range(2, 5):
+            await pa.send(send(h, ref=i))
+        assert [m.seq for m in await messages(pb, 3)] == [2, 3, 4]
+        await pa.close()
+        await pb.close()
+    finally:
+        await admin.close()
+        for r in replicas:
+            r.stop()
+        own.stop()
