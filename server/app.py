@@ -52,9 +52,12 @@ def create_app(settings: Settings) -> Starlette:
             max_batch=settings.batch_max_size,
             max_delay=settings.batch_max_delay_ms / 1000,
             max_content_bytes=settings.max_content_bytes,
+            max_queued_bytes=int(settings.writer_queue_mb * (1 << 20)),
             observer=metrics.observe_batch,
             on_commit=hub.committed,
         )
+        metrics.writer_queue.set_function(lambda: writer.queued)
+        metrics.writer_queue_bytes.set_function(lambda: writer.queued_bytes)
         await hub.start()
         writer.start()
         reconcile = asyncio.get_running_loop().create_task(

@@ -34,6 +34,11 @@ class Metrics:
             "hoomi_ack_seconds", "From a send frame read to its ack queued",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0),
             registry=r)
+        self.writer_queue = Gauge("hoomi_writer_queue", "Messages waiting for a batch",
+                                  registry=r)
+        self.writer_queue_bytes = Gauge(
+            "hoomi_writer_queue_bytes", "Ciphertext bytes waiting for a batch "
+            "(sends get unavailable past HOOMI_WRITER_QUEUE_MB)", registry=r)
         self.gap_fills = Counter("hoomi_gap_fill_messages",
                                  "Messages read from PostgreSQL to fill pub/sub gaps", registry=r)
 

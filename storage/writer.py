@@ -129,6 +129,7 @@ class BatchWriter:
         max_batch: int = 256,
         max_delay: float = 0.001,
         max_content_bytes: int = 65536,
+        max_queued_bytes: int = 64 << 20,
         observer: BatchObserver | None = None,
         on_commit: CommitHook | None = None,
     ) -> None:
@@ -141,10 +142,20 @@ class BatchWriter:
         self._observer = observer
         self._on_commit = on_commit
         self._queue: deque[_Pending] = deque()
+        # Ciphertext bytes waiting for a batch. Each socket bounds its own sends in flight,
+        # but many sockets against a slow database could still queue without end: past
+        # this bound new sends get `unavailable` (clients retry later) instead of memory.
+        self._queued_bytes = 0
+        self._max_queued_bytes = max_queued_bytes
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+
+    @property
+    def queued_bytes(self) -> int:
+        """Ciphertext bytes waiting for a batch."""
+        return self._queued_bytes
 
     def start(self) -> None:
         if self._task is None:
@@ -173,8 +184,12 @@ class BatchWriter:
         self._validate(request)
         if self._closing or self._task is None:
             raise unavailable("hub is shutting down; retry with the same client_msg_id")
+        size = len(request.content)
+        if self._queue and self._queued_bytes + size > self._max_queued_bytes:
+            raise unavailable("storage is behind; retry with the same client_msg_id")
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(request, future))
+        self._queued_bytes += size
         self._wakeup.set()
         if len(self._queue) >= self._max_batch:
             self._full.set()
@@ -207,6 +222,7 @@ class BatchWriter:
                     pass
             n = min(len(self._queue), self._max_batch)
             batch = [self._queue.popleft() for _ in range(n)]
+            self._queued_bytes -= sum(len(p.request.content) for p in batch)
             started = time.perf_counter()
             await self._commit_isolating(batch)
             if self._observer is not None:
@@ -296,8 +312,9 @@ class BatchWriter:
                 _log.exception("commit hook failed")
         # Ahead of everything queued since, in their original order: they keep their
         # place in the FIFO (invariant 4) and are decided on their own next batch.
-        self._queue.extendleft(reversed([p for p, o in zip(batch, outcomes, strict=True)
-                                         if isinstance(o, _Requeue)]))
+        again = [p for p, o in zip(batch, outcomes, strict=True) if isinstance(o, _Requeue)]
+        self._queue.extendleft(reversed(again))
+        self._queued_bytes += sum(len(p.request.content) for p in again)
         for pending, outcome in zip(batch, outcomes, strict=True):
             if pending.future.done() or isinstance(outcome, _Requeue):
                 continue

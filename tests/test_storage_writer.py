@@ -362,3 +362,30 @@ async def test_failing_observer_does_not_stop_the_writer(pool):
     second = await asyncio.wait_for(writer.append(factories.request(h, alice)), 5)
     await writer.close()
     assert (first.seq, second.seq, seen) == (1, 2, [1, 1])
+
+
+async def test_queue_is_bounded_in_bytes_while_the_database_is_slow(pool):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    req = factories.request(h, alice)
+    size = len(req.content)
+    writer = BatchWriter(pool, max_batch=4, max_delay=0, max_queued_bytes=10 * size)
+    writer.start()
+    async with pool.acquire() as blocker:
+        tx = blocker.transaction()
+        await tx.start()
+        # Hold the Hoomi's row lock: the first batch waits on it, the rest queue up.
+        await blocker.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", h)
+        first = writer.submit(factories.request(h, alice))
+        await asyncio.sleep(0.2)  # taken into a batch, now waiting on the lock
+        queued = [writer.submit(factories.request(h, alice)) for _ in range(10)]
+        assert writer.queued == 10 and writer.queued_bytes == 10 * size
+        with pytest.raises(StorageError) as err:
+            writer.submit(factories.request(h, alice))
+        assert err.value.code == ErrorCode.UNAVAILABLE
+        await tx.commit()
+    results = await asyncio.gather(first, *queued)
+    assert [r.seq for r in results] == list(range(1, 12))
+    assert writer.queued == 0 and writer.queued_bytes == 0
+    writer.submit(factories.request(h, alice))  # room again
+    await writer.close()
