@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import WebSocketRoute
 
 from protocol import Limits
@@ -81,9 +83,19 @@ def create_app(settings: Settings) -> Starlette:
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
 
+    middleware = []
+    if settings.cors_origins:
+        # Browser clients on other origins may call the HTTP API with their bearer token.
+        # No cookies are involved, so credentials stay off. (The WebSocket is not subject
+        # to CORS, and carries its token in `hello`, not in a cookie.)
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "PUT", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"], max_age=600))
     return Starlette(
         routes=[*api.routes, WebSocketRoute("/v1/ws", ws.endpoint)],
         exception_handlers=api.exception_handlers,
+        middleware=middleware,
         lifespan=lifespan,
     )
 

@@ -49,6 +49,7 @@ class Settings:
     send_rate: float = 200.0  # sends per second per connection, sustained
     send_burst: int = 400
     log_level: str = "info"
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def embedded(self) -> bool:
@@ -71,6 +72,16 @@ def _number(env: Mapping[str, str], name: str, default: N, lo: N, hi: N) -> N:
     if not lo <= value <= hi:
         raise ConfigError(f"{name}: must be between {lo} and {hi}, got {value}")
     return value
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    """Comma-separated browser origins (scheme://host[:port]) allowed to call the HTTP API."""
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for o in origins:
+        if o != "*" and not o.startswith(("http://", "https://")):
+            raise ConfigError(f"HOOMI_CORS_ORIGINS: {o!r} is not an origin like "
+                              "https://chat.example.org")
+    return origins
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
@@ -100,6 +111,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         send_rate=_number(env, "HOOMI_SEND_RATE", 200.0, 0.1, 1_000_000.0),
         send_burst=_number(env, "HOOMI_SEND_BURST", 400, 1, 1_000_000),
         log_level=(env.get("HOOMI_LOG_LEVEL") or "info").lower(),
+        cors_origins=_origins(env.get("HOOMI_CORS_ORIGINS") or ""),
     )
     if settings.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("HOOMI_LOG_LEVEL: one of debug, info, warning, error")

@@ -65,6 +65,9 @@ def valkey() -> Iterator[Valkey]:
     server.stop()
 
 
+CORS_ORIGIN = "https://chat.example.org"
+
+
 class Cluster:
     """Two replicas on one database and one Valkey, plus an operator client."""
 
@@ -89,7 +92,8 @@ async def module_dsn(pg_template: EmbeddedPostgres) -> AsyncIterator[str]:
 @pytest.fixture(scope="module")
 async def cluster(module_dsn: str, valkey: Valkey) -> AsyncIterator[Cluster]:
     """Shared by a module's tests: each test makes its own users and Hoomis."""
-    replicas = [Replica(module_dsn, valkey.url, name=n, HOOMI_HELLO_TIMEOUT_S="1")
+    replicas = [Replica(module_dsn, valkey.url, name=n, HOOMI_HELLO_TIMEOUT_S="1",
+                        HOOMI_CORS_ORIGINS=CORS_ORIGIN)
                 for n in ("a", "b")]
     for r in replicas:
         r.start()

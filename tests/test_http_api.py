@@ -169,7 +169,8 @@ async def test_health_readiness_and_metrics(cluster, http):
     text = (await http.get("/metrics")).text
     for name in ("hoomi_connections", "hoomi_frames_in_total", "hoomi_frames_out_total",
                  "hoomi_errors_total", "hoomi_writer_batch_size_bucket",
-                 "hoomi_ack_seconds_bucket", "hoomi_gap_fill_messages_total"):
+                 "hoomi_ack_seconds_bucket", "hoomi_gap_fill_messages_total",
+                 "hoomi_writer_queue", "hoomi_writer_queue_bytes"):
         assert name in text, name
 
 
@@ -182,3 +183,34 @@ async def test_unknown_route_and_wrong_method_answer_json(http):
     assert r.json() == {"error": "invalid", "message": "method: POST is not allowed here",
                         "field": "method"}
     assert "GET" in r.headers["allow"]
+
+
+async def test_cors_for_the_configured_browser_origin_only(cluster, http):
+    from tests.conftest import CORS_ORIGIN
+    (alice, tok) = await cluster.user()
+    preflight = await http.options("/v1/hoomis", headers={
+        "Origin": CORS_ORIGIN, "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == CORS_ORIGIN
+    assert "access-control-allow-credentials" not in preflight.headers
+    r = await http.get("/v1/hoomis", headers={**bearer(tok), "Origin": CORS_ORIGIN})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == CORS_ORIGIN
+    other = await http.get("/v1/hoomis", headers={**bearer(tok),
+                                                 "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    refused = await http.options("/v1/hoomis", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+    assert refused.status_code == 400
+
+
+def test_cors_origins_must_be_origins():
+    from server import config
+    assert config.load({"HOOMI_CORS_ORIGINS": " https://a.example/, http://b.example:8080 ",
+                        "DATABASE_URL": "postgresql://x@h/db", "HOOMI_JWT_SECRET": "s" * 40,
+                        "HOOMI_ADMIN_TOKEN": "t"}).cors_origins == (
+        "https://a.example", "http://b.example:8080")
+    with pytest.raises(config.ConfigError, match="HOOMI_CORS_ORIGINS"):
+        config.load({"HOOMI_CORS_ORIGINS": "chat.example.org",
+                     "DATABASE_URL": "postgresql://x@h/db", "HOOMI_JWT_SECRET": "s" * 40,
+                     "HOOMI_ADMIN_TOKEN": "t"})
