@@ -41,9 +41,8 @@ from protocol import (
 )
 from storage import hoomis as hoomi_store
 from storage import messages as message_store
-from storage import users as user_store
 from storage.errors import StorageError, is_outage
-from storage.records import AppendRequest
+from storage.records import AppendRequest, HoomiSummary
 
 from . import auth, events
 from .services import Services
@@ -250,9 +249,10 @@ class Connection:
             claims = auth.verify_claims(self.s.settings.jwt_secret, frame.token)
             self.user_id = claims.user_id
             # A valid signature is not enough: a deleted user's tokens die with it.
-            if not await user_store.user_exists(self.s.pool, self.user_id):
+            first = await hoomi_store.user_with_hoomis(self.s.pool, self.user_id)
+            if first is None:
                 raise auth.AuthError(ErrorCode.UNAUTHORIZED, "unknown user")
-            await self._welcome(frame)
+            await self._welcome(frame, first)
             # The socket lives as long as its token: a stolen or revoked-by-expiry token
             # must not keep a socket open forever. The client reconnects with a new one
             # and resumes, so nothing is missed.
@@ -269,9 +269,8 @@ class Connection:
             return False
         return True
 
-    async def _welcome(self, hello: Hello) -> None:
+    async def _welcome(self, hello: Hello, first: list[HoomiSummary]) -> None:
         pool, hub = self.s.pool, self.s.hub
-        first = await hoomi_store.user_hoomis(pool, self.user_id)
         # Cursors exist (catching up) before the feeds open, so no push is lost in between.
         for s in first:
             self.cursors[s.hoomi_id] = _Cursor(0, catching_up=True)

@@ -203,6 +203,27 @@ async def user_hoomis(conn: asyncpg.Connection | asyncpg.Pool, user_id: UUID) ->
     return [HoomiSummary(r["id"], r["last_seq"], r["role"]) for r in rows]
 
 
+async def user_with_hoomis(
+    conn: asyncpg.Connection | asyncpg.Pool, user_id: UUID
+) -> list[HoomiSummary] | None:
+    """`user_hoomis`, or None if the user does not exist: one round trip for `hello`,
+    which must refuse a deleted user's still-valid token (reconnect storms hit this)."""
+    rows = await conn.fetch(
+        """
+        SELECT h.id, h.last_seq, hm.role
+        FROM users u
+        LEFT JOIN hoomi_members hm ON hm.user_id = u.id
+        LEFT JOIN hoomis h ON h.id = hm.hoomi_id
+        WHERE u.id = $1
+        ORDER BY h.id
+        """,
+        user_id,
+    )
+    if not rows:
+        return None
+    return [HoomiSummary(r["id"], r["last_seq"], r["role"]) for r in rows if r["id"] is not None]
+
+
 async def hoomi_info(
     conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID
 ) -> tuple[int, int | None] | None:

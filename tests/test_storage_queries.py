@@ -319,3 +319,12 @@ async def test_not_found_names_the_callers_field(pool):
         assert err.value.code == ErrorCode.NOT_FOUND
         fields.append(err.value.field)
     assert fields == [f for _, f in cases]
+
+
+async def test_user_with_hoomis_tells_a_missing_user_from_one_without_hoomis(pool):
+    alice, bob = await factories.users(pool, 2)
+    h = await factories.hoomi(pool, [alice])
+    assert await hoomis.user_with_hoomis(pool, uuid4()) is None
+    assert await hoomis.user_with_hoomis(pool, bob) == []
+    assert await hoomis.user_with_hoomis(pool, alice) == await hoomis.user_hoomis(pool, alice)
+    assert [s.hoomi_id for s in await hoomis.user_with_hoomis(pool, alice)] == [h]
