@@ -46,6 +46,8 @@ class Settings:
     purge_interval_s: float = 60.0
     db_wait_s: float = 30.0
     writer_queue_mb: float = 64.0
+    max_connections: int = 20_000
+    max_sockets_per_user: int = 32
     send_rate: float = 200.0  # sends per second per connection, sustained
     send_burst: int = 400
     log_level: str = "info"
@@ -108,6 +110,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         purge_interval_s=_number(env, "HOOMI_PURGE_INTERVAL_S", 60.0, 1.0, 86400.0),
         db_wait_s=_number(env, "HOOMI_DB_WAIT_S", 30.0, 0.0, 3600.0),
         writer_queue_mb=_number(env, "HOOMI_WRITER_QUEUE_MB", 64.0, 1.0, 65536.0),
+        max_connections=_number(env, "HOOMI_MAX_CONNECTIONS", 20_000, 1, 10_000_000),
+        max_sockets_per_user=_number(env, "HOOMI_MAX_SOCKETS_PER_USER", 32, 1, 100_000),
         send_rate=_number(env, "HOOMI_SEND_RATE", 200.0, 0.1, 1_000_000.0),
         send_burst=_number(env, "HOOMI_SEND_BURST", 400, 1, 1_000_000),
         log_level=(env.get("HOOMI_LOG_LEVEL") or "info").lower(),

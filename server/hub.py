@@ -107,6 +107,10 @@ class Hub:
 
     # -- sockets ---------------------------------------------------------------------------
 
+    def sockets_of(self, user_id: UUID) -> int:
+        """How many sockets of this user are attached to this replica."""
+        return len(self._users.get(user_id, ()))
+
     def attach(self, sock: Socket) -> None:
         self._users.setdefault(sock.user_id, set()).add(sock)
 

@@ -119,6 +119,12 @@ class Connection:
         if self.s.draining:
             await self._close_now(CloseCode.SERVICE_RESTART, "replica shutting down")
             return
+        if len(self.s.sockets) >= self.s.settings.max_connections:
+            # Full: the client backs off and retries, through the load balancer to a
+            # replica with room, before this one spends anything on the socket.
+            m.closes.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
+            await self._close_now(CloseCode.TRY_AGAIN_LATER, "replica full; try again")
+            return
         self.s.sockets.add(self)
         m.connections.inc()
         sender = asyncio.get_running_loop().create_task(self._send_loop())
@@ -252,6 +258,13 @@ class Connection:
             first = await hoomi_store.user_with_hoomis(self.s.pool, self.user_id)
             if first is None:
                 raise auth.AuthError(ErrorCode.UNAUTHORIZED, "unknown user")
+            if self.s.hub.sockets_of(self.user_id) >= self.s.settings.max_sockets_per_user:
+                # One account must not hold a replica's sockets (a leaking client, a
+                # stolen token): refuse the newest, keep the ones in use.
+                self._error(ErrorCode.RATE_LIMITED, "too many open sockets for this user",
+                            frame.ref, RETRY_AFTER_MS)
+                self.close(CloseCode.TRY_AGAIN_LATER, "too many sockets for this user")
+                return False
             await self._welcome(frame, first)
             # The socket lives as long as its token: a stolen or revoked-by-expiry token
             # must not keep a socket open forever. The client reconnects with a new one

@@ -23,7 +23,7 @@ from protocol import (
     Pong,
     Sync,
 )
-from tests.cluster import JWT_SECRET
+from tests.cluster import JWT_SECRET, Replica
 from tests.test_hub_delivery import joined, messages, send
 from tests.wsclient import Peer
 
@@ -266,7 +266,6 @@ async def test_frame_that_is_not_a_msgpack_map_closes_4400(cluster, junk):
 
 
 async def test_rate_limited_with_retry_after(module_dsn, valkey):
-    from tests.cluster import Replica
     from tests.wsclient import Admin
     r = Replica(module_dsn, valkey.url, name="slow", HOOMI_SEND_RATE="1",
                 HOOMI_SEND_BURST="3").start()
@@ -291,7 +290,6 @@ async def test_slow_reader_is_closed_4408_and_resumes(cluster, module_dsn, valke
     import websockets
 
     from protocol import encode_client
-    from tests.cluster import Replica
     from tests.wsclient import Admin
     r = Replica(module_dsn, valkey.url, name="q", HOOMI_SEND_QUEUE_FRAMES="8").start()
     admin = Admin(r.http)
@@ -336,3 +334,36 @@ async def test_frame_over_the_size_limit_closes_1009(cluster):
                          "session_id": "s"})
     code, _ = await peer.closed()
     assert code == 1009
+
+
+async def test_full_replica_and_too_many_sockets_per_user_close_1013(module_dsn, valkey):
+    from tests.wsclient import Admin
+    r = Replica(module_dsn, valkey.url, name="lim", HOOMI_MAX_CONNECTIONS="3",
+                HOOMI_MAX_SOCKETS_PER_USER="2").start()
+    admin = Admin(r.http)
+    peers = []
+    try:
+        a, b = await admin.user(), await admin.user()
+        ta, tb = await admin.token(a), await admin.token(b)
+        for _ in range(2):
+            peers.append((await joined(r.ws, ta))[0])
+        third = await Peer.connect(r.ws)
+        await third.send(Hello(token=ta, ref="h3"))
+        code, frames = await third.closed()
+        assert code == 1013
+        assert [(f.code, f.ref) for f in frames] == [(ErrorCode.RATE_LIMITED, "h3")]
+        assert frames[0].retry_after_ms
+        # Another user still gets in: the limit is per user...
+        peers.append((await joined(r.ws, tb))[0])
+        # ...until the replica itself is full: closed before any hello.
+        full = await Peer.connect(r.ws)
+        code, frames = await full.closed()
+        assert code == 1013 and frames == []
+        await peers.pop().close()
+        await asyncio.sleep(0.2)
+        peers.append((await joined(r.ws, tb))[0])  # room again
+    finally:
+        for p in peers:
+            await p.close()
+        await admin.close()
+        r.stop()
