@@ -192,3 +192,26 @@ async def test_fixed_token_that_expires_stops_the_client(cluster):
     with pytest.raises(Unauthorized):
         await asyncio.wait_for(c.next_event(10), 10)
     await c.close()
+
+
+async def test_client_over_the_per_user_socket_limit_waits_for_room(module_dsn, valkey):
+    from tests.cluster import Replica
+    from tests.wsclient import Admin
+    r = Replica(module_dsn, valkey.url, name="one", HOOMI_MAX_SOCKETS_PER_USER="1").start()
+    admin = Admin(r.http)
+    try:
+        alice = await admin.user()
+        tok = await admin.token(alice)
+        first = HoomiClient(r.ws, tok)
+        await first.start()
+        second = HoomiClient(r.ws, tok, backoff_max=0.3)
+        starting = asyncio.ensure_future(second.start(timeout=20))
+        await asyncio.sleep(1.5)
+        assert not starting.done()  # refused with rate_limited/1013, retrying, not failed
+        await first.close()
+        await asyncio.wait_for(starting, 15)
+        assert second.connects == 1
+        await second.close()
+    finally:
+        await admin.close()
+        r.stop()
