@@ -26,7 +26,7 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     SERVICE_RESTART = 1012  # replica shutting down: reconnect elsewhere and resume
-    TRY_AGAIN_LATER = 1013  # replica full, or too many sockets for this user
+    TRY_AGAIN_LATER = 1013  # too many sockets for this user (a full replica answers 503)
     BAD_FRAME = 4400  # a frame that is not a msgpack map
     UNAUTHORIZED = 4401  # no valid hello (or none in time), or the user was deleted
     TOO_SLOW = 4408  # the socket's push queue overflowed

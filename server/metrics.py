@@ -24,6 +24,9 @@ class Metrics:
                               registry=r)
         self.closes = Counter("hoomi_closes", "Connections closed by the hub, by close code",
                               ["code"], registry=r)
+        self.refused = Counter("hoomi_refused_upgrades",
+                               "WebSocket upgrades refused with 503, by reason", ["reason"],
+                               registry=r)
         self.batch_size = Histogram(
             "hoomi_writer_batch_size", "Messages per committed batch",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)

@@ -17,6 +17,7 @@ from collections import deque
 from typing import Any
 from uuid import UUID
 
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from protocol import (
@@ -114,17 +115,14 @@ class Connection:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        await self.ws.accept()
         m = self.s.metrics
-        if self.s.draining:
-            await self._close_now(CloseCode.SERVICE_RESTART, "replica shutting down")
+        if self.s.draining or len(self.s.sockets) >= self.s.settings.max_connections:
+            # Refuse the upgrade itself with 503: a load balancer retries the handshake on
+            # another replica (nginx: proxy_next_upstream http_503) and the client never
+            # notices; a direct client backs off and tries again.
+            await self._deny("replica shutting down" if self.s.draining else "replica full")
             return
-        if len(self.s.sockets) >= self.s.settings.max_connections:
-            # Full: the client backs off and retries, through the load balancer to a
-            # replica with room, before this one spends anything on the socket.
-            m.closes.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
-            await self._close_now(CloseCode.TRY_AGAIN_LATER, "replica full; try again")
-            return
+        await self.ws.accept()
         self.s.sockets.add(self)
         m.connections.inc()
         sender = asyncio.get_running_loop().create_task(self._send_loop())
@@ -153,6 +151,16 @@ class Connection:
             sender.cancel()
             if self._closing is not None:
                 await self._close_now(*self._closing)
+
+    async def _deny(self, why: str) -> None:
+        self.s.metrics.refused.labels(why).inc()
+        body = {"error": ErrorCode.UNAVAILABLE.value, "message": f"{why}; try again"}
+        try:
+            await self.ws.send_denial_response(
+                JSONResponse(body, status_code=503, headers={"Retry-After": "1"}))
+        except RuntimeError:  # a server without the denial-response extension
+            await self.ws.accept()
+            await self._close_now(CloseCode.TRY_AGAIN_LATER, why)
 
     def _token_expired(self) -> None:
         self._error(ErrorCode.UNAUTHORIZED, "token expired; reconnect with a new token", None)

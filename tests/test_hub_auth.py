@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from uuid import uuid4
 
 import httpx
 import msgpack
 import pytest
+import websockets
 
 from protocol import (
     Ack,
@@ -336,7 +338,8 @@ async def test_frame_over_the_size_limit_closes_1009(cluster):
     assert code == 1009
 
 
-async def test_full_replica_and_too_many_sockets_per_user_close_1013(module_dsn, valkey):
+async def test_full_replica_refuses_upgrades_and_a_users_extra_socket_closes_1013(
+        module_dsn, valkey):
     from tests.wsclient import Admin
     r = Replica(module_dsn, valkey.url, name="lim", HOOMI_MAX_CONNECTIONS="3",
                 HOOMI_MAX_SOCKETS_PER_USER="2").start()
@@ -355,10 +358,16 @@ async def test_full_replica_and_too_many_sockets_per_user_close_1013(module_dsn,
         assert frames[0].retry_after_ms
         # Another user still gets in: the limit is per user...
         peers.append((await joined(r.ws, tb))[0])
-        # ...until the replica itself is full: closed before any hello.
-        full = await Peer.connect(r.ws)
-        code, frames = await full.closed()
-        assert code == 1013 and frames == []
+        # ...until the replica itself is full: the upgrade is refused with 503 (which a
+        # load balancer retries on another replica), a JSON body saying why.
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await Peer.connect(r.ws)
+        response = refused.value.response
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert json.loads(response.body) == {"error": "unavailable",
+                                             "message": "replica full; try again"}
+        metrics = (await admin.http.get("/metrics")).text
+        assert 'hoomi_refused_upgrades_total{reason="replica full"} 1.0' in metrics
         await peers.pop().close()
         await asyncio.sleep(0.2)
         peers.append((await joined(r.ws, tb))[0])  # room again
