@@ -1,18 +1,25 @@
 """What can be checked of the deployment without Docker: the compose file names every
-service and the variables the README documents, nginx accepts its own config, and the
-Dockerfile runs the hub as a non-root user."""
+service and the variables the README documents, nginx accepts its own config and, run
+for real in front of two replicas, does what it says; the Dockerfile runs the hub as a
+non-root user."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
-from tests.cluster import ROOT
+from tests.cluster import ROOT, Replica, free_port
+from tests.test_hub_delivery import joined, messages, send
+from tests.wsclient import Admin, Peer
 
 README = (ROOT / "README.md").read_text()
 DOCUMENTED = set(re.findall(r"^\| `([A-Z_]+)` \|", README, re.M))
@@ -73,3 +80,64 @@ def test_dockerfile_runs_the_hub_unprivileged():
     assert users and users[-1] not in ("root", "0")
     assert "EXPOSE 8000" in lines
     assert lines[-1] == 'CMD ["hoomi", "serve"]'
+
+
+@pytest.mark.timeout(90)
+async def test_nginx_in_front_of_two_replicas(tmp_path: Path, dsn, valkey):
+    """The shipped config, run for real in front of two replicas: WebSockets pass, a full
+    replica's 503 is retried on the other one, /metrics stays private."""
+    nginx = nginx_binary()
+    if nginx is None:
+        pytest.skip("nginx is not installed (.ci/run installs Debian's nginx-light)")
+    full = Replica(dsn, valkey.url, name="lb-full", HOOMI_MAX_CONNECTIONS="1").start()
+    roomy = Replica(dsn, valkey.url, name="lb-roomy").start()
+    port = free_port()
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    conf = conf.replace("hub1:8000", f"127.0.0.1:{full.port}")
+    conf = conf.replace("hub2:8000", f"127.0.0.1:{roomy.port}")
+    conf = conf.replace("listen 8000;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("worker_processes auto;", "worker_processes 1;")
+    head = f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+    if os.geteuid() == 0:
+        head += "user root;\n"  # workers may write their temp files under tmp_path
+    (tmp_path / "nginx.conf").write_text(head + conf)
+    proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                             "-g", "daemon off;"], stderr=subprocess.PIPE)
+    admin = Admin(roomy.http)
+    peers: list[Peer] = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base) as http:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if (await http.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None
+                await asyncio.sleep(0.1)
+            assert (await http.get("/metrics")).status_code == 404
+            assert (await http.get("/readyz")).json()["ready"] is True
+        users = [await admin.user() for _ in range(4)]
+        h = await admin.hoomi(users)
+        # Four sockets through nginx: the full replica takes one and refuses the rest
+        # with 503, which nginx retries on the other replica; no client sees an error.
+        for u in users:
+            peer, welcome = await joined(f"ws://127.0.0.1:{port}/v1/ws", await admin.token(u))
+            assert [s.hoomi_id for s in welcome.hoomis] == [h]
+            peers.append(peer)
+        await peers[0].send(send(h, ref="via-lb"))
+        for p in peers:
+            (m,) = await messages(p, 1)
+            assert m.seq == 1
+        metrics = (await admin.http.get(full.http + "/metrics")).text
+        assert 'hoomi_refused_upgrades_total{reason="replica full"}' in metrics
+    finally:
+        for p in peers:
+            await p.close()
+        await admin.close()
+        proc.terminate()
+        proc.wait(10)
+        full.stop()
+        roomy.stop()
