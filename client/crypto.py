@@ -25,7 +25,8 @@ What is authenticated, and what it buys against the server (or anyone on the pat
   member wrote this", never which one; only the authenticated hub ties a sender to it.
 - client_msg_id (envelope): binds the ciphertext to one logical message and lets a
   reader, who is not told client_msg_id by the hub, match its own sends and spot a
-  replayed copy (same sender and client_msg_id under a new seq; readers should drop it).
+  replayed copy (same sender and client_msg_id under a new seq: HoomiClient.open
+  refuses it as "replayed").
 - session_id (AD): a ciphertext cannot be relabelled to another key's session.
 
 What it does not protect: `seq` is not bound, because the hub assigns it after the
@@ -34,7 +35,8 @@ reorder, withhold or duplicate messages within a Hoomi: readers detect gaps and
 duplicates from seq and client_msg_id, but the order itself is not cryptographically
 guaranteed. Timing, sizes to 32 bytes, and who talks to whom stay visible to the hub.
 
-Errors are values: DecryptError.reason is "unknown_session", "tampered" or "malformed";
+Errors are values: DecryptError.reason is "unknown_session", "tampered" or "malformed"
+(and "replayed", from HoomiClient.open);
 no message of any exception here holds key bytes or plaintext.
 """
 
@@ -65,7 +67,7 @@ HEADER_BYTES = _HEADER.size  # 37
 # (65536 - 16) // 32 * 32 = 65504 bytes of envelope, less the 37-byte header.
 MAX_PLAINTEXT = (MAX_CONTENT - TAG_BYTES) // PAD_TO * PAD_TO - HEADER_BYTES
 
-Reason = Literal["unknown_session", "tampered", "malformed"]
+Reason = Literal["unknown_session", "tampered", "malformed", "replayed"]
 
 
 class DecryptError(Exception):
@@ -74,7 +76,9 @@ class DecryptError(Exception):
     - tampered: authentication failed: wrong key, content or nonce altered, another
       Hoomi or session, or a sender other than the one who sealed it;
     - malformed: a nonce that is not 12 bytes, content shorter than the tag, or an
-      envelope that authenticates but does not parse (an unknown version, say).
+      envelope that authenticates but does not parse (an unknown version, say);
+    - replayed (from HoomiClient.open only): an authentic message already seen at a
+      lower seq of the same Hoomi, served again by the hub under a new seq.
     """
 
     def __init__(self, reason: Reason, detail: str = "") -> None:
@@ -93,10 +97,13 @@ class Sealed:
 
 @dataclass(frozen=True)
 class Opened:
-    """An authenticated message: its body and the client_msg_id its sender chose."""
+    """An authenticated message: its body, the client_msg_id its sender chose, and the
+    sender sealed inside it (what identifies a replayed copy even when the hub reports
+    the sender as deleted)."""
 
     plaintext: bytes = field(repr=False)
     client_msg_id: UUID
+    sealed_by: UUID
 
 
 def _associated_data(hoomi_id: UUID, session_id: str) -> bytes:
@@ -163,4 +170,4 @@ def decrypt(keys: Keyring | GroupKey, hoomi_id: UUID, sender_id: UUID | None,
         raise DecryptError("malformed", "envelope length or padding")
     if sender_id is not None and raw_sender != sender_id.bytes:
         raise DecryptError("tampered", "sealed by another sender")
-    return Opened(envelope[HEADER_BYTES:end], UUID(bytes=raw_cmid))
+    return Opened(envelope[HEADER_BYTES:end], UUID(bytes=raw_cmid), UUID(bytes=raw_sender))

@@ -33,6 +33,7 @@ import itertools
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ from protocol import (
 )
 from protocol.limits import FRAME_OVERHEAD
 
-from .crypto import Opened, decrypt, encrypt
+from .crypto import DecryptError, Opened, decrypt, encrypt
 from .keys import Keyring
 from .state import ClientState, Outgoing
 
@@ -100,6 +101,9 @@ class Closed(Exception):
 class ResponseTooLarge(Exception):
     """A reply was larger than the client accepts (it closed 1009); not asked again."""
 
+
+# How many opened messages HoomiClient.open remembers to recognise a replayed copy.
+REPLAY_WINDOW = 10_000
 
 # Where a fresh token comes from: called before every hello (sync or async).
 TokenSource = Callable[[], str | Awaitable[str]]
@@ -147,6 +151,8 @@ class HoomiClient:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._resends: set[asyncio.Task[Any]] = set()
         self._saved_at = time.monotonic()
+        # (hoomi, sealed sender, client_msg_id) -> lowest seq it was opened at.
+        self._opened: OrderedDict[tuple[UUID, UUID, UUID], int] = OrderedDict()
         self._ws: Any = None
         self._connected = asyncio.Event()
         self._welcomed = asyncio.Event()
@@ -437,13 +443,28 @@ class HoomiClient:
         return await self.send(hoomi_id, sealed.content, sealed.nonce, sealed.session_id, cmid)
 
     def open(self, message: MessageBody) -> Opened:
-        """Decrypt a pushed or paged message; DecryptError if it cannot be opened."""
+        """Decrypt a pushed or paged message; DecryptError if it cannot be opened.
+
+        A replay is refused too (reason "replayed"): the hub stores a (sender,
+        client_msg_id) once, so the same sealed message at a second seq can only be the
+        hub serving a copy. Of two copies the lower seq is the original, whichever is
+        opened first (history pages come newest first); the client remembers the last
+        REPLAY_WINDOW messages it opened."""
         if self.keyring is None:
             raise RuntimeError("open needs a keyring")
         if message.deleted or message.content is None or message.nonce is None:
             raise ValueError("a deleted message has no content")
-        return decrypt(self.keyring, message.hoomi_id, message.sender_id, message.content,
-                       message.nonce, message.session_id or "")
+        opened = decrypt(self.keyring, message.hoomi_id, message.sender_id, message.content,
+                         message.nonce, message.session_id or "")
+        key = (message.hoomi_id, opened.sealed_by, opened.client_msg_id)
+        first = self._opened.get(key)
+        if first is not None and first < message.seq:
+            raise DecryptError("replayed", f"seq {message.seq} repeats seq {first}")
+        self._opened[key] = message.seq
+        self._opened.move_to_end(key)
+        if len(self._opened) > REPLAY_WINDOW:
+            self._opened.popitem(last=False)
+        return opened
 
     async def history(self, hoomi_id: UUID, before: int | None = None, limit: int = 50) -> Page:
         page: Page = await self._request(

@@ -402,3 +402,43 @@ def test_messages_sealed_with_a_passphrase_key_open_for_another_member():
     ring.add(H, GroupKey(key.session_id, key.key))
     assert decrypt(ring, H, ALICE, sealed.content, sealed.nonce, "pw1").plaintext == b"hi bob"
 
+
+
+# -- replays, as the SDK sees them -----------------------------------------------------------
+
+def _pushed(sealed, hoomi_id, sender_id, seq: int):
+    from protocol import MessageBody
+    return MessageBody(id=uuid4(), hoomi_id=hoomi_id, seq=seq, sender_id=sender_id,
+                       content=sealed.content, nonce=sealed.nonce,
+                       session_id=sealed.session_id, created_at=0)
+
+
+def test_sdk_refuses_a_copy_of_a_message_served_again_under_a_new_seq():
+    from client.sdk import HoomiClient
+    h, alice = uuid4(), uuid4()
+    ring = Keyring()
+    ring.add(h, new_key("k1"))
+    sealed = encrypt(ring.current(h), h, alice, uuid4(), b"pay bob 10")
+    client = HoomiClient("ws://unused", "token", keyring=ring)
+    assert client.open(_pushed(sealed, h, alice, 5)).plaintext == b"pay bob 10"
+    assert client.open(_pushed(sealed, h, alice, 5)).plaintext == b"pay bob 10"  # re-render
+    for sender in (alice, None):  # also when the hub claims the sender was deleted
+        with pytest.raises(DecryptError) as err:
+            client.open(_pushed(sealed, h, sender, 9))
+        assert err.value.reason == "replayed"
+    other = encrypt(ring.current(h), h, alice, uuid4(), b"pay bob 10")
+    assert client.open(_pushed(other, h, alice, 10)).plaintext == b"pay bob 10"  # a new one
+
+
+def test_sdk_keeps_the_lower_seq_as_the_original_whatever_order_it_opens_them():
+    from client.sdk import HoomiClient
+    h, alice = uuid4(), uuid4()
+    ring = Keyring()
+    ring.add(h, new_key("k1"))
+    sealed = encrypt(ring.current(h), h, alice, uuid4(), b"hi")
+    client = HoomiClient("ws://unused", "token", keyring=ring)
+    # History pages come newest first: the copy is met before the original.
+    client.open(_pushed(sealed, h, alice, 9))
+    assert client.open(_pushed(sealed, h, alice, 5)).plaintext == b"hi"
+    with pytest.raises(DecryptError):
+        client.open(_pushed(sealed, h, alice, 9))
