@@ -67,6 +67,12 @@ HEADER_BYTES = _HEADER.size  # 37
 # (65536 - 16) // 32 * 32 = 65504 bytes of envelope, less the 37-byte header.
 MAX_PLAINTEXT = (MAX_CONTENT - TAG_BYTES) // PAD_TO * PAD_TO - HEADER_BYTES
 
+
+def max_plaintext(max_content: int) -> int:
+    """The largest body whose sealed content fits a hub's content limit (the hub says
+    its limit in `welcome`; MAX_PLAINTEXT is this for the default)."""
+    return max(0, (max_content - TAG_BYTES) // PAD_TO * PAD_TO - HEADER_BYTES)
+
 Reason = Literal["unknown_session", "tampered", "malformed", "replayed"]
 
 
@@ -115,15 +121,16 @@ def _padded(size: int) -> int:
 
 
 def encrypt(key: GroupKey, hoomi_id: UUID, sender_id: UUID, client_msg_id: UUID,
-            plaintext: bytes) -> Sealed:
+            plaintext: bytes, max_content: int = MAX_CONTENT) -> Sealed:
     """Seal a body with the given key (normally `Keyring.current(hoomi_id)`) for one
-    Hoomi, as sent by `sender_id` under `client_msg_id`. ValueError if the body is over
-    MAX_PLAINTEXT bytes (the content would exceed the hub's 64 KiB)."""
+    Hoomi, as sent by `sender_id` under `client_msg_id`. ValueError if the sealed content
+    would exceed `max_content` (the hub's limit, 64 KiB by default: MAX_PLAINTEXT)."""
     if not isinstance(plaintext, bytes):
         raise TypeError("plaintext: bytes expected")
-    if len(plaintext) > MAX_PLAINTEXT:
-        raise ValueError(f"plaintext: at most MAX_PLAINTEXT = {MAX_PLAINTEXT} bytes, so "
-                         f"that the content fits the hub's {MAX_CONTENT}; got {len(plaintext)}")
+    limit = max_plaintext(max_content)
+    if len(plaintext) > limit:
+        raise ValueError(f"plaintext: at most {limit} bytes, so that the content fits the "
+                         f"hub's {max_content}; got {len(plaintext)}")
     header = _HEADER.pack(VERSION, client_msg_id.bytes, sender_id.bytes, len(plaintext))
     size = len(header) + len(plaintext)
     envelope = header + plaintext + bytes(_padded(size) - size)

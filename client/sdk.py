@@ -65,7 +65,7 @@ from protocol import (
 )
 from protocol.limits import FRAME_OVERHEAD
 
-from .crypto import DecryptError, Opened, decrypt, encrypt
+from .crypto import MAX_CONTENT, DecryptError, Opened, decrypt, encrypt
 from .keys import Keyring
 from .state import ClientState, Outgoing
 
@@ -439,7 +439,9 @@ class HoomiClient:
         if cmid in self.state.outbox:
             out = self.state.outbox[cmid]
             return await self.send(out.hoomi_id, out.content, out.nonce, out.session_id, cmid)
-        sealed = encrypt(self.keyring.current(hoomi_id), hoomi_id, self.user_id, cmid, plaintext)
+        limit = self.welcome.max_content_bytes if self.welcome is not None else None
+        sealed = encrypt(self.keyring.current(hoomi_id), hoomi_id, self.user_id, cmid, plaintext,
+                         limit or MAX_CONTENT)
         return await self.send(hoomi_id, sealed.content, sealed.nonce, sealed.session_id, cmid)
 
     def open(self, message: MessageBody) -> Opened:

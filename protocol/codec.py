@@ -328,6 +328,8 @@ def encode_server(frame: ServerFrame) -> bytes:
         m["user_id"] = str(frame.user_id)
         m["hoomis"] = [{"hoomi_id": _uuid_str(h.hoomi_id), "last_seq": h.last_seq,
                         "role": h.role} for h in frame.hoomis]
+        if frame.max_content_bytes is not None:
+            m["max_content_bytes"] = frame.max_content_bytes
     elif isinstance(frame, Deleted):
         m = {"type": "deleted", "hoomi_id": _uuid_str(frame.hoomi_id), "id": str(frame.id),
              "seq": frame.seq}
@@ -418,7 +420,8 @@ def _welcome_from(m: dict[str, Any], ref: Ref) -> Welcome:
         h = _get_map(raw, "hoomis")
         hoomis.append(HoomiState(hoomi_id=_get_uuid(h, "hoomi_id"),
                                  last_seq=_get(h, "last_seq", int), role=_get(h, "role", str)))
-    return Welcome(user_id=_get_uuid(m, "user_id"), hoomis=hoomis, ref=ref)
+    return Welcome(user_id=_get_uuid(m, "user_id"), hoomis=hoomis, ref=ref,
+                   max_content_bytes=_get_opt(m, "max_content_bytes", int))
 
 
 def _error_from(m: dict[str, Any], ref: Ref) -> Error:

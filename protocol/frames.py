@@ -80,6 +80,10 @@ class Welcome:
     user_id: UUID
     hoomis: list[HoomiState]
     ref: Ref = None
+    # The largest `content` this hub accepts (its HOOMI_MAX_CONTENT_BYTES), so a client
+    # can refuse an oversized body before encrypting it. None: not said (an older hub);
+    # assume the protocol's default.
+    max_content_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

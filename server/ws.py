@@ -310,8 +310,8 @@ class Connection:
         if added:
             await hub.join(self, added)
         self._reply(Welcome(user_id=self.user_id, ref=hello.ref, hoomis=[
-            HoomiState(hoomi_id=s.hoomi_id, last_seq=s.last_seq, role=s.role) for s in mine]),
-            "welcome")
+            HoomiState(hoomi_id=s.hoomi_id, last_seq=s.last_seq, role=s.role) for s in mine],
+            max_content_bytes=self.s.limits.max_content_bytes), "welcome")
         for s in mine:
             cursor = self.cursors[s.hoomi_id]
             seen = hello.resume.get(s.hoomi_id)

@@ -215,3 +215,27 @@ async def test_client_over_the_per_user_socket_limit_waits_for_room(module_dsn, 
     finally:
         await admin.close()
         r.stop()
+
+
+async def test_client_seals_to_the_content_limit_the_hub_announces(module_dsn, valkey, tmp_path):
+    from client.crypto import max_plaintext
+    from tests.cluster import Replica
+    from tests.wsclient import Admin
+    r = Replica(module_dsn, valkey.url, name="small", HOOMI_MAX_CONTENT_BYTES="1024").start()
+    admin = Admin(r.http)
+    try:
+        alice = await admin.user()
+        h = await admin.hoomi([alice])
+        c = HoomiClient(r.ws, await admin.token(alice),
+                        keyring=generate_key_file(tmp_path / "k.json", [h]))
+        welcome = await c.start()
+        assert welcome.max_content_bytes == 1024
+        biggest = max_plaintext(1024)
+        assert (await c.send_text(h, b"x" * biggest)).seq == 1
+        with pytest.raises(ValueError, match="at most"):  # refused here, nothing sent
+            await c.send_text(h, b"x" * (biggest + 1))
+        assert c.state.outbox == {}
+        await c.close()
+    finally:
+        await admin.close()
+        r.stop()

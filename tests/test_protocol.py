@@ -80,7 +80,8 @@ bodies = live_bodies | tombstones
 server_frames = st.one_of(
     st.builds(Welcome, user_id=uuids, ref=refs, hoomis=st.lists(st.builds(
         HoomiState, hoomi_id=uuids, last_seq=st.integers(0, INT64_MAX),
-        role=st.sampled_from(["admin", "member"])), max_size=4)),
+        role=st.sampled_from(["admin", "member"])), max_size=4),
+        max_content_bytes=st.none() | st.integers(16, 2**31)),
     st.builds(Ack, id=uuids, hoomi_id=uuids, seq=seqs, created_at=times, ref=refs),
     bodies,
     st.builds(Page, hoomi_id=uuids, messages=st.lists(bodies, max_size=4),
