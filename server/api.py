@@ -245,13 +245,14 @@ async def hoomi_messages(request: Request, s: Services) -> Response:
     assert limit is not None
     if before is not None and after is not None:
         raise HttpError(ErrorCode.INVALID, "after: cannot be combined with before", "after")
-    await _require_role(s, hoomi_id, user_id)
     if after is not None:
-        sp = await message_store.since(s.pool, hoomi_id, after, limit)
+        sp = await message_store.since(s.pool, hoomi_id, after, limit, reader=user_id,
+                                       hoomi_field="id")
         return JSONResponse({"hoomi_id": str(hoomi_id),
                              "messages": [_message_json(m) for m in sp.messages],
                              "has_more": sp.has_more})
-    hp = await message_store.history(s.pool, hoomi_id, before, limit)
+    hp = await message_store.history(s.pool, hoomi_id, before, limit, reader=user_id,
+                                     hoomi_field="id")
     return JSONResponse({"hoomi_id": str(hoomi_id),
                          "messages": [_message_json(m) for m in hp.messages],
                          "next_before": hp.next_before})

@@ -534,16 +534,14 @@ class Connection:
             if isinstance(frame, Hello):
                 self._error(ErrorCode.INVALID, "type: hello was already received", frame.ref)
             elif isinstance(frame, History):
-                await self._authorize(frame.hoomi_id)
                 hp = await message_store.history(self.s.pool, frame.hoomi_id, frame.before,
-                                                 frame.limit)
+                                                 frame.limit, reader=self.user_id)
                 self._reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
                                  messages=[events.message_body(m) for m in hp.messages],
                                  next_before=hp.next_before), "page")
             elif isinstance(frame, Sync):
-                await self._authorize(frame.hoomi_id)
                 sp = await message_store.since(self.s.pool, frame.hoomi_id, frame.after,
-                                               frame.limit)
+                                               frame.limit, reader=self.user_id)
                 self._reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
                                  messages=[events.message_body(m) for m in sp.messages],
                                  has_more=sp.has_more), "page")
@@ -561,9 +559,6 @@ class Connection:
                 raise
             _log.warning("request failed: %s", exc)
             self._error(ErrorCode.UNAVAILABLE, "storage unavailable", frame.ref, RETRY_AFTER_MS)
-
-    async def _authorize(self, hoomi_id: UUID) -> None:
-        await hoomi_store.require_member(self.s.pool, hoomi_id, self.user_id)
 
 
 async def endpoint(ws: WebSocket) -> None:

@@ -17,6 +17,7 @@ from protocol.errors import ErrorCode
 from . import audit
 from .audit import Actor
 from .errors import StorageError, forbidden, not_found
+from .hoomis import require_member
 from .records import DeletedMessage, HistoryPage, StoredMessage, SyncPage
 
 _COLUMNS = "id, hoomi_id, seq, sender_id, content, nonce, session_id, created_at, deleted_at"
@@ -31,6 +32,31 @@ _AFTER = f"""
 SELECT {_COLUMNS} FROM messages
 WHERE hoomi_id = $1 AND seq > $2
 ORDER BY seq ASC LIMIT $3
+"""
+
+# The same pages for a reader, with the membership check in the same round trip: no row
+# at all means "not a member"; a member of an empty range gets one row of NULLs.
+_M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
+_MEMBER_BEFORE = f"""
+SELECT {_M_COLUMNS}
+FROM hoomi_members hm
+LEFT JOIN LATERAL (
+    SELECT {_COLUMNS} FROM messages
+    WHERE hoomi_id = $1 AND seq < $2
+    ORDER BY seq DESC LIMIT $3
+) m ON true
+WHERE hm.hoomi_id = $1 AND hm.user_id = $4
+"""
+
+_MEMBER_AFTER = f"""
+SELECT {_M_COLUMNS}
+FROM hoomi_members hm
+LEFT JOIN LATERAL (
+    SELECT {_COLUMNS} FROM messages
+    WHERE hoomi_id = $1 AND seq > $2
+    ORDER BY seq ASC LIMIT $3
+) m ON true
+WHERE hm.hoomi_id = $1 AND hm.user_id = $4
 """
 
 _RANGE = f"""
@@ -55,13 +81,32 @@ def _check_limit(limit: int, field: str) -> None:
         raise StorageError(ErrorCode.INVALID, f"{field}: must be at least 1", field)
 
 
+async def _pages_for(
+    conn: asyncpg.Connection | asyncpg.Pool, query: str, hoomi_id: UUID, edge: int,
+    limit: int, reader: UUID, hoomi_field: str,
+) -> list[asyncpg.Record]:
+    rows = await conn.fetch(query, hoomi_id, edge, limit, reader)
+    if not rows:
+        # Not a member: say whether the Hoomi exists at all (the slow path, errors only).
+        await require_member(conn, hoomi_id, reader, field=hoomi_field)
+        raise forbidden("not a member of this hoomi")
+    return [r for r in rows if r["id"] is not None]
+
+
 async def history(
     conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, before: int | None, limit: int,
-    *, limit_field: str = "limit",
+    *, limit_field: str = "limit", reader: UUID | None = None, hoomi_field: str = "hoomi_id",
 ) -> HistoryPage:
-    """Up to `limit` messages with seq < before (newest first); tombstones included."""
+    """Up to `limit` messages with seq < before (newest first); tombstones included.
+    With `reader`, only for a member of the Hoomi (forbidden / not_found otherwise),
+    checked in the same round trip."""
     _check_limit(limit, limit_field)
-    rows = await conn.fetch(_BEFORE, hoomi_id, _NEWEST if before is None else before, limit + 1)
+    edge = _NEWEST if before is None else before
+    if reader is None:
+        rows = await conn.fetch(_BEFORE, hoomi_id, edge, limit + 1)
+    else:
+        rows = await _pages_for(conn, _MEMBER_BEFORE, hoomi_id, edge, limit + 1, reader,
+                                 hoomi_field)
     page = [_message(r) for r in rows[:limit]]
     next_before = page[-1].seq if len(rows) > limit else None
     return HistoryPage(page, next_before)
@@ -69,11 +114,16 @@ async def history(
 
 async def since(
     conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, after: int, limit: int,
-    *, limit_field: str = "limit",
+    *, limit_field: str = "limit", reader: UUID | None = None, hoomi_field: str = "hoomi_id",
 ) -> SyncPage:
-    """Up to `limit` messages with seq > after, ascending: a reconnecting client's catch-up."""
+    """Up to `limit` messages with seq > after, ascending: a reconnecting client's catch-up.
+    `reader` as for `history`."""
     _check_limit(limit, limit_field)
-    rows = await conn.fetch(_AFTER, hoomi_id, after, limit + 1)
+    if reader is None:
+        rows = await conn.fetch(_AFTER, hoomi_id, after, limit + 1)
+    else:
+        rows = await _pages_for(conn, _MEMBER_AFTER, hoomi_id, after, limit + 1, reader,
+                                 hoomi_field)
     return SyncPage([_message(r) for r in rows[:limit]], len(rows) > limit)
 
 

@@ -328,3 +328,27 @@ async def test_user_with_hoomis_tells_a_missing_user_from_one_without_hoomis(poo
     assert await hoomis.user_with_hoomis(pool, bob) == []
     assert await hoomis.user_with_hoomis(pool, alice) == await hoomis.user_hoomis(pool, alice)
     assert [s.hoomi_id for s in await hoomis.user_with_hoomis(pool, alice)] == [h]
+
+
+async def test_pages_for_a_reader_check_membership_in_the_same_query(pool, writer):
+    alice, bob, eve = await factories.users(pool, 3)
+    h = await factories.hoomi(pool, [alice], [bob])
+    empty = await factories.hoomi(pool, [alice])
+    for _ in range(5):
+        await writer.append(factories.request(h, alice))
+    for reader in (alice, bob):
+        assert await messages.history(pool, h, 4, 2, reader=reader) == \
+            await messages.history(pool, h, 4, 2)
+        assert await messages.since(pool, h, 1, 3, reader=reader) == \
+            await messages.since(pool, h, 1, 3)
+    page = await messages.history(pool, empty, None, 10, reader=alice)
+    assert (page.messages, page.next_before) == ([], None)
+    assert (await messages.since(pool, empty, 0, 10, reader=alice)).messages == []
+    for call in (messages.history(pool, h, None, 10, reader=eve),
+                 messages.since(pool, h, 0, 10, reader=eve)):
+        with pytest.raises(StorageError) as err:
+            await call
+        assert err.value.code == ErrorCode.FORBIDDEN
+    with pytest.raises(StorageError) as err:
+        await messages.history(pool, uuid4(), None, 10, reader=alice, hoomi_field="id")
+    assert (err.value.code, err.value.field) == (ErrorCode.NOT_FOUND, "id")
