@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.writer
 	$(BIN)/python -m bench.hub
 	$(BIN)/python -m bench.fanout
+	$(BIN)/python -m bench.history
 
 clean:
 	rm -rf $(VENV)
