@@ -1,7 +1,7 @@
 """What a client must remember across restarts: the last seq seen per Hoomi (to resume)
 and the outbox of sends not yet acked (to resend them under the same client_msg_id).
 
-Saved atomically (write, fsync, rename) before a send leaves and after its ack, so a
+Saved atomically (write, fsync, rename, fsync of the directory) before a send leaves and after its ack, so a
 client killed at any point resends exactly what the hub may not have stored, and the
 hub's idempotency turns a resend of a stored message into its original ack.
 """
@@ -61,3 +61,10 @@ class ClientState:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        # The rename itself must survive a power cut, or the outbox could come back
+        # without a send that already left.
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
