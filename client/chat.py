@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import sys
+import threading
 from pathlib import Path
 from uuid import UUID
 
@@ -64,8 +65,9 @@ class Chat:
                 print(f"-- you {ev.state} this hoomi --", flush=True)
 
     async def typing(self) -> None:
+        lines = _stdin_lines()
         while True:
-            raw = await asyncio.to_thread(sys.stdin.readline)
+            raw = await lines.get()
             if not raw:
                 return
             text = raw.rstrip("\n")
@@ -84,6 +86,24 @@ class Chat:
                     await self.client.send_text(self.hoomi, text.encode("utf-8"))
             except (HubError, ValueError) as err:
                 print(f"-- {err} --", flush=True)
+
+
+def _stdin_lines() -> asyncio.Queue[str]:
+    """Lines typed on stdin ('' at its end), read by a daemon thread: a reader parked in
+    readline() must not keep the process alive once the chat has ended (an executor
+    thread would: asyncio.run waits for it at exit)."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+
+    def read() -> None:
+        while True:
+            raw = sys.stdin.readline()
+            loop.call_soon_threadsafe(lines.put_nowait, raw)
+            if not raw:
+                return
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+    return lines
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -115,10 +135,19 @@ async def run(args: argparse.Namespace) -> int:
           flush=True)
     await chat.more()
     pushes = asyncio.ensure_future(chat.pushes())
-    await chat.typing()
-    pushes.cancel()
+    typing = asyncio.ensure_future(chat.typing())
+    await asyncio.wait({pushes, typing}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if pushes.done() and not pushes.cancelled() and pushes.exception() is not None:
+        # The client stopped for good (its token expired or was refused): say so and end,
+        # rather than sit there with a dead socket.
+        print(f"-- disconnected: {pushes.exception()}; join again with a new token --",
+              flush=True)
+        code = 1
+    for task in (pushes, typing):
+        task.cancel()
     await client.close()
-    return 0
+    return code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -1,9 +1,10 @@
 """What a client must remember across restarts: the last seq seen per Hoomi (to resume)
 and the outbox of sends not yet acked (to resend them under the same client_msg_id).
 
-Saved atomically (write, fsync, rename, fsync of the directory) before a send leaves and after its ack, so a
-client killed at any point resends exactly what the hub may not have stored, and the
-hub's idempotency turns a resend of a stored message into its original ack.
+Saved atomically (write, fsync, rename, fsync of the directory) before a send leaves
+and after its ack, so a client killed at any point resends exactly what the hub may not
+have stored, and the hub's idempotency turns a resend of a stored message into its
+original ack.
 """
 
 from __future__ import annotations

@@ -162,3 +162,30 @@ def test_keys_command_creates_then_rotates(tmp_path):
                               str(tmp_path / "none.json"), str(h1)], cwd=ROOT,
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode != 0 and "none.json" in missing.stderr
+
+
+async def test_chat_says_so_and_ends_when_its_token_expires(cluster, tmp_path):
+    import jwt
+
+    from tests.cluster import JWT_SECRET
+    (alice, _) = await cluster.user()
+    h = await cluster.admin.hoomi([alice])
+    keyfile = tmp_path / "keys.json"
+    generate_key_file(keyfile, [h])
+    # Still inside the hub's 5 s leeway: joins, then expires about 1.5 s later.
+    token = jwt.encode({"sub": str(alice), "exp": int(time.time() - 3.5)}, JWT_SECRET,
+                       algorithm="HS256")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t = Terminal([sys.executable, "-m", "server.cli", "chat", "--hoomi", str(h), "--url",
+                  cluster.a.ws, "--token", token, "--key-file", str(keyfile)], env)
+    try:
+        await t.expect("start of history")
+        await t.expect("-- disconnected: ", timeout=15)
+        assert "new token" in await t.expect("new token")
+        deadline = time.monotonic() + 10
+        while t.proc.poll() is None:  # it ends by itself, not waiting for a keystroke
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert t.proc.returncode == 1
+    finally:
+        t.close()
