@@ -41,6 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     settings = _settings()
     log_config = logs.configure(settings.log_level, settings.log_format)
+    _raise_open_files_limit(settings.max_connections)
     if settings.database_url is not None:
         from storage.db import DatabaseUnreachable, wait_for_database
 
@@ -118,6 +119,25 @@ async def _migrate(dsn: str) -> list[int]:
         return await migrate(conn)
     finally:
         await conn.close()
+
+
+def _raise_open_files_limit(max_connections: int) -> None:
+    """Each socket is a file descriptor: lift the soft limit (often 1024) towards the hard
+    one, or a replica would fail accepting long before HOOMI_MAX_CONNECTIONS."""
+    import resource
+
+    want = max_connections + 256  # PostgreSQL, Redis, logs, the listening socket
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            _log.warning("could not raise the open files limit: %s", exc)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        _log.warning("open files limit %d is below HOOMI_MAX_CONNECTIONS + 256 = %d: "
+                     "raise it (ulimit -n, LimitNOFILE, ulimits in compose)", soft, want)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:

@@ -323,3 +323,38 @@ async def test_json_logs_are_one_object_per_line(dsn):
     messages_ = [e["message"] for e in entries]
     assert any(m.startswith("Hoomi hub listening on") for m in messages_)
     assert any("GET /healthz" in m for m in messages_)  # uvicorn's access log too
+
+
+def _open_files_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open files line")
+
+
+async def test_hub_lifts_its_open_files_limit_for_its_sockets(dsn):
+    import resource
+
+    def low_soft_limit() -> None:  # as on many hosts: soft 1024 (here 256), hard higher
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hub = Replica(dsn, None, name="nofile", HOOMI_MAX_CONNECTIONS="5000")
+    hub.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT,
+                                env=hub.env, stdout=hub.log, stderr=subprocess.STDOUT,
+                                preexec_fn=low_soft_limit)
+    try:
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient() as http:
+            while True:
+                try:
+                    if (await http.get(hub.http + "/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, hub.output()
+                await asyncio.sleep(0.1)
+        assert _open_files_limit(hub.proc.pid) == min(5000 + 256, hard)
+    finally:
+        hub.stop()
