@@ -39,6 +39,7 @@ class Settings:
     batch_max_delay_ms: float = 1.0
     db_pool_size: int = 10
     send_queue_frames: int = 1024
+    send_queue_mb: float = 16.0
     max_inflight_sends: int = 256
     hello_timeout_s: float = 10.0
     reconcile_interval_s: float = 2.0
@@ -104,6 +105,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         batch_max_delay_ms=_number(env, "HOOMI_BATCH_MAX_DELAY_MS", 1.0, 0.0, 1000.0),
         db_pool_size=_number(env, "HOOMI_DB_POOL_SIZE", 10, 2, 1000),
         send_queue_frames=_number(env, "HOOMI_SEND_QUEUE_FRAMES", 1024, 8, 1_000_000),
+        send_queue_mb=_number(env, "HOOMI_SEND_QUEUE_MB", 16.0, 0.0625, 65536.0),
         max_inflight_sends=_number(env, "HOOMI_MAX_INFLIGHT_SENDS", 256, 1, 100_000),
         hello_timeout_s=_number(env, "HOOMI_HELLO_TIMEOUT_S", 10.0, 0.1, 3600.0),
         reconcile_interval_s=_number(env, "HOOMI_RECONCILE_INTERVAL_S", 2.0, 0.05, 3600.0),

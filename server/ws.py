@@ -95,6 +95,11 @@ class Connection:
         self.cursors: dict[UUID, _Cursor] = {}
         self._out: deque[bytes] = deque()
         self._max_out = services.settings.send_queue_frames
+        # Bytes too: push frames are shared between sockets, but history pages are not,
+        # and a client that asks for pages without reading them must not make this
+        # replica hold gigabytes (up to 1024 pages of 100 messages of 64 KiB).
+        self._out_bytes = 0
+        self._max_out_bytes = int(services.settings.send_queue_mb * (1 << 20))
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -202,26 +207,33 @@ class Connection:
                 await self._wake.wait()
                 continue
             frame = out.popleft()
+            self._out_bytes -= len(frame)
             await ws.send_bytes(frame)
-            if not self._room.is_set() and len(out) <= low:
+            if not self._room.is_set() and len(out) <= low and not self._half_full_bytes():
                 self._room.set()
 
     def _enqueue(self, frame: bytes, kind: str) -> None:
         if self._closing is not None:
             return
-        if len(self._out) >= self._max_out:
+        if len(self._out) >= self._max_out or (
+                self._out and self._out_bytes + len(frame) > self._max_out_bytes):
             self.close(CloseCode.TOO_SLOW, "too slow to read pushes; reconnect and resume")
             return
         self._out.append(frame)
+        self._out_bytes += len(frame)
         self._drained.clear()
         self.s.metrics.frame_out(kind).inc()
         self._wake.set()
 
     async def _room_for_catch_up(self) -> None:
         """Catch-up from the database waits for room instead of overflowing the queue."""
-        while len(self._out) >= self._max_out // 2 and self._closing is None:
+        while ((len(self._out) >= self._max_out // 2 or self._half_full_bytes())
+               and self._closing is None):
             self._room.clear()
             await self._room.wait()
+
+    def _half_full_bytes(self) -> bool:
+        return self._out_bytes >= self._max_out_bytes // 2
 
     def _reply(self, frame: Any, kind: str) -> None:
         self._enqueue(encode_server(frame), kind)

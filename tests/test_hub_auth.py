@@ -376,3 +376,41 @@ async def test_full_replica_refuses_upgrades_and_a_users_extra_socket_closes_101
             await p.close()
         await admin.close()
         r.stop()
+
+
+async def test_pages_asked_for_and_not_read_are_bounded_in_bytes(cluster, module_dsn, valkey):
+    from protocol import encode_client
+    from tests.wsclient import Admin
+    r = Replica(module_dsn, valkey.url, name="pages", HOOMI_SEND_QUEUE_MB="1").start()
+    admin = Admin(r.http)
+    try:
+        a = await admin.user()
+        h = await admin.hoomi([a])
+        writer, _ = await joined(cluster.a.ws, await admin.token(a))  # a normal queue
+        big = os.urandom(60000)
+        for i in range(40):
+            await writer.send(send(h, ref=i, body=big))
+        await messages(writer, 40)
+        await writer.close()
+        # Ask for the same 2.4 MB page over and over, and read none of it.
+        greedy = await websockets.connect(r.ws, max_queue=1, max_size=None, write_limit=2**10)
+        await greedy.send(encode_client(Hello(token=await admin.token(a))))
+        for i in range(60):
+            try:
+                await greedy.send(encode_client(History(hoomi_id=h, limit=40, ref=i)))
+            except websockets.ConnectionClosed:
+                break
+        await asyncio.sleep(3)  # not reading while the hub answers them all
+        code = None
+        for _ in range(200):
+            try:
+                await asyncio.wait_for(greedy.recv(), 5)
+            except websockets.ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd else None
+                break
+        assert code == 4408  # long before 60 pages (144 MB) were held for it
+        metrics = (await admin.http.get("/metrics")).text
+        assert 'hoomi_closes_total{code="4408"}' in metrics
+    finally:
+        await admin.close()
+        r.stop()
