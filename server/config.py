@@ -51,6 +51,8 @@ class Settings:
     max_sockets_per_user: int = 32
     send_rate: float = 200.0  # sends per second per connection, sustained
     send_burst: int = 400
+    request_rate: float = 50.0  # history, sync and delete per second per connection
+    request_burst: int = 100
     log_level: str = "info"
     log_format: str = "text"
     cors_origins: tuple[str, ...] = ()
@@ -117,6 +119,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         max_sockets_per_user=_number(env, "HOOMI_MAX_SOCKETS_PER_USER", 32, 1, 100_000),
         send_rate=_number(env, "HOOMI_SEND_RATE", 200.0, 0.1, 1_000_000.0),
         send_burst=_number(env, "HOOMI_SEND_BURST", 400, 1, 1_000_000),
+        request_rate=_number(env, "HOOMI_REQUEST_RATE", 50.0, 0.1, 1_000_000.0),
+        request_burst=_number(env, "HOOMI_REQUEST_BURST", 100, 1, 1_000_000),
         log_level=(env.get("HOOMI_LOG_LEVEL") or "info").lower(),
         log_format=(env.get("HOOMI_LOG_FORMAT") or "text").lower(),
         cors_origins=_origins(env.get("HOOMI_CORS_ORIGINS") or ""),

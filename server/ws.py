@@ -67,7 +67,7 @@ class _Cursor:
 
 
 class TokenBucket:
-    """Sends allowed per connection: `rate` per second on average, `burst` at once."""
+    """Requests allowed per connection: `rate` per second on average, `burst` at once."""
 
     __slots__ = ("rate", "burst", "tokens", "stamp")
 
@@ -77,7 +77,7 @@ class TokenBucket:
         self.stamp = time.monotonic()
 
     def take(self) -> int:
-        """0 if a send may go now, else the milliseconds until one may."""
+        """0 if a request may go now, else the milliseconds until one may."""
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
@@ -107,6 +107,8 @@ class Connection:
         self._drained.set()
         self._inflight = asyncio.Semaphore(services.settings.max_inflight_sends)
         self._bucket = TokenBucket(services.settings.send_rate, services.settings.send_burst)
+        # history, sync and delete each cost a database round trip: bounded on their own.
+        self._reads = TokenBucket(services.settings.request_rate, services.settings.request_burst)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing: tuple[int, str] | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -502,6 +504,9 @@ class Connection:
                     raise
             elif isinstance(frame, Ping):
                 self._reply(Pong(ref=frame.ref), "pong")
+            elif not isinstance(frame, Hello) and (wait_ms := self._reads.take()):
+                self._error(ErrorCode.RATE_LIMITED, "too many requests; retry later",
+                            frame.ref, wait_ms)
             else:
                 await self._request(frame)
 

@@ -288,6 +288,27 @@ async def test_rate_limited_with_retry_after(module_dsn, valkey):
         r.stop()
 
 
+async def test_history_requests_are_rate_limited_per_socket(module_dsn, valkey):
+    from tests.wsclient import Admin
+    r = Replica(module_dsn, valkey.url, name="reads", HOOMI_REQUEST_RATE="1",
+                HOOMI_REQUEST_BURST="3").start()
+    admin = Admin(r.http)
+    try:
+        a = await admin.user()
+        h = await admin.hoomi([a])
+        peer, _ = await joined(r.ws, await admin.token(a))
+        got = [await reply(peer, History(hoomi_id=h, ref=i)) for i in range(4)]
+        assert [type(g).__name__ for g in got] == ["Page", "Page", "Page", "Error"]
+        assert got[3].code == ErrorCode.RATE_LIMITED and 0 < got[3].retry_after_ms <= 1000
+        assert isinstance(await reply(peer, Ping(ref="still")), Pong)  # the socket goes on
+        await asyncio.sleep(got[3].retry_after_ms / 1000)
+        assert isinstance(await reply(peer, History(hoomi_id=h, ref="later")), Page)
+        await peer.close()
+    finally:
+        await admin.close()
+        r.stop()
+
+
 async def test_slow_reader_is_closed_4408_and_resumes(cluster, module_dsn, valkey):
     import websockets
 
