@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 JWT_SECRET = "test-secret-for-hoomi-hub-tests-only-0123456789"
@@ -142,3 +143,20 @@ class Replica:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+async def until_ok(url: str, timeout: float, why: Callable[[], str] = str) -> None:
+    """Poll `url` until it answers 200; fail after `timeout` s with `why()` (a log, say)."""
+    import asyncio
+
+    import httpx
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as http:
+        while True:
+            try:
+                if (await http.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{url} not 200 after {timeout} s: {why()}"
+            await asyncio.sleep(0.1)

@@ -5,19 +5,17 @@ non-root user."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.cluster import ROOT, Replica, free_port
+from tests.cluster import ROOT, Replica, free_port, until_ok
 from tests.test_hub_delivery import joined, messages, send
 from tests.wsclient import Admin, Peer
 
@@ -107,16 +105,8 @@ async def test_nginx_in_front_of_two_replicas(tmp_path: Path, dsn, valkey):
     peers: list[Peer] = []
     try:
         base = f"http://127.0.0.1:{port}"
+        await until_ok(base + "/healthz", 10, lambda: f"nginx exit code {proc.poll()}")
         async with httpx.AsyncClient(base_url=base) as http:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    if (await http.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline and proc.poll() is None
-                await asyncio.sleep(0.1)
             assert (await http.get("/metrics")).status_code == 404
             assert (await http.get("/readyz")).json()["ready"] is True
         users = [await admin.user() for _ in range(4)]

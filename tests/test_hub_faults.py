@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from protocol import Ack, Error, ErrorCode, Membership, Send
-from tests.cluster import ADMIN_TOKEN, JWT_SECRET, ROOT, Replica, Valkey
+from tests.cluster import ADMIN_TOKEN, JWT_SECRET, ROOT, Replica, Valkey, until_ok
 from tests.test_hub_delivery import joined, messages, send
 from tests.wsclient import Admin, Peer
 
@@ -246,16 +246,7 @@ async def test_hub_waits_for_its_database_at_start_up(dsn, pg_template):
         await asyncio.sleep(2)
         assert hub.proc.poll() is None and "waiting for PostgreSQL" in hub.output()
         await root.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
-        async with httpx.AsyncClient() as http:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if (await http.get(hub.http + "/readyz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, hub.output()
-                await asyncio.sleep(0.2)
+        await until_ok(hub.http + "/readyz", 30, hub.output)
         hub.stop()
     finally:
         await root.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
@@ -291,10 +282,7 @@ async def test_replica_started_before_redis_serves_and_joins_pub_sub_later(dsn):
             # Served without pub/sub: the other replica reconciles from PostgreSQL.
             assert [m.seq for m in await messages(pb, 1)] == [1]
             own.start()
-            deadline = time.monotonic() + 20
-            while (await http.get(replicas[1].http + "/readyz")).status_code != 200:
-                assert time.monotonic() < deadline, replicas[1].output()
-                await asyncio.sleep(0.2)
+            await until_ok(replicas[1].http + "/readyz", 20, replicas[1].output)
         for i in range(2, 5):
             await pa.send(send(h, ref=i))
         assert [m.seq for m in await messages(pb, 3)] == [2, 3, 4]
@@ -345,16 +333,7 @@ async def test_hub_lifts_its_open_files_limit_for_its_sockets(dsn):
                                 env=hub.env, stdout=hub.log, stderr=subprocess.STDOUT,
                                 preexec_fn=low_soft_limit)
     try:
-        deadline = time.monotonic() + 30
-        async with httpx.AsyncClient() as http:
-            while True:
-                try:
-                    if (await http.get(hub.http + "/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, hub.output()
-                await asyncio.sleep(0.1)
+        await until_ok(hub.http + "/healthz", 30, hub.output)
         assert _open_files_limit(hub.proc.pid) == min(5000 + 256, hard)
     finally:
         hub.stop()
