@@ -161,7 +161,9 @@ def _bearer(request: Request) -> str:
 
 async def _user(request: Request, services: Services) -> UUID:
     try:
-        user_id = auth.verify(services.settings.jwt_secret, _bearer(request))
+        st = services.settings
+        user_id = auth.verify(st.jwt_secret, _bearer(request), issuer=st.jwt_issuer,
+                              audience=st.jwt_audience)
     except auth.AuthError as err:
         raise HttpError(err.code, err.message, "authorization") from None
     # As on the socket: a deleted user's tokens stop working with it.
@@ -420,7 +422,9 @@ async def op_token(request: Request, s: Services) -> Response:
                         "ttl_seconds")
     if not await user_store.user_exists(s.pool, user_id):
         raise HttpError(ErrorCode.NOT_FOUND, "user not found", "user_id")
-    return JSONResponse({"token": auth.issue(s.settings.jwt_secret, user_id, ttl)})
+    st = s.settings
+    return JSONResponse({"token": auth.issue(st.jwt_secret, user_id, ttl, issuer=st.jwt_issuer,
+                                             audience=st.jwt_audience)})
 
 
 routes = [

@@ -21,11 +21,15 @@ class AuthError(Exception):
         self.message = message
 
 
-def issue(secret: str, user_id: UUID, ttl_seconds: int = 86400) -> str:
+def issue(secret: str, user_id: UUID, ttl_seconds: int = 86400, *,
+          issuer: str | None = None, audience: str | None = None) -> str:
     now = int(time.time())
-    return jwt.encode(
-        {"sub": str(user_id), "iat": now, "exp": now + ttl_seconds}, secret, algorithm=ALGORITHM
-    )
+    claims: dict[str, object] = {"sub": str(user_id), "iat": now, "exp": now + ttl_seconds}
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
 # Clock skew tolerated between the token's issuer and this replica, in seconds.
@@ -38,20 +42,32 @@ class Claims:
     expires_at: float  # Unix seconds after which the token no longer counts (leeway included)
 
 
-def verify(secret: str, token: str) -> UUID:
+def verify(secret: str, token: str, *, issuer: str | None = None,
+           audience: str | None = None) -> UUID:
     """The user id the token was issued for; AuthError(unauthorized) otherwise."""
-    return verify_claims(secret, token).user_id
+    return verify_claims(secret, token, issuer=issuer, audience=audience).user_id
 
 
-def verify_claims(secret: str, token: str) -> Claims:
-    """What a valid token grants, and until when; AuthError(unauthorized) otherwise."""
+def verify_claims(secret: str, token: str, *, issuer: str | None = None,
+                  audience: str | None = None) -> Claims:
+    """What a valid token grants, and until when; AuthError(unauthorized) otherwise.
+
+    With `issuer` / `audience` set (HOOMI_JWT_ISSUER / HOOMI_JWT_AUDIENCE), a token must
+    name them in `iss` / `aud`: a token an identity service minted for another service
+    that happens to share the secret is not accepted here."""
+    required = ["exp", "sub"] + (["iss"] if issuer else []) + (["aud"] if audience else [])
     try:
         claims = jwt.decode(
-            token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]},
-            leeway=LEEWAY_S,
+            token, secret, algorithms=[ALGORITHM], options={
+                "require": required, "verify_aud": bool(audience), "verify_iss": bool(issuer)},
+            leeway=LEEWAY_S, issuer=issuer or None, audience=audience or None,
         )
     except jwt.ExpiredSignatureError:
         raise AuthError(ErrorCode.UNAUTHORIZED, "token expired") from None
+    except (jwt.InvalidIssuerError, jwt.InvalidAudienceError) as err:
+        raise AuthError(ErrorCode.UNAUTHORIZED, f"token not for this hub: {err}") from None
+    except jwt.MissingRequiredClaimError as err:
+        raise AuthError(ErrorCode.UNAUTHORIZED, f"invalid token: {err}") from None
     except jwt.PyJWTError:
         raise AuthError(ErrorCode.UNAUTHORIZED, "invalid token") from None
     try:

@@ -184,7 +184,8 @@ def cmd_restore(args: argparse.Namespace) -> None:
 
 def cmd_token(args: argparse.Namespace) -> None:
     settings = _settings()
-    print(auth.issue(settings.jwt_secret, _uuid_arg(args.user_id), args.ttl))
+    print(auth.issue(settings.jwt_secret, _uuid_arg(args.user_id), args.ttl,
+                     issuer=settings.jwt_issuer, audience=settings.jwt_audience))
 
 
 def _uuid_arg(raw: str) -> UUID:

@@ -31,6 +31,8 @@ class Settings:
     redis_url: str | None = None
     jwt_secret: str = ""
     admin_token: str = ""
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Path(".")
@@ -99,6 +101,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         redis_url=env.get("REDIS_URL") or None,
         jwt_secret=env.get("HOOMI_JWT_SECRET", ""),
         admin_token=env.get("HOOMI_ADMIN_TOKEN", ""),
+        jwt_issuer=env.get("HOOMI_JWT_ISSUER") or None,
+        jwt_audience=env.get("HOOMI_JWT_AUDIENCE") or None,
         host=env.get("HOOMI_HOST") or "127.0.0.1",
         port=_number(env, "HOOMI_PORT", 8000, 0, 65535),
         data_dir=data_dir,

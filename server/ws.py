@@ -274,7 +274,9 @@ class Connection:
             self.close(CloseCode.UNAUTHORIZED, "expected hello")
             return False
         try:
-            claims = auth.verify_claims(self.s.settings.jwt_secret, frame.token)
+            st = self.s.settings
+            claims = auth.verify_claims(st.jwt_secret, frame.token, issuer=st.jwt_issuer,
+                                        audience=st.jwt_audience)
             self.user_id = claims.user_id
             # A valid signature is not enough: a deleted user's tokens die with it.
             first = await hoomi_store.user_with_hoomis(self.s.pool, self.user_id)

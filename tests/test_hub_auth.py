@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from uuid import uuid4
 
 import httpx
@@ -438,6 +439,56 @@ async def test_pages_asked_for_and_not_read_are_bounded_in_bytes(cluster, module
         assert code == 4408  # long before 60 pages (144 MB) were held for it
         metrics = (await admin.http.get("/metrics")).text
         assert 'hoomi_closes_total{code="4408"}' in metrics
+    finally:
+        await admin.close()
+        r.stop()
+
+
+def test_tokens_checked_for_issuer_and_audience_when_configured():
+    from uuid import uuid4 as new_id
+
+    from server import auth
+    secret, user = "s" * 40, new_id()
+    good = auth.issue(secret, user, 60, issuer="https://id.example", audience="hoomi")
+    assert auth.verify(secret, good, issuer="https://id.example", audience="hoomi") == user
+    assert auth.verify(secret, good) == user  # nothing configured: not checked
+    for token, why in [
+        (auth.issue(secret, user, 60), "iss"),  # no iss/aud at all
+        (auth.issue(secret, user, 60, issuer="https://other.example", audience="hoomi"),
+         "issuer"),
+        (auth.issue(secret, user, 60, issuer="https://id.example", audience="mail"),
+         "audience"),
+    ]:
+        with pytest.raises(auth.AuthError) as err:
+            auth.verify(secret, token, issuer="https://id.example", audience="hoomi")
+        assert err.value.code == ErrorCode.UNAUTHORIZED and why in err.value.message.lower()
+
+
+async def test_hub_with_an_issuer_and_audience_refuses_other_tokens(module_dsn, valkey):
+    import jwt
+
+    from tests.wsclient import Admin
+    r = Replica(module_dsn, valkey.url, name="iss", HOOMI_JWT_ISSUER="https://id.example",
+                HOOMI_JWT_AUDIENCE="hoomi").start()
+    admin = Admin(r.http)
+    try:
+        a = await admin.user()
+        token = await admin.token(a)  # the admin API puts iss and aud in
+        claims = jwt.decode(token, options={"verify_signature": False})
+        assert (claims["iss"], claims["aud"]) == ("https://id.example", "hoomi")
+        peer, _ = await joined(r.ws, token)
+        await peer.close()
+        plain = jwt.encode({"sub": str(a), "exp": int(time.time()) + 60}, JWT_SECRET,
+                           algorithm="HS256")
+        peer = await Peer.connect(r.ws)
+        await peer.send(Hello(token=plain, ref="h"))
+        code, frames = await peer.closed()
+        assert code == 4401 and frames[0].code == ErrorCode.UNAUTHORIZED
+        async with httpx.AsyncClient(base_url=r.http) as http:
+            refused = await http.get("/v1/hoomis", headers={"Authorization": f"Bearer {plain}"})
+            assert (refused.status_code, refused.json()["field"]) == (401, "authorization")
+            ok = await http.get("/v1/hoomis", headers={"Authorization": f"Bearer {token}"})
+            assert ok.status_code == 200
     finally:
         await admin.close()
         r.stop()
