@@ -135,9 +135,11 @@ def _raise_open_files_limit(max_connections: int) -> None:
             soft = target
         except (ValueError, OSError) as exc:
             _log.warning("could not raise the open files limit: %s", exc)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        _log.warning("open files limit %d is below HOOMI_MAX_CONNECTIONS + 256 = %d: "
-                     "raise it (ulimit -n, LimitNOFILE, ulimits in compose)", soft, want)
+    if soft != resource.RLIM_INFINITY and soft < max_connections:
+        _log.warning("open files limit %d is below HOOMI_MAX_CONNECTIONS (%d): this replica "
+                     "would fail to accept sockets before it is full; raise the limit "
+                     "(ulimit -n, LimitNOFILE, ulimits in compose) or lower "
+                     "HOOMI_MAX_CONNECTIONS", soft, max_connections)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
