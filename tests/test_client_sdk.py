@@ -18,6 +18,7 @@ from client.keys import Keyring, generate_key_file, load_key_file, new_key
 from client.sdk import HoomiClient, HubError, Unauthorized
 from protocol import ErrorCode, MessageBody
 from tests.cluster import ROOT
+from tests.wsclient import own_replica
 
 
 async def test_two_clients_exchange_encrypted_messages_through_two_replicas(cluster, tmp_path):
@@ -195,11 +196,8 @@ async def test_fixed_token_that_expires_stops_the_client(cluster):
 
 
 async def test_client_over_the_per_user_socket_limit_waits_for_room(module_dsn, valkey):
-    from tests.cluster import Replica
-    from tests.wsclient import Admin
-    r = Replica(module_dsn, valkey.url, name="one", HOOMI_MAX_SOCKETS_PER_USER="1").start()
-    admin = Admin(r.http)
-    try:
+    async with own_replica(
+            module_dsn, valkey.url, "one", HOOMI_MAX_SOCKETS_PER_USER="1") as (r, admin):
         alice = await admin.user()
         tok = await admin.token(alice)
         first = HoomiClient(r.ws, tok)
@@ -212,18 +210,12 @@ async def test_client_over_the_per_user_socket_limit_waits_for_room(module_dsn, 
         await asyncio.wait_for(starting, 15)
         assert second.connects == 1
         await second.close()
-    finally:
-        await admin.close()
-        r.stop()
 
 
 async def test_client_seals_to_the_content_limit_the_hub_announces(module_dsn, valkey, tmp_path):
     from client.crypto import max_plaintext
-    from tests.cluster import Replica
-    from tests.wsclient import Admin
-    r = Replica(module_dsn, valkey.url, name="small", HOOMI_MAX_CONTENT_BYTES="1024").start()
-    admin = Admin(r.http)
-    try:
+    async with own_replica(
+            module_dsn, valkey.url, "small", HOOMI_MAX_CONTENT_BYTES="1024") as (r, admin):
         alice = await admin.user()
         h = await admin.hoomi([alice])
         c = HoomiClient(r.ws, await admin.token(alice),
@@ -236,6 +228,3 @@ async def test_client_seals_to_the_content_limit_the_hub_announces(module_dsn, v
             await c.send_text(h, b"x" * (biggest + 1))
         assert c.state.outbox == {}
         await c.close()
-    finally:
-        await admin.close()
-        r.stop()

@@ -26,9 +26,9 @@ from protocol import (
     Pong,
     Sync,
 )
-from tests.cluster import JWT_SECRET, Replica
+from tests.cluster import JWT_SECRET
 from tests.test_hub_delivery import joined, messages, send
-from tests.wsclient import Peer
+from tests.wsclient import Peer, own_replica
 
 
 async def reply(peer: Peer, frame) -> object:
@@ -269,11 +269,9 @@ async def test_frame_that_is_not_a_msgpack_map_closes_4400(cluster, junk):
 
 
 async def test_rate_limited_with_retry_after(module_dsn, valkey):
-    from tests.wsclient import Admin
-    r = Replica(module_dsn, valkey.url, name="slow", HOOMI_SEND_RATE="1",
-                HOOMI_SEND_BURST="3").start()
-    admin = Admin(r.http)
-    try:
+    async with own_replica(
+            module_dsn, valkey.url, "slow",
+            HOOMI_SEND_RATE="1", HOOMI_SEND_BURST="3") as (r, admin):
         a = await admin.user()
         h = await admin.hoomi([a])
         peer, _ = await joined(r.ws, await admin.token(a))
@@ -284,17 +282,12 @@ async def test_rate_limited_with_retry_after(module_dsn, valkey):
         assert len(errors) == 1 and errors[0].code == ErrorCode.RATE_LIMITED
         assert errors[0].ref == 3 and 0 < errors[0].retry_after_ms <= 1000
         await peer.close()
-    finally:
-        await admin.close()
-        r.stop()
 
 
 async def test_history_requests_are_rate_limited_per_socket(module_dsn, valkey):
-    from tests.wsclient import Admin
-    r = Replica(module_dsn, valkey.url, name="reads", HOOMI_REQUEST_RATE="1",
-                HOOMI_REQUEST_BURST="3").start()
-    admin = Admin(r.http)
-    try:
+    async with own_replica(
+            module_dsn, valkey.url, "reads",
+            HOOMI_REQUEST_RATE="1", HOOMI_REQUEST_BURST="3") as (r, admin):
         a = await admin.user()
         h = await admin.hoomi([a])
         peer, _ = await joined(r.ws, await admin.token(a))
@@ -305,19 +298,13 @@ async def test_history_requests_are_rate_limited_per_socket(module_dsn, valkey):
         await asyncio.sleep(got[3].retry_after_ms / 1000)
         assert isinstance(await reply(peer, History(hoomi_id=h, ref="later")), Page)
         await peer.close()
-    finally:
-        await admin.close()
-        r.stop()
 
 
 async def test_slow_reader_is_closed_4408_and_resumes(cluster, module_dsn, valkey):
     import websockets
 
     from protocol import encode_client
-    from tests.wsclient import Admin
-    r = Replica(module_dsn, valkey.url, name="q", HOOMI_SEND_QUEUE_FRAMES="8").start()
-    admin = Admin(r.http)
-    try:
+    async with own_replica(module_dsn, valkey.url, "q", HOOMI_SEND_QUEUE_FRAMES="8") as (r, admin):
         a, b = await admin.user(), await admin.user()
         h = await admin.hoomi([a], [b])
         # A reader that never reads: small client buffers so TCP backs up fast.
@@ -344,9 +331,6 @@ async def test_slow_reader_is_closed_4408_and_resumes(cluster, module_dsn, valke
         assert [m.seq for m in got] == list(range(1, total + 1))
         await again.close()
         await writer.close()
-    finally:
-        await admin.close()
-        r.stop()
 
 
 async def test_frame_over_the_size_limit_closes_1009(cluster):
@@ -362,56 +346,50 @@ async def test_frame_over_the_size_limit_closes_1009(cluster):
 
 async def test_full_replica_refuses_upgrades_and_a_users_extra_socket_closes_1013(
         module_dsn, valkey):
-    from tests.wsclient import Admin
-    r = Replica(module_dsn, valkey.url, name="lim", HOOMI_MAX_CONNECTIONS="3",
-                HOOMI_MAX_SOCKETS_PER_USER="2").start()
-    admin = Admin(r.http)
-    peers = []
-    try:
-        a, b = await admin.user(), await admin.user()
-        ta, tb = await admin.token(a), await admin.token(b)
-        for _ in range(2):
-            peers.append((await joined(r.ws, ta))[0])
-        third = await Peer.connect(r.ws)
-        await third.send(Hello(token=ta, ref="h3"))
-        code, frames = await third.closed()
-        assert code == 1013
-        assert [(f.code, f.ref) for f in frames] == [(ErrorCode.RATE_LIMITED, "h3")]
-        assert frames[0].retry_after_ms
-        # Another user still gets in: the limit is per user...
-        peers.append((await joined(r.ws, tb))[0])
-        # ...until the replica itself is full: the upgrade is refused with 503 (which a
-        # load balancer retries on another replica), a JSON body saying why.
-        with pytest.raises(websockets.InvalidStatus) as refused:
-            await Peer.connect(r.ws)
-        response = refused.value.response
-        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
-        assert json.loads(response.body) == {"error": "unavailable",
-                                             "message": "replica full; try again"}
-        metrics = (await admin.http.get("/metrics")).text
-        assert 'hoomi_refused_upgrades_total{reason="replica full"} 1.0' in metrics
-        await peers.pop().close()
-        for _ in range(50):  # room again once the hub has let go of that socket
-            try:
-                peers.append((await joined(r.ws, tb))[0])
-                break
-            except websockets.InvalidStatus:
-                await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the replica stayed full after a socket closed")
-    finally:
-        for p in peers:
-            await p.close()
-        await admin.close()
-        r.stop()
+    async with own_replica(
+            module_dsn, valkey.url, "lim",
+            HOOMI_MAX_CONNECTIONS="3", HOOMI_MAX_SOCKETS_PER_USER="2") as (r, admin):
+        peers = []
+        try:
+            a, b = await admin.user(), await admin.user()
+            ta, tb = await admin.token(a), await admin.token(b)
+            for _ in range(2):
+                peers.append((await joined(r.ws, ta))[0])
+            third = await Peer.connect(r.ws)
+            await third.send(Hello(token=ta, ref="h3"))
+            code, frames = await third.closed()
+            assert code == 1013
+            assert [(f.code, f.ref) for f in frames] == [(ErrorCode.RATE_LIMITED, "h3")]
+            assert frames[0].retry_after_ms
+            # Another user still gets in: the limit is per user...
+            peers.append((await joined(r.ws, tb))[0])
+            # ...until the replica itself is full: the upgrade is refused with 503 (which a
+            # load balancer retries on another replica), a JSON body saying why.
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await Peer.connect(r.ws)
+            response = refused.value.response
+            assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+            assert json.loads(response.body) == {"error": "unavailable",
+                                                 "message": "replica full; try again"}
+            metrics = (await admin.http.get("/metrics")).text
+            assert 'hoomi_refused_upgrades_total{reason="replica full"} 1.0' in metrics
+            await peers.pop().close()
+            for _ in range(50):  # room again once the hub has let go of that socket
+                try:
+                    peers.append((await joined(r.ws, tb))[0])
+                    break
+                except websockets.InvalidStatus:
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the replica stayed full after a socket closed")
+        finally:
+            for p in peers:
+                await p.close()
 
 
 async def test_pages_asked_for_and_not_read_are_bounded_in_bytes(cluster, module_dsn, valkey):
     from protocol import encode_client
-    from tests.wsclient import Admin
-    r = Replica(module_dsn, valkey.url, name="pages", HOOMI_SEND_QUEUE_MB="1").start()
-    admin = Admin(r.http)
-    try:
+    async with own_replica(module_dsn, valkey.url, "pages", HOOMI_SEND_QUEUE_MB="1") as (r, admin):
         a = await admin.user()
         h = await admin.hoomi([a])
         writer, _ = await joined(cluster.a.ws, await admin.token(a))  # a normal queue
@@ -439,9 +417,6 @@ async def test_pages_asked_for_and_not_read_are_bounded_in_bytes(cluster, module
         assert code == 4408  # long before 60 pages (144 MB) were held for it
         metrics = (await admin.http.get("/metrics")).text
         assert 'hoomi_closes_total{code="4408"}' in metrics
-    finally:
-        await admin.close()
-        r.stop()
 
 
 def test_tokens_checked_for_issuer_and_audience_when_configured():
@@ -467,11 +442,9 @@ def test_tokens_checked_for_issuer_and_audience_when_configured():
 async def test_hub_with_an_issuer_and_audience_refuses_other_tokens(module_dsn, valkey):
     import jwt
 
-    from tests.wsclient import Admin
-    r = Replica(module_dsn, valkey.url, name="iss", HOOMI_JWT_ISSUER="https://id.example",
-                HOOMI_JWT_AUDIENCE="hoomi").start()
-    admin = Admin(r.http)
-    try:
+    async with own_replica(
+            module_dsn, valkey.url, "iss",
+            HOOMI_JWT_ISSUER="https://id.example", HOOMI_JWT_AUDIENCE="hoomi") as (r, admin):
         a = await admin.user()
         token = await admin.token(a)  # the admin API puts iss and aud in
         claims = jwt.decode(token, options={"verify_signature": False})
@@ -489,6 +462,3 @@ async def test_hub_with_an_issuer_and_audience_refuses_other_tokens(module_dsn, 
             assert (refused.status_code, refused.json()["field"]) == (401, "authorization")
             ok = await http.get("/v1/hoomis", headers={"Authorization": f"Bearer {token}"})
             assert ok.status_code == 200
-    finally:
-        await admin.close()
-        r.stop()

@@ -4,6 +4,8 @@ so tests can send exactly the frames (good or bad) they mean to."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
 
@@ -13,7 +15,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from protocol import decode_server, encode_client
-from tests.cluster import ADMIN_TOKEN
+from tests.cluster import ADMIN_TOKEN, Replica
 
 TIMEOUT = 10.0
 
@@ -93,3 +95,17 @@ class Admin:
 
     async def close(self) -> None:
         await self.http.aclose()
+
+
+@asynccontextmanager
+async def own_replica(dsn: str, redis_url: str | None, name: str,
+                      **env: str) -> AsyncIterator[tuple[Replica, Admin]]:
+    """A replica started with its own settings for one test, and an operator client on
+    it; both stopped afterwards."""
+    replica = Replica(dsn, redis_url, name=name, **env).start()
+    admin = Admin(replica.http)
+    try:
+        yield replica, admin
+    finally:
+        await admin.close()
+        replica.stop()
