@@ -191,16 +191,7 @@ async def members(conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID) -> li
 
 async def user_hoomis(conn: asyncpg.Connection | asyncpg.Pool, user_id: UUID) -> list[HoomiSummary]:
     """The user's Hoomis with their current last_seq and the user's role, for `welcome`."""
-    rows = await conn.fetch(
-        """
-        SELECT h.id, h.last_seq, hm.role
-        FROM hoomi_members hm JOIN hoomis h ON h.id = hm.hoomi_id
-        WHERE hm.user_id = $1
-        ORDER BY h.id
-        """,
-        user_id,
-    )
-    return [HoomiSummary(r["id"], r["last_seq"], r["role"]) for r in rows]
+    return await user_with_hoomis(conn, user_id) or []
 
 
 async def user_with_hoomis(

@@ -17,7 +17,7 @@ from protocol.errors import ErrorCode
 from . import audit
 from .audit import Actor
 from .errors import StorageError, forbidden, not_found
-from .hoomis import require_member
+from .hoomis import member_role, require_member
 from .records import DeletedMessage, HistoryPage, StoredMessage, SyncPage
 
 _COLUMNS = "id, hoomi_id, seq, sender_id, content, nonce, session_id, created_at, deleted_at"
@@ -34,30 +34,21 @@ WHERE hoomi_id = $1 AND seq > $2
 ORDER BY seq ASC LIMIT $3
 """
 
-# The same pages for a reader, with the membership check in the same round trip: no row
-# at all means "not a member"; a member of an empty range gets one row of NULLs.
-_M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
-_MEMBER_BEFORE = f"""
-SELECT {_M_COLUMNS}
+
+def _for_reader(page: str) -> str:
+    """The same page for reader $4, with the membership check in the same round trip:
+    no row at all means "not a member"; a member of an empty range gets one row of NULLs."""
+    columns = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
+    return f"""
+SELECT {columns}
 FROM hoomi_members hm
-LEFT JOIN LATERAL (
-    SELECT {_COLUMNS} FROM messages
-    WHERE hoomi_id = $1 AND seq < $2
-    ORDER BY seq DESC LIMIT $3
-) m ON true
+LEFT JOIN LATERAL ({page}) m ON true
 WHERE hm.hoomi_id = $1 AND hm.user_id = $4
 """
 
-_MEMBER_AFTER = f"""
-SELECT {_M_COLUMNS}
-FROM hoomi_members hm
-LEFT JOIN LATERAL (
-    SELECT {_COLUMNS} FROM messages
-    WHERE hoomi_id = $1 AND seq > $2
-    ORDER BY seq ASC LIMIT $3
-) m ON true
-WHERE hm.hoomi_id = $1 AND hm.user_id = $4
-"""
+
+_MEMBER_BEFORE = _for_reader(_BEFORE)
+_MEMBER_AFTER = _for_reader(_AFTER)
 
 _RANGE = f"""
 SELECT {_COLUMNS} FROM messages
@@ -153,10 +144,7 @@ async def delete_for_everyone(
     """
     async with pool.acquire() as conn, conn.transaction():
         # Membership first: a non-member learns nothing, not even whether the id exists.
-        role = await conn.fetchval(
-            "SELECT role FROM hoomi_members WHERE hoomi_id = $1 AND user_id = $2",
-            hoomi_id, actor_id,
-        )
+        role = await member_role(conn, hoomi_id, actor_id)
         if role is None:
             raise forbidden("not a member of this hoomi")
         row = await conn.fetchrow(
