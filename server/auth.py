@@ -60,7 +60,7 @@ def verify_claims(secret: str, token: str, *, issuer: str | None = None,
         claims = jwt.decode(
             token, secret, algorithms=[ALGORITHM], options={
                 "require": required, "verify_aud": bool(audience), "verify_iss": bool(issuer)},
-            leeway=LEEWAY_S, issuer=issuer or None, audience=audience or None,
+            leeway=LEEWAY_S, issuer=issuer, audience=audience,
         )
     except jwt.ExpiredSignatureError:
         raise AuthError(ErrorCode.UNAUTHORIZED, "token expired") from None

@@ -46,9 +46,5 @@ def configure(level: str, fmt: str) -> dict[str, object] | None:
             logger.handlers.clear()
             logger.propagate = True
         return None
-    return _uvicorn_text_config()
-
-
-def _uvicorn_text_config() -> dict[str, object]:
     from uvicorn.config import LOGGING_CONFIG
     return LOGGING_CONFIG
