@@ -413,30 +413,31 @@ def _pushed(sealed, hoomi_id, sender_id, seq: int):
                        session_id=sealed.session_id, created_at=0)
 
 
-def test_sdk_refuses_a_copy_of_a_message_served_again_under_a_new_seq():
+def _reader():
+    """A client that only opens messages, with one Hoomi's key: (client, hoomi, alice)."""
     from client.sdk import HoomiClient
     h, alice = uuid4(), uuid4()
     ring = Keyring()
     ring.add(h, new_key("k1"))
-    sealed = encrypt(ring.current(h), h, alice, uuid4(), b"pay bob 10")
-    client = HoomiClient("ws://unused", "token", keyring=ring)
+    return HoomiClient("ws://unused", "token", keyring=ring), h, alice
+
+
+def test_sdk_refuses_a_copy_of_a_message_served_again_under_a_new_seq():
+    client, h, alice = _reader()
+    sealed = encrypt(client.keyring.current(h), h, alice, uuid4(), b"pay bob 10")
     assert client.open(_pushed(sealed, h, alice, 5)).plaintext == b"pay bob 10"
     assert client.open(_pushed(sealed, h, alice, 5)).plaintext == b"pay bob 10"  # re-render
     for sender in (alice, None):  # also when the hub claims the sender was deleted
         with pytest.raises(DecryptError) as err:
             client.open(_pushed(sealed, h, sender, 9))
         assert err.value.reason == "replayed"
-    other = encrypt(ring.current(h), h, alice, uuid4(), b"pay bob 10")
+    other = encrypt(client.keyring.current(h), h, alice, uuid4(), b"pay bob 10")
     assert client.open(_pushed(other, h, alice, 10)).plaintext == b"pay bob 10"  # a new one
 
 
 def test_sdk_keeps_the_lower_seq_as_the_original_whatever_order_it_opens_them():
-    from client.sdk import HoomiClient
-    h, alice = uuid4(), uuid4()
-    ring = Keyring()
-    ring.add(h, new_key("k1"))
-    sealed = encrypt(ring.current(h), h, alice, uuid4(), b"hi")
-    client = HoomiClient("ws://unused", "token", keyring=ring)
+    client, h, alice = _reader()
+    sealed = encrypt(client.keyring.current(h), h, alice, uuid4(), b"hi")
     # History pages come newest first: the copy is met before the original.
     client.open(_pushed(sealed, h, alice, 9))
     assert client.open(_pushed(sealed, h, alice, 5)).plaintext == b"hi"
