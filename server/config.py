@@ -58,6 +58,33 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     cors_origins: tuple[str, ...] = ()
+    # -- abuse bounds (issue 14) --
+    close_timeout_s: float = 5.0  # a close not written and answered in this is aborted
+    header_timeout_s: float = 10.0  # a new TCP connection must send its request headers
+    body_timeout_s: float = 15.0  # a request body must arrive in full
+    idle_timeout_s: float = 5.0  # keep-alive: idle HTTP connection between requests
+    response_timeout_s: float = 30.0  # an unread HTTP response is aborted after this
+    max_http_connections: int = 1024  # TCP connections not (yet) upgraded, per replica
+    max_unauthenticated: int = 0  # sockets before welcome; 0: a tenth of max_connections
+    max_unauthenticated_per_address: int = 16
+    hello_rate: float = 20.0  # hellos per second per client address, sustained
+    hello_burst: int = 100
+    auth_failure_rate: float = 1.0  # failed authentications per second per address
+    auth_failure_burst: int = 20
+    http_rate: float = 50.0  # HTTP API requests per second per user token, sustained
+    http_burst: int = 100
+    http_max_inflight: int = 64  # HTTP API requests being served at once, per replica
+    user_max_reads: int = 4  # database reads (pages, sync) one user runs at once
+    page_max_bytes: int = 1 << 20  # ciphertext bytes in one history/sync page
+    metrics_token: str | None = None  # when set, /metrics needs `Bearer <token>`
+    erase_interval_s: float = 60.0  # deleted and purged rows vacuumed off disk this often
+
+    @property
+    def unauthenticated_budget(self) -> int:
+        """Sockets allowed to wait for `hello` at once on one replica."""
+        if self.max_unauthenticated:
+            return min(self.max_unauthenticated, self.max_connections)
+        return max(1, self.max_connections // 10)
 
     @property
     def embedded(self) -> bool:
@@ -128,6 +155,26 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         log_level=(env.get("HOOMI_LOG_LEVEL") or "info").lower(),
         log_format=(env.get("HOOMI_LOG_FORMAT") or "text").lower(),
         cors_origins=_origins(env.get("HOOMI_CORS_ORIGINS") or ""),
+        close_timeout_s=_number(env, "HOOMI_CLOSE_TIMEOUT_S", 5.0, 0.1, 300.0),
+        header_timeout_s=_number(env, "HOOMI_HEADER_TIMEOUT_S", 10.0, 0.1, 300.0),
+        body_timeout_s=_number(env, "HOOMI_BODY_TIMEOUT_S", 15.0, 0.1, 3600.0),
+        idle_timeout_s=_number(env, "HOOMI_IDLE_TIMEOUT_S", 5.0, 0.1, 3600.0),
+        response_timeout_s=_number(env, "HOOMI_RESPONSE_TIMEOUT_S", 30.0, 0.1, 3600.0),
+        max_http_connections=_number(env, "HOOMI_MAX_HTTP_CONNECTIONS", 1024, 1, 10_000_000),
+        max_unauthenticated=_number(env, "HOOMI_MAX_UNAUTHENTICATED", 0, 0, 10_000_000),
+        max_unauthenticated_per_address=_number(
+            env, "HOOMI_MAX_UNAUTHENTICATED_PER_ADDRESS", 16, 1, 10_000_000),
+        hello_rate=_number(env, "HOOMI_HELLO_RATE", 20.0, 0.01, 1_000_000.0),
+        hello_burst=_number(env, "HOOMI_HELLO_BURST", 100, 1, 1_000_000),
+        auth_failure_rate=_number(env, "HOOMI_AUTH_FAILURE_RATE", 1.0, 0.01, 1_000_000.0),
+        auth_failure_burst=_number(env, "HOOMI_AUTH_FAILURE_BURST", 20, 1, 1_000_000),
+        http_rate=_number(env, "HOOMI_HTTP_RATE", 50.0, 0.1, 1_000_000.0),
+        http_burst=_number(env, "HOOMI_HTTP_BURST", 100, 1, 1_000_000),
+        http_max_inflight=_number(env, "HOOMI_HTTP_MAX_INFLIGHT", 64, 1, 1_000_000),
+        user_max_reads=_number(env, "HOOMI_USER_MAX_READS", 4, 1, 10_000),
+        page_max_bytes=_number(env, "HOOMI_PAGE_MAX_BYTES", 1 << 20, 1024, 1 << 30),
+        metrics_token=env.get("HOOMI_METRICS_TOKEN") or None,
+        erase_interval_s=_number(env, "HOOMI_ERASE_INTERVAL_S", 60.0, 1.0, 86400.0),
     )
     if settings.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("HOOMI_LOG_LEVEL: one of debug, info, warning, error")

@@ -46,6 +46,7 @@ from storage.errors import StorageError, is_outage
 from storage.records import AppendRequest, HoomiSummary
 
 from . import auth, events
+from .limits import TokenBucket
 from .services import Services
 
 _log = logging.getLogger(__name__)
@@ -64,27 +65,6 @@ class _Cursor:
         self.sent = sent
         self.catching_up = catching_up
         self.held: dict[int, bytes] = {}  # seq -> `deleted` frame, for seqs above `sent`
-
-
-class TokenBucket:
-    """Requests allowed per connection: `rate` per second on average, `burst` at once."""
-
-    __slots__ = ("rate", "burst", "tokens", "stamp")
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, float(burst)
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def take(self) -> int:
-        """0 if a request may go now, else the milliseconds until one may."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0
-        return max(1, int((1.0 - self.tokens) / self.rate * 1000))
 
 
 class Connection:
