@@ -12,6 +12,7 @@ from storage.writer import BatchWriter
 from .broker import Broker
 from .config import Settings
 from .hub import Hub
+from .limits import KeyedBuckets, KeyedCounter
 from .metrics import Metrics
 
 
@@ -27,3 +28,16 @@ class Services:
     # Set when SIGTERM arrives: new sockets are refused, open ones closed with 1012.
     draining: bool = False
     sockets: set[object] = field(default_factory=set)
+    # Abuse bounds shared by the socket and HTTP sides (issue 14), built from settings
+    # in `__post_init__`: per client address and per user.
+    hellos: KeyedBuckets = field(default_factory=lambda: KeyedBuckets(20.0, 100))
+    auth_failures: KeyedBuckets = field(default_factory=lambda: KeyedBuckets(1.0, 20))
+    http_requests: KeyedBuckets = field(default_factory=lambda: KeyedBuckets(50.0, 100))
+    user_reads: KeyedCounter = field(default_factory=lambda: KeyedCounter(4))
+
+    def __post_init__(self) -> None:
+        st = self.settings
+        self.hellos = KeyedBuckets(st.hello_rate, st.hello_burst)
+        self.auth_failures = KeyedBuckets(st.auth_failure_rate, st.auth_failure_burst)
+        self.http_requests = KeyedBuckets(st.http_rate, st.http_burst)
+        self.user_reads = KeyedCounter(st.user_max_reads)
