@@ -12,7 +12,7 @@ from protocol.errors import ErrorCode
 from . import audit
 from .audit import Actor
 from .errors import StorageError, not_found
-from .records import HoomiSummary, Member
+from .records import HoomiOverview, HoomiSummary, Member
 
 ROLES = ("admin", "member")
 # 100 years. Also a CHECK in migration 0002: past PostgreSQL's timestamp range the purge
@@ -255,3 +255,26 @@ async def memberships(
         if r["hoomi_id"] is not None:
             roles.setdefault(r["user_id"], {})[r["hoomi_id"]] = r["role"]
     return existing, roles
+
+
+async def overview(conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID) -> HoomiOverview | None:
+    """What an operator sees of a Hoomi (never content): its members, counters and
+    retention, and how many messages it stores (tombstones included), in one round trip.
+    None if it does not exist."""
+    row = await conn.fetchrow(
+        """
+        SELECT h.last_seq, h.retention_seconds,
+               (SELECT count(*) FROM messages m WHERE m.hoomi_id = h.id) AS messages,
+               (SELECT coalesce(array_agg(hm.user_id ORDER BY hm.user_id), '{}')
+                  FROM hoomi_members hm WHERE hm.hoomi_id = h.id) AS member_ids,
+               (SELECT coalesce(array_agg(hm.role ORDER BY hm.user_id), '{}')
+                  FROM hoomi_members hm WHERE hm.hoomi_id = h.id) AS member_roles
+        FROM hoomis h WHERE h.id = $1
+        """,
+        hoomi_id,
+    )
+    if row is None:
+        return None
+    members = [Member(u, r) for u, r in zip(row["member_ids"], row["member_roles"], strict=True)]
+    return HoomiOverview(hoomi_id, members, row["last_seq"], row["retention_seconds"],
+                         row["messages"])

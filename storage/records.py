@@ -59,6 +59,14 @@ class Member(NamedTuple):
     role: str
 
 
+class HoomiOverview(NamedTuple):
+    hoomi_id: UUID
+    members: list[Member]
+    last_seq: int
+    retention_seconds: int | None
+    messages: int  # rows stored, tombstones included
+
+
 class DeletedMessage(NamedTuple):
     id: UUID
     hoomi_id: UUID
