@@ -4,6 +4,11 @@ Cursors are seqs, never timestamps: seqs are dense per Hoomi and visible in orde
 (see writer.py), so `seq > after` misses nothing and `seq < before` repeats nothing.
 Both directions read one extra row to know whether more exist, on the
 `messages_hoomi_seq_key` (hoomi_id, seq) index.
+
+With `max_bytes`, a page also stops before its ciphertext passes that many bytes (at
+least one message always comes): the cut is made in the query, by a running sum of
+`octet_length(content)`, so the server never fetches more than it returns, and the
+extra row is only counted (`fetched`), never sent.
 """
 
 from __future__ import annotations
@@ -35,10 +40,26 @@ ORDER BY seq ASC LIMIT $3
 """
 
 
-def _for_reader(page: str) -> str:
+def _bounded(page: str, order: str, max_bytes: str) -> str:
+    """`page` (limit + 1 rows, $3) cut where its content passes `max_bytes` (a parameter)
+    or at `limit` rows, whichever comes first, keeping at least the first row. `fetched`
+    is how many rows the page had before the cut: more than returned means more exist."""
+    return f"""
+SELECT {_COLUMNS}, fetched FROM (
+  SELECT p.*, count(*) OVER () AS fetched, row_number() OVER w AS rn,
+         sum(coalesce(octet_length(p.content), 0)) OVER w AS total
+  FROM ({page}) p
+  WINDOW w AS (ORDER BY p.seq {order} ROWS UNBOUNDED PRECEDING)
+) b
+WHERE rn = 1 OR (rn < $3 AND total <= {max_bytes})
+ORDER BY seq {order}
+"""
+
+
+def _for_reader(page: str, extra: str = "") -> str:
     """The same page for reader $4, with the membership check in the same round trip:
     no row at all means "not a member"; a member of an empty range gets one row of NULLs."""
-    columns = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
+    columns = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(",") + extra.split())
     return f"""
 SELECT {columns}
 FROM hoomi_members hm
@@ -49,6 +70,11 @@ WHERE hm.hoomi_id = $1 AND hm.user_id = $4
 
 _MEMBER_BEFORE = _for_reader(_BEFORE)
 _MEMBER_AFTER = _for_reader(_AFTER)
+# Byte-bounded pages: max_bytes is $4, or $5 after the reader.
+_BOUNDED_BEFORE = _bounded(_BEFORE, "DESC", "$4")
+_BOUNDED_AFTER = _bounded(_AFTER, "ASC", "$4")
+_MEMBER_BOUNDED_BEFORE = _for_reader(_bounded(_BEFORE, "DESC", "$5"), "fetched")
+_MEMBER_BOUNDED_AFTER = _for_reader(_bounded(_AFTER, "ASC", "$5"), "fetched")
 
 _RANGE = f"""
 SELECT {_COLUMNS} FROM messages
@@ -62,7 +88,10 @@ _NEWEST = 2**63 - 1
 
 
 def _message(row: asyncpg.Record) -> StoredMessage:
-    return StoredMessage(*row)
+    return StoredMessage(*tuple(row)[:_WIDTH])
+
+
+_WIDTH = len(StoredMessage._fields)
 
 
 def _check_limit(limit: int, field: str) -> None:
@@ -74,9 +103,9 @@ def _check_limit(limit: int, field: str) -> None:
 
 async def _pages_for(
     conn: asyncpg.Connection | asyncpg.Pool, query: str, hoomi_id: UUID, edge: int,
-    limit: int, reader: UUID, hoomi_field: str,
+    limit: int, reader: UUID, hoomi_field: str, *more: int,
 ) -> list[asyncpg.Record]:
-    rows = await conn.fetch(query, hoomi_id, edge, limit, reader)
+    rows = await conn.fetch(query, hoomi_id, edge, limit, reader, *more)
     if not rows:
         # Not a member: say whether the Hoomi exists at all (the slow path, errors only).
         await require_member(conn, hoomi_id, reader, field=hoomi_field)
@@ -84,38 +113,60 @@ async def _pages_for(
     return [r for r in rows if r["id"] is not None]
 
 
+async def _page(
+    conn: asyncpg.Connection | asyncpg.Pool, queries: tuple[str, str, str, str],
+    hoomi_id: UUID, edge: int, limit: int, reader: UUID | None, hoomi_field: str,
+    max_bytes: int | None,
+) -> tuple[list[StoredMessage], bool]:
+    """The page's messages and whether more follow. `queries`: plain, for a reader,
+    byte-bounded, byte-bounded for a reader."""
+    plain, member, bounded, member_bounded = queries
+    if max_bytes is None:
+        if reader is None:
+            rows = await conn.fetch(plain, hoomi_id, edge, limit + 1)
+        else:
+            rows = await _pages_for(conn, member, hoomi_id, edge, limit + 1, reader,
+                                    hoomi_field)
+        return [_message(r) for r in rows[:limit]], len(rows) > limit
+    if reader is None:
+        rows = await conn.fetch(bounded, hoomi_id, edge, limit + 1, max_bytes)
+    else:
+        rows = await _pages_for(conn, member_bounded, hoomi_id, edge, limit + 1, reader,
+                                hoomi_field, max_bytes)
+    return [_message(r) for r in rows], bool(rows) and rows[0]["fetched"] > len(rows)
+
+
+_HISTORY = (_BEFORE, _MEMBER_BEFORE, _BOUNDED_BEFORE, _MEMBER_BOUNDED_BEFORE)
+_SINCE = (_AFTER, _MEMBER_AFTER, _BOUNDED_AFTER, _MEMBER_BOUNDED_AFTER)
+
+
 async def history(
     conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, before: int | None, limit: int,
     *, limit_field: str = "limit", reader: UUID | None = None, hoomi_field: str = "hoomi_id",
+    max_bytes: int | None = None,
 ) -> HistoryPage:
     """Up to `limit` messages with seq < before (newest first); tombstones included.
     With `reader`, only for a member of the Hoomi (forbidden / not_found otherwise),
-    checked in the same round trip."""
+    checked in the same round trip. With `max_bytes`, fewer when their content would
+    pass that many bytes (never fewer than one); `next_before` then continues."""
     _check_limit(limit, limit_field)
     edge = _NEWEST if before is None else before
-    if reader is None:
-        rows = await conn.fetch(_BEFORE, hoomi_id, edge, limit + 1)
-    else:
-        rows = await _pages_for(conn, _MEMBER_BEFORE, hoomi_id, edge, limit + 1, reader,
-                                 hoomi_field)
-    page = [_message(r) for r in rows[:limit]]
-    next_before = page[-1].seq if len(rows) > limit else None
-    return HistoryPage(page, next_before)
+    page, more = await _page(conn, _HISTORY, hoomi_id, edge, limit, reader, hoomi_field,
+                             max_bytes)
+    return HistoryPage(page, page[-1].seq if more else None)
 
 
 async def since(
     conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, after: int, limit: int,
     *, limit_field: str = "limit", reader: UUID | None = None, hoomi_field: str = "hoomi_id",
+    max_bytes: int | None = None,
 ) -> SyncPage:
     """Up to `limit` messages with seq > after, ascending: a reconnecting client's catch-up.
-    `reader` as for `history`."""
+    `reader` and `max_bytes` as for `history` (`has_more` then says whether more follow)."""
     _check_limit(limit, limit_field)
-    if reader is None:
-        rows = await conn.fetch(_AFTER, hoomi_id, after, limit + 1)
-    else:
-        rows = await _pages_for(conn, _MEMBER_AFTER, hoomi_id, after, limit + 1, reader,
-                                 hoomi_field)
-    return SyncPage([_message(r) for r in rows[:limit]], len(rows) > limit)
+    page, more = await _page(conn, _SINCE, hoomi_id, after, limit, reader, hoomi_field,
+                             max_bytes)
+    return SyncPage(page, more)
 
 
 async def between(

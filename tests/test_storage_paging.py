@@ -106,3 +106,125 @@ def test_paging_matches_the_model(dsn: str) -> None:
         lt.run(pool.close())
     finally:
         lt.stop()
+
+
+# -- pages bounded in bytes ------------------------------------------------------------------
+
+SIZES = [16, 3000, 40, 4000, 4000, 16, 900, 2500, 60, 3999, 1200, 16, 4000, 700, 80,
+         2048, 2049, 16, 3500, 100, 4000, 16, 16, 1800, 2600, 500, 4000, 4000, 30, 1024]
+GONE = {3, 14, 22}  # tombstones: no content, 0 bytes
+
+
+async def _fill_sized(dsn: str) -> tuple[asyncpg.Pool, Any, Any]:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    writer = BatchWriter(pool)
+    writer.start()
+    acks = [await writer.append(factories.request(h, alice, size=n)) for n in SIZES]
+    await writer.close()
+    for a in acks:
+        if a.seq in GONE:
+            await messages.delete_for_everyone(pool, h, a.id, alice)
+    return pool, h, alice
+
+
+def _cut(seqs: list[int], limit: int, max_bytes: int) -> list[int]:
+    """The model: at most `limit`, content at most `max_bytes`, never fewer than one."""
+    page: list[int] = []
+    total = 0
+    for s in seqs[:limit]:
+        total += 0 if s in GONE else SIZES[s - 1]
+        if page and total > max_bytes:
+            break
+        page.append(s)
+    return page
+
+
+SIZED = list(range(1, len(SIZES) + 1))
+max_bytes = st.integers(min_value=1, max_value=sum(SIZES) + 10)
+
+
+def test_byte_bounded_pages_match_the_model(dsn: str) -> None:
+    lt = LoopThread()
+    try:
+        pool, h, alice = lt.run(_fill_sized(dsn))
+        cursors = st.integers(min_value=0, max_value=len(SIZES) + 2)
+        readers = st.sampled_from([None, alice])
+
+        @settings(max_examples=150, deadline=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(before=st.none() | cursors.filter(lambda c: c >= 1), limit=limits,
+               cap=max_bytes, reader=readers)
+        def history_page(before: int | None, limit: int, cap: int, reader: Any) -> None:
+            page = lt.run(messages.history(pool, h, before, limit, reader=reader,
+                                           max_bytes=cap))
+            older = [s for s in reversed(SIZED) if before is None or s < before]
+            want = _cut(older, limit, cap)
+            assert [m.seq for m in page.messages] == want
+            assert page.next_before == (want[-1] if len(older) > len(want) else None)
+            assert all(len(m.content or b"") == (0 if m.seq in GONE else SIZES[m.seq - 1])
+                       for m in page.messages)
+
+        @settings(max_examples=150, deadline=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(after=cursors, limit=limits, cap=max_bytes, reader=readers)
+        def sync_page(after: int, limit: int, cap: int, reader: Any) -> None:
+            page = lt.run(messages.since(pool, h, after, limit, reader=reader, max_bytes=cap))
+            newer = [s for s in SIZED if s > after]
+            want = _cut(newer, limit, cap)
+            assert [m.seq for m in page.messages] == want
+            assert page.has_more == (len(newer) > len(want))
+
+        @settings(max_examples=60, deadline=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(limit=limits, cap=max_bytes)
+        def whole_scrolls(limit: int, cap: int) -> None:
+            seen: list[int] = []
+            before: int | None = None
+            while True:
+                hp = lt.run(messages.history(pool, h, before, limit, max_bytes=cap))
+                assert hp.messages, "a page always holds at least one message"
+                seen += [m.seq for m in hp.messages]
+                if hp.next_before is None:
+                    break
+                before = hp.next_before
+            assert seen == list(reversed(SIZED))  # each message once, newest first
+            caught: list[int] = []
+            while True:
+                sp = lt.run(messages.since(pool, h, caught[-1] if caught else 0, limit,
+                                           max_bytes=cap))
+                caught += [m.seq for m in sp.messages]
+                if not sp.has_more:
+                    break
+            assert caught == SIZED
+
+        history_page()
+        sync_page()
+        whole_scrolls()
+        lt.run(pool.close())
+    finally:
+        lt.stop()
+
+
+async def test_large_messages_make_short_pages_and_every_one_comes_once(pool) -> None:
+    """64 KiB messages under a 200 KiB page bound: three per page, following next_before
+    returns all 10 once, in order; one message larger than the bound still comes alone."""
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    writer = BatchWriter(pool)
+    writer.start()
+    for _ in range(10):
+        await writer.append(factories.request(h, alice, size=65536))
+    await writer.close()
+    pages, before = [], None
+    while True:
+        page = await messages.history(pool, h, before, 100, reader=alice,
+                                      max_bytes=200 * 1024)
+        pages.append([m.seq for m in page.messages])
+        if page.next_before is None:
+            break
+        before = page.next_before
+    assert pages == [[10, 9, 8], [7, 6, 5], [4, 3, 2], [1]]
+    alone = await messages.since(pool, h, 0, 100, max_bytes=1024)
+    assert [m.seq for m in alone.messages] == [1] and alone.has_more
