@@ -1,9 +1,11 @@
 """`hoomi chat`: a line-based terminal chat on the reference SDK, for trying the hub.
 
-    hoomi chat --url ws://127.0.0.1:8000/v1/ws --token "$TOKEN" --hoomi HOOMI_ID \
-               --key-file keys.json            # or --passphrase-env HOOMI_PASSPHRASE
+    hoomi chat --token "$TOKEN" --hoomi HOOMI_ID --key-file keys.json
+               # or --passphrase-env HOOMI_PASSPHRASE; --url ws://HOST:PORT/v1/ws
 
-Type a line and Enter to send it (encrypted here). Commands: /more (older messages),
+The hub is found as every `hoomi` command finds it (HOOMI_URL, else HOOMI_HOST and
+HOOMI_PORT), unless --url names it. Type a line and Enter to send it (encrypted here).
+A line starting with `/` is a command, never sent: /help, /more (older messages),
 /delete SEQ (delete one of yours, or any as an admin), /quit. Messages arriving on the
 socket are printed as they come, `#seq sender: text`.
 """
@@ -15,6 +17,7 @@ import asyncio
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from uuid import UUID
 
@@ -23,6 +26,15 @@ from protocol import Deleted, Membership, MessageBody
 from .crypto import DecryptError
 from .keys import PASSPHRASE_SESSION, Keyring, key_from_passphrase, load_key_file
 from .sdk import HoomiClient, HubError
+
+HELP = """\
+-- type a line and Enter to send it, end-to-end encrypted. Commands (never sent):
+--   /more        older messages
+--   /delete SEQ  delete message #SEQ (yours, or any as an admin)
+--   /help        this help
+--   /quit        leave (or Ctrl-D)
+-- a line that starts with / is taken as a command; start it with // to send a
+-- message that begins with / (one / is dropped)"""
 
 
 class Chat:
@@ -41,7 +53,7 @@ class Chat:
         try:
             text = self.client.open(m).plaintext.decode("utf-8", errors="replace")
         except DecryptError as err:
-            text = f"(cannot decrypt: {err.reason})"
+            text = f"(cannot decrypt: {err.summary})"
         return f"#{m.seq} {who}: {text}"
 
     async def more(self, limit: int = 20) -> None:
@@ -70,20 +82,31 @@ class Chat:
             raw = await lines.get()
             if not raw:
                 return
-            text = raw.rstrip("\n")
+            text = raw.rstrip("\r\n")
             try:
-                if text == "/quit":
+                if text.startswith("//"):
+                    await self.client.send_text(self.hoomi, text[1:].encode("utf-8"))
+                    continue
+                if not text.startswith("/"):
+                    if text:
+                        await self.client.send_text(self.hoomi, text.encode("utf-8"))
+                    continue
+                command, *rest = text.split()
+                if command == "/quit" and not rest:
                     return
-                if text == "/more":
+                if command == "/more" and not rest:
                     await self.more()
-                elif text.startswith("/delete "):
-                    seq = int(text.split()[1])
+                elif command == "/delete" and len(rest) == 1 and rest[0].isdigit():
+                    seq = int(rest[0])
                     if seq not in self.ids:
                         print(f"-- #{seq} is not on screen --", flush=True)
                     else:
                         await self.client.delete(self.hoomi, self.ids[seq])
-                elif text:
-                    await self.client.send_text(self.hoomi, text.encode("utf-8"))
+                else:
+                    if command != "/help":
+                        print(f"-- not a command: {text[:40]}; nothing was sent --",
+                              flush=True)
+                    print(HELP, flush=True)
             except (HubError, ValueError) as err:
                 print(f"-- {err} --", flush=True)
 
@@ -118,11 +141,14 @@ async def run(args: argparse.Namespace) -> int:
         ring = Keyring()
         ring.add(hoomi, key_from_passphrase(passphrase, hoomi, args.session))
     token = args.token or os.environ.get("HOOMI_TOKEN", "")
-    client = HoomiClient(args.url, token, keyring=ring)
+    url = args.url or args.hub_ws_url()
+    client = HoomiClient(url, token, keyring=ring)
     try:
         welcome = await client.start()
     except Exception as err:
-        print(f"hoomi chat: cannot join: {err}", file=sys.stderr)
+        print(f"hoomi chat: cannot join the hub at {url}: {err or type(err).__name__} "
+              "(the hub is found at --url, else HOOMI_URL, else HOOMI_HOST:HOOMI_PORT: "
+              "export the same HOOMI_PORT as in the hub's terminal)", file=sys.stderr)
         await client.close()
         return 1
     if hoomi not in {h.hoomi_id for h in welcome.hoomis}:
@@ -131,7 +157,7 @@ async def run(args: argparse.Namespace) -> int:
         return 1
     # The live stream starts after what history shows.
     chat = Chat(client, hoomi)
-    print(f"-- joined {hoomi} as {client.user_id}; /more for older, /quit to leave --",
+    print(f"-- joined {hoomi} as {client.user_id}; /help for commands, /quit to leave --",
           flush=True)
     await chat.more()
     pushes = asyncio.ensure_future(chat.pushes())
@@ -150,9 +176,12 @@ async def run(args: argparse.Namespace) -> int:
     return code
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+               hub_ws_url: Callable[[], str]) -> None:
+    """`hoomi chat`; `hub_ws_url` finds the hub as every other command does."""
     p = sub.add_parser("chat", help="a terminal chat in one hoomi (end-to-end encrypted)")
-    p.add_argument("--url", default=os.environ.get("HOOMI_WS_URL", "ws://127.0.0.1:8000/v1/ws"))
+    p.add_argument("--url", help="the hub's WebSocket URL (default: from HOOMI_URL, else "
+                                 "HOOMI_HOST and HOOMI_PORT, as every hoomi command)")
     p.add_argument("--token", help="user token (default: $HOOMI_TOKEN)")
     p.add_argument("--hoomi", required=True)
     p.add_argument("--key-file")
@@ -161,4 +190,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--session", default=PASSPHRASE_SESSION,
                    help="session_id of the passphrase key (default %(default)s); a new "
                         "passphrase needs a new name")
-    p.set_defaults(fn=lambda a: sys.exit(asyncio.run(run(a))))
+    p.set_defaults(fn=lambda a: sys.exit(asyncio.run(run(a))), hub_ws_url=hub_ws_url)

@@ -36,7 +36,8 @@ duplicates from seq and client_msg_id, but the order itself is not cryptographic
 guaranteed. Timing, sizes to 32 bytes, and who talks to whom stay visible to the hub.
 
 Errors are values: DecryptError.reason is "unknown_session", "tampered" or "malformed"
-(and "replayed", from HoomiClient.open);
+(and "replayed", from HoomiClient.open), and DecryptError.summary says it for a person:
+a tag failure is "wrong key or tampered", since AES-GCM cannot tell them apart;
 no message of any exception here holds key bytes or plaintext.
 """
 
@@ -78,18 +79,22 @@ Reason = Literal["unknown_session", "tampered", "malformed", "replayed"]
 
 class DecryptError(Exception):
     """A message that cannot be opened. `reason`:
-    - unknown_session: no key for its (Hoomi, session_id);
-    - tampered: authentication failed: wrong key, content or nonce altered, another
-      Hoomi or session, or a sender other than the one who sealed it;
+    - unknown_session: no key for its (Hoomi, session_id): the reader lacks that key;
+    - tampered: authentication failed: a wrong key under that session_id, content or
+      nonce altered, another Hoomi or session, or a sender other than the one who
+      sealed it. AES-GCM's tag cannot tell a wrong key from altered bytes, so for a tag
+      failure `summary` says "wrong key or tampered";
     - malformed: a nonce that is not 12 bytes, content shorter than the tag, or an
       envelope that authenticates but does not parse (an unknown version, say);
     - replayed (from HoomiClient.open only): an authentic message already seen at a
       lower seq of the same Hoomi, served again by the hub under a new seq.
+    `summary` is the same in words for a person (what the reference chat shows).
     """
 
-    def __init__(self, reason: Reason, detail: str = "") -> None:
+    def __init__(self, reason: Reason, detail: str = "", summary: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason: Reason = reason
+        self.summary: str = summary or str(self)
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,8 @@ def decrypt(keys: Keyring | GroupKey, hoomi_id: UUID, sender_id: UUID | None,
         key = keys.get(hoomi_id, session_id)
     if key is None:
         raise DecryptError("unknown_session",
-                           f"no key for session {session_id!r} of hoomi {hoomi_id}")
+                           f"no key for session {session_id!r} of hoomi {hoomi_id}",
+                           f"no key for this message's key id {session_id!r}")
     if len(nonce) != NONCE_BYTES:
         raise DecryptError("malformed", f"nonce is {len(nonce)} bytes, not {NONCE_BYTES}")
     if len(content) < TAG_BYTES:
@@ -164,7 +170,11 @@ def decrypt(keys: Keyring | GroupKey, hoomi_id: UUID, sender_id: UUID | None,
         envelope = AESGCM(key.key).decrypt(nonce, content,
                                            _associated_data(hoomi_id, session_id))
     except InvalidTag:
-        raise DecryptError("tampered") from None
+        # A key of the right name but other bytes fails exactly as altered content does:
+        # GCM is not key-committing, and the format carries no key check value.
+        raise DecryptError("tampered", "authentication failed: a wrong key under this "
+                           "session, or altered content, nonce, hoomi or session",
+                           "wrong key or tampered") from None
     # Authentic from here on: a key holder wrote it. Still parse strictly, so that only
     # the one encoding encrypt() produces is accepted.
     if len(envelope) < HEADER_BYTES:
@@ -176,5 +186,6 @@ def decrypt(keys: Keyring | GroupKey, hoomi_id: UUID, sender_id: UUID | None,
     if len(envelope) != _padded(end) or any(envelope[end:]):
         raise DecryptError("malformed", "envelope length or padding")
     if sender_id is not None and raw_sender != sender_id.bytes:
-        raise DecryptError("tampered", "sealed by another sender")
+        raise DecryptError("tampered", "sealed by another sender",
+                           "tampered: sealed by another sender than the hub reports")
     return Opened(envelope[HEADER_BYTES:end], UUID(bytes=raw_cmid), UUID(bytes=raw_sender))

@@ -261,11 +261,18 @@ def _replace(path: Path, ring: Keyring) -> None:
 
 
 def generate_key_file(path: str | os.PathLike[str], hoomi_ids: Iterable[UUID]) -> Keyring:
-    """Write a new key file (mode 0600) with one fresh key, session "k1", per Hoomi, and
-    return its keyring. FileExistsError if the file exists: keys are never overwritten."""
+    """Write a new key file (mode 0600) with one fresh key per Hoomi, session
+    "k1-<8 random hex>", and return its keyring. FileExistsError if the file exists:
+    keys are never overwritten.
+
+    The random part gives two key files made apart (two members each running
+    `hoomi keys`) different names for their different keys, so a reader holding the
+    other file is told "no key for this message's key id" rather than a tag failure,
+    which AES-GCM cannot tell from tampering.
+    """
     ring = Keyring()
     for hoomi_id in dict.fromkeys(hoomi_ids):
-        ring.add(hoomi_id, new_key("k1"))
+        ring.add(hoomi_id, new_key(f"k1-{os.urandom(4).hex()}"))
     _create(Path(path), ring)
     return ring
 
@@ -284,7 +291,7 @@ def add_key(path: str | os.PathLike[str], hoomi_id: UUID,
 
     The default session_id is "k<n>-<8 random hex>": the counter reads well, and the
     random part keeps two members who rotate independently from minting the same name
-    for different keys (which readers could only report as "tampered").
+    for different keys (which readers could only report as "wrong key or tampered").
     """
     file = Path(path)
     ring = _read(file)

@@ -17,7 +17,8 @@ import sys
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -148,8 +149,6 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 
 def cmd_backup(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from storage.backup import BackupError, dump
 
     try:
@@ -161,8 +160,6 @@ def cmd_backup(args: argparse.Namespace) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from storage.backup import BackupError, restore
 
     if not args.yes:
@@ -185,8 +182,10 @@ def cmd_restore(args: argparse.Namespace) -> None:
 
 
 def cmd_token(args: argparse.Namespace) -> None:
+    user_id = _uuid_arg(args.user_id)
+    _secrets_source("HOOMI_JWT_SECRET")
     settings = _settings()
-    print(auth.issue(settings.jwt_secret, _uuid_arg(args.user_id), args.ttl,
+    print(auth.issue(settings.jwt_secret, user_id, args.ttl,
                      issuer=settings.jwt_issuer, audience=settings.jwt_audience))
 
 
@@ -197,9 +196,82 @@ def _uuid_arg(raw: str) -> UUID:
         sys.exit(f"hoomi: not a UUID: {raw!r}")
 
 
+def hub_url(env: Mapping[str, str] | None = None) -> str:
+    """The running hub's base URL, found the same way by every command (`hoomi chat`
+    too): HOOMI_URL if set, else http://HOOMI_HOST:HOOMI_PORT with the hub's defaults
+    (a wildcard listen address is dialled on loopback)."""
+    env = os.environ if env is None else env
+    url = (env.get("HOOMI_URL") or "").strip()
+    if url:
+        return url.rstrip("/")
+    host = env.get("HOOMI_HOST") or "127.0.0.1"
+    if host in ("0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    raw_port = env.get("HOOMI_PORT") or "8000"
+    try:
+        port = int(raw_port)
+        if not 0 < port <= 65535:
+            raise ValueError
+    except ValueError:
+        sys.exit(f"hoomi: HOOMI_PORT: not a port number: {raw_port!r}")
+    return f"http://{host}:{port}"
+
+
+def hub_ws_url(env: Mapping[str, str] | None = None) -> str:
+    """The WebSocket URL of the hub `hub_url` finds."""
+    base = hub_url(env)
+    scheme, sep, rest = base.partition("://")
+    if not sep:
+        return f"ws://{base}/v1/ws"
+    ws = {"http": "ws", "https": "wss"}.get(scheme.lower(), scheme)
+    return f"{ws}://{rest}/v1/ws"
+
+
+def _data_dir(env: Mapping[str, str]) -> Path:
+    """The hub's data dir, by the hub's own rule (config.load)."""
+    return Path(env.get("HOOMI_DATA_DIR") or config.default_data_dir()).expanduser()
+
+
+def _secrets_source(what: str, env: Mapping[str, str] | None = None) -> str:
+    """Where the `what` secret comes from; exits, saying where it looked and how to point
+    at the hub, if it comes from nowhere. A command never creates secrets.json: one it
+    made would hold a token the running hub has never heard of."""
+    env = os.environ if env is None else env
+    if env.get(what):
+        return what
+    if env.get("DATABASE_URL"):
+        sys.exit(f"hoomi: {what} is not set (with DATABASE_URL, the hub's secrets come "
+                 "from the environment: export the same value here)")
+    path = _data_dir(env) / "secrets.json"
+    if not path.is_file():
+        how = ("HOOMI_DATA_DIR" if env.get("HOOMI_DATA_DIR")
+               else "the default data dir; HOOMI_DATA_DIR is unset")
+        sys.exit(f"hoomi: no {path} ({how}), so no {what}. The hub writes it in its "
+                 "data dir, which it prints when it starts (\"Embedded PostgreSQL in "
+                 "DIR/pgdata\"): export HOOMI_DATA_DIR=DIR here as in the hub's terminal, "
+                 f"or set {what}")
+    return str(path)
+
+
+def _error_line(code: int, raw: bytes) -> str:
+    """`404 not_found: id: no such hoomi` from an operator API error response."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "error" in body:
+        message = str(body.get("message") or "")
+        return f"{code} {body['error']}" + (f": {message}" if message else "")
+    text = " ".join(raw.decode(errors="replace").split())[:200]
+    return f"{code} {text}".rstrip()
+
+
 def _api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    source = _secrets_source("HOOMI_ADMIN_TOKEN")
     settings = _settings()
-    base = os.environ.get("HOOMI_URL") or f"http://{settings.host}:{settings.port}"
+    base = hub_url()
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method, headers={
         "Authorization": f"Bearer {settings.admin_token}", "Content-Type": "application/json"})
@@ -207,11 +279,17 @@ def _api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         with urllib.request.urlopen(req, timeout=30) as resp:
             raw = resp.read()
     except urllib.error.HTTPError as err:
-        detail = err.read().decode(errors="replace")
-        sys.exit(f"hoomi: {method} {path} failed: {err.code} {detail}")
+        line = _error_line(err.code, err.read())
+        if err.code == 401:
+            line += (f" (the hub at {base} refused the admin token from {source}: is this "
+                     "the hub's HOOMI_DATA_DIR, or its HOOMI_ADMIN_TOKEN?)")
+        sys.exit(f"hoomi: {line}")
     except urllib.error.URLError as err:
         sys.exit(f"hoomi: cannot reach the hub at {base} ({err.reason}); is `hoomi serve` "
-                 "running? (set HOOMI_URL to point elsewhere)")
+                 "running? It is found at HOOMI_URL, else http://HOOMI_HOST:HOOMI_PORT: "
+                 "export the same HOOMI_PORT (and HOOMI_HOST) as in the hub's terminal")
+    except OSError as err:
+        sys.exit(f"hoomi: talking to the hub at {base} failed: {err}")
     return json.loads(raw) if raw else None
 
 
@@ -247,8 +325,6 @@ def cmd_member(args: argparse.Namespace) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from client.keys import KeyFileError, add_key, generate_key_file
 
     hoomis = [_uuid_arg(h) for h in args.hoomi_id]
@@ -271,6 +347,7 @@ def cmd_keys(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hoomi", description="Hoomi hub")
+    p.add_argument("--version", action="version", version=f"hoomi {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the hub").set_defaults(fn=cmd_serve)
     sub.add_parser("migrate", help="apply pending database migrations").set_defaults(
@@ -304,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_member)
     from client import chat  # the reference client's terminal chat
 
-    chat.add_parser(sub)
+    chat.add_parser(sub, hub_ws_url)
     k = sub.add_parser("keys", help="create a key file with a fresh group key per hoomi")
     k.add_argument("path")
     k.add_argument("hoomi_id", nargs="+")
@@ -313,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(older keys stay, so older messages still open)")
     k.set_defaults(fn=cmd_keys)
     return p
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("hoomi-hub")
+    except metadata.PackageNotFoundError:  # run from a source tree that was not installed
+        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,14 @@ import time
 from uuid import uuid4
 
 from client.crypto import decrypt
-from client.keys import Keyring, generate_key_file, key_from_passphrase, load_key_file
+from client.keys import (
+    Keyring,
+    add_hoomi_key,
+    generate_key_file,
+    key_from_passphrase,
+    load_key_file,
+    new_key,
+)
 from client.sdk import HoomiClient
 from tests.cluster import ROOT
 
@@ -109,9 +116,54 @@ async def test_chat_with_a_wrong_key_says_it_cannot_decrypt(cluster, tmp_path):
         a.close()
     w = Terminal(base + [str(wrong)], env)
     try:
-        await w.expect("#1 me: (cannot decrypt: tampered)")
+        # Two key files made apart name their keys apart: the reader is told it lacks
+        # the key, not that the message was tampered with.
+        session = load_key_file(right).current(h).session_id
+        screen = await w.expect(f"#1 me: (cannot decrypt: no key for this message's key id "
+                                f"'{session}')")
+        assert "tampered" not in screen
     finally:
         w.close()
+    # A key under the same name but with other bytes: AES-GCM cannot tell that from
+    # altered bytes, and the chat says both rather than alleging an attack.
+    same_name = tmp_path / "same-name.json"
+    add_hoomi_key(same_name, h, new_key(session))
+    s = Terminal(base + [str(same_name)], env)
+    try:
+        await s.expect("#1 me: (cannot decrypt: wrong key or tampered)")
+    finally:
+        s.close()
+
+
+async def test_chat_finds_the_hub_by_port_and_keeps_commands_off_the_wire(cluster, tmp_path):
+    (alice, a_tok), (bob, b_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    keyfile = tmp_path / "keys.json"
+    generate_key_file(keyfile, [h])
+    # No --url: the chat dials HOOMI_HOST:HOOMI_PORT, as every hoomi command does.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOOMI_PORT": str(cluster.a.port)}
+    env.pop("HOOMI_URL", None)
+    chat = [sys.executable, "-m", "server.cli", "chat", "--hoomi", str(h), "--key-file",
+            str(keyfile)]
+    a = Terminal(chat + ["--token", a_tok], env)
+    b = Terminal(chat + ["--token", b_tok],
+                 {**env, "HOOMI_URL": cluster.b.http, "HOOMI_PORT": "1"})
+    try:
+        await a.expect("start of history")
+        await b.expect("start of history")
+        a.type("/help")
+        await a.expect("/delete SEQ")
+        a.type("/hepl")
+        await a.expect("not a command: /hepl; nothing was sent")
+        a.type("//slash")
+        await b.expect(str(alice)[:8] + ": /slash")
+        a.type("first real line")
+        screen = await b.expect(str(alice)[:8] + ": first real line")
+        assert ": /help" not in screen and ": /hepl" not in screen  # never sent
+        assert "#1 " in screen and "#2 " in screen and "#3 " not in screen
+    finally:
+        a.close()
+        b.close()
 
 
 async def test_passphrase_chat_uses_the_given_session_name(cluster):
@@ -153,7 +205,8 @@ def test_keys_command_creates_then_rotates(tmp_path):
     rotated = hoomi_keys("--rotate", str(h1))
     assert rotated.returncode == 0, rotated.stderr
     ring = load_key_file(path)
-    assert [k.session_id for k in ring.keys_of(h2)] == ["k1"]
+    (only,) = ring.keys_of(h2)
+    assert only.session_id.startswith("k1-") and len(only.session_id) == 11
     old, new = ring.keys_of(h1)
     assert old == first.current(h1) and ring.current(h1) == new != old
     assert new.session_id.startswith("k2-") and new.session_id in rotated.stdout

@@ -155,6 +155,39 @@ def test_unknown_session_names_the_session_not_the_key():
     assert reason(KEY, H, ALICE, sealed.content, sealed.nonce, "k9") == "unknown_session"
 
 
+def summary(key, hoomi, sender, content, nonce, session_id="k1"):
+    with pytest.raises(DecryptError) as err:
+        decrypt(key, hoomi, sender, content, nonce, session_id)
+    return err.value.summary
+
+
+def test_a_missing_or_wrong_key_is_never_called_an_attack():
+    sealed = sealed_hello()
+    # No key by that name: the reader lacks the key, and is told exactly that.
+    assert summary(Keyring(), H, ALICE, sealed.content, sealed.nonce) == (
+        "no key for this message's key id 'k1'")
+    # A key of that name with other bytes fails the tag exactly as altered bytes do:
+    # both possibilities are named, never "tampered" alone.
+    wrong = summary(GroupKey("k1", os.urandom(32)), H, ALICE, sealed.content, sealed.nonce)
+    flipped = bytes([sealed.content[0] ^ 1]) + sealed.content[1:]
+    assert wrong == summary(KEY, H, ALICE, flipped, sealed.nonce) == "wrong key or tampered"
+    # Authentic, but the hub names another sender: that one can only be tampering.
+    assert summary(KEY, H, BOB, sealed.content, sealed.nonce) == (
+        "tampered: sealed by another sender than the hub reports")
+    assert "tampered" not in summary(KEY, H, ALICE, sealed.content, b"x")  # malformed
+
+
+def test_key_files_made_apart_name_their_keys_apart(tmp_path: Path):
+    one = generate_key_file(tmp_path / "one.json", [H]).current(H)
+    two = generate_key_file(tmp_path / "two.json", [H]).current(H)
+    assert one.session_id != two.session_id
+    assert one.session_id.startswith("k1-") and two.session_id.startswith("k1-")
+    sealed = encrypt(one, H, ALICE, uuid4(), b"hi")
+    ring = load_key_file(tmp_path / "two.json")
+    assert summary(ring, H, ALICE, sealed.content, sealed.nonce, sealed.session_id) == (
+        f"no key for this message's key id {one.session_id!r}")
+
+
 @pytest.mark.parametrize("nonce_size", [0, 8, 11, 13, 16])
 def test_nonce_of_the_wrong_length_is_malformed(nonce_size):
     sealed = sealed_hello()
@@ -266,7 +299,8 @@ def test_key_file_generate_then_load_opens_messages(tmp_path: Path):
     assert path.stat().st_mode & 0o777 == 0o600
     data = json.loads(path.read_text())
     assert data["version"] == 1 and set(data["hoomis"]) == {str(H), str(other)}
-    assert [e["session_id"] for e in data["hoomis"][str(H)]] == ["k1"]
+    (entry,) = data["hoomis"][str(H)]
+    assert entry["session_id"].startswith("k1-")
     assert base64.b64decode(data["hoomis"][str(H)][0]["key"]) == ring.current(H).key
     sealed = encrypt(ring.current(H), H, ALICE, uuid4(), b"hello")
     loaded = load_key_file(path)
@@ -294,7 +328,7 @@ def test_rotation_makes_a_new_current_key_and_old_messages_still_open(tmp_path: 
     assert again.current(H) == named and again.get(H, newer.session_id) == newer
     assert path.stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.json"]  # no temp left
-    assert decrypt(again, H, ALICE, old.content, old.nonce, "k1").plaintext == b"hello"
+    assert decrypt(again, H, ALICE, old.content, old.nonce, old.session_id).plaintext == b"hello"
     with pytest.raises(KeyFileError, match="already has a key named 'epoch-3'"):
         add_key(path, H, "epoch-3")
 
@@ -325,7 +359,7 @@ def test_key_file_readable_only_by_its_owner_loads(tmp_path: Path):
     path = tmp_path / "keys.json"
     generate_key_file(path, [H])
     path.chmod(0o400)
-    assert load_key_file(path).current(H).session_id == "k1"
+    assert load_key_file(path).current(H).session_id.startswith("k1-")
 
 
 def write_key_file(path: Path, data: object) -> Path:
