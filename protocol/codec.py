@@ -73,16 +73,89 @@ def _invalid(field: str, message: str, ref: Ref) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID, f"{field}: {message}", field, ref)
 
 
-def _unpack_client(data: bytes, limits: Limits) -> Any:
+# Every key any client frame reads. Only these keys' values are built into Python objects;
+# the value of any other key is skipped by msgpack without allocating anything, so an
+# unknown key costs parse time bounded by the frame's size and nothing else.
+_KNOWN_KEYS = frozenset({
+    "type", "ref", "token", "resume", "hoomi_id", "client_msg_id", "content", "nonce",
+    "session_id", "before", "after", "limit", "id",
+})
+# First bytes of msgpack array and map headers (fixarray, array16/32, fixmap, map16/32).
+_MAPS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+_CONTAINER = _MAPS | frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
+
+
+class _Unread:
+    """Stands for a known key's value that was skipped, not built: an array, or a map
+    where no map belongs. Its type matches no field, so validation reports that field as
+    `invalid` (with the request's ref) instead of closing the socket."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<container>"
+
+
+_UNREAD = _Unread()
+
+
+def _scalar(u: msgpack.Unpacker, data: bytes) -> Any:
+    """The next value if it is not an array or map; otherwise skip it, return _UNREAD.
+
+    msgpack allocates an array's slots from its header before reading its items, so a
+    frame of nested array headers could claim gigabytes; arrays are never built here."""
+    if data[u.tell()] in _CONTAINER:
+        u.skip()
+        return _UNREAD
+    return u.unpack()
+
+
+def _unpack_client(data: bytes, limits: Limits) -> dict[Any, Any]:
+    """The frame's top-level map: what it holds under the keys a client frame reads.
+
+    Two paths, one result. Frames without a non-empty array (every frame this protocol
+    defines) take msgpack's C decoder in one call: maps are not presized from their
+    headers, so nothing it builds exceeds a small multiple of the frame. Any other frame
+    is walked key by key: values of unknown keys are skipped unbuilt (any length, up to
+    msgpack's nesting limit of 1024 levels), and a known key holding an array (or a map,
+    other than `resume`) is recorded as _UNREAD, which its field's check reports as
+    `invalid`. Strings, bins and maps longer than the frame cannot be read from it."""
     size = limits.max_frame_bytes
+    try:  # the fast path, for every frame that holds no non-empty array
+        fast = msgpack.unpackb(data, raw=False, strict_map_key=False, max_str_len=size,
+                               max_bin_len=size, max_ext_len=size, max_map_len=size,
+                               max_array_len=0)
+    except Exception:  # any failure: the careful walk below decides
+        fast = None
+    if type(fast) is dict:
+        return fast
+    if not data or data[0] not in _MAPS:
+        raise ProtocolError(ErrorCode.INVALID, "frame: must be a msgpack map", "frame",
+                            close=CloseCode.BAD_FRAME)
+    u = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(data), 1),
+                         max_str_len=size, max_bin_len=size, max_ext_len=size,
+                         max_map_len=size, max_array_len=size)
     try:
-        return msgpack.unpackb(
-            data, raw=False, strict_map_key=False, max_str_len=size, max_bin_len=size,
-            max_ext_len=size, max_map_len=size, max_array_len=limits.max_array_items,
-        )
+        u.feed(data)
+        m: dict[Any, Any] = {}
+        for _ in range(u.read_map_header()):
+            key = _scalar(u, data)
+            if type(key) is not str or key not in _KNOWN_KEYS:
+                u.skip()
+            elif key == "resume" and data[u.tell()] in _MAPS:
+                resume: dict[Any, Any] = {}
+                for _ in range(u.read_map_header()):
+                    hoomi = _scalar(u, data)
+                    resume[hoomi] = _scalar(u, data)
+                m[key] = resume
+            else:
+                m[key] = _scalar(u, data)
+        if u.tell() != len(data):
+            raise msgpack.ExtraData(m, data[u.tell():])
+        return m
     # msgpack documents that unpacking may raise exceptions outside its own hierarchy
-    # (ValueError, TypeError for an unhashable map key, RecursionError, ...): all of them
-    # mean the bytes are not one msgpack value we can read.
+    # (ValueError, TypeError, IndexError past the end, StackError, ...): all of them mean
+    # the bytes are not one msgpack map we can read.
     except Exception as exc:
         raise ProtocolError(ErrorCode.INVALID, f"frame: not msgpack ({type(exc).__name__})",
                             "frame", close=CloseCode.BAD_FRAME) from None
@@ -241,9 +314,6 @@ def decode_client(data: bytes, limits: Limits = DEFAULT_LIMITS) -> ClientFrame:
         raise ProtocolError(ErrorCode.TOO_LARGE,
                             f"frame: at most {limits.max_frame_bytes} bytes", "frame")
     m = _unpack_client(data, limits)
-    if type(m) is not dict:
-        raise ProtocolError(ErrorCode.INVALID, "frame: must be a msgpack map", "frame",
-                            close=CloseCode.BAD_FRAME)
     ref = _read_ref(m, limits)
     kind = m.get("type")
     decode = _CLIENT_DECODERS.get(kind) if type(kind) is str else None

@@ -23,10 +23,9 @@ class Limits:
     default_page_limit: int = 50
     max_resume_hoomis: int = 1000
     max_token_chars: int = 8192  # a JWT with a few claims is a few hundred characters
-    # No client frame holds an array; unknown keys may, up to this many items. msgpack
-    # allocates an array's slots from its header before reading them, so this bound is
-    # what keeps a frame of nested array headers cheap (about 1 ms for 68 KiB at 128).
-    max_array_items: int = 128
+    # Values nest at most 1024 levels deep (msgpack's own stack, not configurable). No
+    # client frame holds an array, and the decoder never builds one: unknown keys'
+    # values are skipped unbuilt, whatever their length (see codec._unpack_client).
 
     @property
     def max_frame_bytes(self) -> int:

@@ -111,6 +111,11 @@ field_values = msgpack_values | uuids.map(str) | st.binary(min_size=10, max_size
 frame_types = st.sampled_from(["hello", "send", "history", "sync", "delete", "ping", "nope"])
 
 
+# Every key some client frame reads (protocol/frames.py).
+KNOWN_KEYS = {"type", "ref", "token", "resume", "hoomi_id", "client_msg_id", "content",
+              "nonce", "session_id", "before", "after", "limit", "id"}
+
+
 def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
@@ -216,7 +221,7 @@ def test_decode_server_raises_only_protocol_error_on_garbage(data: bytes) -> Non
     pack({"type": "ping"}) + b"\x00",  # two values
     b"\x91" * 5000,  # nesting deeper than msgpack's stack
     b"\xdd\xff\xff\xff\xff",  # an array header claiming 4 billion items
-    pack({(1, 2): 1}),  # an unhashable map key
+    b"\x82\xa4type\xa4ping\xa1x" + b"\x91" * 1025 + b"\xc0",  # an unknown value too deep
 ])
 def test_frames_that_are_not_one_msgpack_map_ask_to_close_with_4400(data: bytes) -> None:
     err = rejects(data)
@@ -394,8 +399,68 @@ def test_ref_is_echoed_even_when_the_type_is_missing() -> None:
 
 def test_unknown_keys_are_ignored_for_forward_compatibility() -> None:
     m = {"type": "ping", "ref": 3, "v2": [1, {"x": 1.5}], 7: None, None: 1, 2.5: "f",
-         "ext": msgpack.ExtType(5, b"ab"), "at": msgpack.Timestamp(1, 2)}
+         "ext": msgpack.ExtType(5, b"ab"), "at": msgpack.Timestamp(1, 2),
+         (1, 2): 1}  # an array as a key: unhashable in Python, ignored all the same
     assert decode_client(pack(m)) == Ping(ref=3)
+
+
+# Unknown keys are ignored whatever their value, within the frame's size and msgpack's
+# nesting limit (1024 levels): arrays and maps of any length, any key type.
+unknown_values = st.recursive(
+    msgpack_values,
+    lambda inner: st.lists(inner, min_size=150, max_size=300) | st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8) | st.integers(-(2**63), 2**63), inner, max_size=4),
+    max_leaves=300,
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(unknown_values, st.text(min_size=1, max_size=12).filter(lambda k: k not in KNOWN_KEYS))
+def test_any_value_under_an_unknown_key_is_ignored(value: Any, key: str) -> None:
+    assert decode_client(pack({"type": "ping", key: value, "ref": 4})) == Ping(ref=4)
+    frame = send_map(**{key: value})
+    assert decode_client(pack(frame)).ref == "r1"
+
+
+@pytest.mark.parametrize("value", [
+    list(range(200)),  # the array that used to close the socket with 4400
+    [[0] * 1000] * 60,  # 60 000 items, 60 KB
+    {"a": list(range(5000))},
+    [{"k": [1, 2, 3]}] * 500,
+])
+def test_long_arrays_under_unknown_keys_are_ignored(value: Any) -> None:
+    assert decode_client(pack({"type": "ping", "v2": value, "ref": 1})) == Ping(ref=1)
+
+
+def test_unknown_value_nested_1024_levels_is_ignored() -> None:
+    data = b"\x82\xa4type\xa4ping\xa1x" + b"\x91" * 1024 + b"\xc0"
+    assert decode_client(data) == Ping()
+
+
+def test_array_headers_under_an_unknown_key_cannot_make_the_decoder_allocate_much() -> None:
+    # 1000 nested headers each claiming 65 535 items would be 500 MB of list slots if
+    # built; the value of an unknown key is skipped, never built.
+    header = b"\xdc\xff\xff"
+    tracemalloc.start()
+    try:
+        err = rejects(b"\x82\xa4type\xa4ping\xa1x" + header * 1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (err.close, err.field) == (CloseCode.BAD_FRAME, "frame")  # truncated: not msgpack
+    assert peak < 1_000_000
+
+
+@pytest.mark.parametrize("field", ["nonce", "content", "session_id", "hoomi_id", "type"])
+def test_an_array_in_a_known_field_is_invalid_with_the_ref(field: str) -> None:
+    err = rejects(pack(send_map(**{field: list(range(300))})))
+    assert (err.code, err.field, err.ref, err.close) == (ErrorCode.INVALID, field, "r1", None)
+
+
+def test_an_array_in_resume_is_invalid_with_the_ref() -> None:
+    err = rejects(pack({"type": "hello", "token": "t", "ref": 2,
+                        "resume": {str(HOOMI): list(range(300))}}))
+    assert (err.code, err.field, err.ref, err.close) == (ErrorCode.INVALID, "resume", 2, None)
 
 
 def test_extension_value_in_a_field_is_invalid_not_a_bad_frame() -> None:
