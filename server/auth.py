@@ -55,6 +55,7 @@ def verify_claims(secret: str, token: str, *, issuer: str | None = None,
     With `issuer` / `audience` set (HOOMI_JWT_ISSUER / HOOMI_JWT_AUDIENCE), a token must
     name them in `iss` / `aud`: a token an identity service minted for another service
     that happens to share the secret is not accepted here."""
+    _check_times(secret, token)
     required = ["exp", "sub"] + (["iss"] if issuer else []) + (["aud"] if audience else [])
     try:
         claims = jwt.decode(
@@ -75,6 +76,31 @@ def verify_claims(secret: str, token: str, *, issuer: str | None = None,
     except (ValueError, TypeError, AttributeError):
         raise AuthError(ErrorCode.UNAUTHORIZED, "token sub is not a user id") from None
     return Claims(user_id, float(claims["exp"]) + LEEWAY_S)
+
+
+# A NumericDate claim must be an integer from 0 to the end of year 9999 (what datetime can
+# hold): PyJWT alone takes "9999999999" (a string) or 1e300 for `exp` via int(), and such
+# an expiry, past any timer's range, would keep a socket authenticated for ever.
+MAX_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z
+TIME_CLAIMS = ("exp", "iat", "nbf")
+
+
+def _check_times(secret: str, token: str) -> None:
+    """AuthError naming the claim when a signed token's exp/iat/nbf is not a sane integer."""
+    try:  # the signature first: an unsigned token's claims are not worth reading
+        payload = jwt.decode(token, secret, algorithms=[ALGORITHM], options={
+            "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+            "verify_aud": False, "verify_iss": False})
+    except jwt.PyJWTError:
+        raise AuthError(ErrorCode.UNAUTHORIZED, "invalid token") from None
+    for claim in TIME_CLAIMS:
+        if claim not in payload:
+            continue
+        value = payload[claim]
+        if type(value) is not int or not 0 <= value <= MAX_NUMERIC_DATE:
+            raise AuthError(ErrorCode.UNAUTHORIZED,
+                            f"invalid token: {claim} must be an integer from 0 to "
+                            f"{MAX_NUMERIC_DATE} (Unix seconds)")
 
 
 def is_operator(expected: str, presented: str) -> bool:

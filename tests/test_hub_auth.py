@@ -226,6 +226,23 @@ async def test_bad_token_closes_4401(cluster):
         assert frames[0].code == ErrorCode.UNAUTHORIZED and frames[0].ref == "h"
 
 
+async def test_token_with_a_non_integer_exp_is_refused_naming_exp(cluster):
+    import jwt
+    (a, _) = await cluster.user()
+    # PyJWT alone accepts both (int("9999999999"), int(1e300)): a socket authenticated
+    # for ever. Refused on the socket and over HTTP, the message naming the claim.
+    for exp in ("9999999999", 1e300):
+        token = jwt.encode({"sub": str(a), "exp": exp}, JWT_SECRET, algorithm="HS256")
+        peer = await Peer.connect(cluster.a.ws)
+        await peer.send(Hello(token=token, ref="h"))
+        code, frames = await peer.closed()
+        assert code == 4401
+        assert frames[0].code == ErrorCode.UNAUTHORIZED and "exp" in frames[0].message
+        async with httpx.AsyncClient(base_url=cluster.a.http) as http:
+            r = await http.get("/v1/hoomis", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401 and "exp must be an integer" in r.json()["message"]
+
+
 async def test_socket_is_closed_4401_when_its_token_expires(cluster):
     import time
 
