@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.cluster import ROOT, Replica, free_port, until_ok
+from tests.cluster import ADMIN_TOKEN, ROOT, Replica, free_port, until_ok
 from tests.test_hub_delivery import joined, messages, send
 from tests.wsclient import Admin, Peer
 
@@ -32,7 +32,8 @@ def test_compose_names_every_service_with_health_checks():
     assert set(services) == {"postgres", "valkey", "hub1", "hub2", "lb"}
     for name, svc in services.items():
         assert "healthcheck" in svc, name
-    assert services["lb"]["ports"] == ["8000:8000"]
+    # The public port, and the operator API's listener on the host's loopback only.
+    assert services["lb"]["ports"] == ["8000:8000", "127.0.0.1:8001:8001"]
     assert "pgdata" in compose()["volumes"]
 
 
@@ -60,6 +61,7 @@ def test_nginx_accepts_the_load_balancer_config(tmp_path: Path):
     # The compose service names do not resolve here; the config is otherwise as shipped.
     conf = conf.replace("hub1:8000", "127.0.0.1:18001").replace("hub2:8000", "127.0.0.1:18002")
     conf = conf.replace("listen 8000;", "listen 127.0.0.1:18000;")
+    conf = conf.replace("listen 8001;", "listen 127.0.0.1:18003;")
     path = tmp_path / "nginx.conf"
     path.write_text(f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n" + conf)
     out = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(path)],
@@ -80,20 +82,47 @@ def test_dockerfile_runs_the_hub_unprivileged():
     assert lines[-1] == 'CMD ["hoomi", "serve"]'
 
 
+async def operator_api_is_internal_only(public: str, internal: str, admin: Admin) -> None:
+    """POST /v1/admin/tokens (and every /v1/admin path, however spelled) is a JSON 404 on
+    the public port, with the right operator token, and works on the internal one."""
+    user = await admin.user()
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    body = {"user_id": str(user), "ttl_seconds": 60}
+    async with httpx.AsyncClient(base_url=public, headers=auth) as http:
+        for method, path in [("POST", "/v1/admin/tokens"), ("POST", "/v1/admin/users"),
+                             ("GET", f"/v1/admin/users/{user}"), ("POST", "/v1/%61dmin/tokens"),
+                             ("POST", "//v1/admin/tokens"), ("POST", "/v1/admin/../admin/tokens"),
+                             ("GET", "/v1/admin")]:
+            r = await http.request(method, path, json=body)
+            assert r.status_code == 404, (method, path, r.status_code)
+            assert r.json() == {"error": "not_found", "message": "path: no such route",
+                                "field": "path"}, path
+    async with httpx.AsyncClient(base_url=internal, headers=auth) as http:
+        r = await http.post("/v1/admin/tokens", json=body)
+        assert r.status_code == 200, r.text
+        minted = r.json()["token"]
+        assert (await http.get("/metrics")).status_code == 404
+    async with httpx.AsyncClient(base_url=public) as http:  # the minted token works publicly
+        r = await http.get("/v1/hoomis", headers={"Authorization": f"Bearer {minted}"})
+        assert r.status_code == 200, r.text
+
+
 @pytest.mark.timeout(90)
 async def test_nginx_in_front_of_two_replicas(tmp_path: Path, dsn, valkey):
     """The shipped config, run for real in front of two replicas: WebSockets pass, a full
-    replica's 503 is retried on the other one, /metrics stays private."""
+    replica's 503 is retried on the other one, /metrics stays private, and the operator
+    API answers only on the internal listener."""
     nginx = nginx_binary()
     if nginx is None:
         pytest.skip("nginx is not installed (.ci/run installs Debian's nginx-light)")
     full = Replica(dsn, valkey.url, name="lb-full", HOOMI_MAX_CONNECTIONS="1").start()
     roomy = Replica(dsn, valkey.url, name="lb-roomy").start()
-    port = free_port()
+    port, internal = free_port(), free_port()
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     conf = conf.replace("hub1:8000", f"127.0.0.1:{full.port}")
     conf = conf.replace("hub2:8000", f"127.0.0.1:{roomy.port}")
     conf = conf.replace("listen 8000;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("listen 8001;", f"listen 127.0.0.1:{internal};")
     conf = conf.replace("worker_processes auto;", "worker_processes 1;")
     head = f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
     if os.geteuid() == 0:
@@ -109,6 +138,7 @@ async def test_nginx_in_front_of_two_replicas(tmp_path: Path, dsn, valkey):
         async with httpx.AsyncClient(base_url=base) as http:
             assert (await http.get("/metrics")).status_code == 404
             assert (await http.get("/readyz")).json()["ready"] is True
+        await operator_api_is_internal_only(base, f"http://127.0.0.1:{internal}", admin)
         users = [await admin.user() for _ in range(4)]
         h = await admin.hoomi(users)
         # Four sockets through nginx: the full replica takes one and refuses the rest
