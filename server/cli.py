@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -39,6 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .app import create_app, drain
+    from .transport import protocols
 
     settings = _settings()
     log_config = logs.configure(settings.log_level, settings.log_format)
@@ -82,10 +84,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 await drain(services)
             await super().shutdown(sockets)
 
+    # httptools and websockets-sansio, subclassed (server/transport.py) so that what one
+    # TCP connection may hold is bounded: header, body, idle and response timeouts, a
+    # budget of connections not upgraded, sockets aborted when their close cannot go out.
+    http_protocol, ws_protocol = protocols(settings)
     uv = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        log_config=log_config,
-        ws="websockets-sansio", ws_max_size=settings.max_content_bytes + 4096,
+        log_config=log_config, http=http_protocol,
+        timeout_keep_alive=max(1, math.ceil(settings.idle_timeout_s)),  # exact: transport.py
+        ws=ws_protocol, ws_max_size=settings.max_content_bytes + 4096,
         # Ciphertext does not compress: permessage-deflate would only burn CPU (it was
         # 9 % of the hub's CPU under bench/hub.py before it was turned off).
         ws_per_message_deflate=False,
@@ -183,8 +190,7 @@ def cmd_restore(args: argparse.Namespace) -> None:
 
 def cmd_token(args: argparse.Namespace) -> None:
     user_id = _uuid_arg(args.user_id)
-    _secrets_source("HOOMI_JWT_SECRET")
-    settings = _settings()
+    settings, _ = _settings_with("HOOMI_JWT_SECRET")
     print(auth.issue(settings.jwt_secret, user_id, args.ttl,
                      issuer=settings.jwt_issuer, audience=settings.jwt_audience))
 
@@ -234,25 +240,41 @@ def _data_dir(env: Mapping[str, str]) -> Path:
     return Path(env.get("HOOMI_DATA_DIR") or config.default_data_dir()).expanduser()
 
 
-def _secrets_source(what: str, env: Mapping[str, str] | None = None) -> str:
-    """Where the `what` secret comes from; exits, saying where it looked and how to point
-    at the hub, if it comes from nowhere. A command never creates secrets.json: one it
-    made would hold a token the running hub has never heard of."""
-    env = os.environ if env is None else env
+def _settings_with(what: str) -> tuple[config.Settings, str]:
+    """Settings for a command that needs the hub's `what` secret (HOOMI_ADMIN_TOKEN or
+    HOOMI_JWT_SECRET), and where that secret came from. Exits, saying where it looked
+    and how to point at the hub, if it comes from nowhere. It never creates
+    secrets.json: one made here would hold a secret the running hub has never heard of."""
+    env = dict(os.environ)
     if env.get(what):
-        return what
-    if env.get("DATABASE_URL"):
+        source = what
+    elif env.get("DATABASE_URL"):
         sys.exit(f"hoomi: {what} is not set (with DATABASE_URL, the hub's secrets come "
                  "from the environment: export the same value here)")
-    path = _data_dir(env) / "secrets.json"
-    if not path.is_file():
-        how = ("HOOMI_DATA_DIR" if env.get("HOOMI_DATA_DIR")
-               else "the default data dir; HOOMI_DATA_DIR is unset")
-        sys.exit(f"hoomi: no {path} ({how}), so no {what}. The hub writes it in its "
-                 "data dir, which it prints when it starts (\"Embedded PostgreSQL in "
-                 "DIR/pgdata\"): export HOOMI_DATA_DIR=DIR here as in the hub's terminal, "
-                 f"or set {what}")
-    return str(path)
+    else:
+        path = _data_dir(env) / "secrets.json"
+        if not path.is_file():
+            how = ("HOOMI_DATA_DIR" if env.get("HOOMI_DATA_DIR")
+                   else "the default data dir; HOOMI_DATA_DIR is unset")
+            sys.exit(f"hoomi: no {path} ({how}), so no {what}. The hub keeps its secrets "
+                     "in its data dir, which it prints when it starts (\"Embedded "
+                     "PostgreSQL in DIR/pgdata\"): export HOOMI_DATA_DIR=DIR here as in "
+                     f"the hub's terminal, or set {what}")
+        try:
+            stored = json.loads(path.read_text())
+            env[what] = stored[what.removeprefix("HOOMI_").lower()]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            sys.exit(f"hoomi: cannot read {what} from {path}: {err!r}")
+        source = str(path)
+    # The other secret is not needed here; a placeholder keeps config.load from
+    # generating (and writing) one.
+    for other in ("HOOMI_ADMIN_TOKEN", "HOOMI_JWT_SECRET"):
+        if not env.get(other):
+            env[other] = "unused-by-this-command"
+    try:
+        return config.load(env), source
+    except config.ConfigError as err:
+        sys.exit(f"hoomi: configuration error: {err}")
 
 
 def _error_line(code: int, raw: bytes) -> str:
@@ -269,8 +291,7 @@ def _error_line(code: int, raw: bytes) -> str:
 
 
 def _api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    source = _secrets_source("HOOMI_ADMIN_TOKEN")
-    settings = _settings()
+    settings, source = _settings_with("HOOMI_ADMIN_TOKEN")
     base = hub_url()
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method, headers={

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from uuid import uuid4
 
 from client.crypto import decrypt
@@ -26,10 +28,11 @@ from tests.cluster import ROOT
 class Terminal:
     """A process on a pseudo-terminal: type lines, wait for text on the screen."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path = ROOT) -> None:
         self.master, slave = pty.openpty()
+        # Its own process group, so close() also ends what it started (a shell's children).
         self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env,
-                                     cwd=ROOT, close_fds=True)
+                                     cwd=cwd, close_fds=True, start_new_session=True)
         os.close(slave)
         os.set_blocking(self.master, False)
         self.screen = ""
@@ -51,8 +54,10 @@ class Terminal:
         return self.screen
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the whole group has ended already
+            pass
         self.proc.wait(10)
         os.close(self.master)
 
