@@ -98,8 +98,11 @@ async def main() -> None:
     args = ap.parse_args()
     env = {**os.environ, "HOOMI_JWT_SECRET": JWT_SECRET, "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
            "HOOMI_LOG_LEVEL": "warning",
-           # Measure throughput, not the per-socket request limit (50/s by default).
-           "HOOMI_REQUEST_RATE": "1000000", "HOOMI_REQUEST_BURST": "1000000"}
+           # Measure throughput, not the per-socket request limit (50/s by default), the
+           # per-user HTTP limit (50/s) or the per-user concurrent reads (4).
+           "HOOMI_REQUEST_RATE": "1000000", "HOOMI_REQUEST_BURST": "1000000",
+           "HOOMI_HTTP_RATE": "1000000", "HOOMI_HTTP_BURST": "1000000",
+           "HOOMI_USER_MAX_READS": "10000"}
     env.pop("REDIS_URL", None)
     results: dict[str, dict[str, float]] = {}
     async with fresh_database() as dsn:

@@ -2,21 +2,31 @@
 
 Every failure becomes one JSON body `{"error": code, "message": text, "field": name}`
 in `_error_response`, with the status the code maps to.
+
+Abuse bounds (issue 14): at most `http_max_inflight` API requests served at once per
+replica (`_Inflight`, 503); per user `http_rate`/`http_burst` requests (429) and
+`user_max_reads` pages being read or sent at once (429); per client address, failed
+authentications (`auth_failures`): past the budget 429 before the token is even looked
+at; pages bounded to `page_max_bytes` of ciphertext.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protocol import ErrorCode
 from storage import hoomis as hoomi_store
@@ -43,21 +53,30 @@ MAX_TOKEN_TTL = 30 * 86400
 
 
 class HttpError(Exception):
-    def __init__(self, code: ErrorCode, message: str, field: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, field: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.field = code, message, field
+        self.retry_after = retry_after  # seconds, for 429 and 503
 
 
 def _error_response(services: Services, code: ErrorCode, message: str,
-                    field: str | None) -> JSONResponse:
+                    field: str | None, retry_after: int | None = None) -> JSONResponse:
     services.metrics.errors.labels(code.value).inc()
     body: dict[str, Any] = {"error": code.value, "message": message}
     if field:
         body["field"] = field
-    headers = {"Retry-After": "1"} if code == ErrorCode.UNAVAILABLE else None
+    if retry_after is None and code in (ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED):
+        retry_after = 1
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     if code == ErrorCode.UNAUTHORIZED:
         headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(body, status_code=STATUS[code], headers=headers)
+
+
+def _seconds(ms: int) -> int:
+    """A limiter's wait in ms as a Retry-After: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(ms / 1000))
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -95,7 +114,10 @@ def _route(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
         services: Services = request.app.state.services
         try:
             return await fn(request, services)
-        except (HttpError, StorageError) as err:
+        except HttpError as err:
+            return _error_response(services, err.code, err.message, err.field,
+                                   err.retry_after)
+        except StorageError as err:
             return _error_response(services, err.code, err.message, err.field)
         except Exception as exc:
             if not is_outage(exc):
@@ -103,6 +125,36 @@ def _route(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
             _log.warning("storage unavailable: %s", exc)
             return _error_response(services, ErrorCode.UNAVAILABLE, "storage unavailable", None)
     return endpoint
+
+
+class _Inflight:
+    """At most `http_max_inflight` API requests served at once on this replica, each
+    counted until its response has been handed to the transport (so unread responses
+    count too, and the memory they hold is bounded by it); past it 503 + Retry-After."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope["app"].state
+        services: Services = state.services
+        inflight: int = getattr(state, "http_inflight", 0)
+        if inflight >= services.settings.http_max_inflight:
+            refused = _error_response(services, ErrorCode.UNAVAILABLE,
+                                      "replica busy: too many HTTP requests in flight", None)
+            await refused(scope, receive, send)
+            return
+        state.http_inflight = inflight + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.http_inflight -= 1
+
+
+def _api(path: str, fn: Callable[[Request], Awaitable[Response]],
+         methods: list[str] | None = None) -> Route:
+    """A /v1 route: counted by `_Inflight` (health and metrics are not)."""
+    return Route(path, fn, methods=methods, middleware=[Middleware(_Inflight)])
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -145,6 +197,8 @@ async def _json(request: Request) -> dict[str, Any]:
         body = json.loads(raw)
     except ValueError:
         raise HttpError(ErrorCode.INVALID, "body: not valid JSON", "body") from None
+    except RecursionError:  # 64 KiB of `[` nests deeper than the parser's stack
+        raise HttpError(ErrorCode.INVALID, "body: nested too deeply", "body") from None
     if not isinstance(body, dict):
         raise HttpError(ErrorCode.INVALID, "body: must be a JSON object", "body")
     return body
@@ -159,23 +213,60 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
+def _address(request: Request) -> str:
+    # uvicorn runs with proxy_headers: behind the shipped nginx this is the real client.
+    return request.client.host if request.client else "?"
+
+
+def _not_blocked(request: Request, services: Services) -> None:
+    """An address past its failed-authentication budget is refused before its token is
+    even looked at (so guessing tokens costs the guesser, not the hub)."""
+    wait = services.auth_failures.blocked(_address(request))
+    if wait:
+        raise HttpError(ErrorCode.RATE_LIMITED,
+                        "too many failed authentications from this address", None,
+                        _seconds(wait))
+
+
+def _failed(request: Request, services: Services, err: HttpError) -> HttpError:
+    """Count a 401 against the client's address; the error to raise."""
+    services.auth_failures.take(_address(request))
+    return err
+
+
 async def _user(request: Request, services: Services) -> UUID:
+    _not_blocked(request, services)
     try:
         st = services.settings
         user_id = auth.verify(st.jwt_secret, _bearer(request), issuer=st.jwt_issuer,
                               audience=st.jwt_audience)
     except auth.AuthError as err:
-        raise HttpError(err.code, err.message, "authorization") from None
+        raise _failed(request, services,
+                      HttpError(err.code, err.message, "authorization")) from None
+    except HttpError as err:
+        raise _failed(request, services, err) from None
+    # Before any database work: a flood of valid-token requests costs one bucket lookup.
+    wait = services.http_requests.take(user_id)
+    if wait:
+        raise HttpError(ErrorCode.RATE_LIMITED,
+                        f"too many requests: at most {st.http_rate:g} per second "
+                        f"({st.http_burst} at once) per user", None, _seconds(wait))
     # As on the socket: a deleted user's tokens stop working with it.
     if not await user_store.user_exists(services.pool, user_id):
-        raise HttpError(ErrorCode.UNAUTHORIZED, "unknown user", "authorization")
+        raise _failed(request, services,
+                      HttpError(ErrorCode.UNAUTHORIZED, "unknown user", "authorization"))
     return user_id
 
 
 def _operator(request: Request, services: Services) -> None:
-    if not auth.is_operator(services.settings.admin_token, _bearer(request)):
-        raise HttpError(ErrorCode.UNAUTHORIZED, "authorization: operator token required",
-                        "authorization")
+    _not_blocked(request, services)
+    try:
+        presented = _bearer(request)
+    except HttpError as err:
+        raise _failed(request, services, err) from None
+    if not auth.is_operator(services.settings.admin_token, presented):
+        raise _failed(request, services, HttpError(
+            ErrorCode.UNAUTHORIZED, "authorization: operator token required", "authorization"))
 
 
 async def _require_role(services: Services, hoomi_id: UUID, user_id: UUID,
@@ -223,6 +314,21 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     services: Services = request.app.state.services
+    expected = services.settings.metrics_token
+    if expected is not None:
+        # Counted and refused like any other failed authentication.
+        try:
+            _not_blocked(request, services)
+            header = request.headers.get("authorization", "")
+            scheme, _, presented = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    presented.strip().encode(), expected.encode()):
+                raise _failed(request, services, HttpError(
+                    ErrorCode.UNAUTHORIZED, "authorization: metrics token required",
+                    "authorization"))
+        except HttpError as err:
+            return _error_response(services, err.code, err.message, err.field,
+                                   err.retry_after)
     services.metrics.feeds.set(services.hub.feeds)
     return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -237,6 +343,31 @@ async def my_hoomis(request: Request, s: Services) -> Response:
         {"hoomi_id": str(h.hoomi_id), "last_seq": h.last_seq, "role": h.role} for h in mine]})
 
 
+class _PageResponse(JSONResponse):
+    """A page that holds its user's read slot (and its place in flight) until its bytes
+    are handed to the kernel: a user who asks for pages and never reads them holds at
+    most `user_max_reads` of them. Sent in chunks, because uvicorn waits for the transport
+    to drain before each body message but not after the last one."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, content: Any, release: Callable[[], None]) -> None:
+        self._release = release
+        super().__init__(content)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            body = memoryview(self.body)
+            for start in range(0, len(body), self.CHUNK):
+                await send({"type": "http.response.body",
+                            "body": bytes(body[start:start + self.CHUNK]), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self._release()
+
+
 @_route
 async def hoomi_messages(request: Request, s: Services) -> Response:
     user_id = await _user(request, s)
@@ -247,17 +378,37 @@ async def hoomi_messages(request: Request, s: Services) -> Response:
     assert limit is not None
     if before is not None and after is not None:
         raise HttpError(ErrorCode.INVALID, "after: cannot be combined with before", "after")
-    if after is not None:
-        sp = await message_store.since(s.pool, hoomi_id, after, limit, reader=user_id,
-                                       hoomi_field="id")
-        return JSONResponse({"hoomi_id": str(hoomi_id),
-                             "messages": [_message_json(m) for m in sp.messages],
-                             "has_more": sp.has_more})
-    hp = await message_store.history(s.pool, hoomi_id, before, limit, reader=user_id,
-                                     hoomi_field="id")
-    return JSONResponse({"hoomi_id": str(hoomi_id),
-                         "messages": [_message_json(m) for m in hp.messages],
-                         "next_before": hp.next_before})
+    # One user must not hold the database pool (nor the replica's memory with pages it
+    # does not read): at most `user_max_reads` pages of theirs at once, socket and HTTP.
+    if not s.user_reads.acquire(user_id):
+        raise HttpError(ErrorCode.RATE_LIMITED,
+                        f"too many pages at once: at most {s.settings.user_max_reads} per user",
+                        None, 1)
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            s.user_reads.release(user_id)
+
+    try:
+        cap = s.settings.page_max_bytes
+        body: dict[str, Any] = {"hoomi_id": str(hoomi_id)}
+        if after is not None:
+            sp = await message_store.since(s.pool, hoomi_id, after, limit, reader=user_id,
+                                           hoomi_field="id", max_bytes=cap)
+            body.update(messages=[_message_json(m) for m in sp.messages],
+                        has_more=sp.has_more)
+        else:
+            hp = await message_store.history(s.pool, hoomi_id, before, limit,
+                                             reader=user_id, hoomi_field="id", max_bytes=cap)
+            body.update(messages=[_message_json(m) for m in hp.messages],
+                        next_before=hp.next_before)
+        return _PageResponse(body, release)
+    except BaseException:
+        release()
+        raise
 
 
 @_route
@@ -431,18 +582,18 @@ routes = [
     Route("/healthz", healthz),
     Route("/readyz", readyz),
     Route("/metrics", metrics),
-    Route("/v1/hoomis", my_hoomis),
-    Route("/v1/hoomis/{id}/messages", hoomi_messages),
-    Route("/v1/hoomis/{id}/messages/{message_id}", delete_message, methods=["DELETE"]),
-    Route("/v1/hoomis/{id}/members", hoomi_members),
-    Route("/v1/hoomis/{id}/retention", set_retention, methods=["PUT"]),
-    Route("/v1/hoomis/{id}/members/{user_id}", admin_put_member, methods=["PUT"]),
-    Route("/v1/hoomis/{id}/members/{user_id}", admin_remove_member, methods=["DELETE"]),
-    Route("/v1/admin/users", op_create_user, methods=["POST"]),
-    Route("/v1/admin/users/{id}", op_delete_user, methods=["DELETE"]),
-    Route("/v1/admin/hoomis", op_create_hoomi, methods=["POST"]),
-    Route("/v1/admin/hoomis/{id}", op_delete_hoomi, methods=["DELETE"]),
-    Route("/v1/admin/hoomis/{id}/members/{user_id}", op_put_member, methods=["PUT"]),
-    Route("/v1/admin/hoomis/{id}/members/{user_id}", op_remove_member, methods=["DELETE"]),
-    Route("/v1/admin/tokens", op_token, methods=["POST"]),
+    _api("/v1/hoomis", my_hoomis),
+    _api("/v1/hoomis/{id}/messages", hoomi_messages),
+    _api("/v1/hoomis/{id}/messages/{message_id}", delete_message, ["DELETE"]),
+    _api("/v1/hoomis/{id}/members", hoomi_members),
+    _api("/v1/hoomis/{id}/retention", set_retention, ["PUT"]),
+    _api("/v1/hoomis/{id}/members/{user_id}", admin_put_member, ["PUT"]),
+    _api("/v1/hoomis/{id}/members/{user_id}", admin_remove_member, ["DELETE"]),
+    _api("/v1/admin/users", op_create_user, ["POST"]),
+    _api("/v1/admin/users/{id}", op_delete_user, ["DELETE"]),
+    _api("/v1/admin/hoomis", op_create_hoomi, ["POST"]),
+    _api("/v1/admin/hoomis/{id}", op_delete_hoomi, ["DELETE"]),
+    _api("/v1/admin/hoomis/{id}/members/{user_id}", op_put_member, ["PUT"]),
+    _api("/v1/admin/hoomis/{id}/members/{user_id}", op_remove_member, ["DELETE"]),
+    _api("/v1/admin/tokens", op_token, ["POST"]),
 ]

@@ -161,6 +161,19 @@ async def test_operator_routes_and_their_errors(cluster, http):
     assert (r.status_code, r.json()["field"]) == (404, "id")
 
 
+async def test_deeply_nested_body_is_400_naming_the_body(cluster, http):
+    """60 000 `[` fit under the 64 KiB body limit but overflow json's recursion: a 400
+    naming the body, not a 500 with a traceback; the replica serves on."""
+    (alice, tok) = await cluster.user()
+    h = await cluster.admin.hoomi([alice])
+    for deep in (b"[" * 60000, b'{"a":' * 10000 + b"1" + b"}" * 10000):
+        r = await cluster.admin.http.post("/v1/admin/hoomis", content=deep)
+        assert (r.status_code, r.json()["error"], r.json()["field"]) == (400, "invalid", "body")
+        r = await http.put(f"/v1/hoomis/{h}/retention", content=deep, headers=bearer(tok))
+        assert (r.status_code, r.json()["field"]) == (400, "body")
+    assert (await http.get("/v1/hoomis", headers=bearer(tok))).status_code == 200
+
+
 async def test_health_readiness_and_metrics(cluster, http):
     assert (await http.get("/healthz")).json() == {"status": "ok"}
     ready = await http.get("/readyz")
