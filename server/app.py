@@ -18,6 +18,7 @@ from starlette.routing import WebSocketRoute
 from protocol import Limits
 from storage.db import create_pool
 from storage.embedded import start_embedded
+from storage.erasure import erase_forever
 from storage.migrate import migrate
 from storage.retention import purge_expired
 from storage.writer import BatchWriter
@@ -66,6 +67,8 @@ def create_app(settings: Settings) -> Starlette:
             hub.reconcile_forever(settings.reconcile_interval_s))
         purging = asyncio.get_running_loop().create_task(
             purge_forever(pool, settings.purge_interval_s))
+        erasing = asyncio.get_running_loop().create_task(
+            erase_forever(pool, settings.erase_interval_s))
         services = Services(
             settings=settings,
             limits=Limits(max_content_bytes=settings.max_content_bytes),
@@ -78,6 +81,7 @@ def create_app(settings: Settings) -> Starlette:
             await drain(services)
             reconcile.cancel()
             purging.cancel()
+            erasing.cancel()
             await hub.close()
             await pool.close()
             if embedded is not None:

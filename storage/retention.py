@@ -4,7 +4,8 @@ Purged rows are deleted outright (not tombstoned): retention is the Hoomi admins
 to keep nothing past that age. Seqs are not reused, so clients see history start later,
 and a gap fill or catch-up simply skips the purged range. One replica at a time does
 the work (advisory lock), in small batches so it never holds long locks; each batch is
-audited with its count and seq range.
+audited with its count and seq range. The deleted rows' versions then stay in the table's
+files until VACUUM: storage/erasure.py runs it soon after (docs/storage.md).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from uuid import UUID
 
 import asyncpg
 
-from . import audit
+from . import audit, erasure
 from .audit import Actor
 from .errors import is_outage
 
@@ -55,6 +56,8 @@ async def purge_expired(pool: asyncpg.Pool, *, batch: int = 1000) -> int:
                                row["id"], type(exc).__name__, exc)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+            if total:
+                erasure.note_erased()  # the purged rows' bytes are vacuumed off next
     return total
 
 

@@ -1,0 +1,94 @@
+"""Erasure down to the data files: VACUUM of `messages` after deletions and purges.
+
+A delete for everyone writes a new row version without content, nonce and session; a
+retention purge deletes rows. PostgreSQL keeps the old versions (heap tuples holding the
+nonce and any short content, TOAST chunks holding long content) in the table's files
+until VACUUM removes them, and autovacuum's default trigger (20 % of the table dead)
+may never come for a large message store. So every replica runs `erase_forever`: every
+HOOMI_ERASE_INTERVAL_S, if anything was deleted since the last run, one replica at a
+time (advisory lock) runs a plain VACUUM of `messages` and its TOAST table. Plain VACUUM
+takes a SHARE UPDATE EXCLUSIVE lock only: sends, reads and deletes go on meanwhile.
+
+What VACUUM does not do (measured by tests/test_erasure.py, which reads the files):
+it removes the dead versions from the pages, but compacting a page does not zero the
+space they leave, so some of their bytes stay in the page's free space until new rows
+are written there. Only a rewrite of the table (VACUUM FULL, which locks it) drops
+those at once; see docs/storage.md, "What erased means on disk".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+
+_log = logging.getLogger(__name__)
+
+_LOCK_KEY = 0x686F6F6D69657261  # "hoomiera"
+
+# Dead row versions of messages and of its TOAST table, as the statistics see them. The
+# counters lag a deleting transaction by about a second (backends flush them when idle),
+# and a run that finds none is a cheap query.
+_DEAD = """
+SELECT coalesce(sum(n_dead_tup), 0)
+FROM pg_stat_all_tables
+WHERE relid = 'messages'::regclass
+   OR relid = (SELECT reltoastrelid FROM pg_class WHERE oid = 'messages'::regclass)
+"""
+
+# PROCESS_TOAST: the TOAST table holds long contents. TRUNCATE: empty pages at the end
+# of the file go back to the filesystem; VACUUM takes that brief lock only if nobody
+# holds or waits for one, and lets go as soon as someone waits.
+_VACUUM = "VACUUM (PROCESS_TOAST TRUE, TRUNCATE TRUE) messages"
+
+# A first run on a large table reads all of it; later runs skip the pages the visibility
+# map marks clean. Longer than the pool's command_timeout on purpose.
+_VACUUM_TIMEOUT_S = 6 * 3600.0
+
+_erased_here = False
+
+
+def note_erased() -> None:
+    """Called after this process deleted message content: the next run vacuums even
+    before the statistics show the dead versions."""
+    global _erased_here
+    _erased_here = True
+
+
+async def erase_deleted(pool: asyncpg.Pool) -> bool:
+    """VACUUM `messages` if any deletion left dead versions; True if it ran.
+
+    Returns False when nothing was deleted, or when another replica holds the lock
+    (it is vacuuming; a deletion it misses is found on the next run here).
+    """
+    global _erased_here
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+            return False
+        try:
+            pending = _erased_here
+            if not pending and not await conn.fetchval(_DEAD):
+                return False
+            _erased_here = False
+            started = time.perf_counter()
+            try:
+                await conn.execute(_VACUUM, timeout=_VACUUM_TIMEOUT_S)
+            except BaseException:
+                _erased_here = _erased_here or pending  # not done: the next run tries again
+                raise
+            _log.info("erasure: vacuumed messages in %.2f s", time.perf_counter() - started)
+            return True
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+
+
+async def erase_forever(pool: asyncpg.Pool, interval: float) -> None:
+    """Run `erase_deleted` every `interval` seconds until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await erase_deleted(pool)
+        except Exception as exc:
+            _log.warning("erasure vacuum failed: %s", exc)

@@ -1,0 +1,201 @@
+"""Erasure down to the data files: after a delete for everyone or a retention purge, the
+erasure job's VACUUM takes the old row versions out of `messages` and its TOAST table.
+The tests read the relation files themselves (after a CHECKPOINT) and look for each
+erased message's nonce and content bytes, telling apart bytes inside a row version
+(any tuple a line pointer still points at) from bytes left in a page's free space."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+import time
+from pathlib import Path
+
+import asyncpg
+
+from storage import erasure
+from storage.messages import delete_for_everyone
+from storage.retention import purge_expired
+from storage.writer import BatchWriter
+from tests import factories
+from tests.cluster import Replica
+
+PAGE = 8192
+LP_NORMAL = 1
+
+
+async def _relation_bytes(conn: asyncpg.Connection, relation: str) -> bytes:
+    datadir = Path(await conn.fetchval("SHOW data_directory"))
+    first = datadir / await conn.fetchval("SELECT pg_relation_filepath($1::regclass)",
+                                          relation)
+    data, segment = first.read_bytes(), 1
+    while (more := first.with_name(f"{first.name}.{segment}")).exists():
+        data += more.read_bytes()
+        segment += 1
+    return data
+
+
+def _split_pages(data: bytes) -> tuple[bytes, bytes]:
+    """(bytes of every tuple a line pointer points at, bytes of every page's free space)."""
+    tuples, free = [], []
+    for start in range(0, len(data), PAGE):
+        page = data[start:start + PAGE]
+        lower, upper = struct.unpack_from("<HH", page, 12)  # pd_lower, pd_upper
+        if lower == 0:
+            continue  # a new, all-zero page
+        free.append(page[lower:upper])
+        for at in range(24, lower, 4):  # ItemIdData: lp_off:15, lp_flags:2, lp_len:15
+            (item,) = struct.unpack_from("<I", page, at)
+            off, flags, length = item & 0x7FFF, (item >> 15) & 3, item >> 17
+            if flags == LP_NORMAL:
+                tuples.append(page[off:off + length])
+    return b"\0".join(tuples), b"\0".join(free)
+
+
+async def census(conn: asyncpg.Connection, erased: list[tuple[bytes, bytes]]
+                 ) -> dict[str, int]:
+    """How many erased messages still have a nonce or content piece in the files."""
+    await conn.execute("CHECKPOINT")  # what the server holds in memory goes to the files
+    toast = await conn.fetchval(
+        "SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = 'messages'::regclass")
+    data = await _relation_bytes(conn, "messages") + await _relation_bytes(conn, toast)
+    tuples, free = _split_pages(data)
+
+    def found(where: bytes) -> int:
+        return sum(1 for content, nonce in erased
+                   if nonce in where or content[:32] in where or content[-32:] in where)
+
+    return {"in_row_versions": found(tuples), "in_free_space": found(free),
+            "anywhere": found(data)}
+
+
+async def _stored(pool: asyncpg.Pool, writer: BatchWriter, n: int, seed: int
+                  ) -> tuple[list, list]:
+    """n messages from two users in a fresh Hoomi: short ones stay in the heap row, long
+    ones go to the TOAST table. Random bytes, so PostgreSQL cannot compress them."""
+    rng = random.Random(seed)
+    alice, bob = await factories.users(pool, 2)
+    h = await factories.hoomi(pool, [alice], [bob])
+    reqs = [factories.request(h, rng.choice([alice, bob]), size=rng.choice([120, 600, 4000]))
+            for _ in range(n)]
+    acks = await asyncio.gather(*(writer.append(r) for r in reqs))
+    return reqs, acks
+
+
+async def _dead_versions(pool: asyncpg.Pool) -> int:
+    return int(await pool.fetchval(erasure._DEAD))
+
+
+async def _until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+async def test_erasure_job_takes_deleted_and_purged_versions_out_of_the_files(pool, monkeypatch):
+    monkeypatch.setattr(erasure, "_erased_here", False)
+    # A table autovacuum has not reached yet: it must not tidy up behind the test's back.
+    await pool.execute("ALTER TABLE messages SET (autovacuum_enabled = off, "
+                       "toast.autovacuum_enabled = off)")
+    writer = BatchWriter(pool)
+    writer.start()
+    reqs, acks = await _stored(pool, writer, 240, seed=1)
+    await writer.close()
+    conn = await pool.acquire()
+    try:
+        assert await erasure.erase_deleted(pool) is False  # nothing deleted yet
+
+        # Delete for everyone a third of them (by sender and by admin alike).
+        admin = await pool.fetchval(
+            "SELECT user_id FROM hoomi_members WHERE hoomi_id = $1 AND role = 'admin'",
+            acks[0].hoomi_id)
+        erased = []
+        for req, ack in list(zip(reqs, acks, strict=True))[::3]:
+            await delete_for_everyone(pool, ack.hoomi_id, ack.id, admin)
+            erased.append((req.content, req.nonce))
+        before = await census(conn, erased)
+        # The delete path sets no flag: the job sees the dead versions in the statistics.
+        await _until(lambda: _has_dead(pool))
+        assert await erasure.erase_deleted(pool) is True
+        after = await census(conn, erased)
+        print(f"\ndelete for everyone, {len(erased)} messages: before {before}, "
+              f"after the erasure job {after}")
+        assert before["in_row_versions"] > 0  # dead versions autovacuum has not reached
+        assert after["in_row_versions"] == 0
+        # Compaction does not zero what it frees: some bytes stay in pages' free space.
+        assert after["anywhere"] == after["in_free_space"]
+
+        # A retention purge of another third: the purge itself asks for the next erasure run.
+        await pool.execute("UPDATE hoomis SET retention_seconds = 60 WHERE id = $1",
+                           acks[0].hoomi_id)
+        old = [ack.id for i, ack in enumerate(acks) if i % 3 == 1]
+        await pool.execute("UPDATE messages SET created_at = created_at - interval '1 hour' "
+                           "WHERE id = ANY($1::uuid[])", old)
+        await erasure.erase_deleted(pool)  # the backdating's own dead versions
+        purged = [(r.content, r.nonce) for i, r in enumerate(reqs) if i % 3 == 1]
+        assert await purge_expired(pool) == len(purged)
+        before = await census(conn, purged)
+        assert await erasure.erase_deleted(pool) is True  # flagged, before any statistics
+        after = await census(conn, purged)
+        print(f"retention purge, {len(purged)} messages: before {before}, "
+              f"after the erasure job {after}")
+        assert before["in_row_versions"] > 0
+        assert after["in_row_versions"] == 0
+        assert after["anywhere"] == after["in_free_space"]
+
+        # What does remove every byte: a rewrite of the table (ACCESS EXCLUSIVE lock).
+        await conn.execute("VACUUM FULL messages")
+        rewritten = await census(conn, erased + purged)
+        print(f"after VACUUM FULL: {rewritten}")
+        assert rewritten["anywhere"] == 0
+    finally:
+        await pool.release(conn)
+
+
+async def _has_dead(pool: asyncpg.Pool) -> bool:
+    return await _dead_versions(pool) > 0
+
+
+async def test_erasure_runs_one_replica_at_a_time_and_retries_what_it_missed(pool,
+                                                                             monkeypatch):
+    monkeypatch.setattr(erasure, "_erased_here", False)
+    erasure.note_erased()
+    other = await pool.acquire()
+    try:
+        await other.execute("SELECT pg_advisory_lock($1)", erasure._LOCK_KEY)
+        assert await erasure.erase_deleted(pool) is False  # another replica is at it
+        await other.execute("SELECT pg_advisory_unlock($1)", erasure._LOCK_KEY)
+    finally:
+        await pool.release(other)
+    assert await erasure.erase_deleted(pool) is True  # the flag was kept for this run
+    assert await erasure.erase_deleted(pool) is False  # and cleared by it
+
+
+async def test_replica_vacuums_messages_soon_after_a_delete(dsn, pool):
+    writer = BatchWriter(pool)
+    writer.start()
+    reqs, acks = await _stored(pool, writer, 20, seed=2)
+    await writer.close()
+    sender = reqs[0].sender_id
+    replica = Replica(dsn, None, name="erase", HOOMI_ERASE_INTERVAL_S="1").start()
+    try:
+        before = await _vacuums(pool)
+        started = time.monotonic()
+        await delete_for_everyone(pool, acks[0].hoomi_id, acks[0].id, sender)
+        await _until(lambda: _vacuumed_since(pool, before))
+        print(f"\nerased by the replica's job {time.monotonic() - started:.1f} s after the "
+              "delete (HOOMI_ERASE_INTERVAL_S=1)")
+    finally:
+        replica.stop()
+
+
+async def _vacuums(pool: asyncpg.Pool) -> int:
+    return int(await pool.fetchval(
+        "SELECT vacuum_count FROM pg_stat_all_tables WHERE relid = 'messages'::regclass"))
+
+
+async def _vacuumed_since(pool: asyncpg.Pool, count: int) -> bool:
+    return await _vacuums(pool) > count and await _dead_versions(pool) == 0
+
