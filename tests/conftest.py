@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import tempfile
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -12,6 +17,52 @@ import pytest
 from storage.db import create_pool
 from storage.embedded import EmbeddedPostgres
 from tests import pg
+
+# Every process the suite starts inherits this variable (Replica and Valkey copy
+# os.environ; pg_ctl and the postgres it starts inherit it too, even after postgres
+# detaches with setsid), so the session can find what is still running at its end.
+_SESSION_MARK = "HOOMI_TEST_SESSION"
+
+
+def _marked_processes(token: str) -> dict[int, str]:
+    """pid -> command line of live processes (not this one) carrying the session mark."""
+    needle = f"{_SESSION_MARK}={token}".encode()
+    found: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                found[int(entry.name)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or a zombie
+            continue
+    return {pid: cmd for pid, cmd in found.items() if cmd}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_left_behind() -> Iterator[None]:
+    """Fail the session, naming them, if processes the tests started (PostgreSQL,
+    valkey-server, hoomi serve, make run, chat clients) outlive it; then end them, so a
+    leak costs one red run and not a machine full of servers."""
+    token = f"{os.getpid()}-{uuid.uuid4().hex}"
+    os.environ[_SESSION_MARK] = token
+    yield
+    deadline = time.monotonic() + 10  # a server may still be finishing its shutdown
+    while (left := _marked_processes(token)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    del os.environ[_SESSION_MARK]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _marked_processes(token):
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        time.sleep(0.5)
+    if left:
+        listing = "\n".join(f"  {pid}: {cmd[:200]}" for pid, cmd in sorted(left.items()))
+        pytest.fail(f"{len(left)} process(es) started by the tests were still running at "
+                    f"the end of the session (now killed):\n{listing}", pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)
