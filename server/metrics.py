@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
@@ -14,6 +23,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # What an operator's dashboards expect next to the hub's own: process_* (memory,
+        # CPU, open and max file descriptors, start time), python_gc_* and python_info.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.connections = Gauge("hoomi_connections", "Open WebSocket connections", registry=r)
         self.feeds = Gauge("hoomi_feeds", "Hoomis this replica is subscribed to", registry=r)
         self.frames_in = Counter("hoomi_frames_in", "Frames received, by type", ["type"],
