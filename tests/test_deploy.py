@@ -29,7 +29,8 @@ def compose() -> dict:
 
 def test_compose_names_every_service_with_health_checks():
     services = compose()["services"]
-    assert set(services) == {"postgres", "valkey", "hub1", "hub2", "lb"}
+    assert set(services) == {"postgres", "valkey", "hub1", "hub2", "lb", "prometheus",
+                             "grafana"}
     for name, svc in services.items():
         assert "healthcheck" in svc, name
     # The public port, and the operator API's listener on the host's loopback only.
