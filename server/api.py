@@ -13,6 +13,7 @@ at; pages bounded to `page_max_bytes` of ciphertext.
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import json
 import logging
@@ -110,6 +111,7 @@ Handler = Callable[[Request, Services], Awaitable[Response]]
 
 
 def _route(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
+    @functools.wraps(fn)  # keeps the docstring: the route's OpenAPI operation
     async def endpoint(request: Request) -> Response:
         services: Services = request.app.state.services
         try:
@@ -294,10 +296,29 @@ def _message_json(m: StoredMessage) -> dict[str, Any]:
 # -- health ----------------------------------------------------------------------------------
 
 async def healthz(request: Request) -> Response:
+    """---
+    summary: The process is up
+    tags: [health]
+    responses:
+      "200":
+        description: always
+        content: {application/json: {schema: {type: object}}}
+    """
     return JSONResponse({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
+    """---
+    summary: Database and broker reachable, replica not draining
+    tags: [health]
+    responses:
+      "200":
+        description: "ready"
+        content: {application/json: {schema: {$ref: "#/components/schemas/Ready"}}}
+      "503":
+        description: "not ready (the failing check says why)"
+        content: {application/json: {schema: {$ref: "#/components/schemas/Ready"}}}
+    """
     services: Services = request.app.state.services
     checks: dict[str, str] = {}
     try:
@@ -313,6 +334,15 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    """---
+    summary: Prometheus metrics (HOOMI_METRICS_TOKEN, when set, as Bearer)
+    tags: [health]
+    responses:
+      "200":
+        description: Prometheus text exposition
+        content: {text/plain: {schema: {type: string}}}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+    """
     services: Services = request.app.state.services
     expected = services.settings.metrics_token
     if expected is not None:
@@ -337,6 +367,19 @@ async def metrics(request: Request) -> Response:
 
 @_route
 async def my_hoomis(request: Request, s: Services) -> Response:
+    """---
+    summary: My Hoomis with their last_seq and my role
+    tags: [user]
+    security: [{user: []}]
+    responses:
+      "200":
+        description: "the caller's Hoomis"
+        content: {application/json: {schema: {$ref: "#/components/schemas/MyHoomis"}}}
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     user_id = await _user(request, s)
     mine = await hoomi_store.user_hoomis(s.pool, user_id)
     return JSONResponse({"hoomis": [
@@ -370,6 +413,27 @@ class _PageResponse(JSONResponse):
 
 @_route
 async def hoomi_messages(request: Request, s: Services) -> Response:
+    """---
+    summary: A page of history (before) or of what follows a seq (after)
+    tags: [user]
+    security: [{user: []}]
+    parameters:
+      - {$ref: "#/components/parameters/HoomiId"}
+      - {$ref: "#/components/parameters/Limit"}
+      - {$ref: "#/components/parameters/Before"}
+      - {$ref: "#/components/parameters/After"}
+    responses:
+      "200":
+        description: "a page, shorter when messages are large (HOOMI_PAGE_MAX_BYTES);
+          go on with next_before or has_more"
+        content: {application/json: {schema: {$ref: "#/components/schemas/MessagePage"}}}
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "403": {$ref: "#/components/responses/Forbidden"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     user_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     limit = _int_param(request, "limit", s.limits.default_page_limit, 1, s.limits.max_page_limit)
@@ -413,6 +477,23 @@ async def hoomi_messages(request: Request, s: Services) -> Response:
 
 @_route
 async def delete_message(request: Request, s: Services) -> Response:
+    """---
+    summary: Delete a message for everyone (its sender or a Hoomi admin)
+    tags: [user]
+    security: [{user: []}]
+    parameters:
+      - {$ref: "#/components/parameters/HoomiId"}
+      - {$ref: "#/components/parameters/MessageId"}
+    responses:
+      "204":
+        description: "erased: content, nonce and session gone, the seq stays"
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "403": {$ref: "#/components/responses/Forbidden"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     user_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     message_id = _path_uuid(request, "message_id")
@@ -425,6 +506,23 @@ async def delete_message(request: Request, s: Services) -> Response:
 
 @_route
 async def hoomi_members(request: Request, s: Services) -> Response:
+    """---
+    summary: The members of a Hoomi (members only)
+    tags: [user]
+    security: [{user: []}]
+    parameters:
+      - {$ref: "#/components/parameters/HoomiId"}
+    responses:
+      "200":
+        description: "the roster"
+        content: {application/json: {schema: {$ref: "#/components/schemas/Roster"}}}
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "403": {$ref: "#/components/responses/Forbidden"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     user_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     await _require_role(s, hoomi_id, user_id)
@@ -435,6 +533,26 @@ async def hoomi_members(request: Request, s: Services) -> Response:
 
 @_route
 async def set_retention(request: Request, s: Services) -> Response:
+    """---
+    summary: Set how long a Hoomi keeps messages (Hoomi admins)
+    tags: [user]
+    security: [{user: []}]
+    parameters:
+      - {$ref: "#/components/parameters/HoomiId"}
+    requestBody:
+      required: true
+      content: {application/json: {schema: {$ref: "#/components/schemas/Retention"}}}
+    responses:
+      "204":
+        description: "set"
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "403": {$ref: "#/components/responses/Forbidden"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+    """
     user_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     body = await _json(request)
@@ -470,6 +588,27 @@ async def _remove_member(s: Services, hoomi_id: UUID, user_id: UUID, actor: Acto
 
 @_route
 async def admin_put_member(request: Request, s: Services) -> Response:
+    """---
+    summary: Add a member or change a role (Hoomi admins)
+    tags: [user]
+    security: [{user: []}]
+    parameters:
+      - {$ref: "#/components/parameters/HoomiId"}
+      - {$ref: "#/components/parameters/UserId"}
+    requestBody:
+      required: false
+      content: {application/json: {schema: {$ref: "#/components/schemas/Role"}}}
+    responses:
+      "204":
+        description: "set"
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "403": {$ref: "#/components/responses/Forbidden"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+    """
     actor_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     user_id = _path_uuid(request, "user_id")
@@ -481,6 +620,23 @@ async def admin_put_member(request: Request, s: Services) -> Response:
 
 @_route
 async def admin_remove_member(request: Request, s: Services) -> Response:
+    """---
+    summary: Remove a member (Hoomi admins) or leave (anyone)
+    tags: [user]
+    security: [{user: []}]
+    parameters:
+      - {$ref: "#/components/parameters/HoomiId"}
+      - {$ref: "#/components/parameters/UserId"}
+    responses:
+      "204":
+        description: "removed: their live sockets stop receiving at once"
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "403": {$ref: "#/components/responses/Forbidden"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     actor_id = await _user(request, s)
     hoomi_id = _path_uuid(request, "id")
     user_id = _path_uuid(request, "user_id")
@@ -494,6 +650,24 @@ async def admin_remove_member(request: Request, s: Services) -> Response:
 
 @_route
 async def op_create_user(request: Request, s: Services) -> Response:
+    """---
+    summary: Create a user
+    tags: [operator]
+    security: [{operator: []}]
+    requestBody:
+      required: false
+      content: {application/json: {schema: {$ref: "#/components/schemas/NewUser"}}}
+    responses:
+      "201":
+        description: "created"
+        content: {application/json: {schema: {$ref: "#/components/schemas/Created"}}}
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+    """
     _operator(request, s)
     body = await _json(request)
     user_id = _uuid(body["id"], "id") if body.get("id") is not None else None
@@ -503,6 +677,21 @@ async def op_create_user(request: Request, s: Services) -> Response:
 
 @_route
 async def op_delete_user(request: Request, s: Services) -> Response:
+    """---
+    summary: Delete a user (their messages stay, sender_id becomes null)
+    tags: [operator]
+    security: [{operator: []}]
+    parameters:
+      - {$ref: "#/components/parameters/User"}
+    responses:
+      "204":
+        description: "deleted"
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     _operator(request, s)
     user_id = _path_uuid(request, "id")
     await user_store.delete_user(s.pool, user_id, Actor.operator())
@@ -512,6 +701,24 @@ async def op_delete_user(request: Request, s: Services) -> Response:
 
 @_route
 async def op_create_hoomi(request: Request, s: Services) -> Response:
+    """---
+    summary: Create a Hoomi with its first members
+    tags: [operator]
+    security: [{operator: []}]
+    requestBody:
+      required: false
+      content: {application/json: {schema: {$ref: "#/components/schemas/NewHoomi"}}}
+    responses:
+      "201":
+        description: "created"
+        content: {application/json: {schema: {$ref: "#/components/schemas/Created"}}}
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+    """
     _operator(request, s)
     body = await _json(request)
     hoomi_id = _uuid(body["id"], "id") if body.get("id") is not None else None
@@ -536,6 +743,21 @@ async def op_create_hoomi(request: Request, s: Services) -> Response:
 
 @_route
 async def op_delete_hoomi(request: Request, s: Services) -> Response:
+    """---
+    summary: Delete a Hoomi and its messages (audited)
+    tags: [operator]
+    security: [{operator: []}]
+    parameters:
+      - {$ref: "#/components/parameters/HoomiId"}
+    responses:
+      "204":
+        description: "deleted"
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     _operator(request, s)
     hoomi_id = _path_uuid(request, "id")
     former = await hoomi_store.delete_hoomi(s.pool, hoomi_id, Actor.operator())
@@ -546,6 +768,26 @@ async def op_delete_hoomi(request: Request, s: Services) -> Response:
 
 @_route
 async def op_put_member(request: Request, s: Services) -> Response:
+    """---
+    summary: Add a member or change a role
+    tags: [operator]
+    security: [{operator: []}]
+    parameters:
+      - {$ref: "#/components/parameters/HoomiId"}
+      - {$ref: "#/components/parameters/UserId"}
+    requestBody:
+      required: false
+      content: {application/json: {schema: {$ref: "#/components/schemas/Role"}}}
+    responses:
+      "204":
+        description: "set"
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+    """
     _operator(request, s)
     hoomi_id = _path_uuid(request, "id")
     user_id = _path_uuid(request, "user_id")
@@ -556,6 +798,22 @@ async def op_put_member(request: Request, s: Services) -> Response:
 
 @_route
 async def op_remove_member(request: Request, s: Services) -> Response:
+    """---
+    summary: Remove a member
+    tags: [operator]
+    security: [{operator: []}]
+    parameters:
+      - {$ref: "#/components/parameters/HoomiId"}
+      - {$ref: "#/components/parameters/UserId"}
+    responses:
+      "204":
+        description: "removed: their live sockets stop receiving at once"
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     _operator(request, s)
     await _remove_member(s, _path_uuid(request, "id"), _path_uuid(request, "user_id"),
                          Actor.operator())
@@ -564,6 +822,24 @@ async def op_remove_member(request: Request, s: Services) -> Response:
 
 @_route
 async def op_token(request: Request, s: Services) -> Response:
+    """---
+    summary: Sign a user token
+    tags: [operator]
+    security: [{operator: []}]
+    requestBody:
+      required: true
+      content: {application/json: {schema: {$ref: "#/components/schemas/TokenRequest"}}}
+    responses:
+      "200":
+        description: "the token"
+        content: {application/json: {schema: {$ref: "#/components/schemas/Token"}}}
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+    """
     _operator(request, s)
     body = await _json(request)
     user_id = _uuid(body.get("user_id"), "user_id")

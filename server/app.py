@@ -13,7 +13,7 @@ import asyncpg
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import WebSocketRoute
+from starlette.routing import Route, WebSocketRoute
 
 from protocol import Limits
 from storage.db import create_pool
@@ -23,7 +23,7 @@ from storage.migrate import migrate
 from storage.retention import purge_expired
 from storage.writer import BatchWriter
 
-from . import api, ws
+from . import api, openapi, operator_api, ws
 from .broker import Broker, LocalBroker, RedisBroker
 from .config import Settings
 from .hub import Hub
@@ -97,7 +97,9 @@ def create_app(settings: Settings) -> Starlette:
             allow_methods=["GET", "PUT", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"], max_age=600))
     return Starlette(
-        routes=[*api.routes, WebSocketRoute("/v1/ws", ws.endpoint)],
+        routes=[*api.routes, *operator_api.routes,
+                Route("/openapi.json", openapi.openapi_json),
+                WebSocketRoute("/v1/ws", ws.endpoint)],
         exception_handlers=api.exception_handlers,
         middleware=middleware,
         lifespan=lifespan,
