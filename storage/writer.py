@@ -16,13 +16,19 @@ Invariants the rest of the hub relies on, kept by this module alone:
 3. Idempotent retries. The duplicate check runs after the locks are taken, so a retry of
    a send still in flight in the same Hoomi (on any replica) waits for it, then finds it.
    A stored (sender, client_msg_id) returns the original (id, seq, created_at).
-4. Per-writer FIFO. One batch is in flight per writer and rows get seqs in arrival order,
-   so messages sent on one connection keep their order.
+4. Per-sender FIFO. One batch is in flight per writer; each sender's appends wait in
+   that sender's own queue and get seqs in their arrival order, so messages sent on one
+   connection (one sender) keep their order.
 5. Row-level verdicts. A row whose Hoomi is gone, whose sender is not a member, or whose
    client_msg_id was already used in another Hoomi fails alone; its neighbours commit.
    A row the database itself rejects is isolated by splitting the batch in halves.
    A repeat of a (sender, client_msg_id) within one batch shares its first occurrence's
    ack only if that one was stored; otherwise it is decided alone in the next batch.
+6. Fair batches. A batch takes one append from each sender with appends waiting, in
+   turn, round and round, until it is full: a sender with thousands queued gets one
+   place per turn like everyone else, so another sender's append goes into the next
+   batch formed instead of waiting behind the whole flood. (Turns carry over from batch
+   to batch, so with more senders than places each still gets its turn in order.)
 """
 
 from __future__ import annotations
@@ -114,6 +120,59 @@ class _Pending:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+class _FairQueue:
+    """Appends waiting for a batch: one FIFO per sender, served in turn (invariant 6).
+
+    `turns` lists each sender with appends waiting once; taking an append moves its
+    sender to the back. Every operation is O(1) per append.
+    """
+
+    __slots__ = ("_by_sender", "_turns", "_len")
+
+    def __init__(self) -> None:
+        self._by_sender: dict[UUID, deque[_Pending]] = {}
+        self._turns: deque[UUID] = deque()
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def append(self, pending: _Pending) -> None:
+        sender = pending.request.sender_id
+        queue = self._by_sender.get(sender)
+        if queue is None:
+            queue = self._by_sender[sender] = deque()
+            self._turns.append(sender)
+        queue.append(pending)
+        self._len += 1
+
+    def push_front(self, items: Sequence[_Pending]) -> None:
+        """Put rows back at the front of their senders' queues, in their order; a sender
+        with nothing else waiting gets the first turn."""
+        for pending in reversed(items):
+            sender = pending.request.sender_id
+            queue = self._by_sender.get(sender)
+            if queue is None:
+                queue = self._by_sender[sender] = deque()
+                self._turns.appendleft(sender)
+            queue.appendleft(pending)
+            self._len += 1
+
+    def take(self, n: int) -> list[_Pending]:
+        """Up to n appends: one per sender per turn, each sender's in arrival order."""
+        batch: list[_Pending] = []
+        while len(batch) < n and self._turns:
+            sender = self._turns.popleft()
+            queue = self._by_sender[sender]
+            batch.append(queue.popleft())
+            if queue:
+                self._turns.append(sender)
+            else:
+                del self._by_sender[sender]
+        self._len -= len(batch)
+        return batch
+
+
 BatchObserver = Callable[[int, float], None]
 # Called once per committed batch, before the waiters wake: (request, result) pairs.
 CommitHook = Callable[[list[tuple[AppendRequest, AppendResult]]], None]
@@ -141,7 +200,7 @@ class BatchWriter:
         self._max_content = max_content_bytes
         self._observer = observer
         self._on_commit = on_commit
-        self._queue: deque[_Pending] = deque()
+        self._queue = _FairQueue()
         # Ciphertext bytes waiting for a batch. Each socket bounds its own sends in flight,
         # but many sockets against a slow database could still queue without end: past
         # this bound new sends get `unavailable` (clients retry later) instead of memory.
@@ -220,8 +279,7 @@ class BatchWriter:
                     await asyncio.wait_for(self._full.wait(), self._max_delay)
                 except TimeoutError:
                     pass
-            n = min(len(self._queue), self._max_batch)
-            batch = [self._queue.popleft() for _ in range(n)]
+            batch = self._queue.take(self._max_batch)
             self._queued_bytes -= sum(len(p.request.content) for p in batch)
             started = time.perf_counter()
             await self._commit_isolating(batch)
@@ -310,10 +368,11 @@ class BatchWriter:
                 self._on_commit(committed)
             except Exception:
                 _log.exception("commit hook failed")
-        # Ahead of everything queued since, in their original order: they keep their
-        # place in the FIFO (invariant 4) and are decided on their own next batch.
+        # Ahead of everything their senders queued since, in their original order: they
+        # keep their place in the sender's FIFO (invariant 4) and are decided on their
+        # own next batch.
         again = [p for p, o in zip(batch, outcomes, strict=True) if isinstance(o, _Requeue)]
-        self._queue.extendleft(reversed(again))
+        self._queue.push_front(again)
         self._queued_bytes += sum(len(p.request.content) for p in again)
         for pending, outcome in zip(batch, outcomes, strict=True):
             if pending.future.done() or isinstance(outcome, _Requeue):
@@ -347,7 +406,8 @@ class BatchWriter:
             )
             now = checks[0]["now"] if checks else None
             new_rows: list[int] = []
-            # Sorted by ord: seqs go in arrival order (invariant 4).
+            # Sorted by ord: seqs go in batch order, each sender's in arrival order
+            # (invariant 4).
             for row in sorted(checks, key=lambda c: c["ord"]):
                 i = leaders[row["ord"] - 1]
                 r = reqs[i]
@@ -390,7 +450,7 @@ class BatchWriter:
 def _allocate(
     reqs: list[AppendRequest], new_rows: list[tuple[int, UUID]], last_seq: dict[UUID, int]
 ) -> tuple[list[list[object]], list[tuple[int, UUID, int]]]:
-    """Give each new row the next seq of its Hoomi, in arrival order (invariant 4)."""
+    """Give each new row the next seq of its Hoomi, in batch order (invariant 4)."""
     columns: list[list[object]] = [[] for _ in range(8)]
     placed: list[tuple[int, UUID, int]] = []
     for i, msg_id in new_rows:

@@ -389,3 +389,59 @@ async def test_queue_is_bounded_in_bytes_while_the_database_is_slow(pool):
     assert writer.queued == 0 and writer.queued_bytes == 0
     writer.submit(factories.request(h, alice))  # room again
     await writer.close()
+
+
+async def test_a_flood_from_one_sender_does_not_hold_back_another_senders_append(pool):
+    """With 3000 appends of one sender queued, another sender's single append goes into
+    the first batch formed, not behind the flood (batches counted by the observer)."""
+    batches = 0
+
+    def observe(size: int, seconds: float) -> None:
+        nonlocal batches
+        batches += 1
+
+    flooder, quiet = await factories.users(pool, 2)
+    flooded = await factories.hoomi(pool, [flooder])
+    calm = await factories.hoomi(pool, [quiet])
+    writer = BatchWriter(pool, max_batch=64, max_delay=0.001, observer=observe)
+    writer.start()
+    try:
+        flood = [writer.submit(factories.request(flooded, flooder)) for _ in range(3000)]
+        one = writer.submit(factories.request(calm, quiet))
+        # Counted when the ack resolves: the observer has seen the append's batch, and
+        # the next batch cannot have committed yet (that needs the database's answer).
+        in_batch: list[int] = []
+        one.add_done_callback(lambda _: in_batch.append(batches))
+        ack = await one
+        assert ack.seq == 1
+        await asyncio.gather(*flood)
+    finally:
+        await writer.close()
+    assert in_batch == [1]  # was batch 47: behind 3000 / 64 batches of the flood
+    assert batches >= 3000 // 64
+    # The flood kept its own order: seqs 1..3000 in submit order (invariant 4).
+    assert [f.result().seq for f in flood] == list(range(1, 3001))
+
+
+async def test_senders_take_turns_and_each_keeps_its_order(pool):
+    senders = await factories.users(pool, 3)
+    h = await factories.hoomi(pool, senders[:1], senders[1:])
+    sizes: list[int] = []
+    writer = BatchWriter(pool, max_batch=6, max_delay=0.001,
+                         observer=lambda n, _: sizes.append(n))
+    writer.start()
+    try:
+        # 10 from the first sender, then 2 each from the others, all queued at once.
+        order = [senders[0]] * 10 + [senders[1]] * 2 + [senders[2]] * 2
+        futures = [writer.submit(factories.request(h, s)) for s in order]
+        acks = await asyncio.gather(*futures)
+    finally:
+        await writer.close()
+    by_seq = sorted(zip(acks, order, strict=True), key=lambda p: p[0].seq)
+    # Batch 1 (6 places): turns 0,1,2,0,1,2; then the first sender's remaining 8.
+    assert [s for _, s in by_seq[:6]] == [senders[0], senders[1], senders[2]] * 2
+    for s in senders:
+        mine = [a.seq for a, who in zip(acks, order, strict=True) if who == s]
+        assert mine == sorted(mine)  # each sender's own order (invariant 4)
+    assert sorted(a.seq for a in acks) == list(range(1, 15))  # dense
+    assert sizes == [6, 6, 2]
