@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 from uuid import UUID
 
 from protocol import Deleted, Membership, MessageBody
@@ -129,6 +130,24 @@ def _stdin_lines() -> asyncio.Queue[str]:
     return lines
 
 
+async def _unreachable(url: str) -> str | None:
+    """Why nothing answers at the URL's host and port (refused, unresolvable), or None:
+    said at once, rather than after the client's 30 s wait for a welcome."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+    except ValueError:
+        return "not a valid port"
+    if not parts.hostname:
+        return "no host in the URL"
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, port), 10)
+    except (TimeoutError, OSError) as err:
+        return str(err) or type(err).__name__
+    writer.close()
+    return None
+
+
 async def run(args: argparse.Namespace) -> int:
     hoomi = UUID(args.hoomi)
     if args.key_file:
@@ -142,6 +161,12 @@ async def run(args: argparse.Namespace) -> int:
         ring.add(hoomi, key_from_passphrase(passphrase, hoomi, args.session))
     token = args.token or os.environ.get("HOOMI_TOKEN", "")
     url = args.url or args.hub_ws_url()
+    unreachable = await _unreachable(url)
+    if unreachable:
+        print(f"hoomi chat: cannot reach the hub at {url} ({unreachable}); is `hoomi serve` "
+              "running? It is found at --url, else HOOMI_URL, else HOOMI_HOST:HOOMI_PORT: "
+              "export the same HOOMI_PORT as in the hub's terminal", file=sys.stderr)
+        return 1
     client = HoomiClient(url, token, keyring=ring)
     try:
         welcome = await client.start()

@@ -15,6 +15,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
+from client.keys import generate_key_file
 from tests.cluster import ADMIN_TOKEN, ROOT, free_port, until_ok
 from tests.test_chat_terminal import Terminal
 
@@ -170,6 +171,12 @@ async def test_cli_finds_the_hub_by_port_and_says_errors_in_one_line(cluster, tm
     assert "HOOMI_ADMIN_TOKEN" in refused.stderr and refused.stderr.count("\n") == 1
     gone = cli("user", "create", env={**env, "HOOMI_PORT": str(free_port())}, cwd=tmp_path)
     assert gone.returncode == 1 and "cannot reach the hub at http://127.0.0.1:" in gone.stderr
+    # hoomi chat looks in the same place, and says at once when nothing is there.
+    h = uuid4()
+    generate_key_file(tmp_path / "keys.json", [h])
+    chat = cli("chat", "--hoomi", str(h), "--token", "t", "--key-file", "keys.json",
+               env={**env, "HOOMI_PORT": str(free_port())}, cwd=tmp_path)
+    assert chat.returncode == 1 and "cannot reach the hub at ws://127.0.0.1:" in chat.stderr
     # HOOMI_URL wins over HOOMI_HOST/HOOMI_PORT.
     via_url = cli("user", "create", env={**env, "HOOMI_PORT": "1", "HOOMI_URL": cluster.a.http},
                   cwd=tmp_path)
