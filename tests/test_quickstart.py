@@ -191,3 +191,18 @@ def test_version():
 
 def test_the_readme_documents_what_the_cli_does():
     assert "hoomi --version" in README and "hoomi: 404 not_found: id: no such hoomi" in README
+
+
+def test_one_rule_finds_the_hub():
+    from server.cli import hub_url, hub_ws_url
+
+    assert hub_url({}) == "http://127.0.0.1:8000"
+    assert hub_url({"HOOMI_PORT": "8123"}) == "http://127.0.0.1:8123"
+    assert hub_url({"HOOMI_HOST": "0.0.0.0", "HOOMI_PORT": "9"}) == "http://127.0.0.1:9"
+    assert hub_url({"HOOMI_HOST": "::1"}) == "http://[::1]:8000"
+    env = {"HOOMI_URL": "https://hub.example.org/", "HOOMI_PORT": "9"}
+    assert hub_url(env) == "https://hub.example.org"
+    assert hub_ws_url(env) == "wss://hub.example.org/v1/ws"
+    assert hub_ws_url({"HOOMI_PORT": "8123"}) == "ws://127.0.0.1:8123/v1/ws"
+    with pytest.raises(SystemExit, match="HOOMI_PORT"):
+        hub_url({"HOOMI_PORT": "eighty"})
