@@ -107,7 +107,7 @@ async def test_erasure_job_takes_deleted_and_purged_versions_out_of_the_files(po
     try:
         assert await erasure.erase_deleted(pool) is False  # nothing deleted yet
 
-        # Delete for everyone a third of them (by sender and by admin alike).
+        # A Hoomi admin deletes a third of them for everyone.
         admin = await pool.fetchval(
             "SELECT user_id FROM hoomi_members WHERE hoomi_id = $1 AND role = 'admin'",
             acks[0].hoomi_id)
