@@ -41,6 +41,9 @@ class Metrics:
         self.refused = Counter("hoomi_refused_upgrades",
                                "WebSocket upgrades refused with 503, by reason", ["reason"],
                                registry=r)
+        self.aborted = Counter("hoomi_aborted_sockets",
+                               "Sockets aborted because their close could not be written and "
+                               "answered within HOOMI_CLOSE_TIMEOUT_S", registry=r)
         self.batch_size = Histogram(
             "hoomi_writer_batch_size", "Messages per committed batch",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from starlette.responses import JSONResponse
@@ -46,8 +47,12 @@ from storage.errors import StorageError, is_outage
 from storage.records import AppendRequest, HoomiSummary
 
 from . import auth, events
-from .limits import TokenBucket
+from .limits import KeyedCounter, TokenBucket
 from .services import Services
+from .transport import EXTENSION as TRANSPORT
+
+if TYPE_CHECKING:
+    from .transport import HubWebSocketProtocol
 
 _log = logging.getLogger(__name__)
 
@@ -56,6 +61,33 @@ CATCH_UP_PAGE = 200
 # Deletions of messages this socket has not been sent yet, held to follow their message.
 # Past this many the rest are dropped: catch-up reads those messages as tombstones.
 MAX_HELD_DELETIONS = 1024
+# Hoomis behind at hello are caught up this many at a time, this many messages each, in one
+# query (a user in 300 Hoomis must not cost 300 round trips); the rest page on their own.
+CATCH_UP_BATCH = 10
+CATCH_UP_BATCH_PAGE = 20
+# A read refused because the user already runs HOOMI_USER_MAX_READS: retry soon.
+READ_RETRY_MS = 100
+
+
+class _Gate:
+    """Sockets of one replica that have not completed `hello`, in all and per address."""
+
+    __slots__ = ("waiting", "by_address")
+
+    def __init__(self, per_address: int) -> None:
+        self.waiting = 0
+        self.by_address = KeyedCounter(per_address)
+
+
+# One gate per replica's hub (Services is not hashable); gone with it.
+_gates: weakref.WeakKeyDictionary[object, _Gate] = weakref.WeakKeyDictionary()
+
+
+def _gate(services: Services) -> _Gate:
+    gate = _gates.get(services.hub)
+    if gate is None:
+        gate = _gates[services.hub] = _Gate(services.settings.max_unauthenticated_per_address)
+    return gate
 
 
 class _Cursor:
@@ -98,46 +130,107 @@ class Connection:
         self._welcomed = False
         self._early: list[tuple[UUID, str | None]] = []
         self.membership_epoch = 0
+        # The transport under the socket (server/transport.py; None under another server):
+        # the socket counts against every cap until it is gone.
+        self._transport: HubWebSocketProtocol | None = (
+            ws.scope.get("extensions") or {}).get(TRANSPORT)
+        client = ws.scope.get("client")
+        self.address: str = client[0] if client else ""  # behind a trusted proxy: X-F-F
+        self._waiting = False  # holds a place in the gate until welcomed or gone
+        self._ended = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        m = self.s.metrics
-        if self.s.draining or len(self.s.sockets) >= self.s.settings.max_connections:
+        m, st = self.s.metrics, self.s.settings
+        gate = _gate(self.s)
+        why = None
+        if self.s.draining:
+            why = "replica shutting down"
+        elif len(self.s.sockets) >= st.max_connections:
+            why = "replica full"
+        elif gate.waiting >= st.unauthenticated_budget:
+            # Sockets before `hello` have a budget of their own, and one per address: a
+            # client holding hello-less sockets cannot fill the replica for real users.
+            why = "too many sockets waiting for hello"
+        elif not gate.by_address.acquire(self.address):
+            why = "too many sockets waiting for hello from this address"
+        if why is not None:
             # Refuse the upgrade itself with 503: a load balancer retries the handshake on
             # another replica (nginx: proxy_next_upstream http_503) and the client never
             # notices; a direct client backs off and tries again.
-            await self._deny("replica shutting down" if self.s.draining else "replica full")
+            await self._deny(why)
             return
-        await self.ws.accept()
+        gate.waiting += 1
+        self._waiting = True
         self.s.sockets.add(self)
         m.connections.inc()
-        sender = asyncio.get_running_loop().create_task(self._send_loop())
+        sender: asyncio.Task[None] | None = None
         try:
+            await self.ws.accept()
+            sender = asyncio.get_running_loop().create_task(self._send_loop())
             if await self._hello():
                 await self._read_loop()
         except WebSocketDisconnect:
             pass
         finally:
-            if self._expiry is not None:
-                self._expiry.cancel()
-            m.connections.dec()
-            self.s.sockets.discard(self)
-            if self._attached:
-                self.s.hub.detach(self, list(self.cursors))
-            self.cursors.clear()
-            for task in self._tasks:
-                task.cancel()
+            await self._end(sender)
+
+    async def _end(self, sender: asyncio.Task[None] | None) -> None:
+        """Stop the socket's work at once; let its close go out within HOOMI_CLOSE_TIMEOUT_S
+        (or abort the transport); only then give back its places under the caps."""
+        self._ended = True
+        deadline = asyncio.get_running_loop().time() + self.s.settings.close_timeout_s
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for h in list(self.cursors):
+            self.s.hub.leave(self, h)  # no more pushes; the user's count stays until gone
+        self.cursors.clear()
+        for task in self._tasks:
+            task.cancel()
+        if sender is not None:
             if self._closing is not None:
                 # Let the sender flush what was queued before the close (e.g. an error).
                 self._wake.set()
                 try:
-                    await asyncio.wait_for(sender, 2.0)
+                    await asyncio.wait_for(sender, min(2.0, self._left(deadline)))
                 except (TimeoutError, asyncio.CancelledError, Exception):
                     pass
             sender.cancel()
-            if self._closing is not None:
-                await self._close_now(*self._closing)
+        if self._closing is not None:
+            try:
+                await asyncio.wait_for(self._close_now(*self._closing), self._left(deadline))
+            except TimeoutError:
+                pass
+        t = self._transport
+        if t is not None and not t.gone.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(t.gone), self._left(deadline))
+            except TimeoutError:
+                # The close could not be written and answered: drop the connection and
+                # the buffer it holds.
+                self.s.metrics.aborted.inc()
+                t.abort()
+                try:
+                    await asyncio.wait_for(asyncio.shield(t.gone), 1.0)
+                except TimeoutError:
+                    _log.warning("transport still there after abort")
+        self.s.metrics.connections.dec()
+        self.s.sockets.discard(self)
+        if self._attached:
+            self.s.hub.detach(self, [])
+        self._leave_gate()
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        return max(0.0, deadline - asyncio.get_running_loop().time())
+
+    def _leave_gate(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            gate = _gate(self.s)
+            gate.waiting -= 1
+            gate.by_address.release(self.address)
 
     async def _deny(self, why: str) -> None:
         self.s.metrics.refused.labels(why).inc()
@@ -155,7 +248,7 @@ class Connection:
 
     def close(self, code: int, reason: str) -> None:
         """Ask for the socket to close after what is already queued."""
-        if self._closing is None:
+        if self._closing is None and not self._ended:
             self._closing = (code, reason)
             self.s.metrics.closes.labels(str(code)).inc()
             self._wake.set()
@@ -163,12 +256,21 @@ class Connection:
             self._spawn(self._close_after_flush())
 
     async def _close_after_flush(self) -> None:
+        timeout = self.s.settings.close_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            await asyncio.wait_for(self._drained.wait(), 2.0)
+            await asyncio.wait_for(self._drained.wait(), min(2.0, timeout))
         except TimeoutError:
             pass  # a reader this slow gets the close without the rest
         assert self._closing is not None
-        await self._close_now(*self._closing)
+        try:
+            await asyncio.wait_for(self._close_now(*self._closing), self._left(deadline))
+        except TimeoutError:
+            # Not even the close frame fits in what the peer reads: drop the transport,
+            # which wakes the reader (disconnect) and ends the socket.
+            if self._transport is not None:
+                self.s.metrics.aborted.inc()
+                self._transport.abort()
 
     async def _close_now(self, code: int, reason: str) -> None:
         try:
@@ -253,15 +355,30 @@ class Connection:
             self._error(ErrorCode.UNAUTHORIZED, "type: the first frame must be hello", frame.ref)
             self.close(CloseCode.UNAUTHORIZED, "expected hello")
             return False
+        # Per client address: hellos are bounded (each costs a token check and queries),
+        # and an address past its failed authentications is refused without a check.
+        wait_ms = self.s.hellos.take(self.address)
+        why = "too many hellos from this address"
+        if not wait_ms:
+            wait_ms = self.s.auth_failures.blocked(self.address)
+            why = "too many failed authentications from this address"
+        if wait_ms:
+            self._error(ErrorCode.RATE_LIMITED, f"{why}; retry later", frame.ref, wait_ms)
+            self.close(CloseCode.TRY_AGAIN_LATER, why)
+            return False
         try:
             st = self.s.settings
-            claims = auth.verify_claims(st.jwt_secret, frame.token, issuer=st.jwt_issuer,
-                                        audience=st.jwt_audience)
-            self.user_id = claims.user_id
-            # A valid signature is not enough: a deleted user's tokens die with it.
-            first = await hoomi_store.user_with_hoomis(self.s.pool, self.user_id)
-            if first is None:
-                raise auth.AuthError(ErrorCode.UNAUTHORIZED, "unknown user")
+            try:
+                claims = auth.verify_claims(st.jwt_secret, frame.token, issuer=st.jwt_issuer,
+                                            audience=st.jwt_audience)
+                self.user_id = claims.user_id
+                # A valid signature is not enough: a deleted user's tokens die with it.
+                first = await hoomi_store.user_with_hoomis(self.s.pool, self.user_id)
+                if first is None:
+                    raise auth.AuthError(ErrorCode.UNAUTHORIZED, "unknown user")
+            except auth.AuthError:
+                self.s.auth_failures.take(self.address)
+                raise
             if self.s.hub.sockets_of(self.user_id) >= self.s.settings.max_sockets_per_user:
                 # One account must not hold a replica's sockets (a leaking client, a
                 # stolen token): refuse the newest, keep the ones in use.
@@ -293,6 +410,7 @@ class Connection:
             self.cursors[s.hoomi_id] = _Cursor(0, catching_up=True)
         hub.attach(self)
         self._attached = True
+        self._leave_gate()  # authenticated: counted as the user's socket from here
         await hub.join(self, [s.hoomi_id for s in first])
         # Read again once subscribed: this last_seq is the edge between catch-up and pushes.
         mine = await hoomi_store.user_hoomis(pool, self.user_id)
@@ -308,13 +426,23 @@ class Connection:
         self._reply(Welcome(user_id=self.user_id, ref=hello.ref, hoomis=[
             HoomiState(hoomi_id=s.hoomi_id, last_seq=s.last_seq, role=s.role) for s in mine],
             max_content_bytes=self.s.limits.max_content_bytes), "welcome")
+        behind: list[tuple[UUID, _Cursor]] = []
         for s in mine:
             cursor = self.cursors[s.hoomi_id]
             seen = hello.resume.get(s.hoomi_id)
             # A client claiming more than exists gets pushes from the real edge on.
             cursor.sent = s.last_seq if seen is None else min(seen, s.last_seq)
             self._release_held(cursor)
-            self._spawn(self._catch_up(s.hoomi_id, cursor))
+            if cursor.sent < s.last_seq:
+                behind.append((s.hoomi_id, cursor))
+            elif cursor.sent >= hub.delivered(s.hoomi_id):
+                # Current, and no push came while we read: nothing to read at all. Every
+                # later seq is pushed to the cursor in order (hub.py's invariant).
+                cursor.catching_up = False
+            else:
+                self._spawn(self._catch_up(s.hoomi_id, cursor))
+        for i in range(0, len(behind), CATCH_UP_BATCH):
+            self._spawn(self._catch_up_batch(behind[i:i + CATCH_UP_BATCH]))
         self._welcomed = True
         early, self._early = self._early, []
         for hoomi_id, role in early:
@@ -361,7 +489,7 @@ class Connection:
         if not self._welcomed:
             self._early.append((hoomi_id, role))
             return
-        if hoomi_id in self.cursors or self._closing is not None:
+        if hoomi_id in self.cursors or self._closing is not None or self._ended:
             return
         self.membership_epoch += 1
         cursor = self.cursors[hoomi_id] = _Cursor(0, catching_up=True)
@@ -397,7 +525,7 @@ class Connection:
 
     def memberships(self, roles: dict[UUID, str]) -> None:
         """The hub's reconcile: the user's Hoomis as PostgreSQL has them now."""
-        if not self._welcomed or self._closing is not None:
+        if not self._welcomed or self._closing is not None or self._ended:
             return
         for hoomi_id in [h for h in self.cursors if h not in roles]:
             self.left(hoomi_id)
@@ -407,6 +535,32 @@ class Connection:
 
     def gone(self) -> None:
         self.close(CloseCode.UNAUTHORIZED, "user deleted")
+
+    async def _catch_up_batch(self, group: list[tuple[UUID, _Cursor]]) -> None:
+        """The first catch-up page of several Hoomis in one query; a Hoomi with more (or
+        pushed to meanwhile) goes on paging alone."""
+        try:
+            pages = await message_store.since_each(
+                self.s.pool, {h: c.sent for h, c in group}, CATCH_UP_BATCH_PAGE)
+        except Exception as exc:
+            _log.debug("batched catch-up failed, paging alone: %s", exc)
+            for h, cursor in group:
+                if self.cursors.get(h) is cursor:
+                    self._spawn(self._catch_up(h, cursor))
+            return
+        for h, cursor in group:
+            page = pages.get(h)
+            for m in page.messages if page is not None else ():
+                await self._room_for_catch_up()
+                if self.cursors.get(h) is not cursor or m.seq <= cursor.sent:
+                    continue
+                self._send_message(cursor, m.seq, events.message_frame(m))
+            if self.cursors.get(h) is not cursor:
+                continue
+            if page is None or page.has_more or cursor.sent < self.s.hub.delivered(h):
+                self._spawn(self._catch_up(h, cursor))
+            else:
+                cursor.catching_up = False
 
     async def _catch_up(self, hoomi_id: UUID, cursor: _Cursor) -> None:
         """Queue what the database has after the cursor, until it meets the live pushes."""
@@ -489,6 +643,19 @@ class Connection:
             elif not isinstance(frame, Hello) and (wait_ms := self._reads.take()):
                 self._error(ErrorCode.RATE_LIMITED, "too many requests; retry later",
                             frame.ref, wait_ms)
+            elif isinstance(frame, History | Sync):
+                # Pages are the costly reads: one user runs at most HOOMI_USER_MAX_READS
+                # at once, over all their sockets (and the HTTP API).
+                reads = self.s.user_reads
+                if not reads.acquire(self.user_id):
+                    self._error(ErrorCode.RATE_LIMITED,
+                                "too many reads at once for this user; retry later",
+                                frame.ref, READ_RETRY_MS)
+                    continue
+                try:
+                    await self._request(frame)
+                finally:
+                    reads.release(self.user_id)
             else:
                 await self._request(frame)
 
@@ -534,13 +701,15 @@ class Connection:
                 self._error(ErrorCode.INVALID, "type: hello was already received", frame.ref)
             elif isinstance(frame, History):
                 hp = await message_store.history(self.s.pool, frame.hoomi_id, frame.before,
-                                                 frame.limit, reader=self.user_id)
+                                                 frame.limit, reader=self.user_id,
+                                                 max_bytes=self.s.settings.page_max_bytes)
                 self._reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
                                  messages=[events.message_body(m) for m in hp.messages],
                                  next_before=hp.next_before), "page")
             elif isinstance(frame, Sync):
                 sp = await message_store.since(self.s.pool, frame.hoomi_id, frame.after,
-                                               frame.limit, reader=self.user_id)
+                                               frame.limit, reader=self.user_id,
+                                               max_bytes=self.s.settings.page_max_bytes)
                 self._reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
                                  messages=[events.message_body(m) for m in sp.messages],
                                  has_more=sp.has_more), "page")

@@ -234,3 +234,29 @@ async def delete_for_everyone(
             },
         )
         return DeletedMessage(message_id, hoomi_id, row["seq"], True)
+
+
+_AFTER_EACH = f"""
+SELECT m.{", m.".join(c.strip() for c in _COLUMNS.split(","))}
+FROM unnest($1::uuid[], $2::bigint[]) AS c(hoomi_id, after)
+CROSS JOIN LATERAL (
+  SELECT {_COLUMNS} FROM messages
+  WHERE hoomi_id = c.hoomi_id AND seq > c.after
+  ORDER BY seq ASC LIMIT $3
+) m
+"""
+
+
+async def since_each(
+    conn: asyncpg.Connection | asyncpg.Pool, afters: dict[UUID, int], limit: int
+) -> dict[UUID, SyncPage]:
+    """`since` for several Hoomis in one round trip (a socket's catch-up at hello): up to
+    `limit` messages with seq > afters[hoomi] for each, ascending; every Hoomi asked for
+    gets a page, empty if nothing follows. No reader check: for the hub's own catch-up."""
+    _check_limit(limit, "limit")
+    ids = list(afters)
+    rows = await conn.fetch(_AFTER_EACH, ids, [afters[h] for h in ids], limit + 1)
+    found: dict[UUID, list[StoredMessage]] = {h: [] for h in ids}
+    for r in rows:
+        found[r["hoomi_id"]].append(_message(r))
+    return {h: SyncPage(ms[:limit], len(ms) > limit) for h, ms in found.items()}

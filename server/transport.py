@@ -1,0 +1,248 @@
+"""What one TCP connection may hold: uvicorn's protocols with the bounds of issue 14.
+
+`hoomi serve` hands these classes to uvicorn (`uvicorn.Config(http=..., ws=...)`, built by
+`protocols(settings)`), so a replica exposed directly needs no proxy to be safe:
+
+- HTTP (before any upgrade): the request head must arrive within HOOMI_HEADER_TIMEOUT_S of
+  the connection (or, on a keep-alive connection, of the next request's first byte), a
+  body within HOOMI_BODY_TIMEOUT_S of its head, and a response the client does not read
+  (writes paused) for HOOMI_RESPONSE_TIMEOUT_S is aborted. Idle keep-alive is uvicorn's
+  own `timeout_keep_alive` (HOOMI_IDLE_TIMEOUT_S). Connections not upgraded count against
+  HOOMI_MAX_HTTP_CONNECTIONS; past it a new one is reset at once.
+- WebSocket: while the transport's writes are paused (the peer does not read) the socket
+  is not read either, whatever it sends (uvicorn pauses reading for data frames only, and
+  answers every ping straight into the write buffer), and a peer that sends control frames
+  beyond PING_RATE/PING_BURST is closed 1008. Once the connection is closing, it is
+  aborted if it is still there HOOMI_CLOSE_TIMEOUT_S later: `transport.close()` alone
+  waits forever for a buffer the peer never drains. The protocol object is put in the
+  ASGI scope as `extensions["hoomi.transport"]`: its `gone` future is set when the
+  transport is gone, and `abort()` drops it; server/ws.py counts a socket until then.
+- A text frame that is not UTF-8 reaches the app as text (undecodable bytes replaced), so
+  it closes 4400 like any text frame instead of uvicorn's traceback and 1007.
+
+Coupling: these subclass uvicorn 0.54's `HttpToolsProtocol` and `WebSocketsSansIOProtocol`
+and rely on their internals: the parser callbacks, `handle_websocket_upgrade`,
+`pause_writing`/`resume_writing`, `loop`, `transport`, `scope`, `queue`, `read_paused`,
+`close_sent`, `disconnected`, `close_timeout`, `conn`, `frames`, `curr_msg_data_type`,
+`handle_connect`, `handle_ping`, `handle_pong`, `handle_close`, `keepalive_timeout`,
+`send_receive_event_to_app`, `receive`, `send` and `run_asgi`. uvicorn is not pinned;
+tests/test_abuse_socket.py attacks a real replica through each of them, so a uvicorn
+release that renames one fails there, not in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from asyncio import TimerHandle
+from typing import Any, ClassVar
+
+from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
+
+from .config import Settings
+from .limits import TokenBucket
+
+EXTENSION = "hoomi.transport"
+# Control frames (ping, pong) a peer may send: a client pings every few seconds at most.
+PING_RATE = 10.0
+PING_BURST = 100
+# Close code for a peer flooding control frames (RFC 6455 policy violation).
+POLICY_VIOLATION = 1008
+
+
+def protocols(settings: Settings) -> tuple[type[HttpToolsProtocol], type[WebSocketsSansIOProtocol]]:
+    """The HTTP and WebSocket protocol classes for one server, bound to its settings."""
+
+    class Http(HubHttpProtocol):
+        pass
+
+    class Ws(HubWebSocketProtocol):
+        pass
+
+    Http.settings = Ws.settings = settings
+    Http.open = set()  # this server's connections not upgraded, shared by its instances
+    return Http, Ws
+
+
+class HubHttpProtocol(HttpToolsProtocol):
+    settings: ClassVar[Settings] = Settings()
+    open: ClassVar[set[HubHttpProtocol]] = set()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = self.settings.idle_timeout_s  # type: ignore[assignment]
+        self._deadline: TimerHandle | None = None  # header or body
+        self._unread: TimerHandle | None = None  # response not read by the client
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.open) >= self.settings.max_http_connections:
+            transport.abort()  # refused at once: no file descriptor held for it
+            return
+        self.open.add(self)
+        self._arm(self.settings.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open.discard(self)
+        self._disarm()
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
+        super().connection_lost(exc)
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._drop)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _drop(self) -> None:
+        self._deadline = self._unread = None
+        self.transport.abort()
+
+    # The head: from the connection (first request) or the first byte (next ones) ...
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:
+            self._arm(self.settings.header_timeout_s)
+
+    # ... to its end; then the body, if any, until the message is complete.
+    def on_headers_complete(self) -> None:
+        self._arm(self.settings.body_timeout_s)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()
+        self.open.discard(self)  # the WebSocket caps (server/ws.py) count it from here
+        super().handle_websocket_upgrade()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._unread is None:
+            self._unread = self.loop.call_later(self.settings.response_timeout_s, self._drop)
+
+    def resume_writing(self) -> None:
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
+        super().resume_writing()
+
+
+class HubWebSocketProtocol(WebSocketsSansIOProtocol):
+    settings: ClassVar[Settings] = Settings()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.close_timeout = self.settings.close_timeout_s
+        self.gone: asyncio.Future[None] = self.loop.create_future()
+        self._writes_paused = False
+        self._control = TokenBucket(PING_RATE, PING_BURST)
+        self._abort_timer: TimerHandle | None = None
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:  # the app task has been created, not run yet
+            scope["extensions"][EXTENSION] = self
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
+        super().connection_lost(exc)
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+    def abort(self) -> None:
+        """Drop the connection now, and its write buffer with it."""
+        self._abort_timer = None
+        if not self.disconnected:
+            self.transport.abort()
+
+    def _abort_later(self) -> None:
+        """The connection is closing: it must be gone within the close timeout."""
+        if self._abort_timer is None and not self.disconnected:
+            self._abort_timer = self.loop.call_later(self.close_timeout, self.abort)
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.close":
+            self._abort_later()
+
+    async def run_asgi(self) -> None:
+        await super().run_asgi()
+        self._abort_later()
+
+    def handle_close(self, event: Frame) -> None:
+        super().handle_close(event)
+        self._abort_later()
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        self._abort_later()
+
+    # -- flow control: a peer that does not read is not read ------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._writes_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._writes_paused = False
+        if not self.read_paused:
+            self.transport.resume_reading()
+
+    async def receive(self) -> ASGIReceiveEvent:
+        # uvicorn's, except that reading stays paused while writes are.
+        message = await self.queue.get()
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            if not self._writes_paused:
+                self.transport.resume_reading()
+        return message
+
+    # -- control frames ------------------------------------------------------------------------
+
+    def handle_ping(self) -> None:
+        if self._control.take():
+            self._fail(POLICY_VIOLATION, "too many control frames")
+        else:
+            super().handle_ping()
+
+    def handle_pong(self, event: Frame) -> None:
+        if self._control.take():
+            self._fail(POLICY_VIOLATION, "too many control frames")
+        else:
+            super().handle_pong(event)
+
+    def _fail(self, code: int, reason: str) -> None:
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.conn.fail(code, reason)
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.transport.close()
+        self._abort_later()
+
+    # -- text frames -----------------------------------------------------------------------------
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text":
+            # Any text frame closes 4400 (server/ws.py); one that is not UTF-8 too, without
+            # uvicorn's ERROR traceback and 1007.
+            self.frames = [b"".join(self.frames).decode("utf-8", "replace").encode()]
+        super().send_receive_event_to_app()
