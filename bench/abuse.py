@@ -13,8 +13,9 @@ and in time. Items:
   5  hello-less sockets fill HOOMI_MAX_CONNECTIONS=30 while a real user connects
   6  HTTP page flood, hello flood, and a quiet user's ack latency under a send flood
 `--soak M` instead runs M minutes of churning connections, steady sends and all the
-abuse patterns in rotation, sampling the replica's RSS and open descriptors every 10 s,
-and prints their least-squares slopes. `--hub-src DIR` runs the replica from another
+abuse patterns in rotation, sampling the replica's RSS and open descriptors every 10 s
+and again just before each abuse round (when the previous one has been let go), and
+prints their least-squares slopes (the between-rounds ones are the steadier trend). `--hub-src DIR` runs the replica from another
 checkout (e.g. a worktree of an older commit) with this venv's Python.
 
 RSS is the replica's VmRSS; "conns" are the replica's TCP connections on its port that
@@ -680,6 +681,7 @@ def slope(xs: list[float], ys: list[float]) -> float:
 async def soak(hub: Hub, w: World, minutes: float) -> list[Row]:
     end = time.monotonic() + minutes * 60
     samples: list[tuple[float, float, int]] = []
+    between: list[tuple[float, float, int]] = []  # taken between abuse rounds
     counts = {"churned": 0, "steady acks": 0, "abuse rounds": 0, "errors": 0}
     t0 = time.monotonic()
 
@@ -728,6 +730,7 @@ async def soak(hub: Hub, w: World, minutes: float) -> list[Row]:
         ]
         k = 0
         while time.monotonic() < end - 30:
+            between.append(((time.monotonic() - t0) / 60, hub.rss_mib(), hub.fds()))
             try:
                 await asyncio.wait_for(rotation[k % len(rotation)](), 60)
             except Exception:  # noqa: BLE001
@@ -751,6 +754,11 @@ async def soak(hub: Hub, w: World, minutes: float) -> list[Row]:
         ("soak", "fds slope (all; second half)",
          f"{slope(xs, [float(s[2]) for s in samples]):+.2f}; "
          f"{slope(xs[half:], [float(s[2]) for s in samples[half:]]):+.2f} fds/min"),
+        ("soak", "between abuse rounds: RSS / fds, each round",
+         " ".join(f"{r:.0f}/{f}" for _, r, f in between)),
+        ("soak", "between abuse rounds: RSS slope; fds slope",
+         f"{slope([b[0] for b in between], [b[1] for b in between]):+.2f} MiB/min; "
+         f"{slope([b[0] for b in between], [float(b[2]) for b in between]):+.2f} fds/min"),
         ("soak", "work done", ", ".join(f"{k}: {v}" for k, v in counts.items())),
     ]
     return rows
