@@ -449,3 +449,53 @@ async def test_hello_in_300_current_hoomis_costs_a_few_transactions(module_dsn, 
         per_hello = (after - before - own) / 3
         print(f"hello in 300 current Hoomis, then one page: {per_hello:.0f} transactions")
         assert per_hello <= 20
+
+
+async def test_hello_catches_up_many_behind_hoomis_in_order(module_dsn, valkey):
+    """The batched catch-up: every missed message once, in seq order per Hoomi, including
+    a Hoomi with more than one batch page to catch up."""
+    async with own_replica(module_dsn, valkey.url, "batch") as (r, admin):
+        a = await admin.user()
+        tok = await admin.token(a)
+        hoomis = [await admin.hoomi([a]) for _ in range(25)]
+        peer, _ = await joined(r.ws, tok)
+        counts = {h: 3 for h in hoomis}
+        counts[hoomis[7]] = 45  # past the 20 a batch reads per Hoomi
+        for h, n in counts.items():
+            for i in range(n):
+                await peer.send(send(h, ref=i))
+                await peer.recv_until(Ack)
+        await peer.close()
+        resume = {h: 1 for h in hoomis}
+        peer, welcome = await joined(r.ws, tok, resume)
+        assert {s.hoomi_id: s.last_seq for s in welcome.hoomis} == counts
+        want = sum(n - 1 for n in counts.values())
+        got: dict[UUID, list[int]] = {h: [] for h in hoomis}
+        for _ in range(want):
+            m = await peer.recv()
+            got[m.hoomi_id].append(m.seq)
+        assert got == {h: list(range(2, n + 1)) for h, n in counts.items()}
+        await peer.send(History(hoomi_id=hoomis[0], ref="end"))  # nothing more came first
+        assert isinstance(await peer.recv(), Page)
+        await peer.close()
+
+
+async def test_pages_of_one_user_at_once_are_limited_across_sockets(module_dsn, valkey):
+    async with own_replica(module_dsn, valkey.url, "reads", HOOMI_USER_MAX_READS="1",
+                           HOOMI_SEND_QUEUE_MB="64") as (r, admin):
+        h, tok = await big_hoomi(r, admin)
+        peers = [(await joined(r.ws, tok))[0] for _ in range(3)]
+        for peer in peers:
+            for i in range(15):
+                await peer.send(History(hoomi_id=h, ref=i, limit=16))
+
+        async def replies(peer) -> list[object]:
+            return [(await peer.recv_until(Page | Error))[0] for _ in range(15)]
+        got = [f for fs in await asyncio.gather(*(replies(p) for p in peers)) for f in fs]
+        limited = [f for f in got if isinstance(f, Error)]
+        print(f"45 pages from 3 sockets of one user, HOOMI_USER_MAX_READS=1: "
+              f"{len(got) - len(limited)} read, {len(limited)} rate_limited")
+        assert limited and all(e.code == ErrorCode.RATE_LIMITED and e.retry_after_ms == 100
+                               for e in limited)
+        for peer in peers:
+            await peer.close()
