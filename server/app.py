@@ -43,7 +43,7 @@ def create_app(settings: Settings) -> Starlette:
             dsn = embedded.dsn
         pool = await create_pool(dsn, max_size=settings.db_pool_size)
         async with pool.acquire() as conn:
-            applied = await migrate(conn)
+            applied = await migrate(conn, partitions=settings.message_partitions)
         if applied:
             _log.info("applied migrations %s", applied)
         metrics = Metrics()

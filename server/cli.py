@@ -124,9 +124,35 @@ async def _migrate(dsn: str) -> list[int]:
 
     conn = await asyncpg.connect(dsn)
     try:
-        return await migrate(conn)
+        # copy=True: a long data move (migration 0004's copy of messages) runs here, in
+        # batches, resumable; replicas refuse to start until it is done.
+        return await migrate(conn, partitions=_settings().message_partitions, copy=True,
+                             progress=_ProgressBar())
     finally:
         await conn.close()
+
+
+class _ProgressBar:
+    """`hoomi migrate`'s progress on stderr: a bar redrawn in place on a terminal, one
+    line per 5 % otherwise (logs, CI)."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._shown = -1
+
+    def __call__(self, copied: int, total: int, elapsed: float) -> None:
+        frac = copied / total if total else 1.0
+        rate = copied / elapsed if elapsed > 0 else 0.0
+        eta = (total - copied) / rate if rate else 0.0
+        bar = "#" * int(frac * 30)
+        line = (f"moving messages [{bar:<30}] {frac:6.1%} {copied}/{total} "
+                f"{rate:,.0f}/s, {elapsed:.0f} s, about {eta:.0f} s left")
+        if self._tty:
+            print("\r" + line, end="" if copied < total else "\n", file=sys.stderr,
+                  flush=True)
+        elif int(frac * 20) > self._shown:
+            self._shown = int(frac * 20)
+            print(line, file=sys.stderr, flush=True)
 
 
 def _raise_open_files_limit(max_connections: int) -> None:
@@ -151,7 +177,12 @@ def _raise_open_files_limit(max_connections: int) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    applied = _on_database(lambda dsn: asyncio.run(_migrate(dsn)))
+    from storage.migrate import MigrationError
+
+    try:
+        applied = _on_database(lambda dsn: asyncio.run(_migrate(dsn)))
+    except MigrationError as err:
+        sys.exit(f"hoomi: migrate failed: {err}")
     print(f"applied migrations: {applied}" if applied else "database is up to date")
 
 

@@ -78,6 +78,7 @@ class Settings:
     page_max_bytes: int = 1 << 20  # ciphertext bytes in one history/sync page
     metrics_token: str | None = None  # when set, /metrics needs `Bearer <token>`
     erase_interval_s: float = 60.0  # deleted and purged rows vacuumed off disk this often
+    message_partitions: int = 16  # hash partitions of `messages`, fixed at install
 
     @property
     def unauthenticated_budget(self) -> int:
@@ -175,6 +176,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         page_max_bytes=_number(env, "HOOMI_PAGE_MAX_BYTES", 1 << 20, 1024, 1 << 30),
         metrics_token=env.get("HOOMI_METRICS_TOKEN") or None,
         erase_interval_s=_number(env, "HOOMI_ERASE_INTERVAL_S", 60.0, 1.0, 86400.0),
+        message_partitions=_number(env, "HOOMI_MESSAGE_PARTITIONS", 16, 1, 1024),
     )
     if settings.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("HOOMI_LOG_LEVEL: one of debug, info, warning, error")

@@ -16,8 +16,9 @@ its environment (PGPASSWORD; /proc/<pid>/environ is readable by the process's ow
 only). The backup file, and its `.partial` while pg_dump writes it, are created 0600:
 it holds every user id and membership.
 
-A restore replaces everything in one transaction (`--clean --single-transaction`): it
-either applies whole or changes nothing. It refuses to run while a hub is connected to
+A restore replaces everything in one transaction (psql `--single-transaction` running
+`DROP SCHEMA public CASCADE`, then the script pg_restore writes): it either applies
+whole or changes nothing. It refuses to run while a hub is connected to
 the database: a running hub holds each Hoomi's last pushed seq in memory, and after a
 restore to an older state it would take the re-used seqs for messages already pushed.
 """
@@ -55,7 +56,7 @@ class BackupInfo:
 
 
 def pg_tool(name: str) -> Path:
-    """The pg_dump/pg_restore to run: HOOMI_PG_BIN, else the wheel's, else PATH's."""
+    """The pg_dump/pg_restore/psql to run: HOOMI_PG_BIN, else the wheel's, else PATH's."""
     override = os.environ.get("HOOMI_PG_BIN")
     candidates: list[Path] = []
     if override:
@@ -189,7 +190,30 @@ def restore(dsn: str, path: Path) -> int:
         raise BackupError(f"{running} hub connection(s) open on this database: stop every "
                           "replica before restoring")
     clean, password = split_password(dsn)
-    _run([str(pg_tool("pg_restore")), "--clean", "--if-exists", "--no-owner",
-          "--no-privileges", "--single-transaction", "--exit-on-error", f"--dbname={clean}",
-          str(path)], password)
+    # Not `pg_restore --clean`: it drops a partition's primary key before its parent's,
+    # which PostgreSQL refuses ("cannot drop inherited constraint"; `messages` is
+    # partitioned since migration 0004). pg_restore writes the script, psql runs it after
+    # emptying the schema, all in one transaction.
+    script = subprocess.Popen(
+        [str(pg_tool("pg_restore")), "--no-owner", "--no-privileges", "--file=-", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_tool_env(password),
+        umask=0o077)
+    assert script.stdout is not None
+    try:
+        proc = subprocess.run(
+            [str(pg_tool("psql")), "--no-psqlrc", "--quiet", "--single-transaction",
+             "--set=ON_ERROR_STOP=1", "--output=/dev/null",
+             "--command=DROP SCHEMA public CASCADE", "--command=CREATE SCHEMA public",
+             "--file=-", f"--dbname={clean}"],
+            stdin=script.stdout, capture_output=True, text=True, env=_tool_env(password),
+            umask=0o077)
+    finally:
+        script.stdout.close()
+        _, script_err = script.communicate()
+    if script.returncode != 0:
+        detail = script_err.decode(errors="replace").strip().splitlines()[-3:]
+        raise BackupError(f"pg_restore failed: {' / '.join(detail)}")
+    if proc.returncode != 0:
+        detail = proc.stderr.strip().splitlines()[-3:]
+        raise BackupError(f"restore failed (nothing changed): {' / '.join(detail)}")
     return tables

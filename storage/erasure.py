@@ -28,14 +28,16 @@ _log = logging.getLogger(__name__)
 
 _LOCK_KEY = 0x686F6F6D69657261  # "hoomiera"
 
-# Dead row versions of messages and of its TOAST table, as the statistics see them. The
-# counters lag a deleting transaction by about a second (backends flush them when idle),
-# and a run that finds none is a cheap query.
+# Dead row versions of messages (its partitions: migration 0004) and of their TOAST
+# tables, as the statistics see them. The counters lag a deleting transaction by about
+# a second (backends flush them when idle), and a run that finds none is a cheap query.
 _DEAD = """
 SELECT coalesce(sum(n_dead_tup), 0)
 FROM pg_stat_all_tables
-WHERE relid = 'messages'::regclass
-   OR relid = (SELECT reltoastrelid FROM pg_class WHERE oid = 'messages'::regclass)
+WHERE relid IN (SELECT p.relid FROM pg_partition_tree('messages') p
+                UNION ALL
+                SELECT c.reltoastrelid FROM pg_partition_tree('messages') p
+                JOIN pg_class c ON c.oid = p.relid)
 """
 
 # PROCESS_TOAST: the TOAST table holds long contents. TRUNCATE: empty pages at the end

@@ -218,9 +218,10 @@ async def delete_for_everyone(
             UPDATE messages
             SET content = NULL, nonce = NULL, session_id = NULL,
                 deleted_at = now(), updated_at = now()
-            WHERE id = $1
+            WHERE id = $1 AND hoomi_id = $2
             """,
             message_id,
+            hoomi_id,
         )
         await audit.record(
             conn,

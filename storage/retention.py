@@ -24,7 +24,7 @@ _log = logging.getLogger(__name__)
 _LOCK_KEY = 0x686F6F6D69726574  # "hoomiret"
 
 _PURGE = """
-DELETE FROM messages WHERE id IN (
+DELETE FROM messages WHERE hoomi_id = $1 AND id IN (
     SELECT id FROM messages
     WHERE hoomi_id = $1 AND created_at < now() - make_interval(secs => $2)
     ORDER BY created_at

@@ -15,15 +15,18 @@ Invariants the rest of the hub relies on, kept by this module alone:
    1, 2, 3, ... with no gap, and become visible in seq order.
 3. Idempotent retries. The duplicate check runs after the locks are taken, so a retry of
    a send still in flight in the same Hoomi (on any replica) waits for it, then finds it.
-   A stored (sender, client_msg_id) returns the original (id, seq, created_at).
+   A stored (hoomi, sender, client_msg_id) returns the original (id, seq, created_at).
+   The key includes the Hoomi (SPEC §7.1: every unique key of a Hoomi's data does, for
+   partitioning and Citus): a retry names the same Hoomi, and a send naming another
+   Hoomi with a client_msg_id already used elsewhere is a new message there.
 4. Per-sender FIFO. One batch is in flight per writer; each sender's appends wait in
    that sender's own queue and get seqs in their arrival order, so messages sent on one
    connection (one sender) keep their order.
-5. Row-level verdicts. A row whose Hoomi is gone, whose sender is not a member, or whose
-   client_msg_id was already used in another Hoomi fails alone; its neighbours commit.
-   A row the database itself rejects is isolated by splitting the batch in halves.
-   A repeat of a (sender, client_msg_id) within one batch shares its first occurrence's
-   ack only if that one was stored; otherwise it is decided alone in the next batch.
+5. Row-level verdicts. A row whose Hoomi is gone or whose sender is not a member fails
+   alone; its neighbours commit. A row the database itself rejects is isolated by
+   splitting the batch in halves. A repeat of a (hoomi, sender, client_msg_id) within
+   one batch shares its first occurrence's ack only if that one was stored; otherwise
+   it is decided alone in the next batch.
 6. Fair batches. A batch takes one append from each sender with appends waiting, in
    turn, round and round, until it is full: a sender with thousands queued gets one
    place per turn like everyone else, so another sender's append goes into the next
@@ -66,7 +69,8 @@ SELECT t.ord, m.id, m.hoomi_id, m.seq, m.created_at, hm.user_id IS NOT NULL AS i
        (SELECT clock_timestamp()) AS now
 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) WITH ORDINALITY
      AS t(hoomi_id, sender_id, client_msg_id, ord)
-LEFT JOIN messages m ON m.sender_id = t.sender_id AND m.client_msg_id = t.client_msg_id
+LEFT JOIN messages m ON m.hoomi_id = t.hoomi_id AND m.sender_id = t.sender_id
+                    AND m.client_msg_id = t.client_msg_id
 LEFT JOIN hoomi_members hm ON hm.hoomi_id = t.hoomi_id AND hm.user_id = t.sender_id
 """
 
@@ -79,7 +83,7 @@ WITH ins AS (
     FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::uuid[], $5::uuid[], $6::bytea[],
                 $7::bytea[], $8::text[])
          AS t(id, hoomi_id, seq, sender_id, client_msg_id, content, nonce, session_id)
-    ON CONFLICT (sender_id, client_msg_id) DO NOTHING
+    ON CONFLICT (hoomi_id, sender_id, client_msg_id) DO NOTHING
     RETURNING 1
 ), counters AS (
     UPDATE hoomis h SET last_seq = v.last_seq
@@ -93,8 +97,9 @@ SELECT (SELECT count(*) FROM ins) AS inserted
 # After a failure that may have happened after COMMIT was applied: what got stored.
 _LOOKUP_STORED = """
 SELECT m.sender_id, m.client_msg_id, m.id, m.hoomi_id, m.seq, m.created_at
-FROM unnest($1::uuid[], $2::uuid[]) AS t(sender_id, client_msg_id)
-JOIN messages m ON m.sender_id = t.sender_id AND m.client_msg_id = t.client_msg_id
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS t(hoomi_id, sender_id, client_msg_id)
+JOIN messages m ON m.hoomi_id = t.hoomi_id AND m.sender_id = t.sender_id
+               AND m.client_msg_id = t.client_msg_id
 """
 
 MAX_SESSION_ID_CHARS = 128
@@ -110,7 +115,9 @@ Outcome = AppendResult | StorageError | _Requeue
 
 
 class _ConcurrentReuse(Exception):
-    """A client_msg_id was committed concurrently in another Hoomi: redo the batch."""
+    """A row's key was committed meanwhile by someone else: redo the batch. (Defensive:
+    the key includes the Hoomi, whose row lock this batch holds, so it should not
+    happen.)"""
 
 
 @dataclass(slots=True)
@@ -319,6 +326,7 @@ class BatchWriter:
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(
                     _LOOKUP_STORED,
+                    [p.request.hoomi_id for p in open_],
                     [p.request.sender_id for p in open_],
                     [p.request.client_msg_id for p in open_],
                 )
@@ -326,13 +334,13 @@ class BatchWriter:
             _log.error("could not settle a failed batch: %s: %s", type(exc).__name__, exc)
             _fail(open_, unavailable())
             return
-        stored = {(r["sender_id"], r["client_msg_id"]): r for r in rows}
-        seen: set[tuple[UUID, UUID]] = set()
+        stored = {(r["hoomi_id"], r["sender_id"], r["client_msg_id"]): r for r in rows}
+        seen: set[tuple[UUID, UUID, UUID]] = set()
         outcomes: list[AppendResult | StorageError] = []
         for p in open_:
-            key = (p.request.sender_id, p.request.client_msg_id)
+            key = _key(p.request)
             row = stored.get(key)
-            if row is None or row["hoomi_id"] != p.request.hoomi_id:
+            if row is None:
                 outcomes.append(unavailable())
                 continue
             # Reported as new (the hub then publishes it; publishing a seq twice is
@@ -348,7 +356,7 @@ class BatchWriter:
             try:
                 outcomes = await self._commit(batch)
             except _ConcurrentReuse:
-                _log.info("client_msg_id reused concurrently across Hoomis; retry %d", attempt)
+                _log.info("a row of the batch was stored meanwhile; retry %d", attempt)
                 continue
             except asyncpg.TransactionRollbackError as exc:
                 # Deadlock or serialization failure: the transaction was rolled back
@@ -384,11 +392,11 @@ class BatchWriter:
 
     async def _commit(self, batch: Sequence[_Pending]) -> list[Outcome]:
         reqs = [p.request for p in batch]
-        # Two rows of this batch with one (sender, client_msg_id): the first leads.
-        leader_of: dict[tuple[UUID, UUID], int] = {}
+        # Two rows of this batch with one (hoomi, sender, client_msg_id): the first leads.
+        leader_of: dict[tuple[UUID, UUID, UUID], int] = {}
         leaders: list[int] = []
         for i, r in enumerate(reqs):
-            key = (r.sender_id, r.client_msg_id)
+            key = _key(r)
             if key not in leader_of:
                 leader_of[key] = i
                 leaders.append(i)
@@ -412,12 +420,9 @@ class BatchWriter:
                 i = leaders[row["ord"] - 1]
                 r = reqs[i]
                 if row["id"] is not None:
-                    if row["hoomi_id"] == r.hoomi_id:
-                        outcomes[i] = AppendResult(
-                            row["id"], row["hoomi_id"], row["seq"], row["created_at"], True
-                        )
-                    else:
-                        outcomes[i] = _reused()
+                    outcomes[i] = AppendResult(
+                        row["id"], row["hoomi_id"], row["seq"], row["created_at"], True
+                    )
                 elif r.hoomi_id not in last_seq:
                     outcomes[i] = not_found("hoomi", "hoomi_id")
                 elif not row["is_member"]:
@@ -434,15 +439,14 @@ class BatchWriter:
                 for i, msg_id, seq in placed:
                     outcomes[i] = AppendResult(msg_id, reqs[i].hoomi_id, seq, now, False)
         for i, r in enumerate(reqs):
-            lead = leader_of[(r.sender_id, r.client_msg_id)]
+            lead = leader_of[_key(r)]
             if lead != i:
                 led = outcomes[lead]
                 if isinstance(led, AppendResult):
-                    same = led.hoomi_id == r.hoomi_id
-                    outcomes[i] = led._replace(duplicate=True) if same else _reused()
+                    outcomes[i] = led._replace(duplicate=True)
                 else:
-                    # The leader's failure (unknown Hoomi, not a member, ...) may not
-                    # apply to this row, which can name another Hoomi: decide it alone.
+                    # The leader failed (unknown Hoomi, not a member, ...): decide the
+                    # repeat alone, on what the database holds by then.
                     outcomes[i] = _REQUEUE
         return [o for o in outcomes if o is not None]
 
@@ -458,13 +462,15 @@ def _allocate(
         seq = last_seq[r.hoomi_id] + 1
         last_seq[r.hoomi_id] = seq
         placed.append((i, msg_id, seq))
-    # Rows go to the INSERT in (sender_id, client_msg_id) order, the unique index's order:
+    # Rows go to the INSERT in (sender_id, client_msg_id, hoomi_id) order, the unique
+    # index's order (idx_messages_sender):
     # two writers whose batches reuse client_msg_ids crosswise then wait for each other
     # in one direction only, instead of deadlocking. Seqs are already assigned above, so
     # row order no longer matters for them.
     # (UUID.int orders as PostgreSQL's uuid comparison does, and much faster than UUIDs.)
     for i, msg_id, seq in sorted(placed, key=lambda p: (reqs[p[0]].sender_id.int,
-                                                         reqs[p[0]].client_msg_id.int)):
+                                                         reqs[p[0]].client_msg_id.int,
+                                                         reqs[p[0]].hoomi_id.int)):
         r = reqs[i]
         row = (msg_id, r.hoomi_id, seq, r.sender_id, r.client_msg_id, r.content, r.nonce,
                r.session_id)
@@ -474,10 +480,9 @@ def _allocate(
     return [*columns, list(touched), [last_seq[h] for h in touched]], placed
 
 
-def _reused() -> StorageError:
-    return StorageError(
-        ErrorCode.INVALID, "client_msg_id: already used in another hoomi", "client_msg_id"
-    )
+def _key(r: AppendRequest) -> tuple[UUID, UUID, UUID]:
+    """The idempotency key (idx_messages_sender)."""
+    return (r.hoomi_id, r.sender_id, r.client_msg_id)
 
 
 def _fail(batch: Sequence[_Pending], error: StorageError) -> None:

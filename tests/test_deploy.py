@@ -29,8 +29,10 @@ def compose() -> dict:
 
 def test_compose_names_every_service_with_health_checks():
     services = compose()["services"]
-    assert set(services) == {"postgres", "valkey", "hub1", "hub2", "lb", "prometheus",
-                             "grafana"}
+    started = {name for name, svc in services.items() if "profiles" not in svc}
+    assert started == {"postgres", "valkey", "hub1", "hub2", "lb", "prometheus", "grafana"}
+    # Started only on request (`--profile citus`, docs/scaling.md).
+    assert set(services) - started == {"citus-coordinator", "citus-worker1", "citus-worker2"}
     for name, svc in services.items():
         assert "healthcheck" in svc, name
     # The public port, and the operator API's listener on the host's loopback only.

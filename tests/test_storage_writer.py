@@ -122,12 +122,10 @@ async def test_invalid_rows_fail_alone_and_neighbours_commit(pool, writer):
     h = await factories.hoomi(pool, [alice], [bob])
     used = factories.request(h, alice)
     await writer.append(used)
-    other = await factories.hoomi(pool, [alice])
     good = [factories.request(h, bob) for _ in range(3)]
     bad = {
         "forbidden": factories.request(h, carol),
         "not_found": factories.request(uuid4(), alice),
-        "invalid": used._replace(hoomi_id=other),
     }
     outcomes = await asyncio.gather(
         *(writer.append(r) for r in [good[0], *bad.values(), *good[1:]]),
@@ -135,9 +133,27 @@ async def test_invalid_rows_fail_alone_and_neighbours_commit(pool, writer):
     )
     assert [o.seq for o in outcomes if not isinstance(o, Exception)] == [2, 3, 4]
     errors = [o for o in outcomes if isinstance(o, StorageError)]
-    assert [e.code for e in errors] == [ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND, ErrorCode.INVALID]
-    assert errors[2].field == "client_msg_id"
+    assert [e.code for e in errors] == [ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND]
     assert await pool.fetchval("SELECT count(*) FROM messages") == 4
+
+
+async def test_client_msg_id_used_in_another_hoomi_is_a_new_message_there(pool, writer):
+    """The idempotency key is (hoomi_id, sender_id, client_msg_id) (SPEC §7.1): a retry
+    names the same Hoomi, so the same client_msg_id in another Hoomi is another message;
+    in the first Hoomi it is still a retry."""
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    other = await factories.hoomi(pool, [alice])
+    first = await writer.append(factories.request(h, alice))
+    used = factories.request(h, alice)
+    original = await writer.append(used)
+    elsewhere, retry = await asyncio.gather(
+        writer.append(used._replace(hoomi_id=other)), writer.append(used))
+    assert (elsewhere.hoomi_id, elsewhere.seq, elsewhere.duplicate) == (other, 1, False)
+    assert elsewhere.id not in (first.id, original.id)
+    assert retry == original._replace(duplicate=True)
+    assert await pool.fetchval(
+        "SELECT count(*) FROM messages WHERE client_msg_id = $1", used.client_msg_id) == 2
 
 
 async def test_row_refused_by_database_is_isolated_from_its_batch(pool, writer):
