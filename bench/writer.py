@@ -1,6 +1,7 @@
 """Batched writer throughput against raw COPY of the same rows, on the same database.
 
     .venv/bin/python -m bench.writer [--messages 20000] [--appenders 200]
+    .venv/bin/python -m bench.writer --compare-unpartitioned [--rounds 3]
 
 Three ways to store the same N messages, each on a freshly emptied table:
   copy-one     one copy_records_to_table of all N rows in one transaction: the ceiling
@@ -8,6 +9,12 @@ Three ways to store the same N messages, each on a freshly emptied table:
   writer       BatchWriter.append from concurrent tasks: group commit, seq allocation
                under row locks, duplicate and membership checks, ack per message
   insert-each  one INSERT transaction per message: what the writer replaces
+
+With --compare-unpartitioned, only the writer runs, in rounds alternating between two
+databases on the same server: today's schema (`messages` hash-partitioned by hoomi_id,
+16 partitions, migration 0004) and the schema before it (migrations 1..3, one table),
+whose idempotency index is widened to today's key (sender_id, client_msg_id, hoomi_id)
+so that the same writer runs on both.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import asyncpg
 from bench.common import fresh_database
 from storage.hoomis import create_hoomi
 from storage.ids import uuid7
+from storage.migrate import migrate
 from storage.records import AppendRequest, Member
 from storage.users import create_user
 from storage.writer import BatchWriter
@@ -41,7 +49,13 @@ async def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--delay-ms", type=float, default=1.0)
     ap.add_argument("--size", type=int, default=200, help="ciphertext bytes per message")
+    ap.add_argument("--compare-unpartitioned", action="store_true",
+                    help="writer rows/s on the partitioned table vs the unpartitioned one")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.compare_unpartitioned:
+        await compare_unpartitioned(args)
+        return
     rng = random.Random(42)
 
     async with fresh_database() as dsn:
@@ -140,6 +154,94 @@ async def main() -> None:
           f"max {max(sizes)}")
     print(f"  writer ack latency: p50 {latencies[len(latencies) // 2] * 1000:.1f} ms, "
           f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms")
+
+
+async def _population(pool: asyncpg.Pool, args: argparse.Namespace) -> list[AppendRequest]:
+    """The same users, Hoomis and messages (by seed) on any database."""
+    rng = random.Random(42)
+    senders = [await create_user(pool) for _ in range(args.hoomis * 2)]
+    hoomis = [await create_hoomi(pool, [Member(senders[2 * i], "admin"),
+                                        Member(senders[2 * i + 1], "member")])
+              for i in range(args.hoomis)]
+    payload = os.urandom(args.size)
+    reqs = []
+    for _ in range(args.messages):
+        i = rng.randrange(args.hoomis)
+        reqs.append(AppendRequest(hoomis[i], senders[2 * i + rng.randrange(2)], uuid4(),
+                                  payload, os.urandom(12), "s1"))
+    return reqs
+
+
+async def _writer_round(pool: asyncpg.Pool, reqs: list[AppendRequest],
+                        args: argparse.Namespace) -> tuple[float, list[float]]:
+    """Empty table, then every request through one BatchWriter: (rows/s, ack latencies)."""
+    await pool.execute("TRUNCATE messages")
+    await pool.execute("UPDATE hoomis SET last_seq = 0")
+    await pool.execute("CHECKPOINT")
+    writer = BatchWriter(pool, max_batch=args.batch, max_delay=args.delay_ms / 1000)
+    writer.start()
+    latencies: list[float] = []
+    queue = [r._replace(client_msg_id=uuid4()) for r in reqs]
+
+    async def appender() -> None:
+        while queue:
+            r = queue.pop()
+            t0 = time.perf_counter()
+            await writer.append(r)
+            latencies.append(time.perf_counter() - t0)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(appender() for _ in range(args.appenders)))
+    rate = len(reqs) / (time.perf_counter() - t)
+    await writer.close()
+    assert await pool.fetchval("SELECT count(*) FROM messages") == len(reqs)
+    return rate, latencies
+
+
+async def compare_unpartitioned(args: argparse.Namespace) -> None:
+    """Writer rows/s, partitioned vs unpartitioned `messages`, same server, same run."""
+    async with fresh_database() as dsn:
+        admin = await asyncpg.connect(dsn)
+        here = await admin.fetchval("SELECT current_database()")
+        name = f"{here}_flat"
+        await admin.execute(f"CREATE DATABASE {name}")
+        flat_dsn = dsn.replace(f"/{here}", f"/{name}", 1)
+        try:
+            conn = await asyncpg.connect(flat_dsn)
+            await migrate(conn, target=3)  # the schema before 0004: one table
+            await conn.execute("DROP INDEX idx_messages_sender")
+            await conn.execute("CREATE UNIQUE INDEX idx_messages_sender "
+                               "ON messages(sender_id, client_msg_id, hoomi_id)")
+            await conn.close()
+            pools = {"partitioned": await asyncpg.create_pool(dsn, min_size=2, max_size=4),
+                     "unpartitioned": await asyncpg.create_pool(flat_dsn, min_size=2,
+                                                                max_size=4)}
+            parts = await pools["partitioned"].fetchval(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'messages'::regclass")
+            reqs = {k: await _population(p, args) for k, p in pools.items()}
+            rates: dict[str, list[float]] = {k: [] for k in pools}
+            lat: dict[str, list[float]] = {k: [] for k in pools}
+            for round_ in range(args.rounds):
+                order = list(pools) if round_ % 2 == 0 else list(reversed(pools))
+                for k in order:
+                    rate, latencies = await _writer_round(pools[k], reqs[k], args)
+                    rates[k].append(rate)
+                    lat[k] += latencies
+            for p in pools.values():
+                await p.close()
+        finally:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            await admin.close()
+    print(f"messages={args.messages} appenders={args.appenders} hoomis={args.hoomis} "
+          f"batch={args.batch} delay_ms={args.delay_ms} size={args.size}B "
+          f"rounds={args.rounds} partitions={parts}")
+    for k in rates:
+        ls = sorted(lat[k])
+        print(f"  {k:13s} writer {statistics.median(rates[k]):8.0f} rows/s (median; rounds "
+              f"{', '.join(f'{r:.0f}' for r in rates[k])}), ack p50 "
+              f"{ls[len(ls) // 2] * 1000:.1f} ms, p99 {ls[int(len(ls) * 0.99)] * 1000:.1f} ms")
+    ratio = statistics.median(rates["partitioned"]) / statistics.median(rates["unpartitioned"])
+    print(f"  partitioned / unpartitioned: {ratio:.0%}")
 
 
 if __name__ == "__main__":
