@@ -27,15 +27,24 @@ from .records import DeletedMessage, HistoryPage, StoredMessage, SyncPage
 
 _COLUMNS = "id, hoomi_id, seq, sender_id, content, nonce, session_id, created_at, deleted_at"
 
+
+def _kept(hoomi: str) -> str:
+    """Messages still within the Hoomi's retention: one past it is never served, even
+    before the purge job erases it (the Hoomi's row is read once per query, an InitPlan)."""
+    return f"""created_at >= coalesce(
+    (SELECT now() - make_interval(secs => h.retention_seconds) FROM hoomis h
+     WHERE h.id = {hoomi}), '-infinity')"""
+
+
 _BEFORE = f"""
 SELECT {_COLUMNS} FROM messages
-WHERE hoomi_id = $1 AND seq < $2
+WHERE hoomi_id = $1 AND seq < $2 AND {_kept("$1")}
 ORDER BY seq DESC LIMIT $3
 """
 
 _AFTER = f"""
 SELECT {_COLUMNS} FROM messages
-WHERE hoomi_id = $1 AND seq > $2
+WHERE hoomi_id = $1 AND seq > $2 AND {_kept("$1")}
 ORDER BY seq ASC LIMIT $3
 """
 
@@ -78,7 +87,7 @@ _MEMBER_BOUNDED_AFTER = _for_reader(_bounded(_AFTER, "ASC", "$5"), "fetched")
 
 _RANGE = f"""
 SELECT {_COLUMNS} FROM messages
-WHERE hoomi_id = $1 AND seq > $2 AND seq <= $3
+WHERE hoomi_id = $1 AND seq > $2 AND seq <= $3 AND {_kept("$1")}
 ORDER BY seq ASC
 """
 
@@ -242,7 +251,7 @@ SELECT m.{", m.".join(c.strip() for c in _COLUMNS.split(","))}
 FROM unnest($1::uuid[], $2::bigint[]) AS c(hoomi_id, after)
 CROSS JOIN LATERAL (
   SELECT {_COLUMNS} FROM messages
-  WHERE hoomi_id = c.hoomi_id AND seq > c.after
+  WHERE hoomi_id = c.hoomi_id AND seq > c.after AND {_kept("c.hoomi_id")}
   ORDER BY seq ASC LIMIT $3
 ) m
 """
