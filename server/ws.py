@@ -131,11 +131,9 @@ class Connection:
         self._early: list[tuple[UUID, str | None]] = []
         self.membership_epoch = 0
         # The transport under the socket (server/transport.py; None under another server):
-        # the socket counts against every cap until it is gone.
-        self._transport: HubWebSocketProtocol | None = (
-            ws.scope.get("extensions") or {}).get(TRANSPORT)
-        client = ws.scope.get("client")
-        self.address: str = client[0] if client else ""  # behind a trusted proxy: X-F-F
+        # the socket counts against every cap until it is gone. Both read in run().
+        self._transport: HubWebSocketProtocol | None = None
+        self.address = ""  # the ASGI client address (behind a trusted proxy: X-F-F)
         self._waiting = False  # holds a place in the gate until welcomed or gone
         self._ended = False
 
@@ -143,6 +141,9 @@ class Connection:
 
     async def run(self) -> None:
         m, st = self.s.metrics, self.s.settings
+        self._transport = (self.ws.scope.get("extensions") or {}).get(TRANSPORT)
+        client = self.ws.scope.get("client")
+        self.address = client[0] if client else ""
         gate = _gate(self.s)
         why = None
         if self.s.draining:
