@@ -16,6 +16,8 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,6 +39,7 @@ from storage.migrate import (
 )
 from storage.writer import BatchWriter
 from tests import factories, pg
+from tests.cluster import ADMIN_TOKEN, JWT_SECRET, Replica
 
 ROOT = Path(__file__).resolve().parent.parent
 _scratch_names = iter(range(1, 10_000))
@@ -498,3 +501,37 @@ def test_scaling_doc_names_the_same_tables():
     assert reference == REFERENCE
     for table in LOCAL:
         assert f"`{table}`" in doc
+
+
+# -- the operator's view: hoomi serve refuses, hoomi migrate shows progress -----------------
+
+
+def _hoomi(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT,
+                          env={**os.environ, "HOOMI_JWT_SECRET": JWT_SECRET,
+                               "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+async def test_replica_refuses_until_hoomi_migrate_has_moved_the_messages(pg_template):
+    async with scratch(pg_template, target=3) as conn:
+        await old_install(conn, 20_000)
+        dsn = pg.dsn_for(pg_template, await conn.fetchval("SELECT current_database()"))
+        replica = Replica(dsn, None, name="pending")
+        with pytest.raises(RuntimeError):
+            replica.start()
+        assert "run `hoomi migrate`" in replica.output()
+
+        other = _hoomi("migrate", DATABASE_URL=dsn, HOOMI_MESSAGE_PARTITIONS="8")
+        assert other.returncode == 1
+        assert ("HOOMI_MESSAGE_PARTITIONS is 8, but this database's messages table was "
+                "created with 16 partitions") in other.stderr
+
+        done = _hoomi("migrate", DATABASE_URL=dsn)
+        assert done.returncode == 0, done.stderr
+        bars = [line for line in done.stderr.splitlines() if line.startswith("moving messages")]
+        assert bars[0].startswith("moving messages [###############")  # half, one batch
+        assert "10000/20000" in bars[0] and "20000/20000" in bars[-1]
+        assert await is_partitioned(conn)
+        replica = Replica(dsn, None, name="moved").start()
+        replica.stop()
