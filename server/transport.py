@@ -218,6 +218,9 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_ping(self) -> None:
         if self._control.take():
+            # websockets has queued a pong for every ping it parsed (even once closing):
+            # past the budget they are dropped, not buffered.
+            self.conn.data_to_send()
             self._fail(POLICY_VIOLATION, "too many control frames")
         else:
             super().handle_ping()

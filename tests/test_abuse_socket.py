@@ -18,6 +18,7 @@ from uuid import UUID
 
 import asyncpg
 import httpx
+import pytest
 
 from protocol import (
     Ack,
@@ -154,11 +155,17 @@ async def until(check, timeout: float, what: str) -> float:
 # -- 1. ping flood ------------------------------------------------------------------------------
 
 
-async def test_ping_flood_without_hello_holds_no_memory(module_dsn, valkey):
+@pytest.mark.parametrize("closing", [False, True], ids=["open", "closing"])
+async def test_ping_flood_without_hello_holds_no_memory(module_dsn, valkey, closing):
+    """A socket that never reads floods pings: while open, before any hello; or once the
+    hub has closed it (a text frame: 4400) without answering that close."""
     async with own_replica(module_dsn, valkey.url, "pings", HOOMI_CLOSE_TIMEOUT_S="1") as (r, _):
         before = rss_mib(r)
         raw, status = await Raw.ws(r.port)
         assert status == 101
+        if closing:
+            raw.writer.write(frame(0x1, b"hello?"))
+            assert await raw.reply() == ("close", 4400)
         # Pings with the largest payload (125 bytes): each pong echoes it.
         chunk = frame(0x9, os.urandom(125)) * 2000
         sent = 0
@@ -172,7 +179,8 @@ async def test_ping_flood_without_hello_holds_no_memory(module_dsn, valkey):
             pass  # the replica stopped reading, or dropped us: both are the point
         await asyncio.sleep(0.5)  # what it read by now has been answered
         grown = rss_mib(r) - before
-        print(f"ping flood: {sent} pings written, replica RSS +{grown:.1f} MiB")
+        print(f"ping flood ({'closing' if closing else 'open'}): {sent} pings written, "
+              f"replica RSS +{grown:.1f} MiB")
         assert grown < 20, f"{sent} pings grew the replica by {grown:.0f} MiB"
 
         # It closed the flooder and let go of the connection we still do not read.
