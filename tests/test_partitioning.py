@@ -401,6 +401,37 @@ async def test_a_history_page_touches_exactly_one_partition(pool, plan_mode):
     print(f"\nhistory page of hoomi {h} ({home}):\n" + "\n".join(r[0] for r in shown))
 
 
+def _loops(plan: dict[str, Any]) -> dict[str, int]:
+    """Relation -> how many times the executor scanned it (0: pruned at run time)."""
+    found: dict[str, int] = {}
+    if "Relation Name" in plan:
+        found[plan["Relation Name"]] = plan.get("Actual Loops", 0)
+    for child in plan.get("Plans", []):
+        for name, loops in _loops(child).items():
+            found[name] = found.get(name, 0) + loops
+    return found
+
+
+async def test_catch_up_over_several_hoomis_reads_one_partition_per_hoomi(pool):
+    """hello's catch-up (`since_each`) joins each Hoomi asked for with its messages; the
+    partitions are pruned per Hoomi as the join runs: one partition scan per Hoomi."""
+    alice, = await factories.users(pool, 1)
+    hoomis = [await factories.hoomi(pool, [alice]) for _ in range(4)]
+    writer = BatchWriter(pool)
+    writer.start()
+    await asyncio.gather(*(writer.append(factories.request(h, alice))
+                           for h in hoomis for _ in range(3)))
+    await writer.close()
+    homes = {await pool.fetchval("SELECT tableoid::regclass::text FROM messages "
+                                 "WHERE hoomi_id = $1 LIMIT 1", h) for h in hoomis}
+    plan = json.loads(await pool.fetchval(
+        f"EXPLAIN (ANALYZE, FORMAT JSON) {message_store._AFTER_EACH}",
+        hoomis, [0] * len(hoomis), 51))[0]["Plan"]
+    scanned = {t: n for t, n in _loops(plan).items() if t.startswith("messages") and n}
+    assert set(scanned) == homes
+    assert sum(scanned.values()) == len(hoomis)
+
+
 # -- Citus' rules -------------------------------------------------------------------------------
 
 # How each table goes to Citus (docs/scaling.md says the same; a test checks it).
