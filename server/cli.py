@@ -97,7 +97,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # 9 % of the hub's CPU under bench/hub.py before it was turned off).
         ws_per_message_deflate=False,
         ws_ping_interval=20, ws_ping_timeout=20, timeout_graceful_shutdown=10,
-        proxy_headers=True, lifespan="on",
+        # The per-address limits (hellos, failed authentications, sockets before hello)
+        # need each client's address: behind a proxy, from its X-Forwarded-For, trusted
+        # only from HOOMI_TRUSTED_PROXIES.
+        proxy_headers=True, forwarded_allow_ips=settings.trusted_proxies, lifespan="on",
     )
     HubServer(uv).run()
 

@@ -78,6 +78,7 @@ class Settings:
     page_max_bytes: int = 1 << 20  # ciphertext bytes in one history/sync page
     metrics_token: str | None = None  # when set, /metrics needs `Bearer <token>`
     erase_interval_s: float = 60.0  # deleted and purged rows vacuumed off disk this often
+    trusted_proxies: str = "127.0.0.1"  # whose X-Forwarded-For names the client
     message_partitions: int = 16  # hash partitions of `messages`, fixed at install
 
     @property
@@ -187,6 +188,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
 
 def with_secrets(settings: Settings) -> Settings:
     """Fill missing secrets: generated and kept in the data dir in embedded mode only."""
+        trusted_proxies=(env.get("HOOMI_TRUSTED_PROXIES") or "127.0.0.1").strip(),
     if settings.jwt_secret and settings.admin_token:
         return settings
     if not settings.embedded:
