@@ -153,3 +153,17 @@ async def cluster(module_dsn: str, valkey: Valkey) -> AsyncIterator[Cluster]:
     await c.admin.close()
     for r in replicas:
         r.stop()
+
+
+# -- object storage: a real S3-compatible server (SeaweedFS), see tests/s3.py ----------------
+
+from tests.s3 import SeaweedS3  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[SeaweedS3]:
+    """One SeaweedFS S3 server for the session; each user creates its own bucket."""
+    server = SeaweedS3()
+    server.start()
+    yield server
+    server.close()
