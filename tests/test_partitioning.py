@@ -307,6 +307,31 @@ async def _new_release_continues(dsn: str, conn: asyncpg.Connection) -> None:
         before["id"], before["seq"], before["created_at"], True)
 
 
+async def test_two_hoomi_migrate_at_once_share_the_copy_and_lose_nothing(pg_template):
+    """Replicas starting together wait for each other on the advisory lock and refuse;
+    two `hoomi migrate` run together take turns batch by batch and one of them swaps."""
+    async with scratch(pg_template, target=3) as conn:
+        await old_install(conn, 20_000)
+        await snapshot(conn)
+        dsn = pg.dsn_for(pg_template, await conn.fetchval("SELECT current_database()"))
+        others = [await asyncpg.connect(dsn) for _ in range(4)]
+        try:
+            starting = await asyncio.gather(*(migrate(c, partitions=16) for c in others[:2]),
+                                            return_exceptions=True)
+            assert [type(e) for e in starting] == [MigrationPending] * 2
+            assert await conn.fetchval(
+                "SELECT count(*) FROM schema_migrations WHERE version = 4") == 1
+            done = await asyncio.gather(*(migrate(c, partitions=16, copy=True, batch=2000)
+                                          for c in others[2:]))
+            assert done == [[], []]
+        finally:
+            for c in others:
+                await c.close()
+        assert await is_partitioned(conn)
+        expected, stored, wrong = await differences(conn)
+        assert (expected, stored, wrong) == (20_000, 20_000, 0)
+
+
 @pytest.mark.skipif(os.environ.get("HOOMI_SLOW_TESTS") != "1",
                     reason="1M-message upgrade (~1-2 min): set HOOMI_SLOW_TESTS=1")
 async def test_million_messages_upgrade_in_place_byte_for_byte(pg_template):
