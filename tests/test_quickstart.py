@@ -23,7 +23,8 @@ README = (ROOT / "README.md").read_text()
 # Set by the test's own environment, never inherited: the newcomer has none of them.
 FOREIGN = ("DATABASE_URL", "REDIS_URL", "HOOMI_URL", "HOOMI_HOST", "HOOMI_PORT",
            "HOOMI_DATA_DIR", "HOOMI_ADMIN_TOKEN", "HOOMI_JWT_SECRET", "HOOMI_JWT_ISSUER",
-           "HOOMI_JWT_AUDIENCE", "XDG_DATA_HOME", "VIRTUAL_ENV", "PYTHONPATH")
+           "HOOMI_JWT_AUDIENCE", "XDG_DATA_HOME", "VIRTUAL_ENV", "PYTHONPATH",
+           "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")  # `make test` runs us
 
 
 def shell_block(marker: str) -> str:
