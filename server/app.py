@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
 from protocol import Limits
+from storage.backup_store import Outcome, backup_forever
 from storage.db import create_pool
 from storage.embedded import start_embedded
 from storage.erasure import erase_forever
@@ -69,6 +70,12 @@ def create_app(settings: Settings) -> Starlette:
             purge_forever(pool, settings.purge_interval_s))
         erasing = asyncio.get_running_loop().create_task(
             erase_forever(pool, settings.erase_interval_s))
+        backing_up = None
+        if settings.backup_url:
+            backing_up = asyncio.get_running_loop().create_task(backup_forever(
+                pool, dsn, settings.backup_url, settings.backup_interval_s,
+                settings.backup_keep, on_outcome=lambda o: observe_backup(metrics, o),
+                on_failure=metrics.backup_failures.inc))
         services = Services(
             settings=settings,
             limits=Limits(max_content_bytes=settings.max_content_bytes),
@@ -82,6 +89,8 @@ def create_app(settings: Settings) -> Starlette:
             reconcile.cancel()
             purging.cancel()
             erasing.cancel()
+            if backing_up is not None:
+                backing_up.cancel()
             await hub.close()
             await pool.close()
             if embedded is not None:
@@ -116,6 +125,15 @@ async def purge_forever(pool: asyncpg.Pool, interval: float) -> None:
                 _log.info("retention purged %d messages", purged)
         except Exception as exc:
             _log.warning("retention purge failed: %s", exc)
+
+
+def observe_backup(metrics: Metrics, outcome: Outcome) -> None:
+    if outcome.newest is not None:
+        metrics.backup_last_success.set(outcome.newest.created)
+    if outcome.made is not None:
+        metrics.backups.inc()
+        metrics.backup_seconds.set(outcome.seconds)
+        metrics.backup_bytes.set(outcome.made.size)
 
 
 async def drain(services: Services) -> None:

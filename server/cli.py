@@ -191,7 +191,11 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 def cmd_backup(args: argparse.Namespace) -> None:
     from storage.backup import BackupError, dump
+    from storage.backup_store import is_url
 
+    if is_url(args.path):
+        _backup_to_url(args.path)
+        return
     try:
         info = _on_database(lambda dsn: dump(dsn, Path(args.path)))
     except BackupError as err:
@@ -200,15 +204,47 @@ def cmd_backup(args: argparse.Namespace) -> None:
           "in it are ciphertext, but it holds every user id and membership: keep it safe")
 
 
+def _backup_to_url(url: str) -> None:
+    import asyncpg
+
+    from storage.backup import BackupError
+    from storage.backup_store import backup_once
+
+    keep = _settings().backup_keep
+
+    async def run(dsn: str) -> Any:
+        conn = await asyncpg.connect(dsn)
+        try:  # waits while a scheduled backup runs, then makes its own
+            return await backup_once(conn, dsn, url, keep)
+        finally:
+            await conn.close()
+
+    try:
+        outcome = _on_database(lambda dsn: asyncio.run(run(dsn)))
+    except BackupError as err:
+        sys.exit(f"hoomi: backup failed: {err}")
+    m = outcome.made
+    print(f"wrote {url.rstrip('/')}/{m.name} ({m.size} bytes, {m.tables} tables, sha256 "
+          f"{m.sha256}), verified; kept the newest {keep}"
+          + (f", removed {len(outcome.pruned)}" if outcome.pruned else ""))
+
+
 def cmd_restore(args: argparse.Namespace) -> None:
     from storage.backup import BackupError, restore
+    from storage.backup_store import is_url, restore_from
 
     if not args.yes:
         sys.exit("hoomi: restore replaces the whole database with the backup; stop every "
                  "replica, then run again with --yes")
+    source = args.path
 
     def run(dsn: str) -> tuple[int, list[int]]:
-        tables = restore(dsn, Path(args.path))
+        nonlocal source
+        if is_url(args.path):
+            tables, manifest = restore_from(args.path, dsn)
+            source = f"{manifest.name} (taken {manifest.created_at}, sha256 checked)"
+        else:
+            tables = restore(dsn, Path(args.path))
         # A backup from an older release gets this release's schema now, not at start-up.
         return tables, asyncio.run(_migrate(dsn))
 
@@ -216,7 +252,7 @@ def cmd_restore(args: argparse.Namespace) -> None:
         tables, applied = _on_database(run)
     except BackupError as err:
         sys.exit(f"hoomi: restore failed: {err}")
-    print(f"restored {tables} tables from {args.path}"
+    print(f"restored {tables} tables from {source}"
           + (f"; applied migrations {applied}" if applied else ""))
     print("Clients resume from the restored state: messages acked after the backup was "
           "taken are gone, and their seqs will be used again by new messages.")
@@ -419,10 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply pending database migrations").set_defaults(
         fn=cmd_migrate)
     b = sub.add_parser("backup", help="write a backup of the whole database (online)")
-    b.add_argument("path")
+    b.add_argument("path", help="a new file, or file:///dir or s3://bucket/prefix (verified, "
+                                "the newest HOOMI_BACKUP_KEEP kept)")
     b.set_defaults(fn=cmd_backup)
     r = sub.add_parser("restore", help="replace the database with a backup (hubs stopped)")
-    r.add_argument("path")
+    r.add_argument("path", help="a backup file, or file:///dir or s3://bucket/prefix (its "
+                                "newest verified backup), or such a URL ending in one "
+                                "backup's name")
     r.add_argument("--yes", action="store_true", help="confirm: the current data is replaced")
     r.set_defaults(fn=cmd_restore)
     t = sub.add_parser("token", help="issue a development token for a user")

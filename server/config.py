@@ -80,6 +80,9 @@ class Settings:
     erase_interval_s: float = 60.0  # deleted and purged rows vacuumed off disk this often
     trusted_proxies: str = "127.0.0.1"  # whose X-Forwarded-For names the client
     message_partitions: int = 16  # hash partitions of `messages`, fixed at install
+    backup_url: str | None = None  # file:///dir or s3://bucket/prefix: scheduled backups
+    backup_interval_s: float = 86400.0
+    backup_keep: int = 7
 
     @property
     def unauthenticated_budget(self) -> int:
@@ -119,6 +122,14 @@ def _origins(raw: str) -> tuple[str, ...]:
             raise ConfigError(f"HOOMI_CORS_ORIGINS: {o!r} is not an origin like "
                               "https://chat.example.org")
     return origins
+
+
+def _backup_url(raw: str) -> str | None:
+    if not raw:
+        return None
+    if not (raw.startswith("s3://") and len(raw) > 5 or raw.startswith("file:///")):
+        raise ConfigError(f"HOOMI_BACKUP_URL: {raw!r} is not file:///dir or s3://bucket/prefix")
+    return raw
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
@@ -177,7 +188,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         page_max_bytes=_number(env, "HOOMI_PAGE_MAX_BYTES", 1 << 20, 1024, 1 << 30),
         metrics_token=env.get("HOOMI_METRICS_TOKEN") or None,
         erase_interval_s=_number(env, "HOOMI_ERASE_INTERVAL_S", 60.0, 1.0, 86400.0),
+        trusted_proxies=(env.get("HOOMI_TRUSTED_PROXIES") or "127.0.0.1").strip(),
         message_partitions=_number(env, "HOOMI_MESSAGE_PARTITIONS", 16, 1, 1024),
+        backup_url=_backup_url(env.get("HOOMI_BACKUP_URL") or ""),
+        backup_interval_s=_number(env, "HOOMI_BACKUP_INTERVAL_S", 86400.0, 1.0, 31 * 86400.0),
+        backup_keep=_number(env, "HOOMI_BACKUP_KEEP", 7, 1, 100_000),
     )
     if settings.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("HOOMI_LOG_LEVEL: one of debug, info, warning, error")
@@ -188,7 +203,6 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
 
 def with_secrets(settings: Settings) -> Settings:
     """Fill missing secrets: generated and kept in the data dir in embedded mode only."""
-        trusted_proxies=(env.get("HOOMI_TRUSTED_PROXIES") or "127.0.0.1").strip(),
     if settings.jwt_secret and settings.admin_token:
         return settings
     if not settings.embedded:

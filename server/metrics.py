@@ -61,6 +61,23 @@ class Metrics:
             "(sends get unavailable past HOOMI_WRITER_QUEUE_MB)", registry=r)
         self.gap_fills = Counter("hoomi_gap_fill_messages",
                                  "Messages read from PostgreSQL to fill pub/sub gaps", registry=r)
+        # Scheduled backups (HOOMI_BACKUP_URL): every replica reports the newest verified
+        # backup at the destination, whichever replica made it; alert when
+        # time() - hoomi_backup_last_success_timestamp_seconds > 2 x the interval.
+        self.backup_last_success = Gauge(
+            "hoomi_backup_last_success_timestamp_seconds",
+            "When the newest verified backup at HOOMI_BACKUP_URL was taken (Unix time)",
+            registry=r)
+        self.backup_seconds = Gauge("hoomi_backup_duration_seconds",
+                                    "How long the last backup this replica made took",
+                                    registry=r)
+        self.backup_bytes = Gauge("hoomi_backup_size_bytes",
+                                  "Size of the last backup this replica made", registry=r)
+        self.backups = Counter("hoomi_backups", "Verified backups this replica made",
+                               registry=r)
+        self.backup_failures = Counter("hoomi_backup_failures",
+                                       "Scheduled backups that failed on this replica",
+                                       registry=r)
 
         # Children resolved once per label value: labels() takes a lock and builds a tuple
         # on every call, and these two are counted for every frame.

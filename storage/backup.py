@@ -29,6 +29,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -111,20 +112,36 @@ def _tool_env(password: str | None) -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], password: str | None = None) -> str:
+def _run(args: list[str], password: str | None = None,
+         stop: threading.Event | None = None) -> str:
+    """Run a tool to completion; with `stop`, end it early (BackupError) once it is set."""
     # umask 077: whatever the tool creates is readable by its owner only.
-    proc = subprocess.run(args, capture_output=True, text=True, env=_tool_env(password),
-                          umask=0o077)
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=_tool_env(password), umask=0o077) as proc:
+        if stop is None:
+            out, err = proc.communicate()
+        else:
+            while True:
+                try:
+                    out, err = proc.communicate(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stop.is_set():
+                        proc.terminate()
+                        proc.communicate()
+                        raise BackupError(f"{Path(args[0]).name} stopped: the hub is "
+                                          "shutting down") from None
     if proc.returncode != 0:
         # libpq's messages name hosts and users, never the password.
-        detail = proc.stderr.strip().splitlines()[-3:]
+        detail = err.strip().splitlines()[-3:]
         raise BackupError(f"{Path(args[0]).name} failed: {' / '.join(detail)}")
-    return proc.stdout
+    return out
 
 
-def dump(dsn: str, path: Path) -> BackupInfo:
+def dump(dsn: str, path: Path, stop: threading.Event | None = None) -> BackupInfo:
     """Write a backup of the database at `dsn` to `path`, atomically: the file appears
-    only once pg_dump finished and the archive reads back. Mode 0600."""
+    only once pg_dump finished and the archive reads back. Mode 0600. Setting `stop`
+    (from another thread) ends pg_dump and leaves no file."""
     path = path.expanduser()
     if path.exists():
         raise BackupError(f"{path} exists; refusing to overwrite a backup")
@@ -140,7 +157,7 @@ def dump(dsn: str, path: Path) -> BackupInfo:
     try:
         os.chmod(partial, 0o600)  # whatever the umask
         _run([str(pg_tool("pg_dump")), "--format=custom", "--no-owner", "--no-privileges",
-              f"--file={partial}", f"--dbname={clean}"], password)
+              f"--file={partial}", f"--dbname={clean}"], password, stop)
         tables = _table_data_entries(partial)
         with open(partial, "rb") as f:
             os.fsync(f.fileno())

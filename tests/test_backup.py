@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -172,3 +173,123 @@ async def test_backup_keeps_the_password_off_the_command_line_and_the_file_priva
     assert info.tables > 0
     assert backup.stat().st_mode & 0o777 == 0o600
     assert not Path(partial).exists()
+
+
+# -- backups to a destination URL (storage/backup_store.py) ----------------------------------
+
+# Messages of the current schema: 3 Hoomis, tombstones, contents from 16 B to 4 KiB.
+_FILL = """
+WITH h AS (SELECT id, row_number() OVER (ORDER BY id) - 1 AS k FROM hoomis),
+     g AS (SELECT i FROM generate_series($1::int, $2::int) i)
+INSERT INTO messages (id, hoomi_id, seq, sender_id, client_msg_id, content, nonce,
+                      session_id, created_at, deleted_at)
+SELECT uuidv7(), h.id, (SELECT coalesce(max(seq), 0) FROM messages m WHERE m.hoomi_id = h.id)
+                       + g.i, $3::uuid, gen_random_uuid(),
+       CASE WHEN g.i % 50 = 0 THEN NULL
+            ELSE decode(repeat(md5(g.i::text || random()::text), 1 + g.i % 128), 'hex') END,
+       CASE WHEN g.i % 50 = 0 THEN NULL
+            ELSE decode(substr(md5(random()::text), 1, 24), 'hex') END,
+       CASE WHEN g.i % 50 = 0 THEN NULL ELSE 's' || (g.i % 7) END,
+       now() - make_interval(secs => $2 - g.i), CASE WHEN g.i % 50 = 0 THEN now() END
+FROM g CROSS JOIN h
+"""
+
+
+async def fill(conn: asyncpg.Connection, per_hoomi: int, hoomis: int = 3) -> None:
+    """`per_hoomi` more messages in each of the database's Hoomis (made if none)."""
+    sender = await conn.fetchval("SELECT id FROM users LIMIT 1")
+    if sender is None:
+        sender = await conn.fetchval("INSERT INTO users (id) VALUES (gen_random_uuid()) "
+                                     "RETURNING id")
+        await conn.execute("INSERT INTO hoomis (id) SELECT gen_random_uuid() "
+                           "FROM generate_series(1, $1)", hoomis)
+    await conn.execute(_FILL, 1, per_hoomi, sender)
+    await conn.execute("UPDATE hoomis SET last_seq = (SELECT coalesce(max(seq), 0) "
+                       "FROM messages WHERE hoomi_id = hoomis.id)")
+
+
+async def fill_db(dsn: str, per_hoomi: int) -> None:
+    conn = await asyncpg.connect(dsn)  # not a hub's (a restore refuses while one is open)
+    try:
+        await fill(conn, per_hoomi)
+    finally:
+        await conn.close()
+
+
+async def all_messages(dsn: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch("SELECT * FROM messages ORDER BY hoomi_id, seq")
+    finally:
+        await conn.close()
+
+
+async def backup_url(dsn: str, url: str, keep: int):
+    from storage.backup_store import backup_once
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await backup_once(conn, dsn, url, keep)
+    finally:
+        await conn.close()
+
+
+async def test_backups_in_a_directory_are_verified_private_and_the_newest_kept(
+        dsn, tmp_path: Path):
+    from storage.backup import BackupError
+    from storage.backup_store import DirDestination, Manifest, file_digest, restore_from
+    from storage.migrate import available
+
+    root = tmp_path / "backups"
+    url = f"file://{root}"
+    await fill_db(dsn, 100)
+    # Left by an interrupted backup: no manifest, so never counted, and pruned once a
+    # newer backup is verified.
+    root.mkdir(mode=0o700)
+    orphan = root / "hoomi-20200101T000000000Z.dump"
+    orphan.write_bytes(b"half a dump")
+    outcomes = []
+    for i in range(3):
+        if i:
+            await fill_db(dsn, 10)
+        outcomes.append(await backup_url(dsn, url, keep=2))
+    made = [o.made for o in outcomes]
+    assert made[0].name < made[1].name < made[2].name
+    assert outcomes[0].pruned == [orphan.name] and outcomes[2].pruned == [made[0].name]
+    kept = sorted(p.name for p in root.iterdir())
+    assert kept == sorted(n + s for n in (made[1].name, made[2].name) for s in ("", ".json"))
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    for p in root.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p  # never world-readable
+    newest = Manifest.from_json((root / (made[2].name + ".json")).read_bytes())
+    assert newest == made[2]
+    assert (newest.size, newest.sha256) == file_digest(root / newest.name)
+    shipped = tuple(m.version for m in available())
+    assert newest.migrations == shipped and newest.schema_version == shipped[-1]
+    assert newest.pg_dump_version.startswith("pg_dump (PostgreSQL) ") and newest.tables > 5
+    expected = await all_messages(dsn)  # as of the newest backup: 100 + 2 x 10 per Hoomi
+    assert len(expected) == 3 * 120
+
+    # A newer dump without a manifest (an upload cut off) is not what a restore takes.
+    (root / "hoomi-29991231T235959999Z.dump").write_bytes(b"not verified")
+    await fill_db(dsn, 5)
+    tables, manifest = await asyncio.to_thread(restore_from, url, dsn)
+    assert manifest == newest and tables == newest.tables
+    assert await all_messages(dsn) == expected
+
+    # A named older backup restores that one.
+    await asyncio.to_thread(restore_from, f"{url}/{made[1].name}", dsn)
+    assert len(await all_messages(dsn)) == 3 * 110
+
+    # Bytes that differ from the manifest are refused before anything is replaced.
+    damaged = bytearray((root / newest.name).read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    (root / newest.name).write_bytes(bytes(damaged))
+    try:
+        await asyncio.to_thread(restore_from, url, dsn)
+    except BackupError as err:
+        assert "does not match its manifest" in str(err)
+    else:
+        raise AssertionError("a damaged backup was restored")
+    assert len(await all_messages(dsn)) == 3 * 110
+    assert DirDestination(url, root).names()  # nothing was pruned by a restore

@@ -1,0 +1,90 @@
+"""Scheduled backups (HOOMI_BACKUP_URL): real replicas on one database, one backup per
+interval whichever replica makes it, and the metrics an operator alerts on."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+from storage.backup_store import Manifest
+from tests.cluster import Replica
+
+
+def metric(replica: Replica, name: str) -> float:
+    with urllib.request.urlopen(replica.http + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert found, f"{name} not in /metrics"
+    return float(found[1])
+
+
+async def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what}: not after {timeout} s")
+
+
+async def test_two_replicas_make_one_backup_per_interval_between_them(dsn, tmp_path: Path):
+    root = tmp_path / "backups"
+    env = {"HOOMI_BACKUP_URL": f"file://{root}", "HOOMI_BACKUP_INTERVAL_S": "1",
+           "HOOMI_BACKUP_KEEP": "50"}
+    replicas = [Replica(dsn, None, name=n, **env) for n in ("a", "b")]
+    try:
+        for r in replicas:
+            r.start()
+
+        def manifests() -> list[Manifest]:
+            return sorted((Manifest.from_json(p.read_bytes())
+                           for p in root.glob("hoomi-*.dump.json")), key=lambda m: m.name)
+
+        await wait_for(lambda: len(manifests()) >= 4, 60, "4 scheduled backups")
+        for r in replicas:
+            r.stop()
+        made = manifests()
+        # The advisory lock and the "newest backup" check: never two in one interval.
+        gaps = [b.created - a.created for a, b in zip(made, made[1:], strict=False)]
+        assert min(gaps) >= 1.0, gaps
+        for m in made:
+            assert (root / m.name).stat().st_mode & 0o777 == 0o600
+    finally:
+        for r in replicas:
+            r.stop()
+
+
+async def test_metrics_report_the_newest_backup_and_failures(dsn, tmp_path: Path):
+    root = tmp_path / "backups"
+    good = Replica(dsn, None, name="good", HOOMI_BACKUP_URL=f"file://{root}",
+                   HOOMI_BACKUP_INTERVAL_S="1", HOOMI_BACKUP_KEEP="2")
+    # A destination that cannot be written: the backup fails, the replica serves on.
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the backup directory should be")
+    bad = Replica(dsn, None, name="bad", HOOMI_BACKUP_URL=f"file://{blocked}/backups",
+                  HOOMI_BACKUP_INTERVAL_S="1")
+    try:
+        good.start()
+        bad.start()
+        made = await wait_for(lambda: metric(good, "hoomi_backups_total") >= 3, 60,
+                              "3 backups on the good replica")
+        assert made
+        last = metric(good, "hoomi_backup_last_success_timestamp_seconds")
+        created = [Manifest.from_json(p.read_bytes()).created
+                   for p in root.glob("hoomi-*.dump.json")]
+        assert any(abs(c - last) < 0.001 for c in created), (last, created)
+        assert metric(good, "hoomi_backup_size_bytes") > 0
+        assert metric(good, "hoomi_backup_failures_total") == 0
+        assert len(list(root.iterdir())) == 4  # KEEP=2: two dumps, two manifests
+        await wait_for(lambda: metric(bad, "hoomi_backup_failures_total") >= 1, 30,
+                       "a failed backup counted")
+        assert metric(bad, "hoomi_backups_total") == 0
+        assert "scheduled backup to" in bad.output()
+        assert bad._healthy()
+    finally:
+        good.stop()
+        bad.stop()
