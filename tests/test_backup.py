@@ -293,3 +293,68 @@ async def test_backups_in_a_directory_are_verified_private_and_the_newest_kept(
         raise AssertionError("a damaged backup was restored")
     assert len(await all_messages(dsn)) == 3 * 110
     assert DirDestination(url, root).names()  # nothing was pruned by a restore
+
+
+async def test_restore_of_the_newest_backup_from_s3_into_a_fresh_database(
+        dsn, pg_template, s3, tmp_path: Path, monkeypatch):
+    import obstore
+    from obstore.store import S3Store
+
+    from storage.backup_store import Manifest
+    from tests import pg
+
+    bucket = s3.create_bucket()
+    url = s3.url(bucket, "hub/backups")
+    env = {**os.environ, **s3.env(), "DATABASE_URL": dsn, "HOOMI_JWT_SECRET": JWT_SECRET,
+           "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN, "HOOMI_BACKUP_KEEP": "2"}
+    await fill_db(dsn, 200)
+    conn = await asyncpg.connect(dsn)
+    try:  # 6.4 MB that does not compress: the dump goes up in several parts
+        await conn.execute(
+            "UPDATE messages SET content = (SELECT decode(string_agg(md5(random()::text "
+            "|| g::text), ''), 'hex') FROM generate_series(1, 1000) g "
+            "WHERE messages.id IS NOT NULL) WHERE seq <= 133 AND deleted_at IS NULL")
+    finally:
+        await conn.close()
+    first = hoomi("backup", url, env=env)
+    assert first.returncode == 0, first.stderr
+    await fill_db(dsn, 20)
+    second = hoomi("backup", url, env=env)
+    assert second.returncode == 0, second.stderr
+    expected = await all_messages(dsn)
+    assert len(expected) == 3 * 220
+    await fill_db(dsn, 7)  # after the newest backup: not in the restore
+
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    store = S3Store(bucket, prefix="hub/backups")
+    names = sorted(o["path"] for o in obstore.list_with_delimiter(store)["objects"])
+    assert len(names) == 4 and all(n.startswith("hoomi-") for n in names)
+    newest = Manifest.from_json(bytes(obstore.get(store, names[-1]).bytes()))
+    assert newest.name == names[-2] and newest.name in second.stdout
+    assert newest.size > 6_000_000 and newest.sha256 in second.stdout
+    # A newer dump without a manifest (an upload cut off) is never the one restored.
+    obstore.put(store, "hoomi-29991231T235959999Z.dump", b"not verified")
+
+    fresh = "restore_" + uuid4().hex[:8]
+    await pg._admin(pg_template, f"CREATE DATABASE {fresh}")  # empty: no schema at all
+    fresh_dsn = pg.dsn_for(pg_template, fresh)
+    try:
+        restored = hoomi("restore", url, "--yes", env={**env, "DATABASE_URL": fresh_dsn})
+        assert restored.returncode == 0, restored.stderr
+        assert newest.name in restored.stdout and "sha256 checked" in restored.stdout
+        got = await all_messages(fresh_dsn)
+        assert got == expected  # every message, every column, byte for byte
+
+        # Bytes changed on the server since the manifest: refused before pg_restore.
+        data = bytearray(bytes(obstore.get(store, newest.name).bytes()))
+        data[-100] ^= 0xFF
+        obstore.put(store, newest.name, bytes(data))
+        await fill_db(fresh_dsn, 1)
+        tampered = hoomi("restore", url, "--yes", env={**env, "DATABASE_URL": fresh_dsn})
+        assert tampered.returncode != 0
+        assert "does not match its manifest" in tampered.stderr
+        assert len(await all_messages(fresh_dsn)) == 3 * 221  # untouched
+    finally:
+        await pg.drop_database(pg_template, fresh)
