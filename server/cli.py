@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import urllib.error
@@ -71,8 +72,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     _log.info(line)
                 return
             print("\n".join(banner), flush=True)
-            print("Create a user and a token:\n  hoomi user create\n  hoomi token USER_ID",
-                  flush=True)
+            # What another terminal needs to find this hub (and, embedded, its secrets).
+            where = [f"HOOMI_PORT={settings.port}"]
+            if settings.host not in ("127.0.0.1", "0.0.0.0", "::"):
+                where.append(f"HOOMI_HOST={settings.host}")
+            if settings.embedded:
+                where.append(f"HOOMI_DATA_DIR={shlex.quote(str(settings.data_dir))}")
+            print("In another terminal, point the CLI at this hub, then create a user and "
+                  f"a token:\n  export {' '.join(where)}\n  hoomi user create\n"
+                  "  hoomi token USER_ID", flush=True)
 
         async def shutdown(self, sockets: Any = None) -> None:
             # Stop accepting first, then flush the writer so queued sends are acked,
