@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
 from protocol import Limits
+from storage import archive
 from storage.backup_store import Outcome, backup_forever
 from storage.db import create_pool
 from storage.embedded import start_embedded
@@ -70,6 +71,15 @@ def create_app(settings: Settings) -> Starlette:
             purge_forever(pool, settings.purge_interval_s))
         erasing = asyncio.get_running_loop().create_task(
             erase_forever(pool, settings.erase_interval_s))
+        archiving = None
+        if settings.archive_url:
+            arc = archive.Archive(
+                settings.archive_url, cache_bytes=int(settings.archive_cache_mb * (1 << 20)),
+                on_read=metrics.archive_read_seconds.observe,
+                on_archived=lambda n, s: observe_archived(metrics, n, s))
+            archive.configure(arc)
+            archiving = asyncio.get_running_loop().create_task(archive.archive_forever(
+                pool, arc, settings.archive_after_s, settings.archive_interval_s))
         backing_up = None
         if settings.backup_url:
             backing_up = asyncio.get_running_loop().create_task(backup_forever(
@@ -89,6 +99,8 @@ def create_app(settings: Settings) -> Starlette:
             reconcile.cancel()
             purging.cancel()
             erasing.cancel()
+            if archiving is not None:
+                archiving.cancel()
             if backing_up is not None:
                 backing_up.cancel()
             await hub.close()
@@ -125,6 +137,11 @@ async def purge_forever(pool: asyncpg.Pool, interval: float) -> None:
                 _log.info("retention purged %d messages", purged)
         except Exception as exc:
             _log.warning("retention purge failed: %s", exc)
+
+
+def observe_archived(metrics: Metrics, messages: int, segments: int) -> None:
+    metrics.archived_messages.inc(messages)
+    metrics.archive_segments.inc(segments)
 
 
 def observe_backup(metrics: Metrics, outcome: Outcome) -> None:

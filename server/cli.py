@@ -266,6 +266,48 @@ def cmd_restore(args: argparse.Namespace) -> None:
           "taken are gone, and their seqs will be used again by new messages.")
 
 
+def cmd_archive(args: argparse.Namespace) -> None:
+    """One archive pass now (storage/archive.py), with progress on stderr."""
+    import asyncpg
+
+    from storage import archive
+    from storage.db import create_pool
+
+    settings = _settings()
+    if not settings.archive_url:
+        sys.exit("hoomi: archive needs HOOMI_ARCHIVE_URL (file:///dir or s3://bucket/prefix)")
+    older = args.older_than if args.older_than is not None else settings.archive_after_s
+    if older is None:
+        sys.exit("hoomi: archive: give --older-than SECONDS or set HOOMI_ARCHIVE_AFTER_S")
+    shown = [0.0]
+
+    def progress(done: int, due: int, segments: int, elapsed: float) -> None:
+        if elapsed - shown[0] >= 1.0 or done >= due:
+            shown[0] = elapsed
+            rate = done / elapsed if elapsed > 0 else 0.0
+            print(f"archived {done}/{due} messages, {segments} segments, {rate:,.0f}/s, "
+                  f"{elapsed:.0f} s", file=sys.stderr, flush=True)
+
+    async def run(dsn: str) -> archive.PassResult:
+        pool = await create_pool(dsn, min_size=1, max_size=2)
+        try:
+            return await archive.run_pass(pool, archive.Archive(settings.archive_url or ""),
+                                          older, progress=progress)
+        finally:
+            await pool.close()
+
+    try:
+        result = _on_database(lambda dsn: asyncio.run(run(dsn)))
+    except asyncpg.UndefinedTableError:
+        sys.exit("hoomi: archive: the database is not migrated: run hoomi migrate first")
+    except Exception as exc:
+        sys.exit(f"hoomi: archive failed: {type(exc).__name__}: {exc}")
+    if result.busy:
+        sys.exit("hoomi: archive: another archive pass is running (a replica's); try later")
+    print(f"archived {result.messages} messages in {result.segments} segments; "
+          f"{result.rewritten} segments rewritten, {result.orphans_deleted} objects deleted")
+
+
 def cmd_token(args: argparse.Namespace) -> None:
     user_id = _uuid_arg(args.user_id)
     settings, _ = _settings_with("HOOMI_JWT_SECRET")
@@ -472,6 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "backup's name")
     r.add_argument("--yes", action="store_true", help="confirm: the current data is replaced")
     r.set_defaults(fn=cmd_restore)
+    a = sub.add_parser("archive", help="move old messages' content to HOOMI_ARCHIVE_URL now")
+    a.add_argument("--older-than", type=float, metavar="SECONDS",
+                   help="archive messages older than this (default HOOMI_ARCHIVE_AFTER_S)")
+    a.set_defaults(fn=cmd_archive)
     t = sub.add_parser("token", help="issue a development token for a user")
     t.add_argument("user_id")
     t.add_argument("--ttl", type=int, default=86400, help="seconds (default 86400)")

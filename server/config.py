@@ -80,6 +80,10 @@ class Settings:
     erase_interval_s: float = 60.0  # deleted and purged rows vacuumed off disk this often
     trusted_proxies: str = "127.0.0.1"  # whose X-Forwarded-For names the client
     message_partitions: int = 16  # hash partitions of `messages`, fixed at install
+    archive_url: str | None = None  # file:///dir or s3://bucket/prefix: old content goes there
+    archive_after_s: float | None = None  # messages older than this are archived; None: never
+    archive_interval_s: float = 600.0  # how often a replica runs the archive pass
+    archive_cache_mb: float = 64.0  # parsed segments kept in memory for reads, per replica
     backup_url: str | None = None  # file:///dir or s3://bucket/prefix: scheduled backups
     backup_interval_s: float = 86400.0
     backup_keep: int = 7
@@ -129,6 +133,14 @@ def _backup_url(raw: str) -> str | None:
         return None
     if not (raw.startswith("s3://") and len(raw) > 5 or raw.startswith("file:///")):
         raise ConfigError(f"HOOMI_BACKUP_URL: {raw!r} is not file:///dir or s3://bucket/prefix")
+    return raw
+
+
+def _archive_url(raw: str) -> str | None:
+    if not raw:
+        return None
+    if not (raw.startswith("s3://") and len(raw) > 5 or raw.startswith("file:///")):
+        raise ConfigError(f"HOOMI_ARCHIVE_URL: {raw!r} is not file:///dir or s3://bucket/prefix")
     return raw
 
 
@@ -190,6 +202,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         erase_interval_s=_number(env, "HOOMI_ERASE_INTERVAL_S", 60.0, 1.0, 86400.0),
         trusted_proxies=(env.get("HOOMI_TRUSTED_PROXIES") or "127.0.0.1").strip(),
         message_partitions=_number(env, "HOOMI_MESSAGE_PARTITIONS", 16, 1, 1024),
+        archive_url=_archive_url(env.get("HOOMI_ARCHIVE_URL") or ""),
+        archive_after_s=(_number(env, "HOOMI_ARCHIVE_AFTER_S", 0.0, 0.0, 3153600000.0)
+                         if env.get("HOOMI_ARCHIVE_AFTER_S") else None),
+        archive_interval_s=_number(env, "HOOMI_ARCHIVE_INTERVAL_S", 600.0, 1.0, 31 * 86400.0),
+        archive_cache_mb=_number(env, "HOOMI_ARCHIVE_CACHE_MB", 64.0, 0.0, 1 << 20),
         backup_url=_backup_url(env.get("HOOMI_BACKUP_URL") or ""),
         backup_interval_s=_number(env, "HOOMI_BACKUP_INTERVAL_S", 86400.0, 1.0, 31 * 86400.0),
         backup_keep=_number(env, "HOOMI_BACKUP_KEEP", 7, 1, 100_000),

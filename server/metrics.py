@@ -61,6 +61,17 @@ class Metrics:
             "(sends get unavailable past HOOMI_WRITER_QUEUE_MB)", registry=r)
         self.gap_fills = Counter("hoomi_gap_fill_messages",
                                  "Messages read from PostgreSQL to fill pub/sub gaps", registry=r)
+        # The message archive (HOOMI_ARCHIVE_URL, storage/archive.py).
+        self.archived_messages = Counter(
+            "hoomi_archived_messages", "Messages this replica moved to archive segments",
+            registry=r)
+        self.archive_segments = Counter(
+            "hoomi_archive_segments", "Archive segments this replica wrote", registry=r)
+        self.archive_read_seconds = Histogram(
+            "hoomi_archive_read_seconds",
+            "Reading and verifying one archive segment on a cache miss (read-through)",
+            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
+            registry=r)
         # Scheduled backups (HOOMI_BACKUP_URL): every replica reports the newest verified
         # backup at the destination, whichever replica made it; alert when
         # time() - hoomi_backup_last_success_timestamp_seconds > 2 x the interval.

@@ -114,8 +114,9 @@ async def hoomi_overview(request: Request, s: Services) -> Response:
         "members": [{"user_id": str(m.user_id), "role": m.role} for m in view.members],
         "last_seq": view.last_seq,
         "retention_seconds": view.retention_seconds,
-        # No archive yet (issue 9): nothing is archived, so no seq is.
-        "archived_upto": None,
+        # Every message up to this seq is archived (storage/archive.py); None: none.
+        "archived_upto": await s.pool.fetchval(
+            "SELECT archived_upto FROM hoomis WHERE id = $1", hoomi_id),
         "messages": view.messages,
     })
 

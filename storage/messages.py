@@ -9,6 +9,10 @@ With `max_bytes`, a page also stops before its ciphertext passes that many bytes
 least one message always comes): the cut is made in the query, by a running sum of
 `octet_length(content)`, so the server never fetches more than it returns, and the
 extra row is only counted (`fetched`), never sent.
+
+Archived messages (storage/archive.py) come back from their segments byte for byte:
+each read puts their content and nonce back (`archive.fill`), and byte-bounded pages
+count their stored `content_len`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncpg
 
 from protocol.errors import ErrorCode
 
-from . import audit
+from . import archive, audit
 from .audit import Actor
 from .errors import StorageError, forbidden, not_found
 from .hoomis import member_role, require_member
@@ -37,13 +41,13 @@ def _kept(hoomi: str) -> str:
 
 
 _BEFORE = f"""
-SELECT {_COLUMNS} FROM messages
+SELECT {_COLUMNS}, content_len FROM messages
 WHERE hoomi_id = $1 AND seq < $2 AND {_kept("$1")}
 ORDER BY seq DESC LIMIT $3
 """
 
 _AFTER = f"""
-SELECT {_COLUMNS} FROM messages
+SELECT {_COLUMNS}, content_len FROM messages
 WHERE hoomi_id = $1 AND seq > $2 AND {_kept("$1")}
 ORDER BY seq ASC LIMIT $3
 """
@@ -56,7 +60,7 @@ def _bounded(page: str, order: str, max_bytes: str) -> str:
     return f"""
 SELECT {_COLUMNS}, fetched FROM (
   SELECT p.*, count(*) OVER () AS fetched, row_number() OVER w AS rn,
-         sum(coalesce(octet_length(p.content), 0)) OVER w AS total
+         sum(coalesce(octet_length(p.content), p.content_len, 0)) OVER w AS total
   FROM ({page}) p
   WINDOW w AS (ORDER BY p.seq {order} ROWS UNBOUNDED PRECEDING)
 ) b
@@ -136,13 +140,15 @@ async def _page(
         else:
             rows = await _pages_for(conn, member, hoomi_id, edge, limit + 1, reader,
                                     hoomi_field)
-        return [_message(r) for r in rows[:limit]], len(rows) > limit
+        page = await archive.fill(conn, [_message(r) for r in rows[:limit]])
+        return page, len(rows) > limit
     if reader is None:
         rows = await conn.fetch(bounded, hoomi_id, edge, limit + 1, max_bytes)
     else:
         rows = await _pages_for(conn, member_bounded, hoomi_id, edge, limit + 1, reader,
                                 hoomi_field, max_bytes)
-    return [_message(r) for r in rows], bool(rows) and rows[0]["fetched"] > len(rows)
+    page = await archive.fill(conn, [_message(r) for r in rows])
+    return page, bool(rows) and rows[0]["fetched"] > len(rows)
 
 
 _HISTORY = (_BEFORE, _MEMBER_BEFORE, _BOUNDED_BEFORE, _MEMBER_BOUNDED_BEFORE)
@@ -182,14 +188,15 @@ async def between(
     conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, after: int, upto: int
 ) -> list[StoredMessage]:
     """Messages with after < seq <= upto, ascending: how a replica fills a pub/sub gap."""
-    return [_message(r) for r in await conn.fetch(_RANGE, hoomi_id, after, upto)]
+    return await archive.fill(conn, [_message(r) for r in await conn.fetch(
+        _RANGE, hoomi_id, after, upto)])
 
 
 async def get(
     conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, message_id: UUID
 ) -> StoredMessage | None:
     row = await conn.fetchrow(_BY_ID, message_id, hoomi_id)
-    return _message(row) if row else None
+    return (await archive.fill(conn, [_message(row)]))[0] if row else None
 
 
 async def delete_for_everyone(
@@ -209,7 +216,7 @@ async def delete_for_everyone(
             raise forbidden("not a member of this hoomi")
         row = await conn.fetchrow(
             """
-            SELECT seq, sender_id, deleted_at FROM messages
+            SELECT seq, sender_id, deleted_at, content IS NULL AS archived FROM messages
             WHERE id = $1 AND hoomi_id = $2
             FOR UPDATE
             """,
@@ -225,13 +232,15 @@ async def delete_for_everyone(
         await conn.execute(
             """
             UPDATE messages
-            SET content = NULL, nonce = NULL, session_id = NULL,
+            SET content = NULL, nonce = NULL, session_id = NULL, content_len = NULL,
                 deleted_at = now(), updated_at = now()
             WHERE id = $1 AND hoomi_id = $2
             """,
             message_id,
             hoomi_id,
         )
+        if row["archived"]:  # its ciphertext is in a segment too: rewritten without it
+            await archive.mark_erased(conn, hoomi_id, row["seq"], row["seq"])
         await audit.record(
             conn,
             Actor.user(actor_id),
@@ -267,6 +276,6 @@ async def since_each(
     ids = list(afters)
     rows = await conn.fetch(_AFTER_EACH, ids, [afters[h] for h in ids], limit + 1)
     found: dict[UUID, list[StoredMessage]] = {h: [] for h in ids}
-    for r in rows:
-        found[r["hoomi_id"]].append(_message(r))
+    for m in await archive.fill(conn, [_message(r) for r in rows]):
+        found[m.hoomi_id].append(m)
     return {h: SyncPage(ms[:limit], len(ms) > limit) for h, ms in found.items()}

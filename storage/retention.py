@@ -5,7 +5,9 @@ to keep nothing past that age. Seqs are not reused, so clients see history start
 and a gap fill or catch-up simply skips the purged range. One replica at a time does
 the work (advisory lock), in small batches so it never holds long locks; each batch is
 audited with its count and seq range. The deleted rows' versions then stay in the table's
-files until VACUUM: storage/erasure.py runs it soon after (docs/storage.md).
+files until VACUUM: storage/erasure.py runs it soon after (docs/storage.md). Purged
+archived messages mark their segments, which the archiver rewrites without them
+(storage/archive.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from uuid import UUID
 
 import asyncpg
 
-from . import audit, erasure
+from . import archive, audit, erasure
 from .audit import Actor
 from .errors import is_outage
 
@@ -30,7 +32,7 @@ DELETE FROM messages WHERE hoomi_id = $1 AND id IN (
     ORDER BY created_at
     LIMIT $3
 )
-RETURNING seq
+RETURNING seq, content IS NULL AND deleted_at IS NULL AS archived
 """
 
 
@@ -67,8 +69,11 @@ async def _purge_hoomi(
     purged = 0
     while True:
         async with conn.transaction():
-            seqs = [r["seq"] for r in await conn.fetch(
-                _PURGE, hoomi_id, float(retention_seconds), batch)]
+            rows = await conn.fetch(_PURGE, hoomi_id, float(retention_seconds), batch)
+            seqs = [r["seq"] for r in rows]
+            archived = [r["seq"] for r in rows if r["archived"]]
+            if archived:  # their ciphertext is in segments too: rewritten without them
+                await archive.mark_erased(conn, hoomi_id, min(archived), max(archived))
             if seqs:
                 await audit.record(
                     conn, Actor.system(), "retention.purge", hoomi_id=hoomi_id,

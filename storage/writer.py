@@ -104,6 +104,8 @@ JOIN messages m ON m.hoomi_id = t.hoomi_id AND m.sender_id = t.sender_id
 
 MAX_SESSION_ID_CHARS = 128
 NONCE_BYTES = 12
+# Invariant 7: one sender may hold at most 1/SENDER_SHARE of the queued-bytes bound.
+SENDER_SHARE = 4
 
 
 class _Requeue:
@@ -213,6 +215,9 @@ class BatchWriter:
         # this bound new sends get `unavailable` (clients retry later) instead of memory.
         self._queued_bytes = 0
         self._max_queued_bytes = max_queued_bytes
+        # Invariant 7: bytes queued per sender, and the most one sender may hold.
+        self._sender_bytes: dict[UUID, int] = {}
+        self._max_sender_bytes = max(max_content_bytes, max_queued_bytes // SENDER_SHARE)
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -253,13 +258,26 @@ class BatchWriter:
         size = len(request.content)
         if self._queue and self._queued_bytes + size > self._max_queued_bytes:
             raise unavailable("storage is behind; retry with the same client_msg_id")
+        held = self._sender_bytes.get(request.sender_id, 0)
+        if held and held + size > self._max_sender_bytes:
+            raise StorageError(ErrorCode.RATE_LIMITED, "too many of your sends are waiting "
+                               "for storage; retry with the same client_msg_id")
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(request, future))
-        self._queued_bytes += size
+        self._count(request, size)
         self._wakeup.set()
         if len(self._queue) >= self._max_batch:
             self._full.set()
         return future
+
+    def _count(self, request: AppendRequest, size: int) -> None:
+        """Bytes waiting, in all and for this sender (invariant 7)."""
+        self._queued_bytes += size
+        held = self._sender_bytes.get(request.sender_id, 0) + size
+        if held > 0:
+            self._sender_bytes[request.sender_id] = held
+        else:
+            self._sender_bytes.pop(request.sender_id, None)
 
     def _validate(self, r: AppendRequest) -> None:
         # Storage defends its own invariants even though protocol/ checked the frame.
@@ -287,7 +305,8 @@ class BatchWriter:
                 except TimeoutError:
                     pass
             batch = self._queue.take(self._max_batch)
-            self._queued_bytes -= sum(len(p.request.content) for p in batch)
+            for p in batch:
+                self._count(p.request, -len(p.request.content))
             started = time.perf_counter()
             await self._commit_isolating(batch)
             if self._observer is not None:
@@ -381,7 +400,8 @@ class BatchWriter:
         # own next batch.
         again = [p for p, o in zip(batch, outcomes, strict=True) if isinstance(o, _Requeue)]
         self._queue.push_front(again)
-        self._queued_bytes += sum(len(p.request.content) for p in again)
+        for p in again:
+            self._count(p.request, len(p.request.content))
         for pending, outcome in zip(batch, outcomes, strict=True):
             if pending.future.done() or isinstance(outcome, _Requeue):
                 continue

@@ -407,6 +407,35 @@ async def test_queue_is_bounded_in_bytes_while_the_database_is_slow(pool):
     await writer.close()
 
 
+async def test_one_sender_holds_at_most_a_quarter_of_the_queue(pool):
+    """Invariant 7: while the database is slow, a flooding sender is refused with
+    `rate_limited` past its share, and another sender still gets in (before, the flood
+    filled the whole bound and every sender got `unavailable`)."""
+    flooder, quiet = await factories.users(pool, 2)
+    h = await factories.hoomi(pool, [flooder, quiet])
+    writer = BatchWriter(pool, max_batch=4, max_delay=0, max_content_bytes=1024,
+                         max_queued_bytes=16 * 1024)
+    writer.start()
+    async with pool.acquire() as blocker:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", h)
+        first = writer.submit(factories.request(h, flooder, size=1024))
+        await asyncio.sleep(0.2)  # taken into a batch, now waiting on the lock
+        accepted = []
+        with pytest.raises(StorageError) as err:
+            for _ in range(16):
+                accepted.append(writer.submit(factories.request(h, flooder, size=1024)))
+        assert err.value.code == ErrorCode.RATE_LIMITED
+        assert len(accepted) == 4 and writer.queued_bytes == 4 * 1024  # its quarter
+        others = [writer.submit(factories.request(h, quiet, size=1024)) for _ in range(4)]
+        await tx.commit()
+    results = await asyncio.gather(first, *accepted, *others)
+    assert sorted(r.seq for r in results) == list(range(1, 10))
+    await writer.append(factories.request(h, flooder, size=1024))  # room again
+    await writer.close()
+
+
 async def test_a_flood_from_one_sender_does_not_hold_back_another_senders_append(pool):
     """With 3000 appends of one sender queued, another sender's single append goes into
     the first batch formed, not behind the flood (batches counted by the observer)."""
