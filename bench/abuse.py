@@ -15,8 +15,9 @@ and in time. Items:
 `--soak M` instead runs M minutes of churning connections, steady sends and all the
 abuse patterns in rotation, sampling the replica's RSS and open descriptors every 10 s
 and again just before each abuse round (when the previous one has been let go), and
-prints their least-squares slopes (the between-rounds ones are the steadier trend). `--hub-src DIR` runs the replica from another
-checkout (e.g. a worktree of an older commit) with this venv's Python.
+prints their least-squares slopes (the between-rounds ones are the steadier trend).
+`--hub-src DIR` runs the replica from another checkout (e.g. a worktree of an older
+commit) with this venv's Python.
 
 RSS is the replica's VmRSS; "conns" are the replica's TCP connections on its port that
 are not closed (from /proc/net/tcp). The machine is small and shared: the figures are
@@ -812,14 +813,16 @@ async def main() -> None:
                 return
             for n in only:
                 fn, env = ITEMS[n]
-                hub = Hub(dsn, src, Path(logs), **env)
                 started = time.monotonic()
+                hub = None
                 try:
+                    hub = Hub(dsn, src, Path(logs), **env)
                     got = await asyncio.wait_for(fn(hub, w), 120)
                 except Exception as exc:  # noqa: BLE001 - report, go on with the next item
                     got = [(f"{n}", "failed", f"{type(exc).__name__}: {exc}"[:200])]
                 finally:
-                    hub.stop()
+                    if hub is not None:
+                        hub.stop()
                 got.append((got[0][0], "item took", f"{time.monotonic() - started:.0f} s"))
                 print_rows(got)
                 rows += got
