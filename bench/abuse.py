@@ -814,15 +814,15 @@ async def main() -> None:
             for n in only:
                 fn, env = ITEMS[n]
                 started = time.monotonic()
-                hub = None
+                replica: Hub | None = None
                 try:
-                    hub = Hub(dsn, src, Path(logs), **env)
-                    got = await asyncio.wait_for(fn(hub, w), 120)
+                    replica = Hub(dsn, src, Path(logs), **env)
+                    got = await asyncio.wait_for(fn(replica, w), 120)
                 except Exception as exc:  # noqa: BLE001 - report, go on with the next item
                     got = [(f"{n}", "failed", f"{type(exc).__name__}: {exc}"[:200])]
                 finally:
-                    if hub is not None:
-                        hub.stop()
+                    if replica is not None:
+                        replica.stop()
                 got.append((got[0][0], "item took", f"{time.monotonic() - started:.0f} s"))
                 print_rows(got)
                 rows += got
