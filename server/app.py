@@ -70,7 +70,7 @@ def create_app(settings: Settings) -> Starlette:
         purging = asyncio.get_running_loop().create_task(
             purge_forever(pool, settings.purge_interval_s))
         erasing = asyncio.get_running_loop().create_task(
-            erase_forever(pool, settings.erase_interval_s))
+            erase_forever(pool, settings.erase_interval_s, settings.erase_rewrite_s))
         archiving = None
         if settings.archive_url:
             arc = archive.Archive(

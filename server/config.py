@@ -78,6 +78,7 @@ class Settings:
     page_max_bytes: int = 1 << 20  # ciphertext bytes in one history/sync page
     metrics_token: str | None = None  # when set, /metrics needs `Bearer <token>`
     erase_interval_s: float = 60.0  # deleted and purged rows vacuumed off disk this often
+    erase_rewrite_s: float = 86400.0  # a partition with erasures rewritten at most this often
     trusted_proxies: str = "127.0.0.1"  # whose X-Forwarded-For names the client
     message_partitions: int = 16  # hash partitions of `messages`, fixed at install
     archive_url: str | None = None  # file:///dir or s3://bucket/prefix: old content goes there
@@ -200,6 +201,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         page_max_bytes=_number(env, "HOOMI_PAGE_MAX_BYTES", 1 << 20, 1024, 1 << 30),
         metrics_token=env.get("HOOMI_METRICS_TOKEN") or None,
         erase_interval_s=_number(env, "HOOMI_ERASE_INTERVAL_S", 60.0, 1.0, 86400.0),
+        erase_rewrite_s=_number(env, "HOOMI_ERASE_REWRITE_S", 86400.0, 0.0, 365 * 86400.0),
         trusted_proxies=(env.get("HOOMI_TRUSTED_PROXIES") or "127.0.0.1").strip(),
         message_partitions=_number(env, "HOOMI_MESSAGE_PARTITIONS", 16, 1, 1024),
         archive_url=_archive_url(env.get("HOOMI_ARCHIVE_URL") or ""),

@@ -463,7 +463,7 @@ async def test_catch_up_over_several_hoomis_reads_one_partition_per_hoomi(pool):
 DISTRIBUTED = {"hoomis": "id", "hoomi_members": "hoomi_id", "messages": "hoomi_id",
                "message_segments": "hoomi_id", "archive_orphans": "hoomi_id"}
 REFERENCE = {"users"}
-LOCAL = {"audit_log", "schema_migrations", "hub_settings", "messages_copy"}
+LOCAL = {"audit_log", "schema_migrations", "hub_settings", "messages_copy", "erasure_rewrites"}
 
 _TABLES = """
 SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
