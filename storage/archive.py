@@ -521,8 +521,9 @@ async def _rewrite(pool: asyncpg.Pool, archive: Archive, s: asyncpg.Record) -> N
     seg = decode(await archive.get_bytes(old), s["checksum"])
     kept_seqs = {r["seq"] for r in await pool.fetch(_KEPT, hoomi_id, first, last)}
     kept = [e for q, e in sorted(seg.entries.items()) if q in kept_seqs]
+    new_key: str | None = None
     if len(kept) == len(seg.entries):  # nothing of it was erased (a purge nearby)
-        new_key = None
+        pass
     elif kept:
         new_key = _key(hoomi_id, first, last)
         blob = encode(hoomi_id, first, last, kept)

@@ -1,0 +1,296 @@
+"""The message archive (storage/archive.py, SPEC §7.1): old content moves to segment
+objects in file:// and in a real S3 server (SeaweedFS, tests/s3.py); every read returns it
+byte for byte; a SIGKILL at any step of `hoomi archive` loses nothing; deletion and
+retention erase it from the store's bytes; a store that is down gives `unavailable`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from protocol.errors import ErrorCode
+from storage import archive, messages, retention
+from storage.archive import Archive, Entry, SegmentError, decode, encode
+from storage.errors import StorageError
+from storage.writer import BatchWriter
+from tests import factories
+from tests.s3 import SeaweedS3
+
+
+@pytest.fixture
+async def writer(pool: asyncpg.Pool):
+    w = BatchWriter(pool)
+    w.start()
+    yield w
+    await w.close()
+
+
+async def _fill(pool: asyncpg.Pool, writer: BatchWriter, per_hoomi: int = 23,
+                hoomis: int = 2) -> tuple[UUID, list[UUID]]:
+    (user,) = await factories.users(pool, 1)
+    ids = [await factories.hoomi(pool, [user]) for _ in range(hoomis)]
+    rnd = random.Random(9)
+    for h in ids:
+        for _ in range(per_hoomi):  # one by one: ids (UUIDv7) and seqs in the same order
+            await writer.append(factories.request(h, user, size=rnd.randint(16, 600)))
+    return user, ids
+
+
+async def _everything(pool: asyncpg.Pool, user: UUID, hoomis: list[UUID]) -> list[object]:
+    """Every read path's answer: history and sync pages (plain, for a reader, byte
+    bounded), gap fills, hello's catch-up, single messages."""
+    out: list[object] = []
+    for h in hoomis:
+        out.append(await messages.history(pool, h, None, 100))
+        out.append(await messages.history(pool, h, 15, 5, reader=user))
+        out.append(await messages.history(pool, h, None, 100, max_bytes=2000))
+        out.append(await messages.since(pool, h, 0, 100, reader=user))
+        out.append(await messages.since(pool, h, 3, 100, reader=user, max_bytes=1500))
+        out.append(await messages.between(pool, h, 2, 20))
+        page = await messages.history(pool, h, None, 100)
+        out.append([await messages.get(pool, h, m.id) for m in page.messages])
+    out.append(await messages.since_each(pool, {h: 1 for h in hoomis}, 50))
+    return out
+
+
+def _store_bytes(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in root.rglob("*") if p.is_file())
+
+
+# -- the format ------------------------------------------------------------------------------
+
+def test_segment_round_trip_and_every_corruption_is_refused():
+    h = UUID(int=7)
+    entries = [Entry(3, UUID(int=1), b"n" * 12, b""), Entry(9, UUID(int=2), b"m" * 12, b"x" * 70)]
+    blob = encode(h, 2, 10, entries)
+    seg = decode(blob)
+    assert (seg.hoomi_id, seg.first_seq, seg.last_seq) == (h, 2, 10)
+    assert list(seg.entries.values()) == entries
+    import hashlib
+    decode(blob, hashlib.sha256(blob).hexdigest())
+    with pytest.raises(SegmentError):
+        decode(blob, "0" * 64)
+    for i in (0, 20, 60, len(blob) - 40, len(blob) - 1):
+        bad = bytearray(blob)
+        bad[i] ^= 1
+        with pytest.raises(SegmentError):
+            decode(bytes(bad))
+    with pytest.raises(SegmentError):
+        decode(blob[:-5])
+
+
+# -- reads ----------------------------------------------------------------------------------
+
+async def _archive_and_compare(pool, writer, url: str) -> tuple[UUID, list[UUID], Archive]:
+    user, hoomis = await _fill(pool, writer)
+    before = await _everything(pool, user, hoomis)
+    arc = Archive(url, cache_bytes=1 << 20)
+    archive.configure(arc)
+    try:
+        result = await archive.run_pass(pool, arc, 0, max_messages=7)
+        assert (result.messages, result.busy) == (46, False)
+        assert result.segments == 8  # 23 = 7 + 7 + 7 + 2 per Hoomi
+        assert await pool.fetchval("SELECT count(*) FROM messages WHERE content IS NOT NULL "
+                                   "OR nonce IS NOT NULL") == 0
+        assert [r["archived_upto"] for r in await pool.fetch(
+            "SELECT archived_upto FROM hoomis WHERE id = ANY($1) ORDER BY id", hoomis)] \
+            == [23, 23]
+        arc.cache.clear()
+        assert await _everything(pool, user, hoomis) == before  # cold
+        assert await _everything(pool, user, hoomis) == before  # cached
+        assert arc.cache.bytes <= 1 << 20
+        # A second pass has nothing to do.
+        assert (await archive.run_pass(pool, arc, 0)).messages == 0
+    except BaseException:
+        archive.configure(None)
+        raise
+    return user, hoomis, arc
+
+
+async def test_archived_messages_read_back_byte_for_byte_from_files(pool, writer, tmp_path):
+    try:
+        await _archive_and_compare(pool, writer, f"file://{tmp_path}")
+        assert len(list(tmp_path.rglob("*.seg"))) == 8
+    finally:
+        archive.configure(None)
+
+
+async def test_archived_messages_read_back_byte_for_byte_from_s3(pool, writer, s3, monkeypatch):
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    try:
+        await _archive_and_compare(pool, writer, s3.url(s3.create_bucket(), "archive"))
+    finally:
+        archive.configure(None)
+
+
+async def test_a_store_that_is_down_gives_unavailable_never_wrong_data(pool, writer,
+                                                                       monkeypatch):
+    own = SeaweedS3()
+    own.start()
+    try:
+        for k, v in own.env().items():
+            monkeypatch.setenv(k, v)
+        user, hoomis, arc = await _archive_and_compare(pool, writer,
+                                                       own.url(own.create_bucket()))
+        own.stop()
+        arc.cache.clear()
+        with pytest.raises(StorageError) as err:
+            await messages.history(pool, hoomis[0], None, 10, reader=user)
+        assert err.value.code == ErrorCode.UNAVAILABLE
+        with pytest.raises(StorageError) as err:
+            await messages.since_each(pool, {hoomis[1]: 0}, 10)
+        assert err.value.code == ErrorCode.UNAVAILABLE
+    finally:
+        archive.configure(None)
+        own.close()
+
+
+async def test_without_an_archive_configured_archived_rows_are_unavailable(pool, writer,
+                                                                           tmp_path):
+    user, hoomis = await _fill(pool, writer, per_hoomi=3, hoomis=1)
+    await archive.run_pass(pool, Archive(f"file://{tmp_path}"), 0)
+    with pytest.raises(StorageError) as err:
+        await messages.history(pool, hoomis[0], None, 10)
+    assert err.value.code == ErrorCode.UNAVAILABLE
+
+
+async def test_one_pass_at_a_time(pool, tmp_path):
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", archive._LOCK_KEY)
+        try:
+            assert (await archive.run_pass(pool, Archive(f"file://{tmp_path}"), 0)).busy
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", archive._LOCK_KEY)
+
+
+# -- erasure ---------------------------------------------------------------------------------
+
+async def _erasure(pool, writer, url: str, gone) -> None:
+    user, hoomis = await _fill(pool, writer, per_hoomi=12, hoomis=1)
+    h = hoomis[0]
+    arc = Archive(url)
+    archive.configure(arc)
+    await archive.run_pass(pool, arc, 0, max_messages=5)
+    page = (await messages.history(pool, h, None, 100)).messages  # newest first
+    victim = page[3]  # seq 9: in the segment 6..10
+    await messages.delete_for_everyone(pool, h, victim.id, user)
+    assert await pool.fetchval("SELECT count(*) FROM message_segments WHERE erase_pending") == 1
+    result = await archive.run_pass(pool, arc, None)
+    assert result.rewritten == 1
+    assert await gone(victim.content)
+    after = (await messages.history(pool, h, None, 100)).messages
+    assert [m.content for m in after if m.seq != victim.seq] == \
+        [m.content for m in page if m.seq != victim.seq]
+    assert next(m for m in after if m.seq == victim.seq).deleted_at is not None
+    # Retention: everything goes; every segment and its bytes with it.
+    await pool.execute("UPDATE messages SET created_at = now() - interval '2 days' "
+                       "WHERE hoomi_id = $1", h)
+    await pool.execute("UPDATE hoomis SET retention_seconds = 86400 WHERE id = $1", h)
+    assert await retention.purge_expired(pool) == 12
+    await archive.run_pass(pool, arc, None)
+    assert await pool.fetchval("SELECT count(*) FROM message_segments") == 0
+    for m in page:
+        if m.content:
+            assert await gone(m.content)
+
+
+async def test_deleted_and_purged_archived_content_leaves_the_files(pool, writer, tmp_path):
+    async def gone(needle: bytes) -> bool:
+        return needle not in _store_bytes(tmp_path)
+    try:
+        await _erasure(pool, writer, f"file://{tmp_path}", gone)
+    finally:
+        archive.configure(None)
+
+
+async def test_deleted_and_purged_archived_content_leaves_seaweedfs(pool, writer, s3,
+                                                                    monkeypatch):
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+
+    async def gone(needle: bytes) -> bool:
+        return await asyncio.to_thread(s3.wait_gone, needle)
+    try:
+        await _erasure(pool, writer, s3.url(s3.create_bucket()), gone)
+    finally:
+        archive.configure(None)
+
+
+# -- crash safety: a real SIGKILL of `hoomi archive` at every step ----------------------------
+
+def _hoomi_archive(dsn: str, url: str, kill_at: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOOMI_")}
+    env.update(DATABASE_URL=dsn, HOOMI_ARCHIVE_URL=url, HOOMI_LOG_LEVEL="warning",
+               HOOMI_JWT_SECRET="x" * 32, HOOMI_ADMIN_TOKEN="y" * 32,
+               HOOMI_TEST_SESSION=os.environ.get("HOOMI_TEST_SESSION", ""))
+    if kill_at:
+        env["HOOMI_ARCHIVE_KILL_AT"] = kill_at
+    hoomi = Path(sys.executable).parent / "hoomi"
+    return subprocess.run([str(hoomi), "archive", "--older-than", "0"],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+async def test_sigkill_at_every_step_loses_nothing_and_a_rerun_completes(
+        pool, writer, dsn, tmp_path):
+    user, hoomis = await _fill(pool, writer, per_hoomi=10, hoomis=3)
+    before = await _everything(pool, user, hoomis)
+    url = f"file://{tmp_path}"
+    arc = Archive(url)
+    archive.configure(arc)
+    try:
+        for step, orphans, segments in (("recorded", 1, 0), ("written", 1, 0),
+                                        ("verified", 1, 0), ("committed", 0, 1)):
+            run = _hoomi_archive(dsn, url, step)
+            assert run.returncode == -signal.SIGKILL, (step, run.stderr)
+            arc.cache.clear()
+            assert await _everything(pool, user, hoomis) == before, step
+            # A kill before the commit leaves an object the database knows as an orphan
+            # (the next pass deletes it first); after it, one segment and no orphan.
+            assert await pool.fetchval("SELECT count(*) FROM archive_orphans") == orphans
+            assert await pool.fetchval("SELECT count(*) FROM message_segments") == segments
+        run = _hoomi_archive(dsn, url, None)
+        assert run.returncode == 0, run.stderr
+        assert "archived 20 messages in 2 segments" in run.stdout
+        assert "archived 20/20 messages" in run.stderr  # the progress line
+        arc.cache.clear()
+        assert await _everything(pool, user, hoomis) == before
+        assert await pool.fetchval("SELECT count(*) FROM archive_orphans") == 0
+        keys = {r["object_key"] for r in await pool.fetch(
+            "SELECT object_key FROM message_segments")}
+        on_disk = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.seg")}
+        assert on_disk == keys and len(keys) == 3
+    finally:
+        archive.configure(None)
+
+
+async def test_sigkill_during_a_rewrite_loses_nothing(pool, writer, dsn, tmp_path):
+    user, hoomis = await _fill(pool, writer, per_hoomi=6, hoomis=1)
+    url = f"file://{tmp_path}"
+    arc = Archive(url)
+    archive.configure(arc)
+    try:
+        assert _hoomi_archive(dsn, url, None).returncode == 0
+        page = (await messages.history(pool, hoomis[0], None, 100)).messages
+        await messages.delete_for_everyone(pool, hoomis[0], page[2].id, user)
+        expected = await _everything(pool, user, hoomis)
+        for step in ("rewritten", "swapped"):
+            assert _hoomi_archive(dsn, url, step).returncode == -signal.SIGKILL
+            arc.cache.clear()
+            assert await _everything(pool, user, hoomis) == expected, step
+        assert _hoomi_archive(dsn, url, None).returncode == 0
+        assert page[2].content not in _store_bytes(tmp_path)
+        assert len(list(tmp_path.rglob("*.seg"))) == 1
+        arc.cache.clear()
+        assert await _everything(pool, user, hoomis) == expected
+    finally:
+        archive.configure(None)
