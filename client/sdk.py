@@ -15,11 +15,13 @@ Guarantees:
   on close) and resumes from it on every reconnect, so a push queued but not consumed
   before a restart is pushed again.
 - The push queue is bounded (`max_events`): while it is full the socket is not read, so
-  the hub's backpressure applies (it may close 4408; the client then resumes).
+  the hub's backpressure applies (it may close TOO_SLOW; the client then resumes).
 - Reconnects use full-jitter exponential backoff across the given URLs (replicas),
-  reset once a session is welcomed. Only a refused token (`unauthorized`, close 4401)
-  stops the client; when it stops, pending requests and `events()` raise instead of
-  waiting forever. The hub closes a socket (4401) when its token expires: give a
+  reset once a session is welcomed. What a close means is the close code's own policy
+  (`CloseCode.reconnect`): a refused token (`unauthorized`, UNAUTHORIZED) or a close that
+  names a client bug (BAD_FRAME, POLICY_VIOLATION) stops the client; when it stops,
+  pending requests and `events()` raise instead of waiting forever. The hub closes a
+  socket (UNAUTHORIZED) when its token expires: give a
   token source (a callable, sync or async) instead of a fixed token and the client
   fetches a fresh one before every hello, so an expiry is a reconnect and a resume.
 """
@@ -45,6 +47,7 @@ from protocol import (
     DEFAULT_LIMITS,
     Ack,
     ClientFrame,
+    CloseCode,
     Delete,
     Deleted,
     Error,
@@ -57,6 +60,7 @@ from protocol import (
     Ping,
     Pong,
     ProtocolError,
+    Reconnect,
     Send,
     Sync,
     Welcome,
@@ -75,7 +79,7 @@ Event = MessageBody | Deleted | Membership
 RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED}
 # The largest frame the hub sends is a full page: max_page_limit messages, each at most
 # max_frame_bytes (content plus the other fields), plus the page's own fields. A smaller
-# bound (it was 4 MiB) makes the client close 1009 on a legitimate page of 100 x 64 KiB.
+# bound (it was 4 MiB) makes the client close MESSAGE_TOO_BIG on a page of 100 x 64 KiB.
 MAX_INCOMING_BYTES = (DEFAULT_LIMITS.max_page_limit * DEFAULT_LIMITS.max_frame_bytes
                       + FRAME_OVERHEAD)
 SAVE_EVERY = 1.0  # seconds: how often consumed seqs are written to the state file
@@ -91,7 +95,7 @@ class HubError(Exception):
 
 
 class Unauthorized(HubError):
-    """The token was refused (close 4401): reconnecting will not help."""
+    """The token was refused (close UNAUTHORIZED): reconnecting will not help."""
 
 
 class Closed(Exception):
@@ -99,7 +103,8 @@ class Closed(Exception):
 
 
 class ResponseTooLarge(Exception):
-    """A reply was larger than the client accepts (it closed 1009); not asked again."""
+    """A reply was larger than the client accepts (it closed MESSAGE_TOO_BIG); not asked
+    again."""
 
 
 # How many opened messages HoomiClient.open remembers to recognise a replayed copy.
@@ -117,13 +122,22 @@ class _Retry(Exception):
         self.after = after
 
 
-def _code(close: Any) -> int | None:
-    return None if close is None else int(close.code)
+def _close_code(close: Any) -> CloseCode | None:
+    """The protocol's close code of a close frame (None: no frame, or a code it does not use)."""
+    return None if close is None else CloseCode.of(int(close.code))
 
 
-def _raise_if_unauthorized(exc: websockets.ConnectionClosed) -> None:
-    if _code(exc.rcvd) == 4401:
-        raise Unauthorized(ErrorCode.UNAUTHORIZED, exc.rcvd.reason if exc.rcvd else "") from None
+def _raise_if_final(exc: websockets.ConnectionClosed) -> None:
+    """Stop the client where the hub's close code says reconnecting will not help."""
+    code = _close_code(exc.rcvd)
+    if code is None:
+        return
+    reason = exc.rcvd.reason if exc.rcvd else ""
+    if code.reconnect is Reconnect.NEW_TOKEN:
+        raise Unauthorized(ErrorCode.UNAUTHORIZED, reason) from None
+    if code.reconnect is Reconnect.NEVER:
+        raise Closed(f"the hub closed the socket with {int(code)} ({code.name}): {reason}; "
+                     "a client bug, not retried") from None
 
 
 class HoomiClient:
@@ -211,7 +225,7 @@ class HoomiClient:
         exc: BaseException = Closed("the client was closed")
         try:
             await self._connect_loop()
-        except Unauthorized as err:
+        except (Unauthorized, Closed) as err:
             exc = err
         except asyncio.CancelledError:
             raise
@@ -229,7 +243,7 @@ class HoomiClient:
             try:
                 # No compression: ciphertext is incompressible. max_queue bounds what
                 # websockets buffers while `events()` is full: past it the socket is not
-                # read, so the hub's own backpressure applies (close 4408, then resume).
+                # read, so the hub's own backpressure applies (close TOO_SLOW, then resume).
                 async with websockets.connect(url, max_queue=16, max_size=self._max_size,
                                               open_timeout=10, compression=None) as ws:
                     self._ws = ws
@@ -239,7 +253,8 @@ class HoomiClient:
                 wait = retry.after
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
                 _log.info("connection to %s lost: %s", url, exc)
-                if isinstance(exc, websockets.ConnectionClosed) and _code(exc.sent) == 1009:
+                if (isinstance(exc, websockets.ConnectionClosed)
+                        and _close_code(exc.sent) == CloseCode.MESSAGE_TOO_BIG):
                     self._fail_oversized()
             finally:
                 self._ws = None
@@ -263,7 +278,7 @@ class HoomiClient:
         try:
             first = decode_server(await asyncio.wait_for(ws.recv(), 15))
         except websockets.ConnectionClosed as exc:
-            _raise_if_unauthorized(exc)
+            _raise_if_final(exc)
             raise
         except ProtocolError as exc:
             raise websockets.WebSocketException(f"malformed first frame: {exc}") from None
@@ -293,11 +308,13 @@ class HoomiClient:
                                                         ) from None
                 await self._dispatch(frame)
         except websockets.ConnectionClosed as exc:
-            if _code(exc.rcvd) == 4401 and not isinstance(self._token, str):
+            code = _close_code(exc.rcvd)
+            if (code is not None and code.reconnect is Reconnect.NEW_TOKEN
+                    and not isinstance(self._token, str)):
                 # Refused after welcome: the token expired. Ask the source for a new one
                 # at once; a source that hands out a bad token is refused at hello.
                 raise _Retry(ErrorCode.UNAUTHORIZED, "token expired", 0) from None
-            _raise_if_unauthorized(exc)
+            _raise_if_final(exc)
             raise
 
     def _welcome(self, welcome: Welcome) -> None:
@@ -363,7 +380,7 @@ class HoomiClient:
             await ws.send(encode_client(frame))
 
     def _fail_oversized(self) -> None:
-        """We closed 1009: a reply was larger than max_size. Only a page can be; asking
+        """We closed MESSAGE_TOO_BIG: a reply was larger than max_size. Only a page can be; asking
         again would break the next connection the same way, so the request fails."""
         for ref, (frame, future) in list(self._pending.items()):
             if isinstance(frame, History | Sync):

@@ -5,7 +5,7 @@ imports from server/, storage/ or client/ (they import this package, never the r
 """
 
 from .codec import decode_client, decode_server, encode_client, encode_server
-from .errors import CloseCode, ErrorCode, ProtocolError
+from .errors import CloseCode, ErrorCode, HoomiError, ProtocolError, Reconnect
 from .frames import (
     Ack,
     ClientFrame,
@@ -30,7 +30,8 @@ from .limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "Ack", "ClientFrame", "CloseCode", "DEFAULT_LIMITS", "Delete", "Deleted", "Error",
-    "ErrorCode", "Hello", "History", "HoomiState", "Limits", "Membership", "MessageBody",
-    "Page", "Ping", "Pong", "ProtocolError", "Ref", "Send", "ServerFrame", "Sync", "Welcome",
-    "decode_client", "decode_server", "encode_client", "encode_server",
+    "ErrorCode", "Hello", "History", "HoomiError", "HoomiState", "Limits", "Membership",
+    "MessageBody", "Page", "Ping", "Pong", "ProtocolError", "Reconnect", "Ref", "Send",
+    "ServerFrame", "Sync", "Welcome", "decode_client", "decode_server", "encode_client",
+    "encode_server",
 ]

@@ -1,7 +1,8 @@
 """The HTTP API (SPEC §5): health, metrics, the user routes and the operator routes.
 
-Every failure becomes one JSON body `{"error": code, "message": text, "field": name}`
-in `_error_response`, with the status the code maps to.
+Every failure is a protocol.HoomiError (a StorageError, an AuthError, or one raised here)
+and becomes one JSON body `{"error": code, "message": text, "field": name}` with the status
+its code maps to, in server/errors.py, registered as the app's exception handlers.
 
 Abuse bounds (issue 14): at most `http_max_inflight` API requests served at once per
 replica (`_Inflight`, 503); per user `http_rate`/`http_burst` requests (429) and
@@ -17,115 +18,52 @@ import functools
 import hmac
 import json
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from protocol import ErrorCode
+from protocol import ErrorCode, HoomiError
 from storage import hoomis as hoomi_store
 from storage import messages as message_store
 from storage import users as user_store
 from storage.audit import Actor
-from storage.errors import StorageError, is_outage
 from storage.records import Member, StoredMessage
 
-from . import auth, events
+from . import auth, errors, events
 from .events import Control
 from .metrics import CONTENT_TYPE_LATEST
 from .services import Services
 
 _log = logging.getLogger(__name__)
 
-STATUS = {
-    ErrorCode.INVALID: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.FORBIDDEN: 403,
-    ErrorCode.NOT_FOUND: 404, ErrorCode.TOO_LARGE: 413, ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.UNAVAILABLE: 503,
-}
 MAX_BODY = 64 * 1024
 MAX_TOKEN_TTL = 30 * 86400
-
-
-class HttpError(Exception):
-    def __init__(self, code: ErrorCode, message: str, field: str | None = None,
-                 retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.field = code, message, field
-        self.retry_after = retry_after  # seconds, for 429 and 503
-
-
-def _error_response(services: Services, code: ErrorCode, message: str,
-                    field: str | None, retry_after: int | None = None) -> JSONResponse:
-    services.metrics.errors.labels(code.value).inc()
-    body: dict[str, Any] = {"error": code.value, "message": message}
-    if field:
-        body["field"] = field
-    if retry_after is None and code in (ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED):
-        retry_after = 1
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    if code == ErrorCode.UNAUTHORIZED:
-        headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(body, status_code=STATUS[code], headers=headers)
-
-
-def _seconds(ms: int) -> int:
-    """A limiter's wait in ms as a Retry-After: whole seconds, rounded up, at least 1."""
-    return max(1, math.ceil(ms / 1000))
-
-
-async def _http_exception(request: Request, exc: Exception) -> Response:
-    """Starlette's own errors (no such route, wrong method) in our JSON shape too."""
-    assert isinstance(exc, HTTPException)
-    services: Services = request.app.state.services
-    if exc.status_code == 404:
-        return _error_response(services, ErrorCode.NOT_FOUND, "path: no such route", "path")
-    if exc.status_code == 405:
-        response = _error_response(services, ErrorCode.INVALID,
-                                   f"method: {request.method} is not allowed here", "method")
-        if exc.headers and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        response.status_code = 405
-        return response
-    return JSONResponse({"error": "invalid", "message": str(exc.detail)},
-                        status_code=exc.status_code)
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    # The traceback goes to the log (Starlette re-raises after this); the client gets
-    # JSON without details, which could hold data we must not echo.
-    return JSONResponse({"error": "internal", "message": "internal error"}, status_code=500)
-
-
-exception_handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
-    HTTPException: _http_exception, Exception: _internal_error,
-}
+# Registered on the app (server/app.py): the one mapping lives in server/errors.py.
+exception_handlers = errors.exception_handlers
 
 Handler = Callable[[Request, Services], Awaitable[Response]]
 
 
 def _route(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """The endpoint for `fn`: a HoomiError it raises goes to the app's exception handler
+    (server/errors.py), and so does a database outage, as `unavailable`."""
     @functools.wraps(fn)  # keeps the docstring: the route's OpenAPI operation
     async def endpoint(request: Request) -> Response:
-        services: Services = request.app.state.services
         try:
-            return await fn(request, services)
-        except HttpError as err:
-            return _error_response(services, err.code, err.message, err.field,
-                                   err.retry_after)
-        except StorageError as err:
-            return _error_response(services, err.code, err.message, err.field)
+            return await fn(request, request.app.state.services)
+        except HoomiError:
+            raise
         except Exception as exc:
-            if not is_outage(exc):
+            mapped = errors.as_hoomi_error(exc)
+            if mapped is None:
                 raise
-            _log.warning("storage unavailable: %s", exc)
-            return _error_response(services, ErrorCode.UNAVAILABLE, "storage unavailable", None)
+            raise mapped from exc
     return endpoint
 
 
@@ -142,8 +80,8 @@ class _Inflight:
         services: Services = state.services
         inflight: int = getattr(state, "http_inflight", 0)
         if inflight >= services.settings.http_max_inflight:
-            refused = _error_response(services, ErrorCode.UNAVAILABLE,
-                                      "replica busy: too many HTTP requests in flight", None)
+            refused = errors.http_response(services, errors.unavailable(
+                "replica busy: too many HTTP requests in flight"))
             await refused(scope, receive, send)
             return
         state.http_inflight = inflight + 1
@@ -165,9 +103,9 @@ def _uuid(raw: Any, field: str) -> UUID:
     try:
         value = UUID(raw)
     except (ValueError, TypeError, AttributeError):
-        raise HttpError(ErrorCode.INVALID, f"{field}: not a UUID", field) from None
+        raise HoomiError(ErrorCode.INVALID, f"{field}: not a UUID", field) from None
     if str(value) != str(raw).lower():
-        raise HttpError(ErrorCode.INVALID, f"{field}: not a canonical UUID", field)
+        raise HoomiError(ErrorCode.INVALID, f"{field}: not a canonical UUID", field)
     return value
 
 
@@ -183,26 +121,26 @@ def _int_param(request: Request, name: str, default: int | None, lo: int,
     try:
         value = int(raw)
     except ValueError:
-        raise HttpError(ErrorCode.INVALID, f"{name}: not an integer", name) from None
+        raise HoomiError(ErrorCode.INVALID, f"{name}: not an integer", name) from None
     if not lo <= value <= hi:
-        raise HttpError(ErrorCode.INVALID, f"{name}: must be between {lo} and {hi}", name)
+        raise HoomiError(ErrorCode.INVALID, f"{name}: must be between {lo} and {hi}", name)
     return value
 
 
 async def _json(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if len(raw) > MAX_BODY:
-        raise HttpError(ErrorCode.TOO_LARGE, f"body: larger than {MAX_BODY} bytes", "body")
+        raise HoomiError(ErrorCode.TOO_LARGE, f"body: larger than {MAX_BODY} bytes", "body")
     if not raw.strip():
         return {}
     try:
         body = json.loads(raw)
     except ValueError:
-        raise HttpError(ErrorCode.INVALID, "body: not valid JSON", "body") from None
+        raise HoomiError(ErrorCode.INVALID, "body: not valid JSON", "body") from None
     except RecursionError:  # 64 KiB of `[` nests deeper than the parser's stack
-        raise HttpError(ErrorCode.INVALID, "body: nested too deeply", "body") from None
+        raise HoomiError(ErrorCode.INVALID, "body: nested too deeply", "body") from None
     if not isinstance(body, dict):
-        raise HttpError(ErrorCode.INVALID, "body: must be a JSON object", "body")
+        raise HoomiError(ErrorCode.INVALID, "body: must be a JSON object", "body")
     return body
 
 
@@ -210,8 +148,8 @@ def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise HttpError(ErrorCode.UNAUTHORIZED, "authorization: Bearer token required",
-                        "authorization")
+        raise HoomiError(ErrorCode.UNAUTHORIZED, "authorization: Bearer token required",
+                         "authorization")
     return token.strip()
 
 
@@ -225,12 +163,12 @@ def _not_blocked(request: Request, services: Services) -> None:
     even looked at (so guessing tokens costs the guesser, not the hub)."""
     wait = services.auth_failures.blocked(_address(request))
     if wait:
-        raise HttpError(ErrorCode.RATE_LIMITED,
-                        "too many failed authentications from this address", None,
-                        _seconds(wait))
+        raise HoomiError(ErrorCode.RATE_LIMITED,
+                         "too many failed authentications from this address", None,
+                        wait)
 
 
-def _failed(request: Request, services: Services, err: HttpError) -> HttpError:
+def _failed(request: Request, services: Services, err: HoomiError) -> HoomiError:
     """Count a 401 against the client's address; the error to raise."""
     services.auth_failures.take(_address(request))
     return err
@@ -244,19 +182,19 @@ async def _user(request: Request, services: Services) -> UUID:
                               audience=st.jwt_audience)
     except auth.AuthError as err:
         raise _failed(request, services,
-                      HttpError(err.code, err.message, "authorization")) from None
-    except HttpError as err:
+                      HoomiError(err.code, err.message, "authorization")) from None
+    except HoomiError as err:
         raise _failed(request, services, err) from None
     # Before any database work: a flood of valid-token requests costs one bucket lookup.
     wait = services.http_requests.take(user_id)
     if wait:
-        raise HttpError(ErrorCode.RATE_LIMITED,
-                        f"too many requests: at most {st.http_rate:g} per second "
-                        f"({st.http_burst} at once) per user", None, _seconds(wait))
+        raise HoomiError(ErrorCode.RATE_LIMITED,
+                         f"too many requests: at most {st.http_rate:g} per second "
+                        f"({st.http_burst} at once) per user", None, wait)
     # As on the socket: a deleted user's tokens stop working with it.
     if not await user_store.user_exists(services.pool, user_id):
         raise _failed(request, services,
-                      HttpError(ErrorCode.UNAUTHORIZED, "unknown user", "authorization"))
+                      HoomiError(ErrorCode.UNAUTHORIZED, "unknown user", "authorization"))
     return user_id
 
 
@@ -264,10 +202,10 @@ def _operator(request: Request, services: Services) -> None:
     _not_blocked(request, services)
     try:
         presented = _bearer(request)
-    except HttpError as err:
+    except HoomiError as err:
         raise _failed(request, services, err) from None
     if not auth.is_operator(services.settings.admin_token, presented):
-        raise _failed(request, services, HttpError(
+        raise _failed(request, services, HoomiError(
             ErrorCode.UNAUTHORIZED, "authorization: operator token required", "authorization"))
 
 
@@ -353,12 +291,11 @@ async def metrics(request: Request) -> Response:
             scheme, _, presented = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                     presented.strip().encode(), expected.encode()):
-                raise _failed(request, services, HttpError(
+                raise _failed(request, services, HoomiError(
                     ErrorCode.UNAUTHORIZED, "authorization: metrics token required",
                     "authorization"))
-        except HttpError as err:
-            return _error_response(services, err.code, err.message, err.field,
-                                   err.retry_after)
+        except HoomiError as err:
+            return errors.http_response(services, err)
     services.metrics.feeds.set(services.hub.feeds)
     return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -441,13 +378,13 @@ async def hoomi_messages(request: Request, s: Services) -> Response:
     after = _int_param(request, "after", None, 0, 2**63 - 1)
     assert limit is not None
     if before is not None and after is not None:
-        raise HttpError(ErrorCode.INVALID, "after: cannot be combined with before", "after")
+        raise HoomiError(ErrorCode.INVALID, "after: cannot be combined with before", "after")
     # One user must not hold the database pool (nor the replica's memory with pages it
     # does not read): at most `user_max_reads` pages of theirs at once, socket and HTTP.
     if not s.user_reads.acquire(user_id):
-        raise HttpError(ErrorCode.RATE_LIMITED,
-                        f"too many pages at once: at most {s.settings.user_max_reads} per user",
-                        None, 1)
+        raise HoomiError(ErrorCode.RATE_LIMITED,
+                         f"too many pages at once: at most {s.settings.user_max_reads} per user",
+                        None, errors.RETRY_AFTER_MS)
     released = False
 
     def release() -> None:
@@ -557,12 +494,12 @@ async def set_retention(request: Request, s: Services) -> Response:
     hoomi_id = _path_uuid(request, "id")
     body = await _json(request)
     if "retention_seconds" not in body:
-        raise HttpError(ErrorCode.INVALID, "retention_seconds: required (null keeps forever)",
-                        "retention_seconds")
+        raise HoomiError(ErrorCode.INVALID, "retention_seconds: required (null keeps forever)",
+                         "retention_seconds")
     seconds = body["retention_seconds"]
     if seconds is not None and (type(seconds) is not int or seconds <= 0):
-        raise HttpError(ErrorCode.INVALID, "retention_seconds: a positive integer or null",
-                        "retention_seconds")
+        raise HoomiError(ErrorCode.INVALID, "retention_seconds: a positive integer or null",
+                         "retention_seconds")
     await _require_role(s, hoomi_id, user_id, admin=True)
     await hoomi_store.set_retention(s.pool, hoomi_id, seconds, Actor.user(user_id))
     return Response(status_code=204)
@@ -571,7 +508,7 @@ async def set_retention(request: Request, s: Services) -> Response:
 def _role(body: dict[str, Any]) -> str:
     role = body.get("role", "member")
     if role not in hoomi_store.ROLES:
-        raise HttpError(ErrorCode.INVALID, "role: must be admin or member", "role")
+        raise HoomiError(ErrorCode.INVALID, "role: must be admin or member", "role")
     return str(role)
 
 
@@ -724,16 +661,16 @@ async def op_create_hoomi(request: Request, s: Services) -> Response:
     hoomi_id = _uuid(body["id"], "id") if body.get("id") is not None else None
     raw_members = body.get("members", [])
     if not isinstance(raw_members, list) or len(raw_members) > 10_000:
-        raise HttpError(ErrorCode.INVALID, "members: must be a list", "members")
+        raise HoomiError(ErrorCode.INVALID, "members: must be a list", "members")
     roster: list[Member] = []
     for i, m in enumerate(raw_members):
         if not isinstance(m, dict):
-            raise HttpError(ErrorCode.INVALID, f"members[{i}]: must be an object",
-                            f"members[{i}]")
+            raise HoomiError(ErrorCode.INVALID, f"members[{i}]: must be an object",
+                             f"members[{i}]")
         role = m.get("role", "member")
         if role not in hoomi_store.ROLES:
-            raise HttpError(ErrorCode.INVALID, f"members[{i}].role: must be admin or member",
-                            f"members[{i}].role")
+            raise HoomiError(ErrorCode.INVALID, f"members[{i}].role: must be admin or member",
+                             f"members[{i}].role")
         roster.append(Member(_uuid(m.get("user_id"), f"members[{i}].user_id"), role))
     created = await hoomi_store.create_hoomi(s.pool, roster, hoomi_id)
     for m in roster:
@@ -845,10 +782,10 @@ async def op_token(request: Request, s: Services) -> Response:
     user_id = _uuid(body.get("user_id"), "user_id")
     ttl = body.get("ttl_seconds", 86400)
     if type(ttl) is not int or not 1 <= ttl <= MAX_TOKEN_TTL:
-        raise HttpError(ErrorCode.INVALID, f"ttl_seconds: an integer from 1 to {MAX_TOKEN_TTL}",
-                        "ttl_seconds")
+        raise HoomiError(ErrorCode.INVALID, f"ttl_seconds: an integer from 1 to {MAX_TOKEN_TTL}",
+                         "ttl_seconds")
     if not await user_store.user_exists(s.pool, user_id):
-        raise HttpError(ErrorCode.NOT_FOUND, "user not found", "user_id")
+        raise HoomiError(ErrorCode.NOT_FOUND, "user not found", "user_id")
     st = s.settings
     return JSONResponse({"token": auth.issue(st.jwt_secret, user_id, ttl, issuer=st.jwt_issuer,
                                              audience=st.jwt_audience)})

@@ -9,16 +9,13 @@ from uuid import UUID
 
 import jwt
 
-from protocol.errors import ErrorCode
+from protocol.errors import ErrorCode, HoomiError
 
 ALGORITHM = "HS256"
 
 
-class AuthError(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class AuthError(HoomiError):
+    """A token refused (always `unauthorized`)."""
 
 
 def issue(secret: str, user_id: UUID, ttl_seconds: int = 86400, *,

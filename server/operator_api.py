@@ -12,13 +12,13 @@ from uuid import UUID
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from protocol import ErrorCode
+from protocol import ErrorCode, HoomiError
 from storage import audit as audit_store
 from storage import hoomis as hoomi_store
 from storage.errors import StorageError
 
 from . import events
-from .api import HttpError, _api, _int_param, _operator, _path_uuid, _route, _uuid
+from .api import _api, _int_param, _operator, _path_uuid, _route, _uuid
 from .services import Services
 
 AUDIT_PAGE_DEFAULT = 100
@@ -74,7 +74,7 @@ async def audit_log(request: Request, s: Services) -> Response:
     before = _int_param(request, "before", None, 1, 2**63 - 1)
     action = request.query_params.get("action") or None
     if action is not None and len(action) > 64:
-        raise HttpError(ErrorCode.INVALID, "action: at most 64 characters", "action")
+        raise HoomiError(ErrorCode.INVALID, "action: at most 64 characters", "action")
     assert limit is not None
     page = await audit_store.page(
         s.pool, hoomi_id=_optional_uuid(request, "hoomi_id"),

@@ -1,22 +1,18 @@
 """Storage failures as values carrying the protocol's error codes.
 
-The server turns a StorageError into one `error` frame or one HTTP response; storage
-never formats either.
+The server turns a StorageError (a protocol.HoomiError) into one `error` frame or one HTTP
+response (server/errors.py); storage never formats either.
 """
 
 from __future__ import annotations
 
 import asyncpg
 
-from protocol.errors import ErrorCode
+from protocol.errors import ErrorCode, HoomiError
 
 
-class StorageError(Exception):
-    def __init__(self, code: ErrorCode, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.field = field
+class StorageError(HoomiError):
+    """A store refused or could not do the work: not found, forbidden, unavailable."""
 
 
 # SQLSTATE classes that mean "the database is not there for us right now": connection
