@@ -1,11 +1,12 @@
 """This replica's fan-out: which local sockets belong to which Hoomi, pushed in seq order.
 
 Invariant, per Hoomi: this replica pushes message events to its sockets in ascending seq
-with no gap, starting after the `last_seq` it read once subscribed. Events come from
-this replica's own commits (delivered locally at once) and from the broker (other
-replicas' commits, and the echo of ours, dropped by seq). An event ahead of a missing seq
-waits `gap_grace` for the missing one, then the gap is read from PostgreSQL: since seqs
-commit in order, every seq below a published one is already in the database. A periodic
+with no gap, starting after the `last_seq` it read once subscribed (the rule itself is
+server/sequencer.py's, one Sequencer per feed). Events come from this replica's own
+commits (delivered locally at once) and from the broker (other replicas' commits, and
+the echo of ours, dropped by seq). An event ahead of a missing seq waits `gap_grace` for
+the missing one, then the gap is read from PostgreSQL: since seqs commit in order, every
+seq below a published one is already in the database. A periodic
 reconcile compares each Hoomi's `last_seq` with what was pushed, which covers a publish
 that never happened (a replica died between commit and publish) or was lost (Redis down).
 
@@ -29,6 +30,7 @@ from storage.records import AppendRequest, AppendResult, StoredMessage
 
 from . import events
 from .broker import CONTROL_CHANNEL, Broker, hoomi_channel
+from .sequencer import Sequencer
 
 _log = logging.getLogger(__name__)
 
@@ -51,13 +53,14 @@ class Socket(Protocol):
 
 
 class _Feed:
-    __slots__ = ("sockets", "delivered", "want", "pending", "filler", "ready")
+    """One Hoomi on this replica: its sockets, and its order (server/sequencer.py), not
+    started until its `last_seq` has been read once subscribed (`ready`)."""
+
+    __slots__ = ("sockets", "order", "filler", "ready")
 
     def __init__(self) -> None:
         self.sockets: set[Socket] = set()
-        self.delivered = 0
-        self.want = 0  # highest seq known to exist
-        self.pending: dict[int, bytes] = {}
+        self.order: Sequencer[bytes] = Sequencer(started=False)
         self.filler: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
@@ -103,7 +106,7 @@ class Hub:
 
     def delivered(self, hoomi_id: UUID) -> int:
         feed = self._feeds.get(hoomi_id)
-        return feed.delivered if feed is not None else 0
+        return feed.order.delivered if feed is not None else 0
 
     # -- sockets ---------------------------------------------------------------------------
 
@@ -159,12 +162,9 @@ class Hub:
             feed = self._feeds.get(h)
             if feed is None:
                 continue
-            feed.delivered = last.get(h, 0)
-            feed.want = max(feed.want, feed.delivered)
-            for seq in [s for s in feed.pending if s <= feed.delivered]:
-                del feed.pending[seq]
+            ready = feed.order.start(last.get(h, 0))
             feed.ready.set()
-            self._advance(h, feed)
+            self._push(h, feed, ready)
 
     def leave(self, sock: Socket, hoomi_id: UUID) -> None:
         feed = self._feeds.get(hoomi_id)
@@ -236,15 +236,8 @@ class Hub:
 
     def on_message(self, hoomi_id: UUID, seq: int, frame: bytes) -> None:
         feed = self._feeds.get(hoomi_id)
-        if feed is None or seq <= feed.delivered:
-            return
-        if feed.ready.is_set() and seq == feed.delivered + 1 and not feed.pending:
-            self._push(hoomi_id, feed, seq, frame)  # the common case: in order
-            return
-        feed.pending[seq] = frame
-        feed.want = max(feed.want, seq)
-        if feed.ready.is_set():
-            self._advance(hoomi_id, feed)
+        if feed is not None:
+            self._push(hoomi_id, feed, feed.order.offer(seq, frame))
 
     def _on_deleted(self, event: events.Event) -> None:
         feed = self._feeds.get(event.hoomi_id)
@@ -262,20 +255,12 @@ class Hub:
             elif change.kind == "left" and change.hoomi_id:
                 sock.left(change.hoomi_id)
 
-    def _push(self, hoomi_id: UUID, feed: _Feed, seq: int, frame: bytes) -> None:
-        feed.delivered = seq
-        for sock in list(feed.sockets):
-            sock.deliver(hoomi_id, seq, frame)
-
-    def _drain(self, hoomi_id: UUID, feed: _Feed) -> None:
-        """Push the pending events that now follow `delivered` without a gap."""
-        while feed.delivered + 1 in feed.pending:
-            seq = feed.delivered + 1
-            self._push(hoomi_id, feed, seq, feed.pending.pop(seq))
-
-    def _advance(self, hoomi_id: UUID, feed: _Feed) -> None:
-        self._drain(hoomi_id, feed)
-        if feed.want > feed.delivered and feed.filler is None:
+    def _push(self, hoomi_id: UUID, feed: _Feed, ready: list[tuple[int, bytes]]) -> None:
+        """Push what the order let through; start a fill if it names a gap."""
+        for seq, frame in ready:
+            for sock in list(feed.sockets):
+                sock.deliver(hoomi_id, seq, frame)
+        if feed.filler is None and feed.order.gap() is not None:
             feed.filler = asyncio.get_running_loop().create_task(self._fill(hoomi_id, feed))
 
     async def _fill(self, hoomi_id: UUID, feed: _Feed) -> None:
@@ -283,10 +268,11 @@ class Hub:
         try:
             await asyncio.sleep(self._grace)
             backoff = 0.05
-            while feed.want > feed.delivered and self._feeds.get(hoomi_id) is feed:
-                upto = min(feed.want, feed.delivered + FILL_PAGE)
+            while (gap := feed.order.gap()) is not None and self._feeds.get(hoomi_id) is feed:
+                after, known = gap
+                upto = min(known, after + FILL_PAGE)
                 try:
-                    rows = await message_store.between(self._pool, hoomi_id, feed.delivered, upto)
+                    rows = await message_store.between(self._pool, hoomi_id, after, upto)
                 except Exception as exc:
                     _log.warning("gap fill for %s failed: %s", hoomi_id, exc)
                     await asyncio.sleep(backoff)
@@ -294,17 +280,8 @@ class Hub:
                     continue
                 if self._on_gap_fill is not None:
                     self._on_gap_fill(len(rows))
-                for row in rows:
-                    # A seq jump inside the page means those rows were purged: skip them.
-                    if row.seq > feed.delivered:
-                        frame = feed.pending.pop(row.seq, b"") or events.message_frame(row)
-                        self._push(hoomi_id, feed, row.seq, frame)
-                self._drain(hoomi_id, feed)
-                if not rows and feed.delivered < upto:
-                    # Purged by retention (or the Hoomi is gone): skip what no longer exists.
-                    feed.delivered = upto
-                    for seq in [s for s in feed.pending if s <= upto]:
-                        del feed.pending[seq]
+                self._push(hoomi_id, feed, feed.order.fill(
+                    [(row.seq, events.message_frame(row)) for row in rows], upto))
         finally:
             feed.filler = None
 
@@ -317,9 +294,9 @@ class Hub:
             last = await hoomi_store.last_seqs(self._pool, ids)
             for h, seq in last.items():
                 feed = self._feeds.get(h)
-                if feed is not None and seq > feed.want:
-                    feed.want = seq
-                    self._advance(h, feed)
+                if feed is not None:
+                    feed.order.expect(seq)
+                    self._push(h, feed, [])
         await self._reconcile_memberships()
 
     async def _reconcile_memberships(self) -> None:
