@@ -26,7 +26,7 @@ from storage.retention import purge_expired
 from storage.writer import BatchWriter
 
 from . import api, openapi, operator_api, ws
-from .broker import Broker, LocalBroker, RedisBroker
+from .broker import Broker, ClusterBroker, LocalBroker, RedisBroker
 from .config import Settings
 from .hub import Hub
 from .metrics import Metrics
@@ -49,7 +49,10 @@ def create_app(settings: Settings) -> Starlette:
         if applied:
             _log.info("applied migrations %s", applied)
         metrics = Metrics()
-        broker: Broker = RedisBroker(settings.redis_url) if settings.redis_url else LocalBroker()
+        broker: Broker = LocalBroker()
+        if settings.redis_url:
+            broker = (ClusterBroker(settings.redis_url) if settings.redis_mode == "cluster"
+                      else RedisBroker(settings.redis_url))
         hub = Hub(pool, broker, gap_grace=settings.gap_grace_ms / 1000,
                   on_gap_fill=metrics.gap_fills.inc)
         writer = BatchWriter(

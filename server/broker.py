@@ -4,7 +4,9 @@ The broker moves opaque payloads on named channels to the *other* replicas; it k
 nothing of messages. The publishing replica delivers to its own sockets directly, so the
 Redis broker tags each payload with its instance id and drops its own echo.
 A replica subscribes to `hoomi:<id>` only while one of its sockets belongs to that
-Hoomi, and always to the control channel. Pub/sub is at-most-once: a payload can be lost
+Hoomi, and always to the control channel. With `HOOMI_REDIS_MODE=cluster`, ClusterBroker
+does the same with sharded pub/sub on a Redis or Valkey Cluster (SPUBLISH/SSUBSCRIBE,
+each channel on its slot's shard). Pub/sub is at-most-once: a payload can be lost
 when Redis or a connection drops, so the hub never trusts it for completeness (seq gaps
 are filled from PostgreSQL, and `on_reconnect` tells the hub to reconcile everything).
 """
@@ -18,7 +20,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
 
 _log = logging.getLogger(__name__)
 
@@ -195,6 +200,286 @@ class RedisBroker:
             await self._pubsub.subscribe(*self._channels)
             self._healthy = True
         _log.info("pub/sub reconnected to %d channels", len(self._channels))
+
+    def _dispatch(self, item: dict[str, Any]) -> None:
+        assert self._handler is not None
+        data: bytes = item["data"]
+        if data[:8] == self._origin:
+            return  # our own echo: our sockets already have it
+        channel = item["channel"]
+        if isinstance(channel, bytes):
+            channel = channel.decode()
+        try:
+            self._handler(channel, data[8:])
+        except Exception:
+            _log.exception("handler failed on %s", channel)
+
+
+class _Shard:
+    """This replica's sharded subscriptions on one cluster node: one connection, its own
+    reader task. Its `channels` are the ones this broker subscribed here and still wants."""
+
+    __slots__ = ("name", "client", "pubsub", "channels", "reader")
+
+    def __init__(self, name: str, host: str, port: int) -> None:
+        self.name = name
+        # No retries inside redis-py: an error reaches the broker at once, which re-reads
+        # the slot map and subscribes again wherever the channel now lives.
+        self.client = aioredis.Redis(host=host, port=port, socket_connect_timeout=5,
+                                     socket_keepalive=True, health_check_interval=30,
+                                     retry=Retry(NoBackoff(), 0))
+        self.pubsub = self.client.pubsub()
+        self.channels: set[str] = set()
+        self.reader: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self.reader is not None and self.reader is not asyncio.current_task():
+            self.reader.cancel()
+            try:
+                await self.reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        for closing in (self.pubsub.aclose, self.client.aclose):
+            try:
+                await closing()
+            except (RedisError, OSError):
+                pass
+
+
+class ClusterBroker:
+    """Many replicas on a Redis or Valkey Cluster: sharded pub/sub.
+
+    Each channel lives on the shard that owns its hash slot, so the fan-out load spreads
+    over the cluster's masters: SPUBLISH goes through redis-py's cluster client (routed by
+    slot, following MOVED), and this replica SSUBSCRIBEs each channel it needs on the
+    master that owns it, one connection and one reader task per master (redis-py's
+    ClusterPubSub polls its per-node connections in turn, which does not suit a reader
+    that must block on all of them at once).
+
+    The control channel (`hoomi:ctl`: membership changes, users gone) is one sharded
+    channel like the others, which every replica subscribes to, so it reaches every
+    replica through the one shard that owns its slot (a classic PUBLISH would be
+    broadcast over the cluster bus to every node instead; membership changes are rare).
+
+    When a node's connection breaks (its master died), or the node unsubscribes us
+    (SUNSUBSCRIBE pushed when its slot moved or it became a replica), or a command is
+    refused (MOVED), the supervisor re-reads the slot map and subscribes every wanted
+    channel on its current owner, retrying with backoff through a failover, and then
+    calls `on_reconnect`: what was published meanwhile is gone, and the hub reconciles
+    against PostgreSQL as after a standalone Redis outage.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._cluster: RedisCluster = RedisCluster.from_url(
+            url, socket_timeout=5, socket_connect_timeout=5)
+        self._wanted: set[str] = set()
+        self._shards: dict[str, _Shard] = {}
+        self._where: dict[str, str] = {}  # channel -> node name it is subscribed on
+        self._handler: Handler | None = None
+        self._on_reconnect: ReconnectHandler | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._dirty = asyncio.Event()
+        self._lost = False  # something may have been missed: reconcile after the next sync
+        self._healthy = False
+        self._origin = os.urandom(8)
+
+    async def start(self, handler: Handler, on_reconnect: ReconnectHandler) -> None:
+        self._handler = handler
+        self._on_reconnect = on_reconnect
+        self._wanted.add(CONTROL_CHANNEL)
+        try:
+            await self._sync()
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # As RedisBroker: serve anyway, keep trying (/readyz says `broker: down`).
+            _log.warning("Redis cluster unreachable at start-up (%s); serving without "
+                         "pub/sub until it answers", exc)
+            self._trouble()
+        self._supervisor = asyncio.get_running_loop().create_task(
+            self._supervise(), name="redis-cluster-supervisor")
+
+    async def publish(self, events: Iterable[tuple[str, bytes]]) -> None:
+        pipe = self._cluster.pipeline(transaction=False)
+        n = 0
+        for channel, payload in events:
+            pipe.spublish(channel, self._origin + payload)
+            n += 1
+        if n:
+            await pipe.execute()
+
+    async def subscribe(self, channel: str) -> None:
+        async with self._lock:
+            if channel in self._wanted:
+                return
+            self._wanted.add(channel)
+            if not self._healthy:
+                return  # the supervisor subscribes it with the rest
+            try:
+                await self._place(channel)
+            except (RedisError, RedisClusterException, OSError) as exc:
+                _log.warning("ssubscribe %s failed: %s", channel, exc)
+                self._trouble()
+
+    async def unsubscribe(self, channel: str) -> None:
+        async with self._lock:
+            if channel not in self._wanted:
+                return
+            self._wanted.discard(channel)
+            shard = self._shards.get(self._where.pop(channel, ""))
+            if shard is None:
+                return
+            shard.channels.discard(channel)
+            try:
+                await shard.pubsub.sunsubscribe(channel)
+            except (RedisError, OSError) as exc:
+                _log.warning("sunsubscribe %s failed: %s", channel, exc)
+
+    async def ping(self) -> bool:
+        if not self._healthy:
+            return False
+        try:
+            return bool(await self._cluster.ping(target_nodes=RedisCluster.PRIMARIES))
+        except (RedisError, RedisClusterException, OSError):
+            return False
+
+    async def close(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            try:
+                await self._supervisor
+            except (asyncio.CancelledError, Exception):
+                pass
+        for shard in list(self._shards.values()):
+            await shard.close()
+        self._shards.clear()
+        try:
+            await self._cluster.aclose()
+        except (RedisError, OSError):
+            pass
+
+    # -- keeping every wanted channel subscribed on its slot's master -----------------------
+
+    def _trouble(self) -> None:
+        self._healthy = False
+        self._lost = True
+        self._dirty.set()
+
+    async def _supervise(self) -> None:
+        assert self._on_reconnect is not None
+        backoff = 0.05
+        while True:
+            await self._dirty.wait()
+            lost, self._lost = self._lost, False
+            try:
+                await self._sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Typically a failover in progress: the map still names the dead master.
+                _log.info("pub/sub resync failed (%s); retrying in %.2f s", exc, backoff)
+                self._lost = True
+                self._dirty.set()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)  # a failover takes a second or two
+                continue
+            backoff = 0.05
+            if lost:
+                _log.info("sharded pub/sub resubscribed %d channels on %d nodes",
+                          len(self._wanted), len(self._shards))
+                # Whatever was published while a shard was away is lost: compare every
+                # Hoomi against PostgreSQL. If that fails (database down), listen anyway.
+                try:
+                    await self._on_reconnect()
+                except Exception as exc:
+                    _log.warning("reconcile after pub/sub resync failed: %s", exc)
+
+    async def _sync(self) -> None:
+        """Re-read the slot map; subscribe each wanted channel where its slot now lives."""
+        async with self._lock:
+            self._dirty.clear()
+            self._healthy = False
+            await self._cluster.nodes_manager.initialize()
+            masters = {n.name for n in self._cluster.get_primaries()}
+            for name in [n for n in self._shards if n not in masters]:
+                await self._drop(self._shards[name])
+            for channel in sorted(self._wanted):
+                await self._place(channel)
+            self._healthy = True
+
+    async def _place(self, channel: str) -> None:
+        """Subscribe `channel` on the master owning its slot (caller holds the lock)."""
+        node = self._cluster.get_node_from_key(channel)
+        if node is None:  # only with replica=True; keeps mypy honest
+            raise RedisClusterException(f"no master for {channel}")
+        where = self._where.get(channel)
+        if where == node.name and where in self._shards:
+            return
+        old = self._shards.get(where or "")
+        if old is not None:
+            old.channels.discard(channel)
+            try:
+                await old.pubsub.sunsubscribe(channel)
+            except (RedisError, OSError):
+                pass  # that node may be the one that went away
+        self._where.pop(channel, None)
+        shard = self._shards.get(node.name)
+        if shard is None:
+            shard = self._shards[node.name] = _Shard(node.name, node.host, int(node.port))
+        try:
+            await shard.pubsub.ssubscribe(channel)
+        except BaseException:
+            if not shard.channels:
+                self._shards.pop(node.name, None)
+                await shard.close()
+            raise
+        shard.channels.add(channel)
+        self._where[channel] = node.name
+        if shard.reader is None:
+            shard.reader = asyncio.get_running_loop().create_task(
+                self._read(shard), name=f"redis-shard-{node.name}")
+
+    async def _drop(self, shard: _Shard) -> None:
+        if self._shards.get(shard.name) is shard:
+            del self._shards[shard.name]
+        for channel in shard.channels:
+            if self._where.get(channel) == shard.name:
+                del self._where[channel]
+        shard.channels.clear()
+        await shard.close()
+
+    async def _read(self, shard: _Shard) -> None:
+        try:
+            while True:
+                item = await shard.pubsub.get_message(timeout=None)
+                if item is None:
+                    continue
+                kind = item.get("type")
+                if kind == "smessage":
+                    self._dispatch(item)
+                elif kind == "sunsubscribe":
+                    channel = item["channel"]
+                    if isinstance(channel, bytes):
+                        channel = channel.decode()
+                    if channel in shard.channels:
+                        # Not ours: the node gave the slot up (migrated, or demoted).
+                        _log.info("%s unsubscribed us from %s; resyncing", shard.name, channel)
+                        shard.channels.discard(channel)
+                        if self._where.get(channel) == shard.name:
+                            del self._where[channel]
+                        self._trouble()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _log.warning("sharded pub/sub connection to %s lost (%s); resyncing",
+                         shard.name, exc)
+            shard.reader = None  # this task ends here; close() must not await it
+            if self._shards.get(shard.name) is shard:
+                del self._shards[shard.name]
+            for channel in shard.channels:
+                if self._where.get(channel) == shard.name:
+                    del self._where[channel]
+            self._trouble()
+            await shard.close()
 
     def _dispatch(self, item: dict[str, Any]) -> None:
         assert self._handler is not None

@@ -29,6 +29,7 @@ def default_data_dir() -> Path:
 class Settings:
     database_url: str | None = None
     redis_url: str | None = None
+    redis_mode: str = "standalone"  # or "cluster": sharded pub/sub on a Redis/Valkey Cluster
     jwt_secret: str = ""
     admin_token: str = ""
     jwt_issuer: str | None = None
@@ -152,6 +153,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(
         database_url=env.get("DATABASE_URL") or None,
         redis_url=env.get("REDIS_URL") or None,
+        redis_mode=(env.get("HOOMI_REDIS_MODE") or "standalone").strip().lower(),
         jwt_secret=env.get("HOOMI_JWT_SECRET", ""),
         admin_token=env.get("HOOMI_ADMIN_TOKEN", ""),
         jwt_issuer=env.get("HOOMI_JWT_ISSUER") or None,
@@ -213,6 +215,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         backup_interval_s=_number(env, "HOOMI_BACKUP_INTERVAL_S", 86400.0, 1.0, 31 * 86400.0),
         backup_keep=_number(env, "HOOMI_BACKUP_KEEP", 7, 1, 100_000),
     )
+    if settings.redis_mode not in ("standalone", "cluster"):
+        raise ConfigError("HOOMI_REDIS_MODE: standalone or cluster")
     if settings.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("HOOMI_LOG_LEVEL: one of debug, info, warning, error")
     if settings.log_format not in ("text", "json"):
