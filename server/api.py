@@ -30,13 +30,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protocol import ErrorCode, HoomiError
 from storage import hoomis as hoomi_store
-from storage import messages as message_store
 from storage import users as user_store
 from storage.audit import Actor
 from storage.records import Member, StoredMessage
 
-from . import auth, errors, events
-from .events import Control
+from . import actions, auth, errors, events
 from .metrics import CONTENT_TYPE_LATEST
 from .services import Services
 
@@ -177,9 +175,9 @@ def _failed(request: Request, services: Services, err: HoomiError) -> HoomiError
 async def _user(request: Request, services: Services) -> UUID:
     _not_blocked(request, services)
     try:
-        st = services.settings
-        user_id = auth.verify(st.jwt_secret, _bearer(request), issuer=st.jwt_issuer,
-                              audience=st.jwt_audience)
+        settings = services.settings
+        user_id = auth.verify(settings.jwt_secret, _bearer(request), issuer=settings.jwt_issuer,
+                              audience=settings.jwt_audience)
     except auth.AuthError as err:
         raise _failed(request, services,
                       HoomiError(err.code, err.message, "authorization")) from None
@@ -189,8 +187,8 @@ async def _user(request: Request, services: Services) -> UUID:
     wait = services.http_requests.take(user_id)
     if wait:
         raise HoomiError(ErrorCode.RATE_LIMITED,
-                         f"too many requests: at most {st.http_rate:g} per second "
-                        f"({st.http_burst} at once) per user", None, wait)
+                         f"too many requests: at most {settings.http_rate:g} per second "
+                         f"({settings.http_burst} at once) per user", None, wait)
     # As on the socket: a deleted user's tokens stop working with it.
     if not await user_store.user_exists(services.pool, user_id):
         raise _failed(request, services,
@@ -303,7 +301,7 @@ async def metrics(request: Request) -> Response:
 # -- user routes -----------------------------------------------------------------------------
 
 @_route
-async def my_hoomis(request: Request, s: Services) -> Response:
+async def my_hoomis(request: Request, services: Services) -> Response:
     """---
     summary: My Hoomis with their last_seq and my role
     tags: [user]
@@ -317,8 +315,8 @@ async def my_hoomis(request: Request, s: Services) -> Response:
       "429": {$ref: "#/components/responses/RateLimited"}
       "503": {$ref: "#/components/responses/Unavailable"}
     """
-    user_id = await _user(request, s)
-    mine = await hoomi_store.user_hoomis(s.pool, user_id)
+    user_id = await _user(request, services)
+    mine = await hoomi_store.user_hoomis(services.pool, user_id)
     return JSONResponse({"hoomis": [
         {"hoomi_id": str(h.hoomi_id), "last_seq": h.last_seq, "role": h.role} for h in mine]})
 
@@ -349,7 +347,7 @@ class _PageResponse(JSONResponse):
 
 
 @_route
-async def hoomi_messages(request: Request, s: Services) -> Response:
+async def hoomi_messages(request: Request, services: Services) -> Response:
     """---
     summary: A page of history (before) or of what follows a seq (after)
     tags: [user]
@@ -371,9 +369,10 @@ async def hoomi_messages(request: Request, s: Services) -> Response:
       "429": {$ref: "#/components/responses/RateLimited"}
       "503": {$ref: "#/components/responses/Unavailable"}
     """
-    user_id = await _user(request, s)
+    user_id = await _user(request, services)
     hoomi_id = _path_uuid(request, "id")
-    limit = _int_param(request, "limit", s.limits.default_page_limit, 1, s.limits.max_page_limit)
+    limits = services.limits
+    limit = _int_param(request, "limit", limits.default_page_limit, 1, limits.max_page_limit)
     before = _int_param(request, "before", None, 1, 2**63 - 1)
     after = _int_param(request, "after", None, 0, 2**63 - 1)
     assert limit is not None
@@ -381,9 +380,10 @@ async def hoomi_messages(request: Request, s: Services) -> Response:
         raise HoomiError(ErrorCode.INVALID, "after: cannot be combined with before", "after")
     # One user must not hold the database pool (nor the replica's memory with pages it
     # does not read): at most `user_max_reads` pages of theirs at once, socket and HTTP.
-    if not s.user_reads.acquire(user_id):
+    if not services.user_reads.acquire(user_id):
         raise HoomiError(ErrorCode.RATE_LIMITED,
-                         f"too many pages at once: at most {s.settings.user_max_reads} per user",
+                         "too many pages at once: at most "
+                         f"{services.settings.user_max_reads} per user",
                         None, errors.RETRY_AFTER_MS)
     released = False
 
@@ -391,21 +391,19 @@ async def hoomi_messages(request: Request, s: Services) -> Response:
         nonlocal released
         if not released:
             released = True
-            s.user_reads.release(user_id)
+            services.user_reads.release(user_id)
 
     try:
-        cap = s.settings.page_max_bytes
         body: dict[str, Any] = {"hoomi_id": str(hoomi_id)}
         if after is not None:
-            sp = await message_store.since(s.pool, hoomi_id, after, limit, reader=user_id,
-                                           hoomi_field="id", max_bytes=cap)
-            body.update(messages=[_message_json(m) for m in sp.messages],
-                        has_more=sp.has_more)
+            after_page = await actions.sync(services, user_id, hoomi_id, after, limit, field="id")
+            body.update(messages=[_message_json(m) for m in after_page.messages],
+                        has_more=after_page.has_more)
         else:
-            hp = await message_store.history(s.pool, hoomi_id, before, limit,
-                                             reader=user_id, hoomi_field="id", max_bytes=cap)
-            body.update(messages=[_message_json(m) for m in hp.messages],
-                        next_before=hp.next_before)
+            before_page = await actions.history(services, user_id, hoomi_id, before, limit,
+                                                field="id")
+            body.update(messages=[_message_json(m) for m in before_page.messages],
+                        next_before=before_page.next_before)
         return _PageResponse(body, release)
     except BaseException:
         release()
@@ -413,7 +411,7 @@ async def hoomi_messages(request: Request, s: Services) -> Response:
 
 
 @_route
-async def delete_message(request: Request, s: Services) -> Response:
+async def delete_message(request: Request, services: Services) -> Response:
     """---
     summary: Delete a message for everyone (its sender or a Hoomi admin)
     tags: [user]
@@ -431,18 +429,15 @@ async def delete_message(request: Request, s: Services) -> Response:
       "429": {$ref: "#/components/responses/RateLimited"}
       "503": {$ref: "#/components/responses/Unavailable"}
     """
-    user_id = await _user(request, s)
+    user_id = await _user(request, services)
     hoomi_id = _path_uuid(request, "id")
     message_id = _path_uuid(request, "message_id")
-    done = await message_store.delete_for_everyone(s.pool, hoomi_id, message_id, user_id,
-                                                   field="message_id")
-    if done.changed:
-        s.hub.deleted(done.hoomi_id, done.id, done.seq)
+    await actions.delete_message(services, user_id, hoomi_id, message_id, field="message_id")
     return Response(status_code=204)
 
 
 @_route
-async def hoomi_members(request: Request, s: Services) -> Response:
+async def hoomi_members(request: Request, services: Services) -> Response:
     """---
     summary: The members of a Hoomi (members only)
     tags: [user]
@@ -460,16 +455,16 @@ async def hoomi_members(request: Request, s: Services) -> Response:
       "429": {$ref: "#/components/responses/RateLimited"}
       "503": {$ref: "#/components/responses/Unavailable"}
     """
-    user_id = await _user(request, s)
+    user_id = await _user(request, services)
     hoomi_id = _path_uuid(request, "id")
-    await _require_role(s, hoomi_id, user_id)
-    roster = await hoomi_store.members(s.pool, hoomi_id)
+    await _require_role(services, hoomi_id, user_id)
+    roster = await hoomi_store.members(services.pool, hoomi_id)
     return JSONResponse({"members": [{"user_id": str(m.user_id), "role": m.role}
                                      for m in roster]})
 
 
 @_route
-async def set_retention(request: Request, s: Services) -> Response:
+async def set_retention(request: Request, services: Services) -> Response:
     """---
     summary: Set how long a Hoomi keeps messages (Hoomi admins)
     tags: [user]
@@ -490,7 +485,7 @@ async def set_retention(request: Request, s: Services) -> Response:
       "503": {$ref: "#/components/responses/Unavailable"}
       "413": {$ref: "#/components/responses/TooLarge"}
     """
-    user_id = await _user(request, s)
+    user_id = await _user(request, services)
     hoomi_id = _path_uuid(request, "id")
     body = await _json(request)
     if "retention_seconds" not in body:
@@ -500,8 +495,7 @@ async def set_retention(request: Request, s: Services) -> Response:
     if seconds is not None and (type(seconds) is not int or seconds <= 0):
         raise HoomiError(ErrorCode.INVALID, "retention_seconds: a positive integer or null",
                          "retention_seconds")
-    await _require_role(s, hoomi_id, user_id, admin=True)
-    await hoomi_store.set_retention(s.pool, hoomi_id, seconds, Actor.user(user_id))
+    await actions.set_retention(services, user_id, hoomi_id, seconds)
     return Response(status_code=204)
 
 
@@ -512,19 +506,8 @@ def _role(body: dict[str, Any]) -> str:
     return str(role)
 
 
-async def _put_member(s: Services, hoomi_id: UUID, user_id: UUID, role: str,
-                      actor: Actor) -> None:
-    await hoomi_store.set_member(s.pool, hoomi_id, user_id, role, actor, hoomi_field="id")
-    s.hub.control(Control("joined", user_id, hoomi_id, role))
-
-
-async def _remove_member(s: Services, hoomi_id: UUID, user_id: UUID, actor: Actor) -> None:
-    await hoomi_store.remove_member(s.pool, hoomi_id, user_id, actor)
-    s.hub.control(Control("left", user_id, hoomi_id))
-
-
 @_route
-async def admin_put_member(request: Request, s: Services) -> Response:
+async def hoomi_put_member(request: Request, services: Services) -> Response:
     """---
     summary: Add a member or change a role (Hoomi admins)
     tags: [user]
@@ -546,17 +529,16 @@ async def admin_put_member(request: Request, s: Services) -> Response:
       "503": {$ref: "#/components/responses/Unavailable"}
       "413": {$ref: "#/components/responses/TooLarge"}
     """
-    actor_id = await _user(request, s)
+    actor_id = await _user(request, services)
     hoomi_id = _path_uuid(request, "id")
     user_id = _path_uuid(request, "user_id")
     role = _role(await _json(request))
-    await _require_role(s, hoomi_id, actor_id, admin=True)
-    await _put_member(s, hoomi_id, user_id, role, Actor.user(actor_id))
+    await actions.put_member(services, hoomi_id, user_id, role, Actor.user(actor_id))
     return Response(status_code=204)
 
 
 @_route
-async def admin_remove_member(request: Request, s: Services) -> Response:
+async def hoomi_remove_member(request: Request, services: Services) -> Response:
     """---
     summary: Remove a member (Hoomi admins) or leave (anyone)
     tags: [user]
@@ -574,19 +556,18 @@ async def admin_remove_member(request: Request, s: Services) -> Response:
       "429": {$ref: "#/components/responses/RateLimited"}
       "503": {$ref: "#/components/responses/Unavailable"}
     """
-    actor_id = await _user(request, s)
+    actor_id = await _user(request, services)
     hoomi_id = _path_uuid(request, "id")
     user_id = _path_uuid(request, "user_id")
-    if user_id != actor_id:  # anyone may leave; removing others takes an admin
-        await _require_role(s, hoomi_id, actor_id, admin=True)
-    await _remove_member(s, hoomi_id, user_id, Actor.user(actor_id))
+    # Anyone may leave; removing others takes a Hoomi admin (checked in the use case).
+    await actions.remove_member(services, hoomi_id, user_id, Actor.user(actor_id))
     return Response(status_code=204)
 
 
 # -- operator routes -------------------------------------------------------------------------
 
 @_route
-async def op_create_user(request: Request, s: Services) -> Response:
+async def operator_create_user(request: Request, services: Services) -> Response:
     """---
     summary: Create a user
     tags: [operator]
@@ -605,15 +586,15 @@ async def op_create_user(request: Request, s: Services) -> Response:
       "503": {$ref: "#/components/responses/Unavailable"}
       "413": {$ref: "#/components/responses/TooLarge"}
     """
-    _operator(request, s)
+    _operator(request, services)
     body = await _json(request)
     user_id = _uuid(body["id"], "id") if body.get("id") is not None else None
-    created = await user_store.create_user(s.pool, user_id)
+    created = await actions.create_user(services, user_id)
     return JSONResponse({"id": str(created)}, status_code=201)
 
 
 @_route
-async def op_delete_user(request: Request, s: Services) -> Response:
+async def operator_delete_user(request: Request, services: Services) -> Response:
     """---
     summary: Delete a user (their messages stay, sender_id becomes null)
     tags: [operator]
@@ -629,15 +610,14 @@ async def op_delete_user(request: Request, s: Services) -> Response:
       "429": {$ref: "#/components/responses/RateLimited"}
       "503": {$ref: "#/components/responses/Unavailable"}
     """
-    _operator(request, s)
+    _operator(request, services)
     user_id = _path_uuid(request, "id")
-    await user_store.delete_user(s.pool, user_id, Actor.operator())
-    s.hub.control(Control("user_gone", user_id))
+    await actions.delete_user(services, user_id)
     return Response(status_code=204)
 
 
 @_route
-async def op_create_hoomi(request: Request, s: Services) -> Response:
+async def operator_create_hoomi(request: Request, services: Services) -> Response:
     """---
     summary: Create a Hoomi with its first members
     tags: [operator]
@@ -656,7 +636,7 @@ async def op_create_hoomi(request: Request, s: Services) -> Response:
       "503": {$ref: "#/components/responses/Unavailable"}
       "413": {$ref: "#/components/responses/TooLarge"}
     """
-    _operator(request, s)
+    _operator(request, services)
     body = await _json(request)
     hoomi_id = _uuid(body["id"], "id") if body.get("id") is not None else None
     raw_members = body.get("members", [])
@@ -672,14 +652,12 @@ async def op_create_hoomi(request: Request, s: Services) -> Response:
             raise HoomiError(ErrorCode.INVALID, f"members[{i}].role: must be admin or member",
                              f"members[{i}].role")
         roster.append(Member(_uuid(m.get("user_id"), f"members[{i}].user_id"), role))
-    created = await hoomi_store.create_hoomi(s.pool, roster, hoomi_id)
-    for m in roster:
-        s.hub.control(Control("joined", m.user_id, created, m.role))
+    created = await actions.create_hoomi(services, roster, hoomi_id)
     return JSONResponse({"id": str(created)}, status_code=201)
 
 
 @_route
-async def op_delete_hoomi(request: Request, s: Services) -> Response:
+async def operator_delete_hoomi(request: Request, services: Services) -> Response:
     """---
     summary: Delete a Hoomi and its messages (audited)
     tags: [operator]
@@ -695,16 +673,14 @@ async def op_delete_hoomi(request: Request, s: Services) -> Response:
       "429": {$ref: "#/components/responses/RateLimited"}
       "503": {$ref: "#/components/responses/Unavailable"}
     """
-    _operator(request, s)
+    _operator(request, services)
     hoomi_id = _path_uuid(request, "id")
-    former = await hoomi_store.delete_hoomi(s.pool, hoomi_id, Actor.operator())
-    for user_id in former:
-        s.hub.control(Control("left", user_id, hoomi_id))
+    await actions.delete_hoomi(services, hoomi_id)
     return Response(status_code=204)
 
 
 @_route
-async def op_put_member(request: Request, s: Services) -> Response:
+async def operator_put_member(request: Request, services: Services) -> Response:
     """---
     summary: Add a member or change a role
     tags: [operator]
@@ -725,16 +701,16 @@ async def op_put_member(request: Request, s: Services) -> Response:
       "503": {$ref: "#/components/responses/Unavailable"}
       "413": {$ref: "#/components/responses/TooLarge"}
     """
-    _operator(request, s)
+    _operator(request, services)
     hoomi_id = _path_uuid(request, "id")
     user_id = _path_uuid(request, "user_id")
     role = _role(await _json(request))
-    await _put_member(s, hoomi_id, user_id, role, Actor.operator())
+    await actions.put_member(services, hoomi_id, user_id, role, Actor.operator())
     return Response(status_code=204)
 
 
 @_route
-async def op_remove_member(request: Request, s: Services) -> Response:
+async def operator_remove_member(request: Request, services: Services) -> Response:
     """---
     summary: Remove a member
     tags: [operator]
@@ -751,14 +727,14 @@ async def op_remove_member(request: Request, s: Services) -> Response:
       "429": {$ref: "#/components/responses/RateLimited"}
       "503": {$ref: "#/components/responses/Unavailable"}
     """
-    _operator(request, s)
-    await _remove_member(s, _path_uuid(request, "id"), _path_uuid(request, "user_id"),
-                         Actor.operator())
+    _operator(request, services)
+    await actions.remove_member(services, _path_uuid(request, "id"), _path_uuid(request, "user_id"),
+                                Actor.operator())
     return Response(status_code=204)
 
 
 @_route
-async def op_token(request: Request, s: Services) -> Response:
+async def operator_token(request: Request, services: Services) -> Response:
     """---
     summary: Sign a user token
     tags: [operator]
@@ -777,18 +753,19 @@ async def op_token(request: Request, s: Services) -> Response:
       "503": {$ref: "#/components/responses/Unavailable"}
       "413": {$ref: "#/components/responses/TooLarge"}
     """
-    _operator(request, s)
+    _operator(request, services)
     body = await _json(request)
     user_id = _uuid(body.get("user_id"), "user_id")
     ttl = body.get("ttl_seconds", 86400)
     if type(ttl) is not int or not 1 <= ttl <= MAX_TOKEN_TTL:
         raise HoomiError(ErrorCode.INVALID, f"ttl_seconds: an integer from 1 to {MAX_TOKEN_TTL}",
                          "ttl_seconds")
-    if not await user_store.user_exists(s.pool, user_id):
+    if not await user_store.user_exists(services.pool, user_id):
         raise HoomiError(ErrorCode.NOT_FOUND, "user not found", "user_id")
-    st = s.settings
-    return JSONResponse({"token": auth.issue(st.jwt_secret, user_id, ttl, issuer=st.jwt_issuer,
-                                             audience=st.jwt_audience)})
+    settings = services.settings
+    return JSONResponse({"token": auth.issue(
+        settings.jwt_secret, user_id, ttl, issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience)})
 
 
 routes = [
@@ -800,13 +777,13 @@ routes = [
     _api("/v1/hoomis/{id}/messages/{message_id}", delete_message, ["DELETE"]),
     _api("/v1/hoomis/{id}/members", hoomi_members),
     _api("/v1/hoomis/{id}/retention", set_retention, ["PUT"]),
-    _api("/v1/hoomis/{id}/members/{user_id}", admin_put_member, ["PUT"]),
-    _api("/v1/hoomis/{id}/members/{user_id}", admin_remove_member, ["DELETE"]),
-    _api("/v1/admin/users", op_create_user, ["POST"]),
-    _api("/v1/admin/users/{id}", op_delete_user, ["DELETE"]),
-    _api("/v1/admin/hoomis", op_create_hoomi, ["POST"]),
-    _api("/v1/admin/hoomis/{id}", op_delete_hoomi, ["DELETE"]),
-    _api("/v1/admin/hoomis/{id}/members/{user_id}", op_put_member, ["PUT"]),
-    _api("/v1/admin/hoomis/{id}/members/{user_id}", op_remove_member, ["DELETE"]),
-    _api("/v1/admin/tokens", op_token, ["POST"]),
+    _api("/v1/hoomis/{id}/members/{user_id}", hoomi_put_member, ["PUT"]),
+    _api("/v1/hoomis/{id}/members/{user_id}", hoomi_remove_member, ["DELETE"]),
+    _api("/v1/admin/users", operator_create_user, ["POST"]),
+    _api("/v1/admin/users/{id}", operator_delete_user, ["DELETE"]),
+    _api("/v1/admin/hoomis", operator_create_hoomi, ["POST"]),
+    _api("/v1/admin/hoomis/{id}", operator_delete_hoomi, ["DELETE"]),
+    _api("/v1/admin/hoomis/{id}/members/{user_id}", operator_put_member, ["PUT"]),
+    _api("/v1/admin/hoomis/{id}/members/{user_id}", operator_remove_member, ["DELETE"]),
+    _api("/v1/admin/tokens", operator_token, ["POST"]),
 ]

@@ -10,7 +10,7 @@ seq below a published one is already in the database. A periodic
 reconcile compares each Hoomi's `last_seq` with what was pushed, which covers a publish
 that never happened (a replica died between commit and publish) or was lost (Redis down).
 
-Each socket keeps its own cursor per Hoomi (see ws.py), so a socket that is still
+Each socket keeps its own cursor per Hoomi (server/session.py), so a socket that is still
 catching up from the database never gets a push twice or out of order.
 """
 
@@ -39,17 +39,21 @@ MEMBERSHIP_PAGE = 5000
 
 
 class Socket(Protocol):
-    user_id: UUID
+    @property
+    def user_id(self) -> UUID: ...
+
     # Bumped by every membership change the socket applies: a reconcile that read the
     # database before a change it has since applied must not undo it.
-    membership_epoch: int
+    @property
+    def membership_epoch(self) -> int: ...
 
-    def deliver(self, hoomi_id: UUID, seq: int, frame: bytes) -> None: ...
-    def deleted(self, hoomi_id: UUID, seq: int, frame: bytes) -> None: ...
-    def joined(self, hoomi_id: UUID, role: str) -> None: ...
-    def left(self, hoomi_id: UUID) -> None: ...
-    def gone(self) -> None: ...
-    def memberships(self, roles: dict[UUID, str]) -> None: ...
+    # What the Hub hands each socket (server/ws.py Connection, then its Session).
+    def on_message(self, hoomi_id: UUID, seq: int, frame: bytes) -> None: ...
+    def on_deletion(self, hoomi_id: UUID, seq: int, frame: bytes) -> None: ...
+    def on_joined(self, hoomi_id: UUID, role: str) -> None: ...
+    def on_left(self, hoomi_id: UUID) -> None: ...
+    def on_user_gone(self) -> None: ...
+    def on_memberships(self, roles: dict[UUID, str]) -> None: ...
 
 
 class _Feed:
@@ -198,12 +202,14 @@ class Hub:
         if out:
             self._outbox.put_nowait(out)
 
-    def deleted(self, hoomi_id: UUID, message_id: UUID, seq: int) -> None:
+    def publish_deletion(self, hoomi_id: UUID, message_id: UUID, seq: int) -> None:
+        """A message was deleted for everyone: tell this replica's sockets and the others."""
         payload = events.pack_deleted(hoomi_id, message_id, seq)
         self._on_deleted(events.unpack(payload))
         self._outbox.put_nowait([(hoomi_channel(hoomi_id.hex), payload)])
 
-    def control(self, change: events.Control) -> None:
+    def publish_control(self, change: events.Control) -> None:
+        """A membership change: apply it to this replica's sockets, tell the others."""
         self._on_control(change)
         self._outbox.put_nowait([(CONTROL_CHANNEL, events.pack_control(change))])
 
@@ -242,24 +248,24 @@ class Hub:
     def _on_deleted(self, event: events.Event) -> None:
         feed = self._feeds.get(event.hoomi_id)
         if feed is not None:
-            # Each socket orders it after the message it deletes (see Connection.deleted).
+            # Each socket orders it after the message it deletes (Session.on_deletion).
             for sock in list(feed.sockets):
-                sock.deleted(event.hoomi_id, event.seq, event.frame)
+                sock.on_deletion(event.hoomi_id, event.seq, event.frame)
 
     def _on_control(self, change: events.Control) -> None:
         for sock in list(self._users.get(change.user_id, ())):
             if change.kind == "user_gone":
-                sock.gone()
+                sock.on_user_gone()
             elif change.kind == "joined" and change.hoomi_id and change.role:
-                sock.joined(change.hoomi_id, change.role)
+                sock.on_joined(change.hoomi_id, change.role)
             elif change.kind == "left" and change.hoomi_id:
-                sock.left(change.hoomi_id)
+                sock.on_left(change.hoomi_id)
 
     def _push(self, hoomi_id: UUID, feed: _Feed, ready: list[tuple[int, bytes]]) -> None:
         """Push what the order let through; start a fill if it names a gap."""
         for seq, frame in ready:
             for sock in list(feed.sockets):
-                sock.deliver(hoomi_id, seq, frame)
+                sock.on_message(hoomi_id, seq, frame)
         if feed.filler is None and feed.order.gap() is not None:
             feed.filler = asyncio.get_running_loop().create_task(self._fill(hoomi_id, feed))
 
@@ -313,9 +319,9 @@ class Hub:
                     if epochs.get(sock) != sock.membership_epoch:
                         continue  # changed while we read: the next round checks it
                     if user_id not in existing:
-                        sock.gone()
+                        sock.on_user_gone()
                     else:
-                        sock.memberships(roles.get(user_id, {}))
+                        sock.on_memberships(roles.get(user_id, {}))
 
     async def reconcile_forever(self, interval: float) -> None:
         while True:

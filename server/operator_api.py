@@ -44,7 +44,7 @@ def _audit_json(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 @_route
-async def audit_log(request: Request, s: Services) -> Response:
+async def audit_log(request: Request, services: Services) -> Response:
     """---
     summary: The audit log, newest first, in pages (operator)
     tags: [operator]
@@ -69,7 +69,7 @@ async def audit_log(request: Request, s: Services) -> Response:
       "429": {$ref: "#/components/responses/RateLimited"}
       "503": {$ref: "#/components/responses/Unavailable"}
     """
-    _operator(request, s)
+    _operator(request, services)
     limit = _int_param(request, "limit", AUDIT_PAGE_DEFAULT, 1, AUDIT_PAGE_MAX)
     before = _int_param(request, "before", None, 1, 2**63 - 1)
     action = request.query_params.get("action") or None
@@ -77,7 +77,7 @@ async def audit_log(request: Request, s: Services) -> Response:
         raise HoomiError(ErrorCode.INVALID, "action: at most 64 characters", "action")
     assert limit is not None
     page = await audit_store.page(
-        s.pool, hoomi_id=_optional_uuid(request, "hoomi_id"),
+        services.pool, hoomi_id=_optional_uuid(request, "hoomi_id"),
         actor_id=_optional_uuid(request, "actor_id"), action=action, before=before,
         limit=limit)
     return JSONResponse({"entries": [_audit_json(e) for e in page.entries],
@@ -85,7 +85,7 @@ async def audit_log(request: Request, s: Services) -> Response:
 
 
 @_route
-async def hoomi_overview(request: Request, s: Services) -> Response:
+async def hoomi_overview(request: Request, services: Services) -> Response:
     """---
     summary: A Hoomi as the operator sees it (members, counters; never content)
     tags: [operator]
@@ -104,9 +104,9 @@ async def hoomi_overview(request: Request, s: Services) -> Response:
       "429": {$ref: "#/components/responses/RateLimited"}
       "503": {$ref: "#/components/responses/Unavailable"}
     """
-    _operator(request, s)
+    _operator(request, services)
     hoomi_id = _path_uuid(request, "id")
-    view = await hoomi_store.overview(s.pool, hoomi_id)
+    view = await hoomi_store.overview(services.pool, hoomi_id)
     if view is None:
         raise StorageError(ErrorCode.NOT_FOUND, "id: no such hoomi", "id")
     return JSONResponse({
@@ -115,14 +115,14 @@ async def hoomi_overview(request: Request, s: Services) -> Response:
         "last_seq": view.last_seq,
         "retention_seconds": view.retention_seconds,
         # Every message up to this seq is archived (storage/archive.py); None: none.
-        "archived_upto": await s.pool.fetchval(
+        "archived_upto": await services.pool.fetchval(
             "SELECT archived_upto FROM hoomis WHERE id = $1", hoomi_id),
         "messages": view.messages,
     })
 
 
 @_route
-async def user_overview(request: Request, s: Services) -> Response:
+async def user_overview(request: Request, services: Services) -> Response:
     """---
     summary: A user and the Hoomis they belong to (operator)
     tags: [operator]
@@ -141,9 +141,9 @@ async def user_overview(request: Request, s: Services) -> Response:
       "429": {$ref: "#/components/responses/RateLimited"}
       "503": {$ref: "#/components/responses/Unavailable"}
     """
-    _operator(request, s)
+    _operator(request, services)
     user_id = _path_uuid(request, "id")
-    hoomis = await hoomi_store.user_with_hoomis(s.pool, user_id)
+    hoomis = await hoomi_store.user_with_hoomis(services.pool, user_id)
     if hoomis is None:
         raise StorageError(ErrorCode.NOT_FOUND, "id: no such user", "id")
     return JSONResponse({"id": str(user_id), "hoomis": [

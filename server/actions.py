@@ -1,0 +1,129 @@
+"""Use cases: each operation written once, called by the socket (server/ws.py) and by HTTP
+(server/api.py), above the stores (storage/) as Synapse's handlers sit above its stores.
+
+A use case checks who may do it (through the stores' membership checks), does it, and
+tells the other replicas what changed: every membership control goes out through
+`_tell_replicas`, every deletion through `Hub.publish_deletion`. Failures are
+protocol.HoomiError values (server/errors.py maps them for each side). The callers keep
+only what is theirs: parsing, rate limits, and the shape of the reply.
+
+`field` arguments name the request field a not-found or forbidden error points at: the
+socket's frames say `hoomi_id`, the HTTP paths say `id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from uuid import UUID
+
+from protocol import Send
+from storage import hoomis as hoomi_store
+from storage import messages as message_store
+from storage import users as user_store
+from storage.audit import Actor
+from storage.records import (
+    AppendRequest,
+    AppendResult,
+    DeletedMessage,
+    HistoryPage,
+    Member,
+    SyncPage,
+)
+
+from .events import Control
+from .services import Services
+
+
+def submit_send(services: Services, sender_id: UUID, frame: Send,
+                ) -> asyncio.Future[AppendResult]:
+    """Queue a message for the writer: the future resolves once its batch has committed
+    (the Hub pushes it to every member from the commit hook, server/hub.py `committed`)."""
+    return services.writer.submit(AppendRequest(
+        frame.hoomi_id, sender_id, frame.client_msg_id, frame.content, frame.nonce,
+        frame.session_id))
+
+
+async def history(services: Services, reader: UUID, hoomi_id: UUID, before: int | None,
+                  limit: int, *, field: str = "hoomi_id") -> HistoryPage:
+    """A page before `before` (newest first), for a member, within HOOMI_PAGE_MAX_BYTES."""
+    return await message_store.history(
+        services.pool, hoomi_id, before, limit, reader=reader, hoomi_field=field,
+        max_bytes=services.settings.page_max_bytes)
+
+
+async def sync(services: Services, reader: UUID, hoomi_id: UUID, after: int, limit: int,
+               *, field: str = "hoomi_id") -> SyncPage:
+    """A page after `after` (oldest first), for a member, within HOOMI_PAGE_MAX_BYTES."""
+    return await message_store.since(
+        services.pool, hoomi_id, after, limit, reader=reader, hoomi_field=field,
+        max_bytes=services.settings.page_max_bytes)
+
+
+async def delete_message(services: Services, actor_id: UUID, hoomi_id: UUID,
+                         message_id: UUID, *, field: str = "id") -> DeletedMessage:
+    """Delete a message for everyone (its sender or a Hoomi admin); members' sockets get
+    `deleted` after the message itself (server/session.py)."""
+    done = await message_store.delete_for_everyone(services.pool, hoomi_id, message_id,
+                                                   actor_id, field=field)
+    if done.changed:
+        services.hub.publish_deletion(done.hoomi_id, done.id, done.seq)
+    return done
+
+
+async def set_retention(services: Services, actor_id: UUID, hoomi_id: UUID,
+                        seconds: int | None) -> None:
+    """How long a Hoomi keeps messages (its admins only)."""
+    await hoomi_store.require_member(services.pool, hoomi_id, actor_id, admin=True, field="id")
+    await hoomi_store.set_retention(services.pool, hoomi_id, seconds, Actor.user(actor_id))
+
+
+async def put_member(services: Services, hoomi_id: UUID, user_id: UUID, role: str,
+                     actor: Actor) -> None:
+    """Add a member or change a role; `actor` is a Hoomi admin (checked here) or the
+    operator (checked by the caller's token)."""
+    if actor.kind == "user" and actor.id is not None:
+        await hoomi_store.require_member(services.pool, hoomi_id, actor.id, admin=True,
+                                         field="id")
+    await hoomi_store.set_member(services.pool, hoomi_id, user_id, role, actor,
+                                 hoomi_field="id")
+    _tell_replicas(services, Control("joined", user_id, hoomi_id, role))
+
+
+async def remove_member(services: Services, hoomi_id: UUID, user_id: UUID,
+                        actor: Actor) -> None:
+    """Remove a member (a Hoomi admin, the operator) or leave (anyone, themselves)."""
+    if actor.kind == "user" and actor.id is not None and actor.id != user_id:
+        await hoomi_store.require_member(services.pool, hoomi_id, actor.id, admin=True,
+                                         field="id")
+    await hoomi_store.remove_member(services.pool, hoomi_id, user_id, actor)
+    _tell_replicas(services, Control("left", user_id, hoomi_id))
+
+
+async def create_hoomi(services: Services, roster: Sequence[Member],
+                       hoomi_id: UUID | None) -> UUID:
+    created = await hoomi_store.create_hoomi(services.pool, roster, hoomi_id)
+    for m in roster:
+        _tell_replicas(services, Control("joined", m.user_id, created, m.role))
+    return created
+
+
+async def delete_hoomi(services: Services, hoomi_id: UUID) -> None:
+    """Delete a Hoomi and its messages; its members' sockets leave it."""
+    for user_id in await hoomi_store.delete_hoomi(services.pool, hoomi_id, Actor.operator()):
+        _tell_replicas(services, Control("left", user_id, hoomi_id))
+
+
+async def create_user(services: Services, user_id: UUID | None) -> UUID:
+    return await user_store.create_user(services.pool, user_id)
+
+
+async def delete_user(services: Services, user_id: UUID) -> None:
+    """Delete a user (their messages stay, sender_id becomes null); their sockets close."""
+    await user_store.delete_user(services.pool, user_id, Actor.operator())
+    _tell_replicas(services, Control("user_gone", user_id))
+
+
+def _tell_replicas(services: Services, change: Control) -> None:
+    """The one place membership changes go to this replica's sockets and the others'."""
+    services.hub.publish_control(change)
