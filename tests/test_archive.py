@@ -6,17 +6,21 @@ retention erase it from the store's bytes; a store that is down gives `unavailab
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from uuid import UUID
 
 import asyncpg
+import httpx
 import pytest
 
+from protocol import Ack
 from protocol.errors import ErrorCode
 from storage import archive, messages, retention
 from storage.archive import Archive, Entry, SegmentError, decode, encode
@@ -24,6 +28,9 @@ from storage.errors import StorageError
 from storage.writer import BatchWriter
 from tests import factories
 from tests.s3 import SeaweedS3
+from tests.test_hub_delivery import joined, send
+from tests.test_hub_delivery import messages as pushed
+from tests.wsclient import own_replica
 
 
 @pytest.fixture
@@ -294,3 +301,66 @@ async def test_sigkill_during_a_rewrite_loses_nothing(pool, writer, dsn, tmp_pat
         assert await _everything(pool, user, hoomis) == expected
     finally:
         archive.configure(None)
+
+
+# -- a real replica: the background pass, every read path, erasure, metrics -----------------
+
+async def test_a_replica_archives_in_the_background_and_serves_it_all_byte_for_byte(
+        dsn, tmp_path):
+    async with own_replica(dsn, None, "archive", HOOMI_ARCHIVE_URL=f"file://{tmp_path}",
+                           HOOMI_ARCHIVE_AFTER_S="0", HOOMI_ARCHIVE_INTERVAL_S="1") as (
+            replica, admin):
+        alice, bob = await admin.user(), await admin.user()
+        a_tok, b_tok = await admin.token(alice), await admin.token(bob)
+        h = await admin.hoomi([alice], [bob])
+        peer, _ = await joined(replica.ws, a_tok)
+        frames = [send(h, ref=i, body=os.urandom(40 + i)) for i in range(8)]
+        for f in frames:
+            await peer.send(f)
+        acks = {}
+        while len(acks) < 8:
+            got = await peer.recv()
+            if isinstance(got, Ack):
+                acks[got.ref] = got
+        deadline = time.monotonic() + 30
+        while (await admin.http.get(f"/v1/admin/hoomis/{h}")).json()["archived_upto"] != 8:
+            assert time.monotonic() < deadline, "not archived within 30 s"
+            await asyncio.sleep(0.2)
+        assert await _count(dsn, "SELECT count(*) FROM messages WHERE content IS NULL") == 8
+        auth = {"Authorization": f"Bearer {b_tok}"}
+        async with httpx.AsyncClient(base_url=replica.http, timeout=10) as http:
+            body = (await http.get(f"/v1/hoomis/{h}/messages?limit=50", headers=auth)).json()
+            assert [base64.b64decode(m["content"]) for m in reversed(body["messages"])] == \
+                [f.content for f in frames]
+            assert [base64.b64decode(m["nonce"]) for m in reversed(body["messages"])] == \
+                [f.nonce for f in frames]
+            # Resume at hello: the catch-up comes from the segments too.
+            pb, _ = await joined(replica.ws, b_tok, resume={h: 2})
+            got = await pushed(pb, 6)
+            assert [m.content for m in got] == [f.content for f in frames[2:]]
+            await pb.close()
+            text = (await http.get("/metrics")).text
+            assert "hoomi_archived_messages_total 8.0" in text
+            assert "hoomi_archive_read_seconds_count" in text
+            # Deletion for everyone reaches the segment file within a tick or two.
+            victim = frames[4]
+            r = await http.delete(f"/v1/hoomis/{h}/messages/{acks[4].id}",
+                                  headers={"Authorization": f"Bearer {a_tok}"})
+            assert r.status_code == 204
+            deadline = time.monotonic() + 30
+            while victim.content in _store_bytes(tmp_path):
+                assert time.monotonic() < deadline, "erased content still in the archive"
+                await asyncio.sleep(0.2)
+            body = (await http.get(f"/v1/hoomis/{h}/messages?limit=50", headers=auth)).json()
+            assert [base64.b64decode(m["content"]) if m.get("content") else None
+                    for m in reversed(body["messages"])] == \
+                [f.content if i != 4 else None for i, f in enumerate(frames)]
+        await peer.close()
+
+
+async def _count(dsn: str, sql: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(sql))
+    finally:
+        await conn.close()
