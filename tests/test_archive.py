@@ -364,3 +364,26 @@ async def _count(dsn: str, sql: str) -> int:
         return int(await conn.fetchval(sql))
     finally:
         await conn.close()
+
+
+async def test_a_deleted_hoomis_segments_leave_the_store(pool, writer, tmp_path):
+    from storage.audit import Actor
+    from storage.hoomis import delete_hoomi
+
+    user, hoomis = await _fill(pool, writer, per_hoomi=9, hoomis=2)
+    kept = (await messages.history(pool, hoomis[1], None, 100)).messages
+    arc = Archive(f"file://{tmp_path}")
+    await archive.run_pass(pool, arc, 0, max_messages=4)
+    assert len(list(tmp_path.rglob("*.seg"))) == 6
+    await delete_hoomi(pool, hoomis[0], Actor.system())
+    # ON DELETE CASCADE took the segment rows; the trigger left their keys as orphans.
+    assert await pool.fetchval("SELECT count(*) FROM archive_orphans") == 3
+    assert (await archive.run_pass(pool, arc, None)).orphans_deleted == 3
+    assert sorted(p.name.split("-")[0] for p in tmp_path.rglob("*.seg")) == \
+        ["00000000000000000001", "00000000000000000005", "00000000000000000009"]
+    assert all(p.parent.name == str(hoomis[1]) for p in tmp_path.rglob("*.seg"))
+    archive.configure(arc)
+    try:
+        assert (await messages.history(pool, hoomis[1], None, 100)).messages == kept
+    finally:
+        archive.configure(None)
