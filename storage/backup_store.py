@@ -140,9 +140,11 @@ class Destination(Protocol):
     def staging(self) -> Any:
         """A context manager yielding the local directory pg_dump writes into."""
 
-    def upload(self, name: str, path: Path, size: int, sha256: str) -> None:
+    def upload(self, name: str, path: Path, size: int, sha256: str,
+               stop: threading.Event) -> None:
         """Store the finished local file as `name`, then read it back and compare:
-        BackupError (and nothing stored under `name`) if it differs."""
+        BackupError (and nothing stored under `name`) if it differs, or if `stop` was
+        set meanwhile."""
 
     def discard(self, name: str) -> None:
         """Remove what an unfinished backup left under `name` (best effort)."""
@@ -177,7 +179,8 @@ class DirDestination:
         self._ensure()
         yield self.root
 
-    def upload(self, name: str, path: Path, size: int, sha256: str) -> None:
+    def upload(self, name: str, path: Path, size: int, sha256: str,
+               stop: threading.Event) -> None:
         # The file is the stored object: its size and sha256 were just read back from
         # disk after pg_dump's fsync. Nothing to copy.
         if path != self.root / name:
@@ -249,11 +252,14 @@ class S3Destination:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def upload(self, name: str, path: Path, size: int, sha256: str) -> None:
+    def upload(self, name: str, path: Path, size: int, sha256: str,
+               stop: threading.Event) -> None:
         import obstore
 
         try:
             obstore.put(self.store, name, path)  # multipart past 5 MiB
+            if stop.is_set():
+                raise BackupError(f"{name} not counted: the hub is shutting down")
             meta = obstore.head(self.store, name)
             if meta["size"] != size:
                 raise BackupError(f"{name}: stored {meta['size']} bytes, wrote {size}")
@@ -427,7 +433,7 @@ def backup_to(dest: Destination, dsn: str, keep: int, migrations: tuple[int, ...
         try:
             size, sha256 = file_digest(info.path)
             if not stop.is_set():
-                dest.upload(name, info.path, size, sha256)
+                dest.upload(name, info.path, size, sha256, stop)
             manifest = Manifest(name=name, size=size, sha256=sha256,
                                 created_at=started.isoformat(), migrations=migrations,
                                 pg_dump_version=pg_dump_version(), tables=info.tables)

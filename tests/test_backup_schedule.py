@@ -4,10 +4,14 @@ interval whichever replica makes it, and the metrics an operator alerts on."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 import urllib.request
 from pathlib import Path
+
+import asyncpg
+import pytest
 
 from storage.backup_store import Manifest
 from tests.cluster import Replica
@@ -88,3 +92,42 @@ async def test_metrics_report_the_newest_backup_and_failures(dsn, tmp_path: Path
     finally:
         good.stop()
         bad.stop()
+
+
+def _pg_dump_writing_into(root: Path) -> bool:
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"pg_dump" in argv[0] and any(str(root).encode() in a for a in argv):
+                return True
+    return False
+
+
+async def test_a_backup_stopped_midway_leaves_nothing_counted_and_the_lock_free(
+        dsn, tmp_path: Path):
+    from storage.backup_store import _LOCK_KEY, backup_once
+
+    root = tmp_path / "backups"
+    conn = await asyncpg.connect(dsn)
+    other = await asyncpg.connect(dsn)
+    try:
+        # pg_dump waits for this lock (it locks every table it dumps): it is running,
+        # and stays so until cancelled.
+        blocker = other.transaction()
+        await blocker.start()
+        await other.execute("LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
+        task = asyncio.create_task(backup_once(conn, dsn, f"file://{root}", 2))
+        await wait_for(lambda: _pg_dump_writing_into(root), 30, "pg_dump running")
+        task.cancel()  # what the replica's lifespan does on SIGTERM
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not _pg_dump_writing_into(root)  # ended, not left running
+        await blocker.rollback()
+        assert list(root.iterdir()) == []  # no dump, no .partial, no manifest
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY)
+    finally:
+        await conn.close()
+        await other.close()
