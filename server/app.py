@@ -164,6 +164,6 @@ async def drain(services: Services) -> None:
     await services.writer.close()
     # Give the acks just resolved a moment to reach their sockets' queues and the wire.
     await asyncio.sleep(0.05)
-    for sock in list(services.sockets):
-        sock.close(1012, "replica shutting down; reconnect elsewhere")  # type: ignore[attr-defined]
+    for sock in services.hub.all_sockets():
+        sock.close(1012, "replica shutting down; reconnect elsewhere")
     await asyncio.sleep(0.1)

@@ -1,9 +1,13 @@
-"""What replicas tell each other over the broker, and its byte layout.
+"""What replicas tell each other over the broker (broadcasts), and their byte layout.
 
-A message event is `b"M" | hoomi_id (16 bytes) | seq (8 bytes, big-endian) | frame`,
+Words: a *push* is a frame the hub sends a client unasked (`message`, `deleted`,
+`membership`); a *broadcast* is what a replica publishes for the others (`Broadcast`,
+`Control`); the SDK's `events()` yields the pushes a client received.
+
+A message broadcast is `b"M" | hoomi_id (16 bytes) | seq (8 bytes, big-endian) | frame`,
 where `frame` is the `message` push already encoded for clients: it is encoded once, by
 the replica that committed it, and every replica forwards the same bytes to its sockets.
-A deletion is the same with `b"D"`. Control events (membership) are small msgpack maps
+A deletion is the same with `b"D"`. Controls (membership changes) are small msgpack maps
 on the control channel.
 """
 
@@ -52,16 +56,18 @@ def pack_deleted(hoomi_id: UUID, message_id: UUID, seq: int) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class Event:
+class Broadcast:
+    """One Hoomi's message or deletion, as published: `frame` is the push, encoded once."""
+
     kind: bytes
     hoomi_id: UUID
     seq: int
     frame: bytes
 
 
-def unpack(payload: bytes) -> Event:
+def unpack(payload: bytes) -> Broadcast:
     kind, hoomi, seq = _HEAD.unpack_from(payload)
-    return Event(kind, UUID(bytes=hoomi), seq, payload[_HEAD.size:])
+    return Broadcast(kind, UUID(bytes=hoomi), seq, payload[_HEAD.size:])
 
 
 @dataclass(frozen=True, slots=True)

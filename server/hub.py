@@ -1,10 +1,10 @@
 """This replica's fan-out: which local sockets belong to which Hoomi, pushed in seq order.
 
-Invariant, per Hoomi: this replica pushes message events to its sockets in ascending seq
+Invariant, per Hoomi: this replica pushes messages to its sockets in ascending seq
 with no gap, starting after the `last_seq` it read once subscribed (the rule itself is
-server/sequencer.py's, one Sequencer per feed). Events come from this replica's own
+server/sequencer.py's, one Sequencer per feed). Messages come from this replica's own
 commits (delivered locally at once) and from the broker (other replicas' commits, and
-the echo of ours, dropped by seq). An event ahead of a missing seq waits `gap_grace` for
+the echo of ours, dropped by seq). A message ahead of a missing seq waits `gap_grace` for
 the missing one, then the gap is read from PostgreSQL: since seqs commit in order, every
 seq below a published one is already in the database. A periodic
 reconcile compares each Hoomi's `last_seq` with what was pushed, which covers a publish
@@ -54,6 +54,7 @@ class Socket(Protocol):
     def on_left(self, hoomi_id: UUID) -> None: ...
     def on_user_gone(self) -> None: ...
     def on_memberships(self, roles: dict[UUID, str]) -> None: ...
+    def close(self, code: int, reason: str) -> None: ...
 
 
 class _Feed:
@@ -83,8 +84,11 @@ class Hub:
         self._grace = gap_grace
         self._on_gap_fill = on_gap_fill
         self._feeds: dict[UUID, _Feed] = {}
+        # Every socket of this replica, from accept to gone (server/ws.py), and the
+        # authenticated ones by user: the one registry of sockets.
+        self._sockets: set[Socket] = set()
         self._users: dict[UUID, set[Socket]] = {}
-        self._outbox: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
+        self._to_publish: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._publisher: asyncio.Task[None] | None = None
 
@@ -95,9 +99,9 @@ class Hub:
     async def close(self) -> None:
         # Publish what is queued for other replicas before going.
         try:
-            await asyncio.wait_for(self._outbox.join(), 5)
+            await asyncio.wait_for(self._to_publish.join(), 5)
         except TimeoutError:
-            _log.warning("closing with %d unpublished event batches", self._outbox.qsize())
+            _log.warning("closing with %d unpublished broadcast batches", self._to_publish.qsize())
         for task in [self._publisher, *self._tasks, *(f.filler for f in self._feeds.values())]:
             if task is not None:
                 task.cancel()
@@ -114,11 +118,29 @@ class Hub:
 
     # -- sockets ---------------------------------------------------------------------------
 
+    @property
+    def connected(self) -> int:
+        """How many sockets this replica holds, authenticated or not."""
+        return len(self._sockets)
+
+    def all_sockets(self) -> list[Socket]:
+        return list(self._sockets)
+
+    def register(self, sock: Socket) -> None:
+        """An accepted socket: counted from now until `unregister`."""
+        self._sockets.add(sock)
+
+    def unregister(self, sock: Socket) -> None:
+        """The socket is gone: out of every index."""
+        self._sockets.discard(sock)
+        self.detach(sock, [])
+
     def sockets_of(self, user_id: UUID) -> int:
         """How many sockets of this user are attached to this replica."""
         return len(self._users.get(user_id, ()))
 
     def attach(self, sock: Socket) -> None:
+        """An authenticated socket: its user's membership changes reach it."""
         self._users.setdefault(sock.user_id, set()).add(sock)
 
     def detach(self, sock: Socket, hoomi_ids: Iterable[UUID]) -> None:
@@ -154,7 +176,7 @@ class Hub:
         try:
             for h in new:
                 await self._broker.subscribe(hoomi_channel(h.hex))
-            # Read after subscribing: a seq above this arrives as an event or via a fill.
+            # Read after subscribing: a seq above this arrives as a broadcast or via a fill.
             last = await hoomi_store.last_seqs(self._pool, new)
         except BaseException:
             for h in new:
@@ -200,33 +222,33 @@ class Hub:
             out.append((hoomi_channel(res.hoomi_id.hex),
                         events.pack_message(res.hoomi_id, res.seq, frame)))
         if out:
-            self._outbox.put_nowait(out)
+            self._to_publish.put_nowait(out)
 
     def publish_deletion(self, hoomi_id: UUID, message_id: UUID, seq: int) -> None:
         """A message was deleted for everyone: tell this replica's sockets and the others."""
         payload = events.pack_deleted(hoomi_id, message_id, seq)
         self._on_deleted(events.unpack(payload))
-        self._outbox.put_nowait([(hoomi_channel(hoomi_id.hex), payload)])
+        self._to_publish.put_nowait([(hoomi_channel(hoomi_id.hex), payload)])
 
     def publish_control(self, change: events.Control) -> None:
         """A membership change: apply it to this replica's sockets, tell the others."""
         self._on_control(change)
-        self._outbox.put_nowait([(CONTROL_CHANNEL, events.pack_control(change))])
+        self._to_publish.put_nowait([(CONTROL_CHANNEL, events.pack_control(change))])
 
     async def _publish_loop(self) -> None:
         while True:
-            batch = await self._outbox.get()
+            batch = await self._to_publish.get()
             taken = 1
-            while not self._outbox.empty():
-                batch.extend(self._outbox.get_nowait())
+            while not self._to_publish.empty():
+                batch.extend(self._to_publish.get_nowait())
                 taken += 1
             try:
                 await self._broker.publish(batch)
             except Exception as exc:
                 # Local sockets already have these; other replicas catch up by reconcile.
-                _log.warning("publish of %d events failed: %s", len(batch), exc)
+                _log.warning("publish of %d broadcasts failed: %s", len(batch), exc)
             for _ in range(taken):
-                self._outbox.task_done()
+                self._to_publish.task_done()
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -234,23 +256,23 @@ class Hub:
         if channel == CONTROL_CHANNEL:
             self._on_control(events.unpack_control(payload))
             return
-        event = events.unpack(payload)
-        if event.kind == events.MESSAGE:
-            self.on_message(event.hoomi_id, event.seq, event.frame)
-        elif event.kind == events.DELETED:
-            self._on_deleted(event)
+        broadcast = events.unpack(payload)
+        if broadcast.kind == events.MESSAGE:
+            self.on_message(broadcast.hoomi_id, broadcast.seq, broadcast.frame)
+        elif broadcast.kind == events.DELETED:
+            self._on_deleted(broadcast)
 
     def on_message(self, hoomi_id: UUID, seq: int, frame: bytes) -> None:
         feed = self._feeds.get(hoomi_id)
         if feed is not None:
             self._push(hoomi_id, feed, feed.order.offer(seq, frame))
 
-    def _on_deleted(self, event: events.Event) -> None:
-        feed = self._feeds.get(event.hoomi_id)
+    def _on_deleted(self, deletion: events.Broadcast) -> None:
+        feed = self._feeds.get(deletion.hoomi_id)
         if feed is not None:
             # Each socket orders it after the message it deletes (Session.on_deletion).
             for sock in list(feed.sockets):
-                sock.on_deletion(event.hoomi_id, event.seq, event.frame)
+                sock.on_deletion(deletion.hoomi_id, deletion.seq, deletion.frame)
 
     def _on_control(self, change: events.Control) -> None:
         for sock in list(self._users.get(change.user_id, ())):
@@ -270,7 +292,7 @@ class Hub:
             feed.filler = asyncio.get_running_loop().create_task(self._fill(hoomi_id, feed))
 
     async def _fill(self, hoomi_id: UUID, feed: _Feed) -> None:
-        """Read the missing seqs from PostgreSQL, after a grace for late events."""
+        """Read the missing seqs from PostgreSQL, after a grace for late broadcasts."""
         try:
             await asyncio.sleep(self._grace)
             backoff = 0.05

@@ -27,7 +27,6 @@ class Services:
     metrics: Metrics
     # Set when SIGTERM arrives: new sockets are refused, open ones closed with 1012.
     draining: bool = False
-    sockets: set[object] = field(default_factory=set)
     # Abuse bounds shared by the socket and HTTP sides (issue 14), built from settings
     # in `__post_init__`: per client address and per user.
     hellos: KeyedBuckets = field(default_factory=lambda: KeyedBuckets(20.0, 100))

@@ -119,7 +119,6 @@ class Connection:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False  # the close the session decided has been started
         self._expiry: asyncio.TimerHandle | None = None
-        self._attached = False
         # The transport under the socket (server/transport.py; None under another server):
         # the socket counts against every cap until it is gone. Both read in run().
         self._transport: HubWebSocketProtocol | None = None
@@ -145,7 +144,7 @@ class Connection:
         why = None
         if services.draining:
             why = "replica shutting down"
-        elif len(services.sockets) >= settings.max_connections:
+        elif services.hub.connected >= settings.max_connections:
             why = "replica full"
         elif gate.waiting >= settings.unauthenticated_budget:
             # Sockets before `hello` have a budget of their own, and one per address: a
@@ -161,7 +160,7 @@ class Connection:
             return
         gate.waiting += 1
         self._waiting = True
-        services.sockets.add(self)
+        services.hub.register(self)
         services.metrics.connections.inc()
         writer: asyncio.Task[None] | None = None
         try:
@@ -214,9 +213,7 @@ class Connection:
                 except TimeoutError:
                     _log.warning("transport still there after abort")
         services.metrics.connections.dec()
-        services.sockets.discard(self)
-        if self._attached:
-            services.hub.detach(self, [])
+        services.hub.unregister(self)
         self._leave_gate()
 
     @staticmethod
@@ -386,7 +383,6 @@ class Connection:
     async def _welcome(self, hello: Hello, first: list[UUID]) -> None:
         services, hub = self.services, self.services.hub
         hub.attach(self)
-        self._attached = True
         self._leave_gate()  # authenticated: counted as the user's socket from here
         await hub.join(self, first)
         # Read again once subscribed: this last_seq is the edge between catch-up and pushes.
@@ -589,17 +585,17 @@ class Connection:
         services, session = self.services, self.session
         try:
             if isinstance(frame, History):
-                hp = await actions.history(services, self.user_id, frame.hoomi_id,
-                                           frame.before, frame.limit)
+                before = await actions.history(services, self.user_id, frame.hoomi_id,
+                                               frame.before, frame.limit)
                 session.reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
-                                   messages=[events.message_body(m) for m in hp.messages],
-                                   next_before=hp.next_before), "page")
+                                   messages=[events.message_body(m) for m in before.messages],
+                                   next_before=before.next_before), "page")
             elif isinstance(frame, Sync):
-                sp = await actions.sync(services, self.user_id, frame.hoomi_id, frame.after,
-                                        frame.limit)
+                after = await actions.sync(services, self.user_id, frame.hoomi_id,
+                                           frame.after, frame.limit)
                 session.reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
-                                   messages=[events.message_body(m) for m in sp.messages],
-                                   has_more=sp.has_more), "page")
+                                   messages=[events.message_body(m) for m in after.messages],
+                                   has_more=after.has_more), "page")
             else:
                 done = await actions.delete_message(services, self.user_id, frame.hoomi_id,
                                                     frame.id, field="id")
