@@ -276,6 +276,9 @@ def cmd_archive(args: argparse.Namespace) -> None:
     settings = _settings()
     if not settings.archive_url:
         sys.exit("hoomi: archive needs HOOMI_ARCHIVE_URL (file:///dir or s3://bucket/prefix)")
+    if args.check:
+        _archive_check(settings.archive_url)
+        return
     older = args.older_than if args.older_than is not None else settings.archive_after_s
     if older is None:
         sys.exit("hoomi: archive: give --older-than SECONDS or set HOOMI_ARCHIVE_AFTER_S")
@@ -306,6 +309,28 @@ def cmd_archive(args: argparse.Namespace) -> None:
         sys.exit("hoomi: archive: another archive pass is running (a replica's); try later")
     print(f"archived {result.messages} messages in {result.segments} segments; "
           f"{result.rewritten} segments rewritten, {result.orphans_deleted} objects deleted")
+
+
+def _archive_check(url: str) -> None:
+    from storage import archive
+    from storage.db import create_pool
+
+    async def run(dsn: str) -> archive.CheckResult:
+        pool = await create_pool(dsn, min_size=1, max_size=2)
+        try:
+            return await archive.check(pool, archive.Archive(url))
+        finally:
+            await pool.close()
+
+    result = _on_database(lambda dsn: asyncio.run(run(dsn)))
+    if result.busy:
+        sys.exit("hoomi: archive: another archive pass is running (a replica's); try later")
+    print(f"{result.segments} segments: {result.missing} missing, {result.repaired} pointed "
+          f"at their rewritten object ({result.tombstoned} messages erased since the "
+          f"backup are now tombstones), {result.lost} with no object at all")
+    if result.lost:
+        sys.exit("hoomi: archive: some segments have no object: is HOOMI_ARCHIVE_URL the "
+                 "archive this database was backed up with? (docs/storage.md)")
 
 
 def cmd_token(args: argparse.Namespace) -> None:
@@ -517,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("archive", help="move old messages' content to HOOMI_ARCHIVE_URL now")
     a.add_argument("--older-than", type=float, metavar="SECONDS",
                    help="archive messages older than this (default HOOMI_ARCHIVE_AFTER_S)")
+    a.add_argument("--check", action="store_true",
+                   help="after a restore: check every segment's object, repair what an "
+                        "erasure since the backup rewrote")
     a.set_defaults(fn=cmd_archive)
     t = sub.add_parser("token", help="issue a development token for a user")
     t.add_argument("user_id")

@@ -57,6 +57,8 @@ import asyncpg
 import obstore
 from obstore.store import LocalStore, S3Store
 
+from . import audit
+from .audit import Actor
 from .errors import StorageError, unavailable
 from .records import StoredMessage
 
@@ -302,13 +304,46 @@ async def _read(conn: asyncpg.Connection | asyncpg.Pool, archive: Archive, hoomi
         inside = {q for q in left if s["first_seq"] <= q <= s["last_seq"]}
         if not inside:
             continue
-        seg = await archive.segment(s["object_key"], s["checksum"])
+        try:
+            seg = await archive.segment(s["object_key"], s["checksum"])
+        except FileNotFoundError:
+            # After a database restore the row may name an object since rewritten (an
+            # erasure) under a newer key: the newest object of the same range holds
+            # every message of it that was not erased.
+            found_new = await replacement(archive, hoomi_id, s["first_seq"], s["last_seq"])
+            if found_new is None:
+                raise
+            seg = found_new[1]
         for q in inside:
             found[(hoomi_id, q)] = seg.entries[q]  # KeyError: rewritten meanwhile
         left -= inside
     if left:
         raise KeyError(f"seqs {sorted(left)[:5]} in no segment")
     return found
+
+
+def _range_name(first: int, last: int) -> str:
+    return f"{first:020d}-{last:020d}-"
+
+
+async def replacement(archive: Archive, hoomi_id: UUID, first: int, last: int
+                      ) -> tuple[str, Segment, bytes] | None:
+    """The newest object written for this Hoomi's seq range (keys carry the range), as
+    (key, parsed segment, bytes); None if there is none."""
+    metas = await obstore.list(archive.store, f"{hoomi_id}/").collect_async()
+    name = _range_name(first, last)
+    for meta in sorted(metas, key=lambda m: m["last_modified"], reverse=True):
+        if not meta["path"].rsplit("/", 1)[-1].startswith(name):
+            continue
+        blob = await archive.get_bytes(meta["path"])
+        try:
+            seg = decode(blob)
+        except SegmentError:
+            continue
+        if (seg.hoomi_id, seg.first_seq, seg.last_seq) == (hoomi_id, first, last):
+            archive.cache.put(meta["path"], seg)
+            return meta["path"], seg, blob
+    return None
 
 
 # -- the archive pass ------------------------------------------------------------------------
@@ -331,7 +366,7 @@ def _step(name: str) -> None:
 
 
 def _key(hoomi_id: UUID, first: int, last: int) -> str:
-    return f"{hoomi_id}/{first:020d}-{last:020d}-{uuid.uuid4().hex[:12]}.seg"
+    return f"{hoomi_id}/{_range_name(first, last)}{uuid.uuid4().hex[:12]}.seg"
 
 
 class _Changed(Exception):
@@ -561,6 +596,83 @@ async def _rewrite(pool: asyncpg.Pool, archive: Archive, s: asyncpg.Record) -> N
         await archive.delete(old)
         await pool.execute("DELETE FROM archive_orphans WHERE hoomi_id = $1 "
                            "AND object_key = $2", hoomi_id, old)
+
+
+# -- after a restore: rows that name objects since rewritten --------------------------------
+
+@dataclass
+class CheckResult:
+    segments: int = 0
+    missing: int = 0  # rows whose object is gone
+    repaired: int = 0  # ... pointed at the rewritten object of the same range
+    tombstoned: int = 0  # archived messages erased since the backup: now tombstones
+    lost: int = 0  # no object at all for the range (see docs/storage.md)
+    busy: bool = False
+
+
+async def check(pool: asyncpg.Pool, archive: Archive) -> CheckResult:
+    """Check that every segment row's object exists (`hoomi archive --check`, after a
+    database restore). A row naming an object that was rewritten for an erasure after
+    the backup is pointed at the newest object of its range; its archived messages that
+    are not in it were erased since the backup, and become tombstones (audited), so the
+    restore cannot bring erased messages back even as rows."""
+    result = CheckResult()
+    async with pool.acquire() as lock:
+        if not await lock.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+            result.busy = True
+            return result
+        try:
+            for s in await pool.fetch("SELECT hoomi_id, first_seq, last_seq, object_key "
+                                      "FROM message_segments ORDER BY hoomi_id, first_seq"):
+                result.segments += 1
+                try:
+                    await obstore.head_async(archive.store, s["object_key"])
+                    continue
+                except FileNotFoundError:
+                    result.missing += 1
+                found = await replacement(archive, s["hoomi_id"], s["first_seq"],
+                                          s["last_seq"])
+                if found is None:
+                    _log.error("archive segment %s is missing and has no replacement",
+                               s["object_key"])
+                    result.lost += 1
+                    continue
+                result.tombstoned += await _repoint(pool, s, *found)
+                result.repaired += 1
+        finally:
+            await lock.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    return result
+
+
+async def _repoint(pool: asyncpg.Pool, s: asyncpg.Record, key: str, seg: Segment,
+                   blob: bytes) -> int:
+    hoomi_id, first, last = s["hoomi_id"], s["first_seq"], s["last_seq"]
+    async with pool.acquire() as conn, conn.transaction():
+        if await conn.fetchval("SELECT object_key FROM message_segments WHERE hoomi_id = $1 "
+                               "AND first_seq = $2 FOR UPDATE", hoomi_id, first) \
+                != s["object_key"]:
+            return 0
+        rows = await conn.fetch(
+            "SELECT seq, id FROM messages WHERE hoomi_id = $1 AND seq BETWEEN $2 AND $3 "
+            "AND content IS NULL AND deleted_at IS NULL FOR UPDATE", hoomi_id, first, last)
+        gone = [r["seq"] for r in rows
+                if r["seq"] not in seg.entries or seg.entries[r["seq"]].id != r["id"]]
+        archived = {r["seq"] for r in rows}
+        if gone:
+            await conn.execute(
+                "UPDATE messages SET deleted_at = now(), updated_at = now(), "
+                "session_id = NULL, content_len = NULL "
+                "WHERE hoomi_id = $1 AND seq = ANY($2::bigint[])", hoomi_id, gone)
+            await audit.record(conn, Actor.system(), "archive.erased_since_backup",
+                               hoomi_id=hoomi_id,
+                               details={"count": len(gone), "from_seq": min(gone),
+                                        "to_seq": max(gone)})
+        await conn.execute(
+            "UPDATE message_segments SET object_key = $3, checksum = $4, size = $5, "
+            "messages = $6, erase_pending = $7 WHERE hoomi_id = $1 AND first_seq = $2",
+            hoomi_id, first, key, hashlib.sha256(blob).hexdigest(), len(blob),
+            len(seg.entries), any(q not in archived for q in seg.entries))
+    return len(gone)
 
 
 # -- marking segments from deletions and purges ----------------------------------------------

@@ -235,7 +235,8 @@ async def test_deleted_and_purged_archived_content_leaves_seaweedfs(pool, writer
 
 # -- crash safety: a real SIGKILL of `hoomi archive` at every step ----------------------------
 
-def _hoomi_archive(dsn: str, url: str, kill_at: str | None) -> subprocess.CompletedProcess:
+def _hoomi_archive(dsn: str, url: str, kill_at: str | None,
+                   *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOOMI_")}
     env.update(DATABASE_URL=dsn, HOOMI_ARCHIVE_URL=url, HOOMI_LOG_LEVEL="warning",
                HOOMI_JWT_SECRET="x" * 32, HOOMI_ADMIN_TOKEN="y" * 32,
@@ -243,7 +244,7 @@ def _hoomi_archive(dsn: str, url: str, kill_at: str | None) -> subprocess.Comple
     if kill_at:
         env["HOOMI_ARCHIVE_KILL_AT"] = kill_at
     hoomi = Path(sys.executable).parent / "hoomi"
-    return subprocess.run([str(hoomi), "archive", "--older-than", "0"],
+    return subprocess.run([str(hoomi), "archive", *(args or ("--older-than", "0"))],
                           env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -387,3 +388,53 @@ async def test_a_deleted_hoomis_segments_leave_the_store(pool, writer, tmp_path)
         assert (await messages.history(pool, hoomis[1], None, 100)).messages == kept
     finally:
         archive.configure(None)
+
+
+async def test_after_restoring_an_older_backup_check_repoints_rewritten_segments(
+        dsn, tmp_path):
+    """Erasure wins over backups: a segment rewritten (a message deleted) after the backup
+    is read from its newest object after the restore, and `archive.check` (hoomi archive
+    --check) points the row there and makes the erased message a tombstone."""
+    from storage import backup
+    from storage.db import create_pool
+
+    store = tmp_path / "archive"
+    pool = await create_pool(dsn, min_size=1, max_size=4)
+    w = BatchWriter(pool)
+    w.start()
+    user, (h,) = await _fill(pool, w, per_hoomi=10, hoomis=1)
+    await w.close()
+    arc = Archive(f"file://{store}")
+    archive.configure(arc)
+    try:
+        await archive.run_pass(pool, arc, 0, max_messages=5)
+        page = (await messages.history(pool, h, None, 100)).messages  # seqs 10 .. 1
+        await asyncio.to_thread(backup.dump, dsn, tmp_path / "before.dump")
+        victim = page[2]  # seq 8, in the segment 6..10
+        await messages.delete_for_everyone(pool, h, victim.id, user)
+        assert (await archive.run_pass(pool, arc, None)).rewritten == 1
+        await pool.close()
+        await asyncio.to_thread(backup.restore, dsn, tmp_path / "before.dump")
+        pool = await create_pool(dsn, min_size=1, max_size=4)
+        arc.cache.clear()
+        # The restored row names the old object, gone: the newest one of its range
+        # serves the rest; the erased message cannot be served (unavailable, not wrong).
+        assert (await messages.history(pool, h, 8, 100)).messages == page[3:]
+        with pytest.raises(StorageError) as err:
+            await messages.history(pool, h, None, 100)
+        assert err.value.code == ErrorCode.UNAVAILABLE
+        result = await archive.check(pool, arc)
+        assert (result.segments, result.missing, result.repaired, result.tombstoned,
+                result.lost) == (2, 1, 1, 1, 0)
+        after = (await messages.history(pool, h, None, 100)).messages
+        assert [m for m in after if m.seq != 8] == [m for m in page if m.seq != 8]
+        assert next(m for m in after if m.seq == 8).deleted_at is not None
+        assert victim.content not in _store_bytes(store)
+        assert await pool.fetchval("SELECT count(*) FROM audit_log "
+                                   "WHERE action = 'archive.erased_since_backup'") == 1
+        run = _hoomi_archive(dsn, f"file://{store}", None, "--check")
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith("2 segments: 0 missing"), run.stdout
+    finally:
+        archive.configure(None)
+        await pool.close()
