@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -22,6 +23,7 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
         dsn,
         min_size=min_size,
         max_size=max_size,
+        connect=connect,
         # Fail fast when PostgreSQL is unreachable so sends get `unavailable` quickly.
         timeout=10,
         command_timeout=30,
@@ -29,6 +31,81 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
     )
     assert pool is not None
     return pool
+
+
+# Where a multi-host DATABASE_URL asks for the primary, every host is tried at once.
+_WRITABLE = {"read-write", "primary"}
+
+
+class NoWritableServer(ConnectionError):
+    """No host of a multi-host DSN is a writable primary now (mid-switchover, say): an
+    outage like a refused connection (is_outage), so callers answer `unavailable`."""
+
+
+async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    """asyncpg.connect, but a multi-host DSN that asks for the primary
+    (`target_session_attrs=read-write`, as after a Patroni failover) tries all its hosts
+    at once and takes the one that is writable.
+
+    asyncpg tries the hosts one after another under one overall timeout, so a host that
+    hangs (a frozen or partitioned old leader: TCP accepts, PostgreSQL never answers)
+    would use the whole timeout and the new primary behind it would never be reached.
+    """
+    hosts = _single_host_dsns(dsn)
+    if len(hosts) <= 1:
+        return await _connect_one(dsn, **kwargs)
+    tasks = [asyncio.ensure_future(_connect_one(d, **kwargs)) for d in hosts]
+    errors: list[BaseException] = []
+    winner: asyncpg.Connection | None = None
+    try:
+        pending = set(tasks)
+        while pending and winner is None:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is not None:
+                    errors.append(exc)
+                elif winner is None:
+                    winner = task.result()
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        for task in tasks:  # a second writable host (split brain) or a late one
+            if task.done() and not task.cancelled() and task.exception() is None:
+                if task.result() is not winner:
+                    task.result().terminate()
+    if winner is not None:
+        return winner
+    # A refusal or timeout says more than "not writable" from a standby that answered.
+    errors.sort(key=lambda e: isinstance(e, NoWritableServer))
+    raise errors[0]
+
+
+async def _connect_one(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(dsn, **kwargs)
+    except asyncpg.exceptions.TargetServerAttributeNotMatched as exc:
+        raise NoWritableServer(str(exc)) from None
+
+
+def _single_host_dsns(dsn: str) -> list[str]:
+    """One DSN per host of a URL-form multi-host DSN asking for the primary; else []."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return []
+    query = dict(parse_qsl(parts.query))
+    if parts.scheme not in ("postgres", "postgresql") or \
+            query.get("target_session_attrs") not in _WRITABLE:
+        return []
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    hosts = [h for h in hostlist.split(",") if h]
+    if len(hosts) <= 1:
+        return []
+    prefix = f"{userinfo}@" if userinfo else ""
+    return [urlunsplit((parts.scheme, prefix + h, parts.path, parts.query, parts.fragment))
+            for h in hosts]
 
 
 class DatabaseUnreachable(Exception):
@@ -43,7 +120,7 @@ async def wait_for_database(dsn: str, timeout_s: float) -> None:
     delay = 0.2
     while True:
         try:
-            conn = await asyncpg.connect(dsn, timeout=max(1.0, min(10.0, timeout_s)))
+            conn = await connect(dsn, timeout=max(1.0, min(10.0, timeout_s)))
         except (OSError, TimeoutError, asyncpg.PostgresError,
                 asyncpg.InterfaceError) as exc:
             left = deadline - time.monotonic()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import asyncpg
 import pytest
 
 from client.sdk import HoomiClient, HubError
+from storage.db import create_pool
 from tests.cluster import Replica, Valkey
 from tests.ha import HACluster, Node, Unavailable
 from tests.wsclient import Admin
@@ -172,6 +174,25 @@ async def wait_writable(node: Node, timeout: float) -> float:
             pass
         await asyncio.sleep(0.05)
     raise TimeoutError(f"{node.name} not writable after {timeout} s")
+
+
+async def test_a_host_that_hangs_does_not_hide_the_primary(ha: Setup):
+    """A frozen old leader (TCP accepts, PostgreSQL never answers) listed first: asyncpg
+    alone spent its whole connect timeout on it (TimeoutError after 10 s, the primary
+    behind it never tried); storage.db.connect tries the hosts at once."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        hosts = ",".join([f"127.0.0.1:{silent.getsockname()[1]}",
+                          *(n.host for n in ha.ha.nodes)])
+        dsn = f"postgresql://postgres@{hosts}/{DATABASE}?target_session_attrs=read-write"
+        pool = await create_pool(dsn, min_size=1, max_size=2)
+        try:
+            leader = await asyncio.to_thread(ha.ha.wait_leader)
+            assert await pool.fetchval("SELECT inet_server_port()") == leader.pg_port
+            assert await pool.fetchval("SELECT NOT pg_is_in_recovery()")
+        finally:
+            await pool.close()
 
 
 async def test_leader_killed_no_acked_message_lost(ha: Setup,
