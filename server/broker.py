@@ -274,6 +274,8 @@ class ClusterBroker:
             url, socket_timeout=5, socket_connect_timeout=5)
         self._wanted: set[str] = set()
         self._shards: dict[str, _Shard] = {}
+        self._publishers: dict[str, aioredis.Redis] = {}  # node name -> its own pool
+        self._closing: set[asyncio.Task[None]] = set()
         self._where: dict[str, str] = {}  # channel -> node name it is subscribed on
         self._handler: Handler | None = None
         self._on_reconnect: ReconnectHandler | None = None
@@ -299,12 +301,56 @@ class ClusterBroker:
             self._supervise(), name="redis-cluster-supervisor")
 
     async def publish(self, events: Iterable[tuple[str, bytes]]) -> None:
+        """SPUBLISH each event on its slot's master: one plain pipeline per master, in
+        parallel, from the slot map as last read. A group that fails (MOVED after a slot
+        moved, a master gone) is sent again through redis-py's cluster pipeline, which
+        follows redirects and refreshes the map; an event of that group already published
+        then arrives twice, and the hub drops the second by its seq."""
+        groups: dict[str, list[tuple[str, bytes]]] = {}
+        try:
+            for channel, payload in events:
+                node = self._cluster.get_node_from_key(channel)
+                if node is None:
+                    raise RedisClusterException(f"no master for {channel}")
+                groups.setdefault(node.name, []).append((channel, self._origin + payload))
+        except (RedisError, RedisClusterException, KeyError):
+            # No slot map yet (the cluster was down at start-up): the cluster client
+            # reads one for us.
+            await self._publish_routed([(c, self._origin + p) for c, p in events])
+            return
+        if len(groups) == 1:
+            name, items = next(iter(groups.items()))
+            await self._publish_direct(name, items)
+            return
+        failed = await asyncio.gather(
+            *(self._publish_direct(name, items) for name, items in groups.items()),
+            return_exceptions=True)
+        for outcome in failed:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _publish_direct(self, name: str, items: list[tuple[str, bytes]]) -> None:
+        client = self._publishers.get(name)
+        if client is None:
+            host, _, port = name.rpartition(":")
+            client = self._publishers[name] = aioredis.Redis(
+                host=host, port=int(port), socket_timeout=5, socket_connect_timeout=5,
+                retry=Retry(NoBackoff(), 0))
+        pipe = client.pipeline(transaction=False)
+        for channel, data in items:
+            pipe.spublish(channel, data)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            _log.info("spublish on %s failed (%s); routing through the cluster client",
+                      name, exc)
+            await self._publish_routed(items)
+
+    async def _publish_routed(self, items: list[tuple[str, bytes]]) -> None:
         pipe = self._cluster.pipeline(transaction=False)
-        n = 0
-        for channel, payload in events:
-            pipe.spublish(channel, self._origin + payload)
-            n += 1
-        if n:
+        for channel, data in items:
+            pipe.spublish(channel, data)
+        if items:
             await pipe.execute()
 
     async def subscribe(self, channel: str) -> None:
@@ -352,6 +398,12 @@ class ClusterBroker:
         for shard in list(self._shards.values()):
             await shard.close()
         self._shards.clear()
+        for client in self._publishers.values():
+            try:
+                await client.aclose()
+            except (RedisError, OSError):
+                pass
+        self._publishers.clear()
         try:
             await self._cluster.aclose()
         except (RedisError, OSError):
@@ -402,6 +454,12 @@ class ClusterBroker:
             masters = {n.name for n in self._cluster.get_primaries()}
             for name in [n for n in self._shards if n not in masters]:
                 await self._drop(self._shards[name])
+            for name in [n for n in self._publishers if n not in masters]:
+                # Closed in the background: a publish may be using it right now.
+                stale = self._publishers.pop(name)
+                closing = asyncio.get_running_loop().create_task(stale.aclose())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
             for channel in sorted(self._wanted):
                 await self._place(channel)
             self._healthy = True
