@@ -355,7 +355,8 @@ async def bounded(coros: Sequence[Awaitable[Any]], limit: int) -> list[Any]:
 def why(exc: BaseException) -> str:
     """An attack's failure, short: the HTTP status of a refused upgrade, else the type."""
     if isinstance(exc, websockets.InvalidStatus):
-        return f"HTTP {exc.response.status_code}"
+        body = (exc.response.body or b"").decode(errors="replace")
+        return f"HTTP {exc.response.status_code} {body[:60]}".strip()
     if isinstance(exc, ConnectionError) and str(exc).startswith("HTTP/"):
         return str(exc)[:30]
     return type(exc).__name__
