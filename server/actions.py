@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from uuid import UUID
 
-from protocol import Send
+from protocol import ErrorCode, HoomiError, Send
 from storage import hoomis as hoomi_store
 from storage import messages as message_store
 from storage import users as user_store
@@ -27,12 +28,61 @@ from storage.records import (
     AppendResult,
     DeletedMessage,
     HistoryPage,
+    HoomiSummary,
     Member,
     SyncPage,
 )
 
+from . import auth
+from .errors import RETRY_AFTER_MS
 from .events import Control
 from .services import Services
+
+
+class TryAgainLater(HoomiError):
+    """A hello refused for now (per-address or per-user bounds): close 1013."""
+
+    def __init__(self, message: str, wait_ms: int, reason: str) -> None:
+        super().__init__(ErrorCode.RATE_LIMITED, message, None, wait_ms)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    user_id: UUID
+    expires_at: float  # the token's expiry, seconds since the epoch
+    hoomis: list[HoomiSummary]
+
+
+async def authenticate(services: Services, address: str, token: str) -> Authenticated:
+    """A socket's `hello`: the per-address bounds, the token, the user (who must still
+    exist) and their Hoomis, the per-user socket bound. AuthError or TryAgainLater."""
+    settings = services.settings
+    # Per client address: hellos are bounded (each costs a token check and queries),
+    # and an address past its failed authentications is refused without a check.
+    wait_ms = services.hellos.take(address)
+    why = "too many hellos from this address"
+    if not wait_ms:
+        wait_ms = services.auth_failures.blocked(address)
+        why = "too many failed authentications from this address"
+    if wait_ms:
+        raise TryAgainLater(f"{why}; retry later", wait_ms, why)
+    try:
+        claims = auth.verify_claims(settings.jwt_secret, token, issuer=settings.jwt_issuer,
+                                    audience=settings.jwt_audience)
+        # A valid signature is not enough: a deleted user's tokens die with it.
+        first = await hoomi_store.user_with_hoomis(services.pool, claims.user_id)
+        if first is None:
+            raise auth.AuthError(ErrorCode.UNAUTHORIZED, "unknown user")
+    except auth.AuthError:
+        services.auth_failures.take(address)
+        raise
+    if services.hub.sockets_of(claims.user_id) >= settings.max_sockets_per_user:
+        # One account must not hold a replica's sockets (a leaking client, a stolen
+        # token): refuse the newest, keep the ones in use.
+        raise TryAgainLater("too many open sockets for this user", RETRY_AFTER_MS,
+                            "too many sockets for this user")
+    return Authenticated(claims.user_id, claims.expires_at, first)
 
 
 def submit_send(services: Services, sender_id: UUID, frame: Send,
@@ -58,6 +108,17 @@ async def sync(services: Services, reader: UUID, hoomi_id: UUID, after: int, lim
     return await message_store.since(
         services.pool, hoomi_id, after, limit, reader=reader, hoomi_field=field,
         max_bytes=services.settings.page_max_bytes)
+
+
+async def my_hoomis(services: Services, user_id: UUID) -> list[HoomiSummary]:
+    """The user's Hoomis with their last_seq and the user's role."""
+    return await hoomi_store.user_hoomis(services.pool, user_id)
+
+
+async def members(services: Services, reader: UUID, hoomi_id: UUID) -> list[Member]:
+    """A Hoomi's roster, for its members."""
+    await hoomi_store.require_member(services.pool, hoomi_id, reader, field="id")
+    return await hoomi_store.members(services.pool, hoomi_id)
 
 
 async def delete_message(services: Services, actor_id: UUID, hoomi_id: UUID,

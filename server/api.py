@@ -42,9 +42,6 @@ _log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
 MAX_TOKEN_TTL = 30 * 86400
-# Registered on the app (server/app.py): the one mapping lives in server/errors.py.
-exception_handlers = errors.exception_handlers
-
 Handler = Callable[[Request, Services], Awaitable[Response]]
 
 
@@ -207,12 +204,6 @@ def _operator(request: Request, services: Services) -> None:
             ErrorCode.UNAUTHORIZED, "authorization: operator token required", "authorization"))
 
 
-async def _require_role(services: Services, hoomi_id: UUID, user_id: UUID,
-                        admin: bool = False) -> str:
-    return await hoomi_store.require_member(services.pool, hoomi_id, user_id, admin=admin,
-                                            field="id")
-
-
 def _message_json(m: StoredMessage) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": str(m.id), "hoomi_id": str(m.hoomi_id), "seq": m.seq,
@@ -316,7 +307,7 @@ async def my_hoomis(request: Request, services: Services) -> Response:
       "503": {$ref: "#/components/responses/Unavailable"}
     """
     user_id = await _user(request, services)
-    mine = await hoomi_store.user_hoomis(services.pool, user_id)
+    mine = await actions.my_hoomis(services, user_id)
     return JSONResponse({"hoomis": [
         {"hoomi_id": str(h.hoomi_id), "last_seq": h.last_seq, "role": h.role} for h in mine]})
 
@@ -457,8 +448,7 @@ async def hoomi_members(request: Request, services: Services) -> Response:
     """
     user_id = await _user(request, services)
     hoomi_id = _path_uuid(request, "id")
-    await _require_role(services, hoomi_id, user_id)
-    roster = await hoomi_store.members(services.pool, hoomi_id)
+    roster = await actions.members(services, user_id, hoomi_id)
     return JSONResponse({"members": [{"user_id": str(m.user_id), "role": m.role}
                                      for m in roster]})
 

@@ -25,7 +25,7 @@ from storage.migrate import migrate
 from storage.retention import purge_expired
 from storage.writer import BatchWriter
 
-from . import api, openapi, operator_api, ws
+from . import api, errors, openapi, operator_api, ws
 from .broker import Broker, ClusterBroker, LocalBroker, RedisBroker
 from .config import Settings
 from .hub import Hub
@@ -124,7 +124,7 @@ def create_app(settings: Settings) -> Starlette:
         routes=[*api.routes, *operator_api.routes,
                 Route("/openapi.json", openapi.openapi_json),
                 WebSocketRoute("/v1/ws", ws.endpoint)],
-        exception_handlers=api.exception_handlers,
+        exception_handlers=errors.exception_handlers,
         middleware=middleware,
         lifespan=lifespan,
     )

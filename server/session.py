@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from protocol import (
+    Ack,
     ClientFrame,
     CloseCode,
     Delete,
@@ -41,6 +42,7 @@ from protocol import (
     HoomiState,
     Limits,
     Membership,
+    Page,
     Ping,
     Pong,
     ProtocolError,
@@ -51,10 +53,11 @@ from protocol import (
     decode_client,
     encode_server,
 )
-from storage.records import HoomiSummary
+from storage.records import AppendResult, DeletedMessage, HistoryPage, HoomiSummary, SyncPage
 
 from .config import Settings
 from .errors import wire_error
+from .events import message_body, ms
 from .limits import Clock, TokenBucket
 from .sequencer import Sequencer
 
@@ -162,8 +165,9 @@ class _Quiet:
 
 class Session:
     def __init__(self, settings: Settings, limits: Limits, *, clock: Clock = time.monotonic,
-                 observer: Observer | None = None) -> None:
+                 wall_clock: Clock = time.time, observer: Observer | None = None) -> None:
         self.state = State.AWAITING_HELLO
+        self.wall_clock = wall_clock  # for the times on the wire (ms since the epoch)
         self.user_id = UUID(int=0)
         self.limits = limits
         self.clock = clock
@@ -213,6 +217,26 @@ class Session:
         """Answer the request `ref` with the error frame for `err` (server/errors.py)."""
         self.observer.error(err.code)
         return self.reply(wire_error(err, ref), "error")
+
+    def answer_send(self, frame: Send, result: AppendResult) -> Verdict:
+        """The `send` committed (possibly before: a retry gets the first commit's ack)."""
+        return self.reply(Ack(ref=frame.ref, id=result.id, hoomi_id=result.hoomi_id,
+                              seq=result.seq, created_at=ms(result.created_at)), "ack")
+
+    def answer_page(self, frame: History | Sync, page: HistoryPage | SyncPage) -> Verdict:
+        body = [message_body(m) for m in page.messages]
+        if isinstance(page, HistoryPage):
+            reply = Page(ref=frame.ref, hoomi_id=frame.hoomi_id, messages=body,
+                         next_before=page.next_before)
+        else:
+            reply = Page(ref=frame.ref, hoomi_id=frame.hoomi_id, messages=body,
+                         has_more=page.has_more)
+        return self.reply(reply, "page")
+
+    def answer_delete(self, frame: Delete, done: DeletedMessage) -> Verdict:
+        # The ack's time is when the deletion was answered (the message keeps its own).
+        return self.reply(Ack(ref=frame.ref, id=done.id, hoomi_id=done.hoomi_id, seq=done.seq,
+                              created_at=int(self.wall_clock() * 1000)), "ack")
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Decide the close: what is queued still goes out, then the writer closes."""
@@ -328,9 +352,8 @@ class Session:
             seen = hello.resume.get(s.hoomi_id)
             # A client claiming more than exists gets pushes from the real edge on.
             start = s.last_seq if seen is None else min(seen, s.last_seq)
-            cursor.order.delivered = start  # held pushes wait for the gap read, if any
             cursor.order.expect(max(s.last_seq, delivered(s.hoomi_id)))
-            self._push(cursor, cursor.order.start(start))
+            self._push(cursor, cursor.order.start(start))  # and what was held above it
             if cursor.sent < s.last_seq:
                 cursor.reading = True  # its first page comes in a batch
                 behind.append(s.hoomi_id)

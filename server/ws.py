@@ -24,7 +24,6 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from protocol import (
-    Ack,
     ClientFrame,
     CloseCode,
     Delete,
@@ -32,7 +31,6 @@ from protocol import (
     Hello,
     History,
     HoomiError,
-    Page,
     Send,
     Sync,
 )
@@ -334,7 +332,7 @@ class Connection:
             return False
         try:
             await self._authenticate(frame)
-        except _TryAgainLater as err:
+        except actions.TryAgainLater as err:
             self.session.refuse(err, frame.ref, CloseCode.TRY_AGAIN_LATER, err.reason)
         except auth.AuthError as err:
             self.session.refuse(err, frame.ref, CloseCode.UNAUTHORIZED, err.message)
@@ -346,36 +344,13 @@ class Connection:
         return self.session.state is State.LIVE
 
     async def _authenticate(self, hello: Hello) -> None:
-        services, settings = self.services, self.services.settings
-        # Per client address: hellos are bounded (each costs a token check and queries),
-        # and an address past its failed authentications is refused without a check.
-        wait_ms = services.hellos.take(self.address)
-        why = "too many hellos from this address"
-        if not wait_ms:
-            wait_ms = services.auth_failures.blocked(self.address)
-            why = "too many failed authentications from this address"
-        if wait_ms:
-            raise _TryAgainLater(f"{why}; retry later", wait_ms, why)
-        try:
-            claims = auth.verify_claims(settings.jwt_secret, hello.token,
-                                        issuer=settings.jwt_issuer, audience=settings.jwt_audience)
-            # A valid signature is not enough: a deleted user's tokens die with it.
-            first = await hoomi_store.user_with_hoomis(services.pool, claims.user_id)
-            if first is None:
-                raise auth.AuthError(ErrorCode.UNAUTHORIZED, "unknown user")
-        except auth.AuthError:
-            services.auth_failures.take(self.address)
-            raise
-        if services.hub.sockets_of(claims.user_id) >= settings.max_sockets_per_user:
-            # One account must not hold a replica's sockets (a leaking client, a stolen
-            # token): refuse the newest, keep the ones in use.
-            raise _TryAgainLater("too many open sockets for this user",
-                                 errors.RETRY_AFTER_MS, "too many sockets for this user")
+        who = await actions.authenticate(self.services, self.address, hello.token)
         # The socket lives as long as its token (on the session's clock): a stolen token
         # must not keep a socket open forever. The client reconnects with a new one and
         # resumes, so nothing is missed.
-        expires_at = self.session.clock() + (claims.expires_at - time.time())
-        await self._welcome(hello, self.session.authenticated(claims.user_id, expires_at, first))
+        expires_at = self.session.clock() + (who.expires_at - time.time())
+        await self._welcome(hello, self.session.authenticated(who.user_id, expires_at,
+                                                              who.hoomis))
         left = self.session.expires_in()
         if left is not None and self.session.state is State.LIVE:
             self._expiry = asyncio.get_running_loop().call_later(left, self._token_expired)
@@ -574,10 +549,7 @@ class Connection:
                 mapped = errors.unavailable("storage failed; retry")
             self.session.fail(mapped, frame.ref)
         else:
-            result = future.result()
-            self.session.reply(Ack(ref=frame.ref, id=result.id, hoomi_id=result.hoomi_id,
-                                   seq=result.seq, created_at=events.ms(result.created_at)),
-                               "ack")
+            self.session.answer_send(frame, future.result())
             self.services.metrics.ack_seconds.observe(time.perf_counter() - started)
         self._react()
 
@@ -585,36 +557,20 @@ class Connection:
         services, session = self.services, self.session
         try:
             if isinstance(frame, History):
-                before = await actions.history(services, self.user_id, frame.hoomi_id,
-                                               frame.before, frame.limit)
-                session.reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
-                                   messages=[events.message_body(m) for m in before.messages],
-                                   next_before=before.next_before), "page")
+                session.answer_page(frame, await actions.history(
+                    services, self.user_id, frame.hoomi_id, frame.before, frame.limit))
             elif isinstance(frame, Sync):
-                after = await actions.sync(services, self.user_id, frame.hoomi_id,
-                                           frame.after, frame.limit)
-                session.reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
-                                   messages=[events.message_body(m) for m in after.messages],
-                                   has_more=after.has_more), "page")
+                session.answer_page(frame, await actions.sync(
+                    services, self.user_id, frame.hoomi_id, frame.after, frame.limit))
             else:
-                done = await actions.delete_message(services, self.user_id, frame.hoomi_id,
-                                                    frame.id, field="id")
-                session.reply(Ack(ref=frame.ref, id=done.id, hoomi_id=done.hoomi_id,
-                                  seq=done.seq, created_at=int(time.time() * 1000)), "ack")
+                session.answer_delete(frame, await actions.delete_message(
+                    services, self.user_id, frame.hoomi_id, frame.id, field="id"))
         except Exception as exc:
             mapped = errors.as_hoomi_error(exc)
             if mapped is None:
                 raise
             session.fail(mapped, frame.ref)
         self._react()
-
-
-class _TryAgainLater(HoomiError):
-    """A hello refused for now (per-address or per-user bounds): close 1013."""
-
-    def __init__(self, message: str, wait_ms: int, reason: str) -> None:
-        super().__init__(ErrorCode.RATE_LIMITED, message, None, wait_ms)
-        self.reason = reason
 
 
 async def endpoint(ws: WebSocket) -> None:

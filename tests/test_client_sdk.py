@@ -12,10 +12,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close
 
 from client.crypto import DecryptError, decrypt
 from client.keys import Keyring, generate_key_file, load_key_file, new_key
-from client.sdk import HoomiClient, HubError, Unauthorized
+from client.sdk import Closed, HoomiClient, HubError, Unauthorized, _raise_if_final
 from protocol import ErrorCode, MessageBody
 from tests.cluster import ROOT
 from tests.wsclient import own_replica
@@ -228,3 +230,17 @@ async def test_client_seals_to_the_content_limit_the_hub_announces(module_dsn, v
             await c.send_text(h, b"x" * (biggest + 1))
         assert c.state.outbox == {}
         await c.close()
+
+
+def test_the_client_follows_each_close_codes_reconnect_policy():
+    def closed(code: int) -> ConnectionClosed:
+        return ConnectionClosed(Close(code, "why"), None)
+
+    with pytest.raises(Unauthorized):
+        _raise_if_final(closed(4401))  # NEW_TOKEN: final with a fixed token
+    for bug in (4400, 1008):  # NEVER: reconnecting repeats the client's bug
+        with pytest.raises(Closed, match=str(bug)):
+            _raise_if_final(closed(bug))
+    for resume in (4408, 1012, 1013, 1009, 1000, 4999):  # RESUME, or a code we do not use
+        _raise_if_final(closed(resume))
+    _raise_if_final(ConnectionClosed(None, None))  # no close frame at all: reconnect
