@@ -124,6 +124,14 @@ class SessionMachine(RuleBasedStateMachine):
     def commit(self, h: UUID) -> None:
         self.db[h] += 1
 
+    @rule(h=st.sampled_from(HOOMIS), n=st.integers(1, 6))
+    def commit_and_push(self, h: UUID, n: int) -> None:
+        """The common case: the hub pushes each commit as it happens."""
+        for _ in range(n):
+            self.db[h] += 1
+            self.s.on_message(h, self.db[h], message(h, self.db[h]))
+        self.collect()
+
     @rule(h=st.sampled_from(HOOMIS), back=st.integers(0, 4))
     def push(self, h: UUID, back: int) -> None:
         seq = self.db[h] - back
