@@ -330,3 +330,113 @@ def test_the_token_expires_on_the_injected_clock():
     error, = (decode_server(f) for f in drain(s))
     assert error.code == ErrorCode.UNAUTHORIZED and error.ref is None
     assert s.close_request == (CloseCode.UNAUTHORIZED, "token expired")
+
+
+def read_all(s: Session, task: Task, db_last: int, page: int = 200) -> None:
+    """What server/ws.py's _catch_up does, with a list for PostgreSQL."""
+    while (rng := s.read_range(task.hoomi_id, task.generation, db_last)) is not None:
+        after, upto = rng
+        rows = [(q, message(task.hoomi_id, q))
+                for q in range(after + 1, min(db_last, after + page) + 1)]
+        has_more = bool(rows) and rows[-1][0] < db_last
+        if not s.rows_read(task.hoomi_id, task.generation, rows,
+                           rows[-1][0] if has_more else max(upto, db_last)):
+            return
+
+
+def test_invalid_fields_get_invalid_and_the_socket_stays_usable():
+    s = new_session()
+    hello(s, {})
+    drain(s)
+    import msgpack
+
+    wire = msgpack.unpackb(encode_client(Send(
+        hoomi_id=HOOMIS[0], client_msg_id=uuid4(), content=b"x" * 16, nonce=b"n" * 12,
+        session_id="s", ref=5)))
+    bad = msgpack.packb({**wire, "nonce": b"n" * 11})
+    assert s.receive(bad) is None
+    error, = (decode_server(f) for f in drain(s))
+    assert error.code == ErrorCode.INVALID and error.ref == 5 and error.message.startswith("nonce")
+    s.receive(encode_client(Ping(ref=6)))
+    assert isinstance(decode_server(drain(s)[0]), Pong) and s.state is State.LIVE
+
+
+def test_history_requests_are_rate_limited_per_socket():
+    from protocol import History
+
+    s = new_session(HOOMI_REQUEST_BURST="3", HOOMI_REQUEST_RATE="0.1")
+    hello(s, {})
+    drain(s)
+    got = [s.receive(encode_client(History(hoomi_id=HOOMIS[0], ref=i))) for i in range(5)]
+    assert [g is not None for g in got] == [True, True, True, False, False]
+    assert {decode_server(f).code for f in drain(s)} == {ErrorCode.RATE_LIMITED}
+
+
+def test_pages_asked_for_and_not_read_are_bounded_in_bytes():
+    s = new_session(HOOMI_SEND_QUEUE_MB="0.0625")  # 64 KiB
+    hello(s, {})
+    drain(s)
+    verdicts = [s.queue(b"p" * 20_000, "page") for _ in range(5)]
+    assert Verdict.TOO_SLOW in verdicts and s.close_request[0] is CloseCode.TOO_SLOW
+
+
+def test_resume_delivers_exactly_what_was_missed_then_pushes():
+    s = new_session()
+    h = HOOMIS[0]
+    assert hello(s, {h: 7}, {h: 3}) == [h]
+    s.on_message(h, 8, message(h, 8))  # a push while it catches up: held, not lost
+    read_all(s, Task(Effect.READ, h, s.generation(h)), 8, page=2)
+    assert [f for f in drain(s) if f.startswith(b"M|")] == [message(h, q) for q in (4, 5, 6, 7, 8)]
+    s.on_message(h, 9, message(h, 9))
+    assert drain(s) == [message(h, 9)]
+
+
+def test_hello_without_resume_starts_at_the_edge():
+    s = new_session()
+    assert hello(s, {HOOMIS[0]: 7}) == []
+    welcome = decode_server(drain(s)[0])
+    assert isinstance(welcome, Welcome) and welcome.hoomis[0].last_seq == 7
+    s.on_message(HOOMIS[0], 8, message(HOOMIS[0], 8))
+    assert drain(s) == [message(HOOMIS[0], 8)]
+
+
+def test_removed_member_stops_receiving_at_once_and_added_member_starts():
+    s = new_session()
+    a, b = HOOMIS[0], HOOMIS[1]
+    hello(s, {a: 0})
+    drain(s)
+    s.on_left(a)
+    assert [t.effect for t in s.take_effects()] == [Effect.LEAVE]
+    s.on_message(a, 1, message(a, 1))
+    left, = drain(s)
+    assert decode_server(left) == Membership(hoomi_id=a, state="left")
+    s.on_joined(b, "member")
+    join, = s.take_effects()
+    s.on_message(b, 5, message(b, 5))  # before the join finished: held
+    s.joined_at(b, join.generation, 4)
+    frames = drain(s)
+    assert decode_server(frames[0]) == Membership(hoomi_id=b, state="joined")
+    assert frames[1:] == [message(b, 5)]
+
+
+def test_deleted_user_is_disconnected_4401():
+    s = new_session()
+    hello(s, {})
+    s.on_user_gone()
+    assert s.close_request == (CloseCode.UNAUTHORIZED, "user deleted")
+
+
+def test_membership_changes_during_hello_apply_after_welcome_in_order():
+    s = new_session()
+    a = HOOMIS[0]
+    frame = s.receive(encode_client(Hello(token="t", ref=1)))
+    mine = [HoomiSummary(a, 0, "member")]
+    s.authenticated(USER, 3600.0, mine)
+    s.on_left(a)  # arrives while hello reads the database
+    s.on_joined(a, "admin")
+    assert drain(s) == []
+    s.welcome(frame, mine, lambda h: 0)
+    bodies = [decode_server(f) for f in drain(s)]
+    assert isinstance(bodies[0], Welcome)
+    assert bodies[1:] == [Membership(hoomi_id=a, state="left")]
+    assert [t.effect for t in s.take_effects()] == [Effect.LEAVE, Effect.JOIN]
