@@ -743,6 +743,7 @@ async def soak(hub: Hub, w: World, minutes: float) -> list[Row]:
 
     await asyncio.gather(sampler(), churn(), steady(4), steady(5), abuse())
     xs = [s[0] for s in samples]
+    late = between[len(between) // 2:]
     half = len(samples) // 2
     rows: list[Row] = [
         ("soak", f"{minutes:g} min, samples every 10 s", f"{len(samples)} samples"),
@@ -758,9 +759,12 @@ async def soak(hub: Hub, w: World, minutes: float) -> list[Row]:
          f"{slope(xs[half:], [float(s[2]) for s in samples[half:]]):+.2f} fds/min"),
         ("soak", "between abuse rounds: RSS / fds, each round",
          " ".join(f"{r:.0f}/{f}" for _, r, f in between)),
-        ("soak", "between abuse rounds: RSS slope; fds slope",
+        ("soak", "between abuse rounds: RSS slope; fds slope (all rounds)",
          f"{slope([b[0] for b in between], [b[1] for b in between]):+.2f} MiB/min; "
          f"{slope([b[0] for b in between], [float(b[2]) for b in between]):+.2f} fds/min"),
+        ("soak", "between abuse rounds: RSS slope; fds slope (second half, warm)",
+         f"{slope([b[0] for b in late], [b[1] for b in late]):+.2f} MiB/min; "
+         f"{slope([b[0] for b in late], [float(b[2]) for b in late]):+.2f} fds/min"),
         ("soak", "work done", ", ".join(f"{k}: {v}" for k, v in counts.items())),
     ]
     return rows
