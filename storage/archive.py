@@ -149,7 +149,8 @@ def open_store(url: str) -> Any:
         if not bucket:
             raise ValueError(f"{url!r}: no bucket")
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
-        client: dict[str, Any] = {"connect_timeout": "3s", "timeout": "60s"}
+        # Per request: a segment is at most 4 MiB.
+        client: dict[str, Any] = {"connect_timeout": "3s", "timeout": "10s"}
         if endpoint.startswith("http://"):
             client["allow_http"] = True
         # A store that is down fails a page in seconds, not after minutes of retries.
