@@ -54,6 +54,7 @@ from protocol import (
     ErrorCode,
     Hello,
     History,
+    HoomiError,
     Membership,
     MessageBody,
     Page,
@@ -85,13 +86,15 @@ MAX_INCOMING_BYTES = (DEFAULT_LIMITS.max_page_limit * DEFAULT_LIMITS.max_frame_b
 SAVE_EVERY = 1.0  # seconds: how often consumed seqs are written to the state file
 
 
-class HubError(Exception):
-    """The hub refused a request; `code` is the protocol error code."""
+class HubError(HoomiError):
+    """The hub refused a request; `code` is the protocol error code (the protocol's one
+    error base, as on the hub's side)."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(f"{code.value}: {message}")
-        self.code = code
-        self.message = message
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message}"
 
 
 class Unauthorized(HubError):

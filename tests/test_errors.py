@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
+from client.sdk import HubError
 from protocol import CloseCode, ErrorCode, HoomiError, ProtocolError, Reconnect
 from server import errors
 from server.auth import AuthError
@@ -29,6 +30,9 @@ def test_every_layer_raises_the_one_error_base():
                 AuthError(ErrorCode.UNAUTHORIZED, "invalid token")):
         assert isinstance(err, HoomiError)
         assert errors.as_hoomi_error(err) is err
+    # The SDK's refusals too, as the client sees them.
+    refused = HubError(ErrorCode.FORBIDDEN, "not a member")
+    assert isinstance(refused, HoomiError) and str(refused) == "forbidden: not a member"
 
 
 def test_outages_map_to_unavailable_and_bugs_do_not_map():
