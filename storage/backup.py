@@ -154,6 +154,8 @@ def dump(dsn: str, path: Path, stop: threading.Event | None = None) -> BackupInf
     except FileExistsError:
         raise BackupError(f"{partial} exists (an interrupted backup?); remove it and "
                           "run again") from None
+    except OSError as exc:
+        raise BackupError(f"cannot write {partial}: {exc.strerror}") from None
     try:
         os.chmod(partial, 0o600)  # whatever the umask
         # --compress=1 (gzip's fastest level): content is ciphertext, which no level

@@ -172,7 +172,10 @@ class DirDestination:
         self.root = root
 
     def _ensure(self) -> None:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackupError(f"{self.url}: cannot make {self.root}: {exc.strerror}") from None
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
@@ -192,27 +195,33 @@ class DirDestination:
     def write_manifest(self, manifest: Manifest) -> None:
         final = self.root / (manifest.name + MANIFEST)
         partial = final.with_name(final.name + ".partial")
-        fd = _create_private(partial)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(manifest.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(partial, final)
+            fd = _create_private(partial)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(manifest.to_json())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(partial, final)
+            finally:
+                partial.unlink(missing_ok=True)
+            dir_fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the manifest's name is durable before it counts
+            finally:
+                os.close(dir_fd)
         except FileExistsError:
             raise BackupError(f"{final} exists") from None
-        finally:
-            partial.unlink(missing_ok=True)
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        except OSError as exc:
+            raise BackupError(f"cannot write {final}: {exc.strerror}") from None
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return [e.name for e in os.scandir(self.root) if e.is_file()]
+        try:
+            return [e.name for e in os.scandir(self.root) if e.is_file()]
+        except OSError as exc:
+            raise BackupError(f"{self.url}: cannot list {self.root}: {exc.strerror}") from None
 
     def read(self, name: str) -> bytes:
         return (self.root / name).read_bytes()

@@ -99,6 +99,17 @@ def test_backup_and_restore_in_embedded_mode(tmp_path: Path):
     assert restored.returncode == 0, restored.stderr
     missing = hoomi("restore", str(tmp_path / "nope.dump"), "--yes", env=env)
     assert missing.returncode != 0 and "no such backup file" in missing.stderr
+    # The same with a destination URL: one line naming what went wrong, no traceback.
+    url = f"file://{tmp_path / 'dir'}"
+    assert hoomi("backup", url, env=env).returncode == 0
+    restored = hoomi("restore", url, "--yes", env=env)
+    assert restored.returncode == 0 and "sha256 checked" in restored.stdout, restored.stderr
+    for args, error in ((("backup", "file:///proc/hoomi-nope"), "cannot make /proc/hoomi-nope"),
+                        (("restore", f"file://{tmp_path}/empty", "--yes"),
+                         "no verified backup there")):
+        failed = hoomi(*args, env=env)
+        assert failed.returncode == 1 and error in failed.stderr, failed.stderr
+        assert "Traceback" not in failed.stderr
 
 
 def _pg_restore() -> Path:

@@ -131,3 +131,19 @@ async def test_a_backup_stopped_midway_leaves_nothing_counted_and_the_lock_free(
     finally:
         await conn.close()
         await other.close()
+
+
+def test_backup_settings_are_checked():
+    from server import config
+
+    base = {"DATABASE_URL": "postgresql://h/db", "HOOMI_JWT_SECRET": "s",
+            "HOOMI_ADMIN_TOKEN": "t"}
+    default = config.load(base)
+    assert (default.backup_url, default.backup_interval_s, default.backup_keep) \
+        == (None, 86400.0, 7)
+    for name, bad in (("HOOMI_BACKUP_URL", "ftp://host/dir"), ("HOOMI_BACKUP_URL", "/srv/b"),
+                      ("HOOMI_BACKUP_KEEP", "0"), ("HOOMI_BACKUP_INTERVAL_S", "0.5")):
+        with pytest.raises(config.ConfigError, match=name):
+            config.load({**base, name: bad})
+    s3 = config.load({**base, "HOOMI_BACKUP_URL": "s3://bucket/hub", "HOOMI_BACKUP_KEEP": "3"})
+    assert (s3.backup_url, s3.backup_keep) == ("s3://bucket/hub", 3)
