@@ -342,16 +342,24 @@ class ClusterBroker:
         try:
             await pipe.execute()
         except (RedisError, OSError) as exc:
-            _log.info("spublish on %s failed (%s); routing through the cluster client",
-                      name, exc)
+            # The type only: a pipeline's error message quotes its commands' payloads.
+            _log.info("spublish of %d events on %s failed (%s); routing through the "
+                      "cluster client", len(items), name, type(exc).__name__)
             await self._publish_routed(items)
 
     async def _publish_routed(self, items: list[tuple[str, bytes]]) -> None:
         pipe = self._cluster.pipeline(transaction=False)
         for channel, data in items:
             pipe.spublish(channel, data)
-        if items:
+        if not items:
+            return
+        try:
             await pipe.execute()
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # Re-raised without the message, which would quote the payloads (the hub
+            # logs it): the type and the count are what an operator needs.
+            raise RedisError(f"SPUBLISH of {len(items)} events failed: "
+                             f"{type(exc).__name__}") from None
 
     async def subscribe(self, channel: str) -> None:
         async with self._lock:

@@ -112,6 +112,38 @@ async def test_membership_control_reaches_both_replicas(sharded):
     await pa.close()
 
 
+async def until(check, timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, f"{what} not after {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+async def test_slot_moved_to_another_shard_resubscribes_there(sharded, valkey_cluster):
+    # A resharding moves a Hoomi's slot: the old master unsubscribes both replicas
+    # (SUNSUBSCRIBE pushed), they subscribe on the new owner, publishing follows MOVED.
+    (ra, rb), admin = sharded
+    alice, bob = await admin.user(), await admin.user()
+    h = await admin.hoomi([alice], [bob])
+    ch = f"hoomi:{h.hex}"
+    pa, _ = await joined(ra.ws, await admin.token(alice))
+    pb, _ = await joined(rb.ws, await admin.token(bob))
+    await pa.send(send(h, ref=0))
+    assert [m.seq for m in await messages(pb, 1)] == [1]
+    owner = valkey_cluster.master_of(ch)
+    target = next(p for p in valkey_cluster.masters() if p != owner)
+    valkey_cluster.move_slot(ch, target)
+    assert valkey_cluster.master_of(ch) == target
+    await until(lambda: shard_subscribers(target, ch) == 2, 10,
+                "both replicas subscribed on the new owner")
+    for i in range(1, 4):
+        await pa.send(send(h, ref=i))
+    assert [m.seq for m in await messages(pb, 3)] == [2, 3, 4]
+    await pa.close()
+    await pb.close()
+
+
 async def stored_seqs(dsn: str, hoomi: UUID) -> list[int]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -120,14 +152,6 @@ async def stored_seqs(dsn: str, hoomi: UUID) -> list[int]:
     finally:
         await conn.close()
     return [r["seq"] for r in rows]
-
-
-async def until(check, timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        assert loop.time() < deadline, f"{what} not after {timeout} s"
-        await asyncio.sleep(0.05)
 
 
 async def test_shard_master_failover_while_messages_flow(sharded, valkey_cluster, module_dsn):

@@ -138,6 +138,17 @@ class ValkeyCluster:
                     return int(fields[1].split("@")[0].rsplit(":", 1)[1])
         raise LookupError(f"no master serves slot {slot}")
 
+    def move_slot(self, channel: str, to_port: int) -> None:
+        """Give the (empty) slot of `channel` to the master at `to_port`, as a resharding
+        does: IMPORTING on the target, MIGRATING on the owner, then NODE everywhere."""
+        owner = self.master_of(channel)
+        slot = _command(owner, "CLUSTER", "KEYSLOT", channel)[1:].strip()
+        ids = {p: _command(p, "CLUSTER", "MYID").split("\r\n")[1] for p in (owner, to_port)}
+        _command(to_port, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[owner])
+        _command(owner, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[to_port])
+        for port in self.masters():
+            _command(port, "CLUSTER", "SETSLOT", slot, "NODE", ids[to_port])
+
     def kill(self, port: int) -> None:
         """SIGKILL one node: its replica is promoted after cluster-node-timeout."""
         proc = self.procs[port]
