@@ -17,6 +17,7 @@ count their stored `content_len`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -27,9 +28,19 @@ from . import archive, audit
 from .audit import Actor
 from .errors import StorageError, forbidden, not_found
 from .hoomis import member_role, require_member
-from .records import DeletedMessage, HistoryPage, StoredMessage, SyncPage
+from .records import (
+    DeletedMessage,
+    EditedMessage,
+    HistoryPage,
+    Reencrypted,
+    SearchPage,
+    StoredMessage,
+    SyncPage,
+)
+from .writer import check_scheme_tokens, is_nonce_conflict, nonce_reused
 
-_COLUMNS = "id, hoomi_id, seq, sender_id, content, nonce, session_id, created_at, deleted_at"
+_COLUMNS = ("id, hoomi_id, seq, sender_id, content, nonce, session_id, created_at, deleted_at, "
+            "scheme, updated_at")
 
 
 def _kept(hoomi: str) -> str:
@@ -40,17 +51,24 @@ def _kept(hoomi: str) -> str:
      WHERE h.id = {hoomi}), '-infinity')"""
 
 
-_BEFORE = f"""
+def _before(where: str = "") -> str:
+    return f"""
 SELECT {_COLUMNS}, content_len FROM messages
-WHERE hoomi_id = $1 AND seq < $2 AND {_kept("$1")}
+WHERE hoomi_id = $1 AND seq < $2 AND {_kept("$1")}{where}
 ORDER BY seq DESC LIMIT $3
 """
 
-_AFTER = f"""
+
+def _after(where: str = "") -> str:
+    return f"""
 SELECT {_COLUMNS}, content_len FROM messages
-WHERE hoomi_id = $1 AND seq > $2 AND {_kept("$1")}
+WHERE hoomi_id = $1 AND seq > $2 AND {_kept("$1")}{where}
 ORDER BY seq ASC LIMIT $3
 """
+
+
+_BEFORE = _before()
+_AFTER = _after()
 
 
 def _bounded(page: str, order: str, max_bytes: str) -> str:
@@ -97,6 +115,18 @@ ORDER BY seq ASC
 
 _BY_ID = f"SELECT {_COLUMNS} FROM messages WHERE id = $1 AND hoomi_id = $2"
 
+_DROP_TOKENS = "DELETE FROM message_tokens WHERE hoomi_id = $1 AND seq = ANY($2::int8[])"
+_ADD_TOKENS = """
+INSERT INTO message_tokens (hoomi_id, token, seq)
+SELECT $1, t.token, t.seq FROM unnest($2::bytea[], $3::int8[]) AS t(token, seq)
+ON CONFLICT DO NOTHING
+"""
+_NONCE_TAKEN = """
+SELECT t.nonce FROM unnest($2::text[], $3::bytea[]) AS t(session_id, nonce)
+JOIN messages m ON m.hoomi_id = $1 AND m.session_id = t.session_id AND m.nonce = t.nonce
+LIMIT 1
+"""
+
 _NEWEST = 2**63 - 1
 
 
@@ -129,24 +159,25 @@ async def _pages_for(
 async def _page(
     conn: asyncpg.Connection | asyncpg.Pool, queries: tuple[str, str, str, str],
     hoomi_id: UUID, edge: int, limit: int, reader: UUID | None, hoomi_field: str,
-    max_bytes: int | None,
+    max_bytes: int | None, scheme_below: int | None = None,
 ) -> tuple[list[StoredMessage], bool]:
     """The page's messages and whether more follow. `queries`: plain, for a reader,
-    byte-bounded, byte-bounded for a reader."""
+    byte-bounded, byte-bounded for a reader (with `scheme_below`, each takes it last)."""
     plain, member, bounded, member_bounded = queries
+    last = () if scheme_below is None else (scheme_below,)
     if max_bytes is None:
         if reader is None:
-            rows = await conn.fetch(plain, hoomi_id, edge, limit + 1)
+            rows = await conn.fetch(plain, hoomi_id, edge, limit + 1, *last)
         else:
             rows = await _pages_for(conn, member, hoomi_id, edge, limit + 1, reader,
-                                    hoomi_field)
+                                    hoomi_field, *last)
         page = await archive.fill(conn, [_message(r) for r in rows[:limit]])
         return page, len(rows) > limit
     if reader is None:
-        rows = await conn.fetch(bounded, hoomi_id, edge, limit + 1, max_bytes)
+        rows = await conn.fetch(bounded, hoomi_id, edge, limit + 1, max_bytes, *last)
     else:
         rows = await _pages_for(conn, member_bounded, hoomi_id, edge, limit + 1, reader,
-                                hoomi_field, max_bytes)
+                                hoomi_field, max_bytes, *last)
     page = await archive.fill(conn, [_message(r) for r in rows])
     return page, bool(rows) and rows[0]["fetched"] > len(rows)
 
@@ -155,32 +186,52 @@ _HISTORY = (_BEFORE, _MEMBER_BEFORE, _BOUNDED_BEFORE, _MEMBER_BOUNDED_BEFORE)
 _SINCE = (_AFTER, _MEMBER_AFTER, _BOUNDED_AFTER, _MEMBER_BOUNDED_AFTER)
 
 
+def _below(page: object) -> tuple[str, str, str, str]:
+    """The four queries of a page listing only live messages with scheme < the last
+    parameter (what is left to reencrypt; `scheme_below`): $4 plain, $5 for a reader or
+    byte-bounded, $6 both."""
+    def only(n: int) -> str:
+        return f" AND deleted_at IS NULL AND scheme < ${n}::int"
+    q = _before if page == "history" else _after
+    order = "DESC" if page == "history" else "ASC"
+    return (q(only(4)), _for_reader(q(only(5))), _bounded(q(only(5)), order, "$4"),
+            _for_reader(_bounded(q(only(6)), order, "$5"), "fetched"))
+
+
+_HISTORY_BELOW = _below("history")
+_SINCE_BELOW = _below("sync")
+
+
 async def history(
     conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, before: int | None, limit: int,
     *, limit_field: str = "limit", reader: UUID | None = None, hoomi_field: str = "hoomi_id",
-    max_bytes: int | None = None,
+    max_bytes: int | None = None, scheme_below: int | None = None,
 ) -> HistoryPage:
     """Up to `limit` messages with seq < before (newest first); tombstones included.
     With `reader`, only for a member of the Hoomi (forbidden / not_found otherwise),
     checked in the same round trip. With `max_bytes`, fewer when their content would
-    pass that many bytes (never fewer than one); `next_before` then continues."""
+    pass that many bytes (never fewer than one); `next_before` then continues. With
+    `scheme_below`, only live messages whose scheme is lower (what is left to migrate)."""
     _check_limit(limit, limit_field)
     edge = _NEWEST if before is None else before
-    page, more = await _page(conn, _HISTORY, hoomi_id, edge, limit, reader, hoomi_field,
-                             max_bytes)
+    queries = _HISTORY if scheme_below is None else _HISTORY_BELOW
+    page, more = await _page(conn, queries, hoomi_id, edge, limit, reader, hoomi_field,
+                             max_bytes, scheme_below)
     return HistoryPage(page, page[-1].seq if more else None)
 
 
 async def since(
     conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, after: int, limit: int,
     *, limit_field: str = "limit", reader: UUID | None = None, hoomi_field: str = "hoomi_id",
-    max_bytes: int | None = None,
+    max_bytes: int | None = None, scheme_below: int | None = None,
 ) -> SyncPage:
     """Up to `limit` messages with seq > after, ascending: a reconnecting client's catch-up.
-    `reader` and `max_bytes` as for `history` (`has_more` then says whether more follow)."""
+    `reader`, `max_bytes` and `scheme_below` as for `history` (`has_more` then says
+    whether more follow)."""
     _check_limit(limit, limit_field)
-    page, more = await _page(conn, _SINCE, hoomi_id, after, limit, reader, hoomi_field,
-                             max_bytes)
+    queries = _SINCE if scheme_below is None else _SINCE_BELOW
+    page, more = await _page(conn, queries, hoomi_id, after, limit, reader, hoomi_field,
+                             max_bytes, scheme_below)
     return SyncPage(page, more)
 
 
@@ -241,6 +292,8 @@ async def delete_for_everyone(
         )
         if row["archived"]:  # its ciphertext is in a segment too: rewritten without it
             await archive.mark_erased(conn, hoomi_id, row["seq"], row["seq"])
+        # Its search tokens go with it (they say which words it held).
+        await conn.execute(_DROP_TOKENS, hoomi_id, [row["seq"]])
         await audit.record(
             conn,
             Actor.user(actor_id),
@@ -279,3 +332,217 @@ async def since_each(
     for m in await archive.fill(conn, [_message(r) for r in rows]):
         found[m.hoomi_id].append(m)
     return {h: SyncPage(ms[:limit], len(ms) > limit) for h, ms in found.items()}
+
+
+# -- messages that change: edit, reencrypt (SPEC §7.2) -----------------------------------------
+
+MAX_REENCRYPT_ITEMS = 100
+
+
+async def _replace_tokens(conn: asyncpg.Connection, hoomi_id: UUID,
+                          tokens: dict[int, tuple[bytes, ...]]) -> None:
+    """The given messages' search tokens become exactly these."""
+    if not tokens:
+        return
+    await conn.execute(_DROP_TOKENS, hoomi_id, list(tokens))
+    pairs = [(t, seq) for seq, ts in tokens.items() for t in set(ts)]
+    if pairs:
+        await conn.execute(_ADD_TOKENS, hoomi_id, [t for t, _ in pairs], [q for _, q in pairs])
+
+
+async def _nonces_free(conn: asyncpg.Connection, hoomi_id: UUID,
+                       pairs: list[tuple[str, bytes]]) -> None:
+    """The nonce guard for edits and reencryptions: none of these (session_id, nonce) is
+    used by a stored message of the Hoomi, nor twice among them."""
+    if len(set(pairs)) != len(pairs) or await conn.fetchval(
+            _NONCE_TAKEN, hoomi_id, [s for s, _ in pairs], [n for _, n in pairs]) is not None:
+        raise nonce_reused()
+
+
+async def edit(
+    pool: asyncpg.Pool, hoomi_id: UUID, message_id: UUID, actor_id: UUID, *,
+    content: bytes, nonce: bytes, session_id: str, scheme: int = 1,
+    tokens: tuple[bytes, ...] = (), field: str = "id",
+) -> EditedMessage:
+    """Replace a message's ciphertext with a new version (its sender only; SPEC §7.2).
+
+    The seq stays, `updated_at` becomes now; the old search tokens go and `tokens` take
+    their place; an archived message's segment is marked for rewrite (its old ciphertext
+    must leave the object store too). The new nonce passes the nonce guard. Retrying the
+    same edit (same content, nonce and session_id) answers as the first time. Audited
+    without content."""
+    check_scheme_tokens(scheme, tokens)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            if await member_role(conn, hoomi_id, actor_id) is None:
+                raise forbidden("not a member of this hoomi")
+            row = await conn.fetchrow(
+                "SELECT seq, sender_id, deleted_at, content, nonce, session_id, scheme, "
+                "updated_at, content_len IS NOT NULL AS archived FROM messages "
+                "WHERE id = $1 AND hoomi_id = $2 FOR UPDATE", message_id, hoomi_id)
+            if row is None or row["deleted_at"] is not None:
+                raise not_found("message", field)
+            if row["sender_id"] != actor_id:
+                raise forbidden("only the sender may edit a message")
+            if (row["content"], row["nonce"], row["session_id"], row["scheme"]) == (
+                    content, nonce, session_id, scheme):
+                return EditedMessage(message_id, hoomi_id, row["seq"], content, nonce,
+                                     session_id, scheme, row["updated_at"])  # a retry
+            await _nonces_free(conn, hoomi_id, [(session_id, nonce)])
+            updated_at = await conn.fetchval(
+                "UPDATE messages SET content = $3, nonce = $4, session_id = $5, scheme = $6, "
+                "content_len = NULL, updated_at = clock_timestamp() "
+                "WHERE id = $1 AND hoomi_id = $2 RETURNING updated_at",
+                message_id, hoomi_id, content, nonce, session_id, scheme)
+            if row["archived"]:  # the old version's segment is rewritten without it
+                await archive.mark_erased(conn, hoomi_id, row["seq"], row["seq"])
+            await conn.execute(_DROP_TOKENS, hoomi_id, [row["seq"]])
+            await _replace_tokens(conn, hoomi_id, {row["seq"]: tokens})
+            await audit.record(conn, Actor.user(actor_id), "message.edit", hoomi_id=hoomi_id,
+                               target_id=message_id,
+                               details={"seq": row["seq"], "scheme": scheme,
+                                        "tokens": len(set(tokens))})
+            return EditedMessage(message_id, hoomi_id, row["seq"], content, nonce,
+                                 session_id, scheme, updated_at)
+    except asyncpg.UniqueViolationError as exc:
+        if is_nonce_conflict(exc):  # a concurrent send or edit took the nonce
+            raise nonce_reused() from None
+        raise
+
+
+class ReencryptItem(NamedTuple):
+    id: UUID
+    old_nonce: bytes
+    content: bytes
+    nonce: bytes
+    session_id: str
+    scheme: int
+    tokens: tuple[bytes, ...] | None = None  # None: the message keeps its tokens
+
+
+async def reencrypt(
+    pool: asyncpg.Pool, hoomi_id: UUID, actor_id: UUID, items: list[ReencryptItem],
+) -> Reencrypted:
+    """A Hoomi admin's device moves messages to a newer encryption scheme (SPEC §7.2).
+
+    An item is applied only if its message is live, still has `old_nonce` (an optimistic
+    check: edited or migrated meanwhile means skipped) and its new scheme is higher than
+    the stored one; otherwise its id is in `skipped`. The new nonces pass the nonce
+    guard (a reused one refuses the whole call, nothing stored). One audit row per call."""
+    if not 1 <= len(items) <= MAX_REENCRYPT_ITEMS:
+        raise StorageError(ErrorCode.INVALID, f"items: 1 to {MAX_REENCRYPT_ITEMS}", "items")
+    for it in items:
+        check_scheme_tokens(it.scheme, () if it.tokens is None else it.tokens)
+    if len({it.id for it in items}) != len(items):
+        raise StorageError(ErrorCode.INVALID, "items: an id appears twice", "items")
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            role = await member_role(conn, hoomi_id, actor_id)
+            if role is None:
+                raise forbidden("not a member of this hoomi")
+            if role != "admin":
+                raise forbidden("only a hoomi admin may reencrypt its messages")
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS}, content_len FROM messages "
+                "WHERE hoomi_id = $1 AND id = ANY($2::uuid[]) "
+                "ORDER BY id FOR UPDATE", hoomi_id, [it.id for it in items])
+            stored = {m.id: m for m in await archive.fill(conn, [_message(r) for r in rows])}
+            apply: list[tuple[ReencryptItem, StoredMessage]] = []
+            skipped: list[UUID] = []
+            for it in items:
+                m = stored.get(it.id)
+                if m is None or m.deleted_at is not None or m.nonce != it.old_nonce \
+                        or it.scheme <= m.scheme:
+                    skipped.append(it.id)
+                else:
+                    apply.append((it, m))
+            updated: list[EditedMessage] = []
+            if apply:
+                await _nonces_free(conn, hoomi_id, [(it.session_id, it.nonce)
+                                                    for it, _ in apply])
+                res = await conn.fetch(
+                    """
+                    UPDATE messages m SET content = t.content, nonce = t.nonce,
+                        session_id = t.session_id, scheme = t.scheme, content_len = NULL,
+                        updated_at = clock_timestamp()
+                    FROM unnest($2::uuid[], $3::bytea[], $4::bytea[], $5::text[], $6::int2[])
+                         AS t(id, content, nonce, session_id, scheme)
+                    WHERE m.hoomi_id = $1 AND m.id = t.id
+                    RETURNING m.id, m.updated_at
+                    """, hoomi_id, [it.id for it, _ in apply], [it.content for it, _ in apply],
+                    [it.nonce for it, _ in apply], [it.session_id for it, _ in apply],
+                    [it.scheme for it, _ in apply])
+                at = {r["id"]: r["updated_at"] for r in res}
+                in_segments = {r["id"] for r in rows if r["content_len"] is not None}
+                for seq in sorted(m.seq for _, m in apply if m.id in in_segments):
+                    await archive.mark_erased(conn, hoomi_id, seq, seq)
+                await _replace_tokens(conn, hoomi_id, {m.seq: it.tokens for it, m in apply
+                                                       if it.tokens is not None})
+                updated = [EditedMessage(it.id, hoomi_id, m.seq, it.content, it.nonce,
+                                         it.session_id, it.scheme, at[it.id]) for it, m in apply]
+            await audit.record(conn, Actor.user(actor_id), "message.reencrypt",
+                               hoomi_id=hoomi_id,
+                               details={"updated": len(updated), "skipped": len(skipped),
+                                        "schemes": sorted({it.scheme for it, _ in apply})})
+            return Reencrypted(updated, skipped)
+    except asyncpg.UniqueViolationError as exc:
+        if is_nonce_conflict(exc):
+            raise nonce_reused() from None
+        raise
+
+
+# -- blind-index search (SPEC §7.2) ------------------------------------------------------------
+
+MAX_SEARCH_TOKENS = 8
+# How many index entries of each token are counted to find the rarest: enough to tell a
+# rare word from a common one, cheap (an index-only scan of at most this many entries).
+_COUNT_CAP = 2000
+
+_TOKEN_COUNT = """
+SELECT count(*) FROM (SELECT 1 FROM message_tokens WHERE hoomi_id = $1 AND token = $2
+                      AND seq < $3 LIMIT $4) c
+"""
+
+# Walks the rarest token's entries newest first; each candidate must carry the other
+# tokens too ($4, distinct; checked by the primary key); then the message itself, live
+# and within retention.
+_SEARCH = f"""
+SELECT {", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))}
+FROM (
+  SELECT t.seq FROM message_tokens t
+  WHERE t.hoomi_id = $1 AND t.token = $2 AND t.seq < $3
+    AND (SELECT count(*) FROM message_tokens u WHERE u.hoomi_id = $1 AND u.seq = t.seq
+         AND u.token = ANY($4::bytea[])) = cardinality($4::bytea[])
+  ORDER BY t.seq DESC
+  LIMIT $5
+) s
+JOIN messages m ON m.hoomi_id = $1 AND m.seq = s.seq
+WHERE m.deleted_at IS NULL AND {_kept("$1").replace("created_at", "m.created_at", 1)}
+ORDER BY m.seq DESC
+"""
+
+
+async def search(
+    conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, tokens: list[bytes],
+    before: int | None, limit: int, reader: UUID, *, hoomi_field: str = "hoomi_id",
+) -> SearchPage:
+    """Up to `limit` live messages carrying every one of `tokens`, newest first, with
+    seq < before; members only. `next_before` continues (None at the oldest match)."""
+    _check_limit(limit, "limit")
+    distinct = list(dict.fromkeys(tokens))
+    if not 1 <= len(distinct) <= MAX_SEARCH_TOKENS or not all(
+            isinstance(t, bytes) and 8 <= len(t) <= 32 for t in distinct):
+        raise StorageError(ErrorCode.INVALID, f"tokens: 1 to {MAX_SEARCH_TOKENS} tokens of "
+                           "8-32 bytes", "tokens")
+    await require_member(conn, hoomi_id, reader, field=hoomi_field)
+    edge = _NEWEST if before is None else before
+    if len(distinct) > 1:  # drive the walk by the rarest token
+        counts = [await conn.fetchval(_TOKEN_COUNT, hoomi_id, t, edge, _COUNT_CAP)
+                  for t in distinct]
+        order = sorted(range(len(distinct)), key=lambda i: counts[i])
+        distinct = [distinct[i] for i in order]
+    rows = await conn.fetch(_SEARCH, hoomi_id, distinct[0], edge, distinct[1:], limit + 1)
+    page = await archive.fill(conn, [_message(r) for r in rows[:limit]])
+    # The walk stops at limit + 1 candidates: a candidate purged by retention or deleted
+    # meanwhile only makes a page shorter, never skips a match.
+    return SearchPage(page, page[-1].seq if len(rows) > limit and page else None)

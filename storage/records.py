@@ -14,6 +14,10 @@ class AppendRequest(NamedTuple):
     content: bytes
     nonce: bytes
     session_id: str
+    # The client's encryption scheme version (1-255; SPEC §7.2, `send.scheme`).
+    scheme: int = 1
+    # Blind-index search tokens (each 8-32 bytes, at most 64), stored with the message.
+    tokens: tuple[bytes, ...] = ()
 
 
 class AppendResult(NamedTuple):
@@ -35,6 +39,9 @@ class StoredMessage(NamedTuple):
     session_id: str | None
     created_at: datetime
     deleted_at: datetime | None
+    scheme: int = 1
+    # The last change (edit, reencryption, deletion); created_at for an unchanged message.
+    updated_at: datetime | None = None
 
 
 class HistoryPage(NamedTuple):
@@ -73,3 +80,29 @@ class DeletedMessage(NamedTuple):
     seq: int
     # False when the message was already a tombstone: nothing changed, nothing to fan out.
     changed: bool
+
+
+class EditedMessage(NamedTuple):
+    """A message's new version after an edit or a reencryption: what the `edited` push
+    carries (SPEC §7.2)."""
+
+    id: UUID
+    hoomi_id: UUID
+    seq: int
+    content: bytes
+    nonce: bytes
+    session_id: str
+    scheme: int
+    updated_at: datetime
+
+
+class Reencrypted(NamedTuple):
+    """The outcome of one `reencrypt` call."""
+
+    updated: list[EditedMessage]
+    skipped: list[UUID]  # stored nonce no longer old_nonce, scheme not higher, or gone
+
+
+class SearchPage(NamedTuple):
+    messages: list[StoredMessage]  # newest first
+    next_before: int | None

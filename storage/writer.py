@@ -32,6 +32,14 @@ Invariants the rest of the hub relies on, kept by this module alone:
    place per turn like everyone else, so another sender's append goes into the next
    batch formed instead of waiting behind the whole flood. (Turns carry over from batch
    to batch, so with more senders than places each still gets its turn in order.)
+8. Nonce guard. A new row whose (hoomi, session_id, nonce) is already used by a stored
+   message, or by an earlier row of the same batch, fails alone with `invalid` naming
+   `nonce`, and nothing of it is stored; its neighbours commit. The check runs after the
+   locks and after the idempotency check (invariant 3), so a retry still gets its
+   original ack. The unique index idx_messages_nonce is the guard itself: should a
+   concurrent edit or reencryption take the nonce between check and insert, the
+   database refuses the row, the batch is split (invariant 5), and the row alone gets
+   the same `invalid` naming `nonce`.
 """
 
 from __future__ import annotations
@@ -66,9 +74,11 @@ FOR UPDATE
 # waited for a Hoomi's lock must not stamp an earlier created_at than the seqs before it.
 _CHECK_ROWS = """
 SELECT t.ord, m.id, m.hoomi_id, m.seq, m.created_at, hm.user_id IS NOT NULL AS is_member,
+       EXISTS (SELECT 1 FROM messages n WHERE n.hoomi_id = t.hoomi_id
+               AND n.session_id = t.session_id AND n.nonce = t.nonce) AS nonce_used,
        (SELECT clock_timestamp()) AS now
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) WITH ORDINALITY
-     AS t(hoomi_id, sender_id, client_msg_id, ord)
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bytea[]) WITH ORDINALITY
+     AS t(hoomi_id, sender_id, client_msg_id, session_id, nonce, ord)
 LEFT JOIN messages m ON m.hoomi_id = t.hoomi_id AND m.sender_id = t.sender_id
                     AND m.client_msg_id = t.client_msg_id
 LEFT JOIN hoomi_members hm ON hm.hoomi_id = t.hoomi_id AND hm.user_id = t.sender_id
@@ -77,21 +87,28 @@ LEFT JOIN hoomi_members hm ON hm.hoomi_id = t.hoomi_id AND hm.user_id = t.sender
 _INSERT_ROWS = """
 WITH ins AS (
     INSERT INTO messages (id, hoomi_id, seq, sender_id, client_msg_id, content, nonce,
-                          session_id, created_at, updated_at)
+                          session_id, scheme, created_at, updated_at)
     SELECT t.id, t.hoomi_id, t.seq, t.sender_id, t.client_msg_id, t.content, t.nonce,
-           t.session_id, $11, $11
+           t.session_id, t.scheme, $12, $12
     FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::uuid[], $5::uuid[], $6::bytea[],
-                $7::bytea[], $8::text[])
-         AS t(id, hoomi_id, seq, sender_id, client_msg_id, content, nonce, session_id)
+                $7::bytea[], $8::text[], $9::int2[])
+         AS t(id, hoomi_id, seq, sender_id, client_msg_id, content, nonce, session_id, scheme)
     ON CONFLICT (hoomi_id, sender_id, client_msg_id) DO NOTHING
     RETURNING 1
 ), counters AS (
     UPDATE hoomis h SET last_seq = v.last_seq
-    FROM unnest($9::uuid[], $10::int8[]) AS v(id, last_seq)
+    FROM unnest($10::uuid[], $11::int8[]) AS v(id, last_seq)
     WHERE h.id = v.id
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM ins) AS inserted
+"""
+
+# The new rows' search tokens (only sent when some row has any).
+_INSERT_TOKENS = """
+INSERT INTO message_tokens (hoomi_id, token, seq)
+SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::int8[])
+ON CONFLICT DO NOTHING
 """
 
 # After a failure that may have happened after COMMIT was applied: what got stored.
@@ -104,6 +121,8 @@ JOIN messages m ON m.hoomi_id = t.hoomi_id AND m.sender_id = t.sender_id
 
 MAX_SESSION_ID_CHARS = 128
 NONCE_BYTES = 12
+MAX_TOKENS = 64
+TOKEN_BYTES = (8, 32)
 # Invariant 7: one sender may hold at most 1/SENDER_SHARE of the queued-bytes bound.
 SENDER_SHARE = 4
 
@@ -288,6 +307,7 @@ class BatchWriter:
         sid = r.session_id
         if not isinstance(sid, str) or not 0 < len(sid) <= MAX_SESSION_ID_CHARS or "\x00" in sid:
             raise StorageError(ErrorCode.INVALID, "session_id: bad value", "session_id")
+        check_scheme_tokens(r.scheme, r.tokens)
 
     async def _run(self) -> None:
         while True:
@@ -322,6 +342,9 @@ class BatchWriter:
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             # Some row the database refuses: find it by halves, so neighbours still commit.
             if len(batch) == 1:
+                if is_nonce_conflict(exc):  # invariant 8: a concurrent edit took it
+                    _fail(batch, nonce_reused())
+                    return
                 _log.warning("row rejected by the database: %s", type(exc).__name__)
                 _fail(batch, StorageError(ErrorCode.INVALID, "message rejected by storage"))
                 return
@@ -431,9 +454,12 @@ class BatchWriter:
                 [reqs[i].hoomi_id for i in leaders],
                 [reqs[i].sender_id for i in leaders],
                 [reqs[i].client_msg_id for i in leaders],
+                [reqs[i].session_id for i in leaders],
+                [reqs[i].nonce for i in leaders],
             )
             now = checks[0]["now"] if checks else None
             new_rows: list[int] = []
+            nonces: set[tuple[UUID, str, bytes]] = set()  # taken by this batch (inv. 8)
             # Sorted by ord: seqs go in batch order, each sender's in arrival order
             # (invariant 4).
             for row in sorted(checks, key=lambda c: c["ord"]):
@@ -447,7 +473,10 @@ class BatchWriter:
                     outcomes[i] = not_found("hoomi", "hoomi_id")
                 elif not row["is_member"]:
                     outcomes[i] = forbidden("not a member of this hoomi")
+                elif row["nonce_used"] or (r.hoomi_id, r.session_id, r.nonce) in nonces:
+                    outcomes[i] = nonce_reused()
                 else:
+                    nonces.add((r.hoomi_id, r.session_id, r.nonce))
                     new_rows.append(i)
             if new_rows:
                 assert now is not None  # rows to insert means some Hoomi row was locked
@@ -456,6 +485,9 @@ class BatchWriter:
                 inserted = await conn.fetchval(_INSERT_ROWS, *args, now)
                 if inserted != len(placed):
                     raise _ConcurrentReuse()
+                tokens = _token_rows(reqs, placed)
+                if tokens[0]:
+                    await conn.execute(_INSERT_TOKENS, *tokens)
                 for i, msg_id, seq in placed:
                     outcomes[i] = AppendResult(msg_id, reqs[i].hoomi_id, seq, now, False)
         for i, r in enumerate(reqs):
@@ -475,7 +507,7 @@ def _allocate(
     reqs: list[AppendRequest], new_rows: list[tuple[int, UUID]], last_seq: dict[UUID, int]
 ) -> tuple[list[list[object]], list[tuple[int, UUID, int]]]:
     """Give each new row the next seq of its Hoomi, in batch order (invariant 4)."""
-    columns: list[list[object]] = [[] for _ in range(8)]
+    columns: list[list[object]] = [[] for _ in range(9)]
     placed: list[tuple[int, UUID, int]] = []
     for i, msg_id in new_rows:
         r = reqs[i]
@@ -493,11 +525,50 @@ def _allocate(
                                                          reqs[p[0]].hoomi_id.int)):
         r = reqs[i]
         row = (msg_id, r.hoomi_id, seq, r.sender_id, r.client_msg_id, r.content, r.nonce,
-               r.session_id)
+               r.session_id, r.scheme)
         for column, value in zip(columns, row, strict=True):
             column.append(value)
     touched = sorted({reqs[i].hoomi_id for i, _, _ in placed})
     return [*columns, list(touched), [last_seq[h] for h in touched]], placed
+
+
+def _token_rows(reqs: list[AppendRequest], placed: list[tuple[int, UUID, int]]
+                ) -> tuple[list[UUID], list[bytes], list[int]]:
+    """message_tokens rows for the placed rows: (hoomi_ids, tokens, seqs)."""
+    hoomis: list[UUID] = []
+    tokens: list[bytes] = []
+    seqs: list[int] = []
+    for i, _, seq in placed:
+        for token in set(reqs[i].tokens):
+            hoomis.append(reqs[i].hoomi_id)
+            tokens.append(token)
+            seqs.append(seq)
+    return hoomis, tokens, seqs
+
+
+def check_scheme_tokens(scheme: object, tokens: object, field: str = "tokens") -> None:
+    """Storage's own check of `scheme` (1-255) and search tokens (<= 64, 8-32 bytes)."""
+    if type(scheme) is not int or not 1 <= scheme <= 255:
+        raise StorageError(ErrorCode.INVALID, "scheme: must be an integer from 1 to 255",
+                           "scheme")
+    if not isinstance(tokens, tuple | list) or len(tokens) > MAX_TOKENS or not all(
+            isinstance(t, bytes) and TOKEN_BYTES[0] <= len(t) <= TOKEN_BYTES[1]
+            for t in tokens):
+        raise StorageError(ErrorCode.INVALID, f"{field}: at most {MAX_TOKENS} tokens of "
+                           f"{TOKEN_BYTES[0]}-{TOKEN_BYTES[1]} bytes", field)
+
+
+def nonce_reused() -> StorageError:
+    return StorageError(ErrorCode.INVALID, "nonce: already used with this session_id in "
+                        "this hoomi (AES-GCM forbids nonce reuse); encrypt again with a "
+                        "fresh nonce", "nonce")
+
+
+def is_nonce_conflict(exc: BaseException) -> bool:
+    """The nonce guard's unique index refused a row (its name on a partition is derived
+    from idx_messages_nonce's columns: hoomi_id, session_id, nonce)."""
+    return isinstance(exc, asyncpg.UniqueViolationError) and "nonce" in (
+        getattr(exc, "constraint_name", None) or "")
 
 
 def _key(r: AppendRequest) -> tuple[UUID, UUID, UUID]:

@@ -461,7 +461,8 @@ async def test_catch_up_over_several_hoomis_reads_one_partition_per_hoomi(pool):
 
 # How each table goes to Citus (docs/scaling.md says the same; a test checks it).
 DISTRIBUTED = {"hoomis": "id", "hoomi_members": "hoomi_id", "messages": "hoomi_id",
-               "message_segments": "hoomi_id", "archive_orphans": "hoomi_id"}
+               "message_segments": "hoomi_id", "archive_orphans": "hoomi_id",
+               "message_tokens": "hoomi_id"}
 REFERENCE = {"users"}
 LOCAL = {"audit_log", "schema_migrations", "hub_settings", "messages_copy", "erasure_rewrites"}
 

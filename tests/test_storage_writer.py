@@ -490,3 +490,85 @@ async def test_senders_take_turns_and_each_keeps_its_order(pool):
         assert mine == sorted(mine)  # each sender's own order (invariant 4)
     assert sorted(a.seq for a in acks) == list(range(1, 15))  # dense
     assert sizes == [6, 6, 2]
+
+
+# -- invariant 8: the nonce guard ---------------------------------------------------------------
+
+async def test_reused_nonce_is_refused_naming_nonce_and_a_retry_still_gets_its_ack(pool, writer):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    first = factories.request(h, alice, session_id="dev1")
+    ack = await writer.append(first)
+    retry = await writer.append(first)  # same client_msg_id, same nonce: the original ack
+    assert (retry.id, retry.seq, retry.duplicate) == (ack.id, ack.seq, True)
+    reuse = first._replace(client_msg_id=uuid4(), content=b"x" * 32)
+    with pytest.raises(StorageError) as err:
+        await writer.append(reuse)
+    assert err.value.code == ErrorCode.INVALID and err.value.field == "nonce"
+    # The same nonce under another session, or in another Hoomi, is another pair.
+    other = await factories.hoomi(pool, [alice])
+    await writer.append(reuse._replace(session_id="dev2"))
+    await writer.append(reuse._replace(hoomi_id=other, client_msg_id=uuid4()))
+    assert await pool.fetchval("SELECT count(*) FROM messages WHERE hoomi_id = $1", h) == 2
+
+
+async def test_reused_nonce_within_one_batch_fails_alone(pool):
+    w = BatchWriter(pool, max_batch=64, max_delay=0.05)
+    w.start()
+    try:
+        alice, bob = await factories.users(pool, 2)
+        h = await factories.hoomi(pool, [alice], [bob])
+        reqs = [factories.request(h, alice if i % 2 else bob) for i in range(10)]
+        reqs[6] = reqs[6]._replace(nonce=reqs[2].nonce, session_id=reqs[2].session_id)
+        outcomes = await asyncio.gather(*(w.append(r) for r in reqs), return_exceptions=True)
+    finally:
+        await w.close()
+    assert isinstance(outcomes[6], StorageError) and outcomes[6].field == "nonce"
+    assert sorted(o.seq for i, o in enumerate(outcomes) if i != 6) == list(range(1, 10))
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 9
+
+
+async def test_the_database_refuses_a_reused_nonce_the_writer_did_not_see(pool, writer):
+    """The index is the guard: a nonce taken between the writer's check and its insert
+    (here: a row written behind its back) still fails that row alone, naming nonce."""
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    reqs = [factories.request(h, alice) for _ in range(8)]
+    await pool.execute(
+        """
+        CREATE FUNCTION take_nonce() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.session_id = 'race' THEN
+                INSERT INTO messages (id, hoomi_id, seq, sender_id, client_msg_id, content,
+                                      nonce, session_id)
+                VALUES (gen_random_uuid(), NEW.hoomi_id, 1000, NEW.sender_id,
+                        gen_random_uuid(), NEW.content, NEW.nonce, 'raced');
+                UPDATE messages SET session_id = 'race' WHERE seq = 1000;
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER take_nonce BEFORE INSERT ON messages
+        FOR EACH ROW WHEN (NEW.session_id = 'race') EXECUTE FUNCTION take_nonce();
+        """)
+    reqs[3] = reqs[3]._replace(session_id="race")
+    outcomes = await asyncio.gather(*(writer.append(r) for r in reqs), return_exceptions=True)
+    assert isinstance(outcomes[3], StorageError) and outcomes[3].field == "nonce"
+    assert sum(not isinstance(o, Exception) for o in outcomes) == 7
+
+
+async def test_scheme_and_tokens_are_stored_with_the_message(pool, writer):
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    tokens = (b"t" * 16, b"u" * 16, b"t" * 16)
+    ack = await writer.append(factories.request(h, alice)._replace(scheme=3, tokens=tokens))
+    plain = await writer.append(factories.request(h, alice))
+    assert await pool.fetchval("SELECT scheme FROM messages WHERE id = $1", ack.id) == 3
+    assert await pool.fetchval("SELECT scheme FROM messages WHERE id = $1", plain.id) == 1
+    rows = await pool.fetch("SELECT token, seq FROM message_tokens WHERE hoomi_id = $1", h)
+    assert sorted((r["token"], r["seq"]) for r in rows) == [(b"t" * 16, 1), (b"u" * 16, 1)]
+    with pytest.raises(StorageError) as err:
+        await writer.append(factories.request(h, alice)._replace(scheme=0))
+    assert err.value.field == "scheme"
+    with pytest.raises(StorageError) as err:
+        await writer.append(factories.request(h, alice)._replace(tokens=(b"short",)))
+    assert err.value.field == "tokens"
