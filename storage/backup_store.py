@@ -77,7 +77,7 @@ class Manifest:
     name: str  # the dump's object name, e.g. hoomi-20261201T120000123Z.dump
     size: int
     sha256: str
-    created_at: str  # ISO 8601, UTC: when pg_dump's snapshot was taken (at most)
+    created_at: str  # ISO 8601, UTC: just before pg_dump took its snapshot
     migrations: tuple[int, ...]  # schema_migrations versions in the backup
     pg_dump_version: str
     tables: int  # tables whose data it holds
