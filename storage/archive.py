@@ -55,6 +55,7 @@ from uuid import UUID
 
 import asyncpg
 import obstore
+import obstore.exceptions
 from obstore.store import LocalStore, S3Store
 
 from . import audit
@@ -549,6 +550,11 @@ async def _rewrite_pending(pool: asyncpg.Pool, archive: Archive) -> int:
             n += 1
         except _Changed:
             pass  # deleted again meanwhile: still pending, the next tick redoes it
+        except (FileNotFoundError, SegmentError, obstore.exceptions.BaseError) as exc:
+            # One segment that cannot be rewritten (its object missing after a restore:
+            # `hoomi archive --check`; the store failing) must not hold the others back.
+            _log.warning("archive: rewrite of %s failed: %s: %s", s["object_key"],
+                         type(exc).__name__, exc)
     return n
 
 

@@ -438,3 +438,23 @@ async def test_after_restoring_an_older_backup_check_repoints_rewritten_segments
     finally:
         archive.configure(None)
         await pool.close()
+
+
+async def test_a_segment_that_cannot_be_rewritten_does_not_hold_back_the_others(
+        pool, writer, tmp_path):
+    user, hoomis = await _fill(pool, writer, per_hoomi=4, hoomis=2)
+    arc = Archive(f"file://{tmp_path}")
+    archive.configure(arc)
+    try:
+        await archive.run_pass(pool, arc, 0)
+        victims = [(await messages.history(pool, h, None, 10)).messages[1] for h in hoomis]
+        for h, v in zip(hoomis, victims, strict=True):
+            await messages.delete_for_everyone(pool, h, v.id, user)
+        (broken,) = (tmp_path / str(hoomis[0])).glob("*.seg")
+        broken.unlink()  # as if lost: its rewrite fails every time
+        assert (await archive.run_pass(pool, arc, None)).rewritten == 1
+        assert victims[1].content not in _store_bytes(tmp_path)
+        assert await pool.fetchval("SELECT count(*) FROM message_segments "
+                                   "WHERE erase_pending") == 1
+    finally:
+        archive.configure(None)
