@@ -128,6 +128,12 @@ def file_digest(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def part_size(size: int) -> int:
+    """Multipart part size for an upload of `size` bytes: 5 MiB (S3's minimum), larger
+    when needed to stay under S3's 10 000 parts (5 MiB parts would cap a dump at 48 GiB)."""
+    return max(5 << 20, -(-size // 9_000))
+
+
 def _create_private(path: Path) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.fchmod(fd, 0o600)  # whatever the umask
@@ -266,7 +272,7 @@ class S3Destination:
         import obstore
 
         try:
-            obstore.put(self.store, name, path)  # multipart past 5 MiB
+            obstore.put(self.store, name, path, chunk_size=part_size(size))
             if stop.is_set():
                 raise BackupError(f"{name} not counted: the hub is shutting down")
             meta = obstore.head(self.store, name)

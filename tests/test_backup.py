@@ -369,3 +369,11 @@ async def test_restore_of_the_newest_backup_from_s3_into_a_fresh_database(
         assert len(await all_messages(fresh_dsn)) == 3 * 221  # untouched
     finally:
         await pg.drop_database(pg_template, fresh)
+
+
+def test_multipart_parts_stay_within_s3s_limits():
+    from storage.backup_store import part_size
+
+    assert part_size(346_000_000) == 5 << 20  # 1M messages: 66 parts of 5 MiB
+    for size in (48 << 30, 200 << 30, 5 << 40):  # past 10 000 parts of 5 MiB
+        assert -(-size // part_size(size)) <= 10_000
