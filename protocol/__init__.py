@@ -11,6 +11,9 @@ from .frames import (
     ClientFrame,
     Delete,
     Deleted,
+    Edit,
+    EditAck,
+    Edited,
     Error,
     Hello,
     History,
@@ -20,7 +23,11 @@ from .frames import (
     Page,
     Ping,
     Pong,
+    Reencrypt,
+    ReencryptAck,
+    ReencryptItem,
     Ref,
+    Search,
     Send,
     ServerFrame,
     Sync,
@@ -29,9 +36,11 @@ from .frames import (
 from .limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
-    "Ack", "ClientFrame", "CloseCode", "DEFAULT_LIMITS", "Delete", "Deleted", "Error",
+    "Ack", "ClientFrame", "CloseCode", "DEFAULT_LIMITS", "Delete", "Deleted", "Edit",
+    "EditAck", "Edited", "Error",
     "ErrorCode", "Hello", "History", "HoomiError", "HoomiState", "Limits", "Membership",
-    "MessageBody", "Page", "Ping", "Pong", "ProtocolError", "Reconnect", "Ref", "Send",
+    "MessageBody", "Page", "Ping", "Pong", "ProtocolError", "Reconnect", "Reencrypt",
+    "ReencryptAck", "ReencryptItem", "Ref", "Search", "Send",
     "ServerFrame", "Sync", "Welcome", "decode_client", "decode_server", "encode_client",
     "encode_server",
 ]

@@ -26,6 +26,9 @@ from .frames import (
     ClientFrame,
     Delete,
     Deleted,
+    Edit,
+    EditAck,
+    Edited,
     Error,
     Hello,
     History,
@@ -35,7 +38,11 @@ from .frames import (
     Page,
     Ping,
     Pong,
+    Reencrypt,
+    ReencryptAck,
+    ReencryptItem,
     Ref,
+    Search,
     Send,
     ServerFrame,
     Sync,
@@ -78,8 +85,16 @@ def _invalid(field: str, message: str, ref: Ref) -> ProtocolError:
 # unknown key costs parse time bounded by the frame's size and nothing else.
 _KNOWN_KEYS = frozenset({
     "type", "ref", "token", "resume", "hoomi_id", "client_msg_id", "content", "nonce",
-    "session_id", "before", "after", "limit", "id",
+    "session_id", "before", "after", "limit", "id", "scheme", "tokens", "items",
+    "scheme_below",
 })
+# The keys of one `reencrypt` item.
+_ITEM_KEYS = frozenset({"id", "old_nonce", "content", "nonce", "session_id", "scheme",
+                        "tokens"})
+# The only arrays a client frame holds: built under these keys only, within these bounds
+# (any longer array is skipped element by element, unbuilt, and reported `invalid`).
+_ARRAY_CAP = {"tokens": DEFAULT_LIMITS.max_search_tokens_per_message,
+              "items": DEFAULT_LIMITS.max_reencrypt_items}
 # First bytes of msgpack array and map headers (fixarray, array16/32, fixmap, map16/32).
 _MAPS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
 _CONTAINER = _MAPS | frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
@@ -108,6 +123,35 @@ def _scalar(u: msgpack.Unpacker, data: bytes) -> Any:
         u.skip()
         return _UNREAD
     return u.unpack()
+
+
+def _array(u: msgpack.Unpacker, data: bytes, key: str) -> Any:
+    """`tokens` (bins) or `items` (maps) under the careful walk: a list of at most
+    _ARRAY_CAP[key] elements, or _UNREAD (skipped unbuilt) when longer."""
+    n = u.read_array_header()
+    if n > _ARRAY_CAP[key]:
+        for _ in range(n):  # each skip consumes at least one byte of the frame
+            u.skip()
+        return _UNREAD
+    if key == "tokens":
+        return [_scalar(u, data) for _ in range(n)]
+    return [_item(u, data) for _ in range(n)]
+
+
+def _item(u: msgpack.Unpacker, data: bytes) -> Any:
+    if data[u.tell()] not in _MAPS:
+        u.skip()
+        return _UNREAD
+    item: dict[Any, Any] = {}
+    for _ in range(u.read_map_header()):
+        key = _scalar(u, data)
+        if type(key) is not str or key not in _ITEM_KEYS:
+            u.skip()
+        elif key == "tokens" and data[u.tell()] in _CONTAINER and data[u.tell()] not in _MAPS:
+            item[key] = _array(u, data, key)
+        else:
+            item[key] = _scalar(u, data)
+    return item
 
 
 def _unpack_client(data: bytes, limits: Limits) -> dict[Any, Any]:
@@ -148,6 +192,9 @@ def _unpack_client(data: bytes, limits: Limits) -> dict[Any, Any]:
                     hoomi = _scalar(u, data)
                     resume[hoomi] = _scalar(u, data)
                 m[key] = resume
+            elif key in _ARRAY_CAP and data[u.tell()] in _CONTAINER \
+                    and data[u.tell()] not in _MAPS:
+                m[key] = _array(u, data, key)
             else:
                 m[key] = _scalar(u, data)
         if u.tell() != len(data):
@@ -240,6 +287,61 @@ def _bin(m: dict[Any, Any], field: str, ref: Ref) -> bytes:
     return raw
 
 
+def _content(m: dict[Any, Any], ref: Ref, limits: Limits, name: str = "content") -> bytes:
+    content = _bin(m, "content", ref) if name == "content" else _item_bin(m, name, "content",
+                                                                         ref)
+    if len(content) > limits.max_content_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE,
+                            f"{name}: at most {limits.max_content_bytes} bytes",
+                            name.split("[")[0], ref)
+    if len(content) < limits.min_content_bytes:
+        raise ProtocolError(ErrorCode.INVALID, f"{name}: at least {limits.min_content_bytes} "
+                            "bytes (the GCM tag)", name.split("[")[0], ref)
+    return content
+
+
+def _nonce(m: dict[Any, Any], ref: Ref, limits: Limits, name: str = "nonce",
+           key: str = "nonce") -> bytes:
+    nonce = _bin(m, key, ref) if name == key else _item_bin(m, name, key, ref)
+    if len(nonce) != limits.nonce_bytes:
+        raise ProtocolError(ErrorCode.INVALID, f"{name}: must be exactly {limits.nonce_bytes} "
+                            "bytes", name.split("[")[0], ref)
+    return nonce
+
+
+def _item_bin(m: dict[Any, Any], name: str, key: str, ref: Ref) -> bytes:
+    raw = m.get(key)
+    if type(raw) is not bytes:
+        why = "required" if raw is None else "must be msgpack bin"
+        raise ProtocolError(ErrorCode.INVALID, f"{name}: {why}", "items", ref)
+    return raw
+
+
+def _scheme(m: dict[Any, Any], ref: Ref, limits: Limits, field: str = "scheme",
+            default: int | None = 1) -> int:
+    raw = m.get("scheme")
+    if raw is None and default is not None:
+        return default
+    if type(raw) is not int or not 1 <= raw <= limits.max_scheme:
+        raise ProtocolError(ErrorCode.INVALID, f"{field}: must be an integer from 1 to "
+                            f"{limits.max_scheme}", field.split("[")[0], ref)
+    return raw
+
+
+def _tokens(m: dict[Any, Any], ref: Ref, limits: Limits, most: int, *, least: int = 0,
+            field: str = "tokens") -> tuple[bytes, ...] | None:
+    """The `tokens` list (None when absent): `least` to `most` bins of 8-32 bytes."""
+    raw = m.get("tokens")
+    if raw is None and least == 0:
+        return None
+    lo, hi = limits.search_token_bytes
+    if type(raw) is not list or not least <= len(raw) <= most or not all(
+            type(t) is bytes and lo <= len(t) <= hi for t in raw):
+        raise ProtocolError(ErrorCode.INVALID, f"{field}: a list of {least} to {most} bins of "
+                            f"{lo}-{hi} bytes", field.split("[")[0], ref)
+    return tuple(raw)
+
+
 def _hello(m: dict[Any, Any], ref: Ref, limits: Limits) -> Hello:
     token = _text(m, "token", ref, limits.max_token_chars)
     raw = m.get("resume")
@@ -260,25 +362,27 @@ def _hello(m: dict[Any, Any], ref: Ref, limits: Limits) -> Hello:
 def _send(m: dict[Any, Any], ref: Ref, limits: Limits) -> Send:
     hoomi_id = _hoomi_id(m, ref)
     client_msg_id = _uuid(m, "client_msg_id", ref)
-    content = _bin(m, "content", ref)
-    if len(content) > limits.max_content_bytes:
-        raise ProtocolError(ErrorCode.TOO_LARGE,
-                            f"content: at most {limits.max_content_bytes} bytes", "content", ref)
-    if len(content) < limits.min_content_bytes:
-        raise _invalid("content", f"at least {limits.min_content_bytes} bytes (the GCM tag)",
-                       ref)
-    nonce = _bin(m, "nonce", ref)
-    if len(nonce) != limits.nonce_bytes:
-        raise _invalid("nonce", f"must be exactly {limits.nonce_bytes} bytes", ref)
+    content = _content(m, ref, limits)
+    nonce = _nonce(m, ref, limits)
     session_id = _text(m, "session_id", ref, limits.max_session_id_chars)
+    scheme = _scheme(m, ref, limits)
+    tokens = _tokens(m, ref, limits, limits.max_search_tokens_per_message) or ()
     return Send(hoomi_id=hoomi_id, client_msg_id=client_msg_id, content=content, nonce=nonce,
-                session_id=session_id, ref=ref)
+                session_id=session_id, scheme=scheme, tokens=tokens, ref=ref)
+
+
+def _scheme_below(m: dict[Any, Any], ref: Ref, limits: Limits) -> int | None:
+    value = _int(m, "scheme_below", ref, 1, None)
+    if value is not None and value > limits.max_scheme + 1:
+        raise _invalid("scheme_below", f"at most {limits.max_scheme + 1}", ref)
+    return value
 
 
 def _history(m: dict[Any, Any], ref: Ref, limits: Limits) -> History:
     hoomi_id = _hoomi_id(m, ref)
     before = _int(m, "before", ref, 1, None)
-    return History(hoomi_id=hoomi_id, before=before, limit=_limit(m, ref, limits), ref=ref)
+    return History(hoomi_id=hoomi_id, before=before, limit=_limit(m, ref, limits),
+                   scheme_below=_scheme_below(m, ref, limits), ref=ref)
 
 
 def _sync(m: dict[Any, Any], ref: Ref, limits: Limits) -> Sync:
@@ -286,7 +390,57 @@ def _sync(m: dict[Any, Any], ref: Ref, limits: Limits) -> Sync:
     after = _int(m, "after", ref, 0, None)
     if after is None:
         raise _invalid("after", "required", ref)
-    return Sync(hoomi_id=hoomi_id, after=after, limit=_limit(m, ref, limits), ref=ref)
+    return Sync(hoomi_id=hoomi_id, after=after, limit=_limit(m, ref, limits),
+                scheme_below=_scheme_below(m, ref, limits), ref=ref)
+
+
+def _edit(m: dict[Any, Any], ref: Ref, limits: Limits) -> Edit:
+    hoomi_id = _hoomi_id(m, ref)
+    message_id = _uuid(m, "id", ref)
+    content = _content(m, ref, limits)
+    nonce = _nonce(m, ref, limits)
+    session_id = _text(m, "session_id", ref, limits.max_session_id_chars)
+    return Edit(hoomi_id=hoomi_id, id=message_id, content=content, nonce=nonce,
+                session_id=session_id, scheme=_scheme(m, ref, limits),
+                tokens=_tokens(m, ref, limits, limits.max_search_tokens_per_message) or (),
+                ref=ref)
+
+
+def _reencrypt(m: dict[Any, Any], ref: Ref, limits: Limits) -> Reencrypt:
+    hoomi_id = _hoomi_id(m, ref)
+    raw = m.get("items")
+    if type(raw) is not list or not 1 <= len(raw) <= limits.max_reencrypt_items:
+        raise _invalid("items", f"a list of 1 to {limits.max_reencrypt_items} maps", ref)
+    items: list[ReencryptItem] = []
+    for i, it in enumerate(raw):
+        name = f"items[{i}]"
+        if type(it) is not dict:
+            raise _invalid("items", f"{name}: must be a map", ref)
+        raw_id = it.get("id")
+        item_id = _parse_uuid(raw_id) if type(raw_id) is str and len(raw_id) == 36 else None
+        if item_id is None:
+            raise _invalid("items", f"{name}.id: must be a canonical lowercase UUID string", ref)
+        session_id = it.get("session_id")
+        if type(session_id) is not str or not 0 < len(session_id) <= \
+                limits.max_session_id_chars or "\x00" in session_id:
+            raise _invalid("items", f"{name}.session_id: a string of 1 to "
+                           f"{limits.max_session_id_chars} characters without NUL", ref)
+        items.append(ReencryptItem(
+            id=item_id, old_nonce=_nonce(it, ref, limits, f"{name}.old_nonce", "old_nonce"),
+            content=_content(it, ref, limits, f"{name}.content"),
+            nonce=_nonce(it, ref, limits, f"{name}.nonce"), session_id=session_id,
+            scheme=_scheme(it, ref, limits, f"{name}.scheme", None),
+            tokens=_tokens(it, ref, limits, limits.max_search_tokens_per_message,
+                           field=f"{name}.tokens")))
+    return Reencrypt(hoomi_id=hoomi_id, items=tuple(items), ref=ref)
+
+
+def _search(m: dict[Any, Any], ref: Ref, limits: Limits) -> Search:
+    hoomi_id = _hoomi_id(m, ref)
+    tokens = _tokens(m, ref, limits, limits.max_search_tokens_per_query, least=1)
+    assert tokens is not None
+    return Search(hoomi_id=hoomi_id, tokens=tokens, before=_int(m, "before", ref, 1, None),
+                  limit=_limit(m, ref, limits), ref=ref)
 
 
 def _delete(m: dict[Any, Any], ref: Ref, limits: Limits) -> Delete:
@@ -299,7 +453,7 @@ def _ping(m: dict[Any, Any], ref: Ref, limits: Limits) -> Ping:
 
 _CLIENT_DECODERS: dict[str, Callable[[dict[Any, Any], Ref, Limits], ClientFrame]] = {
     "send": _send, "hello": _hello, "history": _history, "sync": _sync, "delete": _delete,
-    "ping": _ping,
+    "ping": _ping, "edit": _edit, "reencrypt": _reencrypt, "search": _search,
 }
 _TYPE_EXPECTED = "must be one of " + ", ".join(sorted(_CLIENT_DECODERS))
 
@@ -329,6 +483,7 @@ def encode_client(frame: ClientFrame) -> bytes:
         m = {"type": "send", "hoomi_id": _uuid_str(frame.hoomi_id),
              "client_msg_id": str(frame.client_msg_id), "content": frame.content,
              "nonce": frame.nonce, "session_id": frame.session_id}
+        _v11(m, frame.scheme, frame.tokens)
     elif isinstance(frame, Hello):
         m = {"type": "hello", "token": frame.token}
         if frame.resume:
@@ -337,9 +492,25 @@ def encode_client(frame: ClientFrame) -> bytes:
         m = {"type": "history", "hoomi_id": str(frame.hoomi_id), "limit": frame.limit}
         if frame.before is not None:
             m["before"] = frame.before
+        if frame.scheme_below is not None:
+            m["scheme_below"] = frame.scheme_below
     elif isinstance(frame, Sync):
         m = {"type": "sync", "hoomi_id": str(frame.hoomi_id), "after": frame.after,
              "limit": frame.limit}
+        if frame.scheme_below is not None:
+            m["scheme_below"] = frame.scheme_below
+    elif isinstance(frame, Edit):
+        m = {"type": "edit", "hoomi_id": str(frame.hoomi_id), "id": str(frame.id),
+             "content": frame.content, "nonce": frame.nonce, "session_id": frame.session_id}
+        _v11(m, frame.scheme, frame.tokens)
+    elif isinstance(frame, Reencrypt):
+        m = {"type": "reencrypt", "hoomi_id": str(frame.hoomi_id), "items": [
+            _item_map(it) for it in frame.items]}
+    elif isinstance(frame, Search):
+        m = {"type": "search", "hoomi_id": str(frame.hoomi_id), "tokens": list(frame.tokens),
+             "limit": frame.limit}
+        if frame.before is not None:
+            m["before"] = frame.before
     elif isinstance(frame, Delete):
         m = {"type": "delete", "hoomi_id": str(frame.hoomi_id), "id": str(frame.id)}
     elif isinstance(frame, Ping):
@@ -349,6 +520,22 @@ def encode_client(frame: ClientFrame) -> bytes:
     if frame.ref is not None:
         m["ref"] = frame.ref
     return _pack(m)
+
+
+def _v11(m: dict[str, Any], scheme: int, tokens: tuple[bytes, ...]) -> None:
+    """The v1.1 keys of a send or edit, only when they say something (a v1 frame else)."""
+    if scheme != 1:
+        m["scheme"] = scheme
+    if tokens:
+        m["tokens"] = list(tokens)
+
+
+def _item_map(it: ReencryptItem) -> dict[str, Any]:
+    m: dict[str, Any] = {"id": str(it.id), "old_nonce": it.old_nonce, "content": it.content,
+                         "nonce": it.nonce, "session_id": it.session_id, "scheme": it.scheme}
+    if it.tokens is not None:
+        m["tokens"] = list(it.tokens)
+    return m
 
 
 # == server → client ==========================================================================
@@ -366,6 +553,9 @@ def _body(b: MessageBody, m: dict[str, Any]) -> dict[str, Any]:
         m["nonce"] = b.nonce
         m["session_id"] = b.session_id
     m["created_at"] = b.created_at
+    m["scheme"] = b.scheme
+    if b.updated_at is not None:
+        m["updated_at"] = b.updated_at
     return m
 
 
@@ -414,6 +604,22 @@ def encode_server(frame: ServerFrame) -> bytes:
             m["retry_after_ms"] = frame.retry_after_ms
     elif isinstance(frame, Pong):
         m = _head("pong", frame.ref)
+    elif isinstance(frame, Edited):
+        m = {"type": "edited", "hoomi_id": _uuid_str(frame.hoomi_id), "id": str(frame.id),
+             "seq": frame.seq, "content": frame.content, "nonce": frame.nonce,
+             "session_id": frame.session_id, "scheme": frame.scheme,
+             "updated_at": frame.updated_at}
+    elif isinstance(frame, EditAck):
+        m = _head("ack", frame.ref)
+        m["id"] = str(frame.id)
+        m["hoomi_id"] = _uuid_str(frame.hoomi_id)
+        m["seq"] = frame.seq
+        m["updated_at"] = frame.updated_at
+    elif isinstance(frame, ReencryptAck):
+        m = _head("ack", frame.ref)
+        m["hoomi_id"] = _uuid_str(frame.hoomi_id)
+        m["updated"] = frame.updated
+        m["skipped"] = [str(i) for i in frame.skipped]
     else:
         assert_never(frame)
     return _pack(m)
@@ -472,6 +678,7 @@ def _body_from(m: dict[str, Any]) -> MessageBody:
         nonce=None if deleted else _get(m, "nonce", bytes),
         session_id=None if deleted else _get(m, "session_id", str),
         created_at=_get(m, "created_at", int), deleted=deleted,
+        scheme=_get_opt(m, "scheme", int) or 1, updated_at=_get_opt(m, "updated_at", int),
     )
 
 
@@ -518,8 +725,26 @@ def decode_server(data: bytes) -> ServerFrame:
         return _body_from(m)
     ref = _get_ref(m)
     if kind == "ack":
+        if "updated" in m:
+            skipped = []
+            for raw in _get(m, "skipped", list):
+                one = _parse_uuid(raw) if type(raw) is str else None
+                if one is None:
+                    raise _malformed("skipped", "expected canonical UUID strings")
+                skipped.append(one)
+            return ReencryptAck(hoomi_id=_get_uuid(m, "hoomi_id"),
+                                updated=_get(m, "updated", int), skipped=skipped, ref=ref)
+        if "created_at" not in m and "updated_at" in m:
+            return EditAck(id=_get_uuid(m, "id"), hoomi_id=_get_uuid(m, "hoomi_id"),
+                           seq=_get(m, "seq", int), updated_at=_get(m, "updated_at", int),
+                           ref=ref)
         return Ack(id=_get_uuid(m, "id"), hoomi_id=_get_uuid(m, "hoomi_id"),
                    seq=_get(m, "seq", int), created_at=_get(m, "created_at", int), ref=ref)
+    if kind == "edited":
+        return Edited(hoomi_id=_get_uuid(m, "hoomi_id"), id=_get_uuid(m, "id"),
+                      seq=_get(m, "seq", int), content=_get(m, "content", bytes),
+                      nonce=_get(m, "nonce", bytes), session_id=_get(m, "session_id", str),
+                      scheme=_get(m, "scheme", int), updated_at=_get(m, "updated_at", int))
     if kind == "page":
         return _page_from(m, ref)
     if kind == "welcome":

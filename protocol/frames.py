@@ -32,6 +32,8 @@ class Send:
     content: bytes  # ciphertext with its GCM tag
     nonce: bytes
     session_id: str
+    scheme: int = 1  # the client's encryption scheme version, 1-255 (v1.1)
+    tokens: tuple[bytes, ...] = ()  # blind-index search tokens, <= 64 of 8-32 bytes (v1.1)
     ref: Ref = None
 
 
@@ -40,6 +42,7 @@ class History:
     hoomi_id: UUID
     before: int | None = None  # exclusive; None = from the newest
     limit: int = 50
+    scheme_below: int | None = None  # only live messages with a lower scheme (v1.1)
     ref: Ref = None
 
 
@@ -47,6 +50,52 @@ class History:
 class Sync:
     hoomi_id: UUID
     after: int = 0  # exclusive
+    limit: int = 50
+    scheme_below: int | None = None
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """A new version of one's own message (v1.1): the same seq, a new ciphertext."""
+
+    hoomi_id: UUID
+    id: UUID
+    content: bytes
+    nonce: bytes
+    session_id: str
+    scheme: int = 1
+    tokens: tuple[bytes, ...] = ()  # the new version's tokens; the old ones go
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReencryptItem:
+    id: UUID
+    old_nonce: bytes  # the stored nonce this item replaces; another one: skipped
+    content: bytes
+    nonce: bytes
+    session_id: str
+    scheme: int
+    tokens: tuple[bytes, ...] | None = None  # None: the message keeps its tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Reencrypt:
+    """A Hoomi admin's device moving messages to a newer scheme (v1.1), <= 100 items."""
+
+    hoomi_id: UUID
+    items: tuple[ReencryptItem, ...]
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class Search:
+    """Messages carrying every one of `tokens` (1-8), newest first (v1.1)."""
+
+    hoomi_id: UUID
+    tokens: tuple[bytes, ...]
+    before: int | None = None
     limit: int = 50
     ref: Ref = None
 
@@ -63,7 +112,7 @@ class Ping:
     ref: Ref = None
 
 
-ClientFrame = Hello | Send | History | Sync | Delete | Ping
+ClientFrame = Hello | Send | History | Sync | Delete | Ping | Edit | Reencrypt | Search
 
 
 # -- server → client -------------------------------------------------------------------------
@@ -96,6 +145,41 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class EditAck:
+    """The `ack` of an `edit`: the message keeps its seq."""
+
+    id: UUID
+    hoomi_id: UUID
+    seq: int
+    updated_at: int  # ms
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReencryptAck:
+    """The `ack` of a `reencrypt`: how many were applied, which ids were skipped."""
+
+    hoomi_id: UUID
+    updated: int
+    skipped: list[UUID]
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class Edited:
+    """Push: a message's new version (an edit or a reencryption)."""
+
+    hoomi_id: UUID
+    id: UUID
+    seq: int
+    content: bytes
+    nonce: bytes
+    session_id: str
+    scheme: int
+    updated_at: int  # ms
+
+
+@dataclass(frozen=True, slots=True)
 class MessageBody:
     """A stored message: the `message` push, and each element of a `page`.
 
@@ -113,6 +197,9 @@ class MessageBody:
     session_id: str | None
     created_at: int  # ms since the Unix epoch
     deleted: bool = False
+    scheme: int = 1  # the encryption scheme of `content` (v1.1; 1 for a v1 send)
+    # ms of the last change (edit, reencryption, deletion); None only from an older hub.
+    updated_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,4 +244,5 @@ class Pong:
     ref: Ref = None
 
 
-ServerFrame = Welcome | Ack | MessageBody | Page | Deleted | Membership | Error | Pong
+ServerFrame = (Welcome | Ack | MessageBody | Page | Deleted | Membership | Error | Pong
+               | EditAck | ReencryptAck | Edited)

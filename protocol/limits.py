@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FRAME_OVERHEAD = 4096  # room for the other fields of a `send` around its content
+# A reencrypt frame has the same bound: a client packs its items up to max_frame_bytes.
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +24,15 @@ class Limits:
     default_page_limit: int = 50
     max_resume_hoomis: int = 1000
     max_token_chars: int = 8192  # a JWT with a few claims is a few hundred characters
-    # Values nest at most 1024 levels deep (msgpack's own stack, not configurable). No
-    # client frame holds an array, and the decoder never builds one: unknown keys'
-    # values are skipped unbuilt, whatever their length (see codec._unpack_client).
+    max_scheme: int = 255
+    max_search_tokens_per_message: int = 64  # send/edit `tokens`
+    max_search_tokens_per_query: int = 8  # search `tokens`
+    search_token_bytes: tuple[int, int] = (8, 32)
+    max_reencrypt_items: int = 100
+    # Values nest at most 1024 levels deep (msgpack's own stack, not configurable). The
+    # only arrays a client frame holds are `tokens` (of bin) and `items` (of maps); the
+    # decoder builds them only under those keys and within these bounds, and skips any
+    # other array unbuilt, whatever its length (see codec._unpack_client).
 
     @property
     def max_frame_bytes(self) -> int:

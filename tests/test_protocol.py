@@ -20,6 +20,9 @@ from protocol import (
     CloseCode,
     Delete,
     Deleted,
+    Edit,
+    EditAck,
+    Edited,
     Error,
     ErrorCode,
     Hello,
@@ -32,6 +35,10 @@ from protocol import (
     Ping,
     Pong,
     ProtocolError,
+    Reencrypt,
+    ReencryptAck,
+    ReencryptItem,
+    Search,
     Send,
     ServerFrame,
     Sync,
@@ -52,17 +59,34 @@ seqs = st.integers(min_value=1, max_value=INT64_MAX)
 refs = st.none() | st.integers(-(2**63), INT64_MAX) | st.text(max_size=64)
 times = st.integers(min_value=0, max_value=2**53)
 no_nul_text = st.text(min_size=1, max_size=128).filter(lambda s: "\x00" not in s)
+schemes = st.integers(1, 255)
+search_tokens = st.binary(min_size=8, max_size=32)
+contents = st.binary(min_size=16, max_size=256)
+nonces = st.binary(min_size=12, max_size=12)
 
 client_frames = st.one_of(
     st.builds(Hello, token=no_nul_text, ref=refs,
               resume=st.dictionaries(uuids, st.integers(0, INT64_MAX), max_size=10)),
     st.builds(Send, hoomi_id=uuids, client_msg_id=uuids, session_id=no_nul_text, ref=refs,
               content=st.binary(min_size=16, max_size=1024),
-              nonce=st.binary(min_size=12, max_size=12)),
+              nonce=st.binary(min_size=12, max_size=12), scheme=schemes,
+              tokens=st.lists(search_tokens, max_size=64).map(tuple)),
     st.builds(History, hoomi_id=uuids, before=st.none() | seqs, limit=st.integers(1, 100),
-              ref=refs),
+              scheme_below=st.none() | st.integers(1, 256), ref=refs),
     st.builds(Sync, hoomi_id=uuids, after=st.integers(0, INT64_MAX),
-              limit=st.integers(1, 100), ref=refs),
+              limit=st.integers(1, 100), scheme_below=st.none() | st.integers(1, 256),
+              ref=refs),
+    st.builds(Edit, hoomi_id=uuids, id=uuids, content=contents, nonce=nonces,
+              session_id=no_nul_text, scheme=schemes,
+              tokens=st.lists(search_tokens, max_size=8).map(tuple), ref=refs),
+    st.builds(Reencrypt, hoomi_id=uuids, ref=refs, items=st.lists(st.builds(
+        ReencryptItem, id=uuids, old_nonce=nonces, content=contents, nonce=nonces,
+        session_id=no_nul_text, scheme=schemes,
+        tokens=st.none() | st.lists(search_tokens, max_size=4).map(tuple)),
+        min_size=1, max_size=5).map(tuple)),
+    st.builds(Search, hoomi_id=uuids, tokens=st.lists(search_tokens, min_size=1,
+                                                      max_size=8).map(tuple),
+              before=st.none() | seqs, limit=st.integers(1, 100), ref=refs),
     st.builds(Delete, hoomi_id=uuids, id=uuids, ref=refs),
     st.builds(Ping, ref=refs),
 )
@@ -70,11 +94,12 @@ client_frames = st.one_of(
 live_bodies = st.builds(
     MessageBody, id=uuids, hoomi_id=uuids, seq=seqs, sender_id=st.none() | uuids,
     content=st.binary(min_size=16, max_size=256), nonce=st.binary(min_size=12, max_size=12),
-    session_id=no_nul_text, created_at=times, deleted=st.just(False))
+    session_id=no_nul_text, created_at=times, deleted=st.just(False), scheme=schemes,
+    updated_at=st.none() | times)
 tombstones = st.builds(
     MessageBody, id=uuids, hoomi_id=uuids, seq=seqs, sender_id=st.none() | uuids,
     content=st.none(), nonce=st.none(), session_id=st.none(), created_at=times,
-    deleted=st.just(True))
+    deleted=st.just(True), scheme=schemes, updated_at=st.none() | times)
 bodies = live_bodies | tombstones
 
 server_frames = st.one_of(
@@ -93,6 +118,11 @@ server_frames = st.one_of(
     st.builds(Error, code=st.sampled_from(list(ErrorCode)), message=st.text(max_size=80),
               ref=refs, retry_after_ms=st.none() | st.integers(1, 60_000)),
     st.builds(Pong, ref=refs),
+    st.builds(EditAck, id=uuids, hoomi_id=uuids, seq=seqs, updated_at=times, ref=refs),
+    st.builds(ReencryptAck, hoomi_id=uuids, updated=st.integers(0, 100),
+              skipped=st.lists(uuids, max_size=5), ref=refs),
+    st.builds(Edited, hoomi_id=uuids, id=uuids, seq=seqs, content=contents, nonce=nonces,
+              session_id=no_nul_text, scheme=schemes, updated_at=times),
 )
 
 # Everything msgpack can carry, floats and bins included.
@@ -105,15 +135,18 @@ msgpack_values = st.recursive(
 )
 field_names = st.sampled_from([
     "type", "ref", "token", "resume", "hoomi_id", "client_msg_id", "content", "nonce",
-    "session_id", "before", "after", "limit", "id"])
+    "session_id", "before", "after", "limit", "id", "scheme", "tokens", "items",
+    "scheme_below"])
 field_values = msgpack_values | uuids.map(str) | st.binary(min_size=10, max_size=20) | (
     st.dictionaries(uuids.map(str), msgpack_values, max_size=3))
-frame_types = st.sampled_from(["hello", "send", "history", "sync", "delete", "ping", "nope"])
+frame_types = st.sampled_from(["hello", "send", "history", "sync", "delete", "ping", "edit",
+                               "reencrypt", "search", "nope"])
 
 
 # Every key some client frame reads (protocol/frames.py).
 KNOWN_KEYS = {"type", "ref", "token", "resume", "hoomi_id", "client_msg_id", "content",
-              "nonce", "session_id", "before", "after", "limit", "id"}
+              "nonce", "session_id", "before", "after", "limit", "id", "scheme", "tokens",
+              "items", "scheme_below"}
 
 
 def pack(value: Any) -> bytes:
@@ -474,9 +507,10 @@ def body(seq: int, deleted: bool = False) -> MessageBody:
     if deleted:
         return MessageBody(id=UUID(int=seq), hoomi_id=HOOMI, seq=seq, sender_id=None,
                            content=None, nonce=None, session_id=None, created_at=5,
-                           deleted=True)
+                           deleted=True, updated_at=7)
     return MessageBody(id=UUID(int=seq), hoomi_id=HOOMI, seq=seq, sender_id=UUID(int=1),
-                       content=bytes(16), nonce=bytes(12), session_id="s1", created_at=5)
+                       content=bytes(16), nonce=bytes(12), session_id="s1", created_at=5,
+                       updated_at=5)
 
 
 def test_message_push_has_type_message_and_every_field() -> None:
@@ -484,7 +518,7 @@ def test_message_push_has_type_message_and_every_field() -> None:
     assert raw == {"type": "message", "id": str(UUID(int=3)), "hoomi_id": str(HOOMI),
                    "seq": 3, "sender_id": "00000000-0000-0000-0000-000000000001",
                    "content": bytes(16), "nonce": bytes(12), "session_id": "s1",
-                   "created_at": 5}
+                   "created_at": 5, "scheme": 1, "updated_at": 5}
     assert list(raw)[0] == "type"
 
 
@@ -500,7 +534,8 @@ def test_tombstone_has_deleted_and_no_content_keys_and_live_has_no_deleted_key()
     page = Page(hoomi_id=HOOMI, messages=[body(4, deleted=True), body(3)], next_before=3)
     raw = unpack(encode_server(page))
     dead, live = raw["messages"]
-    assert dead.keys() == {"id", "hoomi_id", "seq", "sender_id", "deleted", "created_at"}
+    assert dead.keys() == {"id", "hoomi_id", "seq", "sender_id", "deleted", "created_at",
+                           "scheme", "updated_at"}
     assert dead["deleted"] is True and dead["sender_id"] is None
     assert "deleted" not in live and live["content"] == bytes(16)
 
@@ -566,3 +601,72 @@ def test_protocol_error_repr_and_str() -> None:
     assert "limit" in repr(err) and err.close is None
     assert ErrorCode.INVALID == "invalid" and str(ErrorCode.TOO_LARGE) == "too_large"
     assert int(CloseCode.BAD_FRAME) == 4400
+
+
+# -- v1.1: scheme, tokens, edit, reencrypt, search ------------------------------------------
+
+def test_a_v1_send_has_no_v11_keys_and_decodes_with_scheme_1_and_no_tokens() -> None:
+    frame = decode_client(pack(send_map()))
+    assert isinstance(frame, Send) and (frame.scheme, frame.tokens) == (1, ())
+    assert unpack(encode_client(frame)).keys() == set(send_map()) - {"ref"} | {"ref"}
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"scheme": 0}, "scheme"), ({"scheme": 256}, "scheme"), ({"scheme": True}, "scheme"),
+    ({"tokens": [b"x" * 7]}, "tokens"), ({"tokens": [b"x" * 33]}, "tokens"),
+    ({"tokens": ["text-is-not-bin"]}, "tokens"), ({"tokens": [b"x" * 8] * 65}, "tokens"),
+    ({"tokens": b"x" * 8}, "tokens"),
+])
+def test_bad_scheme_or_tokens_on_send_is_invalid_and_named(over: dict[str, Any],
+                                                          field: str) -> None:
+    err = rejects(pack(send_map(**over)))
+    assert (err.code, err.field, err.ref, err.close) == (ErrorCode.INVALID, field, "r1", None)
+
+
+def _item(**over: Any) -> dict[str, Any]:
+    m = {"id": str(uuid4()), "old_nonce": bytes(12), "content": bytes(16),
+         "nonce": bytes([1]) * 12, "session_id": "mig", "scheme": 2}
+    m.update(over)
+    return {k: v for k, v in m.items() if v is not ...}
+
+
+@pytest.mark.parametrize("items", [
+    [], [_item()] * 101, [_item(scheme=...)], [_item(old_nonce=bytes(11))],
+    [_item(), _item(content=bytes(15))], [_item(id="nope")], [_item(session_id="")], ["x"],
+    [_item(tokens=[b"t"])],
+])
+def test_bad_reencrypt_items_are_invalid_naming_items(items: list[Any]) -> None:
+    err = rejects(pack({"type": "reencrypt", "hoomi_id": str(HOOMI), "items": items,
+                        "ref": 9}))
+    assert (err.code, err.field, err.ref, err.close) == (ErrorCode.INVALID, "items", 9, None)
+
+
+def test_search_needs_one_to_eight_tokens() -> None:
+    for tokens in ([], [b"x" * 8] * 9, None):
+        m = {"type": "search", "hoomi_id": str(HOOMI), "ref": "q"}
+        if tokens is not None:
+            m["tokens"] = tokens
+        err = rejects(pack(m))
+        assert (err.field, err.ref) == ("tokens", "q")
+    ok = decode_client(pack({"type": "search", "hoomi_id": str(HOOMI), "tokens": [b"x" * 8]}))
+    assert ok == Search(hoomi_id=HOOMI, tokens=(b"x" * 8,))
+
+
+def test_huge_token_array_headers_cannot_make_the_decoder_allocate_much() -> None:
+    m = send_map()
+    m["tokens"] = [1] * 60_000  # one byte each: the longest array a frame can hold
+    tracemalloc.start()
+    err = rejects(pack(m))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert (err.field, err.close) == ("tokens", None) and peak < 2_000_000
+
+
+def test_edit_and_reencrypt_acks_decode_to_their_own_frames() -> None:
+    edit_ack = EditAck(id=UUID(int=1), hoomi_id=HOOMI, seq=4, updated_at=9, ref="e")
+    assert unpack(encode_server(edit_ack)) == {"type": "ack", "ref": "e", "id": str(UUID(int=1)),
+                                               "hoomi_id": str(HOOMI), "seq": 4,
+                                               "updated_at": 9}
+    assert decode_server(encode_server(edit_ack)) == edit_ack
+    re_ack = ReencryptAck(hoomi_id=HOOMI, updated=3, skipped=[UUID(int=2)], ref=1)
+    assert decode_server(encode_server(re_ack)) == re_ack
