@@ -34,14 +34,11 @@ from protocol import (
     Send,
     Sync,
 )
-from storage import hoomis as hoomi_store
-from storage import messages as message_store
-from storage.records import SyncPage
 
-from . import actions, auth, errors, events
+from . import actions, auth, catch_up, errors
 from .limits import KeyedCounter
 from .services import Services
-from .session import Effect, Session, State, Task
+from .session import Effect, Session, State
 from .transport import EXTENSION as TRANSPORT
 
 if TYPE_CHECKING:
@@ -49,11 +46,6 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-CATCH_UP_PAGE = 200
-# Hoomis behind at hello are caught up this many at a time, this many messages each, in one
-# query (a user in 300 Hoomis must not cost 300 round trips); the rest page on their own.
-CATCH_UP_BATCH = 10
-CATCH_UP_BATCH_PAGE = 20
 # A read refused because the user already runs HOOMI_USER_MAX_READS: retry soon.
 READ_RETRY_MS = 100
 
@@ -238,9 +230,9 @@ class Connection:
     def close(self, code: int, reason: str) -> None:
         """Ask for the socket to close after what is already queued (the replica's drain)."""
         self.session.close(CloseCode(code), reason)
-        self._react()
+        self.react()
 
-    def _react(self) -> None:
+    def react(self) -> None:
         """After any call into the session: write, close and carry out what it decided."""
         session = self.session
         if session.outbox.frames:
@@ -251,14 +243,14 @@ class Connection:
             self._wake.set()
             if session.state is not State.CLOSED:
                 # Wake the reader too: it is parked in receive().
-                self._spawn(self._close_after_flush())
+                self.spawn(self._close_after_flush())
         for task in session.take_effects():
             if task.effect is Effect.LEAVE:
                 self.services.hub.leave(self, task.hoomi_id)
             elif task.effect is Effect.JOIN:
-                self._spawn(self._join(task))
+                self.spawn(catch_up.join(self, task))
             else:
-                self._spawn(self._catch_up(task.hoomi_id, task.generation))
+                self.spawn(catch_up.catch_up(self, task.hoomi_id, task.generation))
 
     async def _close_after_flush(self) -> None:
         timeout = self.services.settings.close_timeout_s
@@ -296,21 +288,16 @@ class Connection:
                 await self._wake.wait()
                 continue
             await ws.send_bytes(frame)
-            if not self._room.is_set() and len(session.outbox.frames) <= (
-                    session.outbox.max_frames // 2) and not self._half_full_bytes():
+            if not self._room.is_set() and not session.outbox.half_full():
                 self._room.set()
 
-    def _half_full_bytes(self) -> bool:
-        box = self.session.outbox
-        return box.size >= box.max_bytes // 2
-
-    async def _room_for_catch_up(self) -> None:
+    async def room_for_catch_up(self) -> None:
         """Catch-up from the database waits for room instead of overflowing the outbox."""
         while self.session.outbox.half_full() and not self._closing:
             self._room.clear()
             await self._room.wait()
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -324,10 +311,10 @@ class Connection:
                                           self.services.settings.hello_timeout_s)
         except TimeoutError:
             self.session.no_hello()
-            self._react()
+            self.react()
             return False
         frame = self.session.receive(data)
-        self._react()
+        self.react()
         if not isinstance(frame, Hello):
             return False
         try:
@@ -340,7 +327,7 @@ class Connection:
             _log.warning("hello failed: %s", exc)
             self.session.refuse(errors.unavailable(), frame.ref, CloseCode.SERVICE_RESTART,
                                 "storage unavailable")
-        self._react()
+        self.react()
         return self.session.state is State.LIVE
 
     async def _authenticate(self, hello: Hello) -> None:
@@ -361,129 +348,46 @@ class Connection:
         self._leave_gate()  # authenticated: counted as the user's socket from here
         await hub.join(self, first)
         # Read again once subscribed: this last_seq is the edge between catch-up and pushes.
-        mine = await hoomi_store.user_hoomis(services.pool, self.user_id)
+        mine = await actions.my_hoomis(services, self.user_id)
         gone, added = self.session.membership_at_hello(mine)
         for h in gone:
             hub.leave(self, h)
         if added:
             await hub.join(self, added)
         behind = self.session.welcome(hello, mine, hub.delivered)
-        for i in range(0, len(behind), CATCH_UP_BATCH):
-            self._spawn(self._catch_up_batch(behind[i:i + CATCH_UP_BATCH]))
-        self._react()
+        for i in range(0, len(behind), catch_up.BATCH):
+            self.spawn(catch_up.catch_up_batch(self, behind[i:i + catch_up.BATCH]))
+        self.react()
 
     def _token_expired(self) -> None:
         self.session.token_expired()
-        self._react()
+        self.react()
 
     # -- the Hub's side (its Socket protocol) -----------------------------------------------
 
     def on_message(self, hoomi_id: UUID, seq: int, frame: bytes) -> None:
         self.session.on_message(hoomi_id, seq, frame)
-        self._react()
+        self.react()
 
     def on_deletion(self, hoomi_id: UUID, seq: int, frame: bytes) -> None:
         self.session.on_deletion(hoomi_id, seq, frame)
-        self._react()
+        self.react()
 
     def on_joined(self, hoomi_id: UUID, role: str) -> None:
         self.session.on_joined(hoomi_id, role)
-        self._react()
+        self.react()
 
     def on_left(self, hoomi_id: UUID) -> None:
         self.session.on_left(hoomi_id)
-        self._react()
+        self.react()
 
     def on_memberships(self, roles: dict[UUID, str]) -> None:
         self.session.on_memberships(roles)
-        self._react()
+        self.react()
 
     def on_user_gone(self) -> None:
         self.session.on_user_gone()
-        self._react()
-
-    async def _join(self, task: Task) -> None:
-        try:
-            await self.services.hub.join(self, [task.hoomi_id])
-            if self.session.generation(task.hoomi_id) != task.generation:
-                return
-            last = await hoomi_store.last_seqs(self.services.pool, [task.hoomi_id])
-        except Exception as exc:
-            # Without its feed this socket would miss the Hoomi silently: make the client
-            # reconnect (and resume) instead.
-            _log.warning("join failed: %s", exc)
-            self.session.read_failed(task.hoomi_id, task.generation)
-            self._react()
-            return
-        self.session.joined_at(task.hoomi_id, task.generation, last.get(task.hoomi_id, 0))
-        self._react()
-
-    # -- catch-up: a cursor's gap, read from PostgreSQL --------------------------------------
-
-    async def _catch_up_batch(self, group: list[UUID]) -> None:
-        """The first catch-up page of several Hoomis in one query; a Hoomi with more (or
-        pushed to meanwhile) goes on paging alone."""
-        session, hub = self.session, self.services.hub
-        ranges: dict[UUID, tuple[int, int, int]] = {}
-        for h in group:
-            generation = session.generation(h)
-            if generation is not None:
-                rng = session.read_range(h, generation, hub.delivered(h))
-                if rng is not None:
-                    ranges[h] = (generation, *rng)
-        try:
-            pages = await message_store.since_each(
-                self.services.pool, {h: after for h, (_, after, _) in ranges.items()},
-                CATCH_UP_BATCH_PAGE)
-        except Exception as exc:
-            _log.debug("batched catch-up failed, paging alone: %s", exc)
-            pages = {}
-        for h, (generation, _, upto) in ranges.items():
-            page = pages.get(h)
-            if page is not None and not await self._take_rows(h, generation, page, upto):
-                continue
-            self._spawn(self._catch_up(h, generation))
-
-    async def _catch_up(self, hoomi_id: UUID, generation: int) -> None:
-        """Queue what the database has in the cursor's gap, until it meets the pushes."""
-        session, hub = self.session, self.services.hub
-        failures = 0
-        while (rng := session.read_range(hoomi_id, generation, hub.delivered(hoomi_id))):
-            after, upto = rng
-            try:
-                page = await message_store.since(self.services.pool, hoomi_id, after,
-                                                 CATCH_UP_PAGE)
-            except Exception as exc:
-                failures += 1
-                if failures >= 5:
-                    _log.warning("catch-up failed: %s", exc)
-                    session.read_failed(hoomi_id, generation)
-                    self._react()
-                    return
-                await asyncio.sleep(0.1 * 2**failures)
-                continue
-            failures = 0
-            if not await self._take_rows(hoomi_id, generation, page, upto):
-                return
-
-    async def _take_rows(self, hoomi_id: UUID, generation: int, page: SyncPage,
-                         upto: int) -> bool:
-        """Hand a page to the session row by row, each once the outbox has room; False
-        when the cursor is gone meanwhile."""
-        for m in page.messages:
-            await self._room_for_catch_up()
-            # Re-checked after the wait (by generation): the member may have left meanwhile.
-            taken = self.session.rows_read(hoomi_id, generation,
-                                           [(m.seq, events.message_frame(m))], m.seq)
-            self._react()
-            if not taken:
-                return False
-        if not page.has_more:
-            # All that exists up to `upto` was read: the rest of the range was purged.
-            taken = self.session.rows_read(hoomi_id, generation, [], upto)
-            self._react()
-            return taken
-        return True
+        self.react()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -497,7 +401,7 @@ class Connection:
         session = self.session
         while session.state is State.LIVE:
             frame = session.receive(await self._receive())
-            self._react()
+            self.react()
             if frame is None:
                 continue
             if isinstance(frame, Send):
@@ -515,7 +419,7 @@ class Connection:
                     session.fail(HoomiError(
                         ErrorCode.RATE_LIMITED, "too many reads at once for this user; "
                         "retry later", None, READ_RETRY_MS), frame.ref)
-                    self._react()
+                    self.react()
                     continue
                 try:
                     await self._request(frame)
@@ -531,7 +435,7 @@ class Connection:
         except HoomiError as err:
             self._inflight.release()
             self.session.fail(err, frame.ref)
-            self._react()
+            self.react()
             return
         # A done-callback, not a task per send: the ack is queued the moment the batch
         # commits, and the hot path creates and schedules nothing per message.
@@ -551,7 +455,7 @@ class Connection:
         else:
             self.session.answer_send(frame, future.result())
             self.services.metrics.ack_seconds.observe(time.perf_counter() - started)
-        self._react()
+        self.react()
 
     async def _request(self, frame: History | Sync | Delete) -> None:
         services, session = self.services, self.session
@@ -570,7 +474,7 @@ class Connection:
             if mapped is None:
                 raise
             session.fail(mapped, frame.ref)
-        self._react()
+        self.react()
 
 
 async def endpoint(ws: WebSocket) -> None:
