@@ -66,6 +66,8 @@ from .sequencer import Sequencer
 MAX_HELD_DELETIONS = 1024
 # Pushes held per cursor while it reads a gap; past it they are read with the gap.
 MAX_HELD_PUSHES = 256
+# The requests `receive` hands back, besides `send` and `hello` (server/ws.py runs them).
+SERVED = (History, Sync, Delete)
 
 
 class State(enum.Enum):
@@ -305,7 +307,12 @@ class Session:
             self.fail(HoomiError(ErrorCode.RATE_LIMITED, "too many requests; retry later",
                                  None, wait_ms), frame.ref)
             return None
-        assert isinstance(frame, History | Sync | Delete)
+        if not isinstance(frame, SERVED):
+            # A frame of a newer protocol version that this hub decodes but does not
+            # carry out yet: answered, so the client does not wait for ever.
+            self.fail(HoomiError(ErrorCode.INVALID, f"type: {type(frame).__name__.lower()} "
+                                 "is not served by this hub yet"), frame.ref)
+            return None
         return frame
 
     def no_hello(self) -> None:

@@ -440,3 +440,15 @@ def test_membership_changes_during_hello_apply_after_welcome_in_order():
     assert isinstance(bodies[0], Welcome)
     assert bodies[1:] == [Membership(hoomi_id=a, state="left")]
     assert [t.effect for t in s.take_effects()] == [Effect.LEAVE, Effect.JOIN]
+
+
+def test_a_request_the_hub_does_not_serve_yet_is_answered_not_dropped():
+    from protocol import Search
+
+    s = new_session()
+    hello(s, {})
+    drain(s)
+    assert s.receive(encode_client(Search(hoomi_id=HOOMIS[0], tokens=[b"t" * 16], ref=4))) is None
+    error, = (decode_server(f) for f in drain(s))
+    assert (error.code, error.ref) == (ErrorCode.INVALID, 4) and error.message.startswith("type:")
+    assert s.state is State.LIVE
