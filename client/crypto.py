@@ -35,6 +35,18 @@ reorder, withhold or duplicate messages within a Hoomi: readers detect gaps and
 duplicates from seq and client_msg_id, but the order itself is not cryptographically
 guaranteed. Timing, sizes to 32 bytes, and who talks to whom stay visible to the hub.
 
+Schemes (the `scheme` each message carries, SPEC §7.2; the hub stores it and never
+reads it). A client encrypts with the scheme it is configured for and opens any it
+knows; the scheme is bound into the AD, so the hub cannot relabel a message's scheme:
+    1  the envelope above (version byte 1), AD prefix b"hoomi/v1".
+    2  AD prefix b"hoomi/v2"; envelope 0x02 | flags (1) | client_msg_id | sender_id |
+       body length | body | padding, where flags bit 0 says the body is raw DEFLATE
+       (zlib, wbits -15, what browsers' DecompressionStream("deflate-raw") reads) of the
+       plaintext. The client compresses a plaintext of COMPRESS_ABOVE bytes or more, and
+       keeps the compressed body only if it seals smaller (bench/compression.py and
+       docs/encryption.md give the numbers and the length-leak caveat). A compressed
+       body never inflates past MAX_INFLATED bytes ("malformed" otherwise).
+
 Errors are values: DecryptError.reason is "unknown_session", "tampered" or "malformed"
 (and "replayed", from HoomiClient.open), and DecryptError.summary says it for a person:
 a tag failure is "wrong key or tampered", since AES-GCM cannot tell them apart;
@@ -45,6 +57,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 from uuid import UUID
@@ -58,6 +71,12 @@ from .keys import GroupKey, Keyring
 
 VERSION = 1
 AD_PREFIX = b"hoomi/v1"
+SCHEMES = (1, 2)  # what this client can seal and open
+LATEST_SCHEME = 2
+COMPRESS_ABOVE = 256  # bytes of plaintext; below, compression saves nothing (measured)
+MAX_INFLATED = 1 << 20  # a compressed body opens to at most 1 MiB
+_HEADER_V2 = struct.Struct(">BB16s16sI")  # version 2, flags, cmid, sender, body length
+_DEFLATED = 0x01
 NONCE_BYTES = 12  # GCM's native nonce size; the hub requires exactly this
 TAG_BYTES = 16
 PAD_TO = 32
@@ -99,11 +118,12 @@ class DecryptError(Exception):
 
 @dataclass(frozen=True)
 class Sealed:
-    """What `send` carries: content (ciphertext and tag), nonce and session_id."""
+    """What `send` carries: content (ciphertext and tag), nonce, session_id, scheme."""
 
     content: bytes
     nonce: bytes
     session_id: str
+    scheme: int = 1
 
 
 @dataclass(frozen=True)
@@ -117,8 +137,24 @@ class Opened:
     sealed_by: UUID
 
 
-def _associated_data(hoomi_id: UUID, session_id: str) -> bytes:
-    return AD_PREFIX + hoomi_id.bytes + session_id.encode("utf-8")
+def _associated_data(hoomi_id: UUID, session_id: str, scheme: int = 1) -> bytes:
+    return b"hoomi/v%d" % scheme + hoomi_id.bytes + session_id.encode("utf-8")
+
+
+def _deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush()
+
+
+def _inflate(data: bytes) -> bytes:
+    d = zlib.decompressobj(-15)
+    try:
+        out = d.decompress(data, MAX_INFLATED)
+    except zlib.error:
+        raise DecryptError("malformed", "compressed body does not inflate") from None
+    if d.unconsumed_tail or not d.eof:
+        raise DecryptError("malformed", f"compressed body over {MAX_INFLATED} bytes or cut")
+    return out
 
 
 def _padded(size: int) -> int:
@@ -126,27 +162,41 @@ def _padded(size: int) -> int:
 
 
 def encrypt(key: GroupKey, hoomi_id: UUID, sender_id: UUID, client_msg_id: UUID,
-            plaintext: bytes, max_content: int = MAX_CONTENT) -> Sealed:
+            plaintext: bytes, max_content: int = MAX_CONTENT, *, scheme: int = 1,
+            nonce: bytes | None = None) -> Sealed:
     """Seal a body with the given key (normally `Keyring.current(hoomi_id)`) for one
-    Hoomi, as sent by `sender_id` under `client_msg_id`. ValueError if the sealed content
-    would exceed `max_content` (the hub's limit, 64 KiB by default: MAX_PLAINTEXT)."""
+    Hoomi, as sent by `sender_id` under `client_msg_id`, in `scheme` (1 or 2, see the
+    module's docstring). ValueError if the sealed content would exceed `max_content`
+    (the hub's limit, 64 KiB by default: MAX_PLAINTEXT). `nonce` is for tests and
+    known-answer vectors only: a fresh random one is drawn otherwise."""
     if not isinstance(plaintext, bytes):
         raise TypeError("plaintext: bytes expected")
-    limit = max_plaintext(max_content)
-    if len(plaintext) > limit:
-        raise ValueError(f"plaintext: at most {limit} bytes, so that the content fits the "
-                         f"hub's {max_content}; got {len(plaintext)}")
-    header = _HEADER.pack(VERSION, client_msg_id.bytes, sender_id.bytes, len(plaintext))
-    size = len(header) + len(plaintext)
-    envelope = header + plaintext + bytes(_padded(size) - size)
-    nonce = os.urandom(NONCE_BYTES)
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme: this client seals schemes {SCHEMES}, not {scheme}")
+    body, flags = plaintext, 0
+    if scheme == 2 and len(plaintext) >= COMPRESS_ABOVE:
+        packed = _deflate(plaintext)
+        if _padded(_HEADER_V2.size + len(packed)) < _padded(_HEADER_V2.size + len(plaintext)):
+            body, flags = packed, _DEFLATED
+    head = HEADER_BYTES if scheme == 1 else _HEADER_V2.size
+    limit = (max_content - TAG_BYTES) // PAD_TO * PAD_TO - head
+    if len(body) > limit:
+        raise ValueError(f"plaintext: at most {max(0, limit)} bytes, so that the content "
+                         f"fits the hub's {max_content}; got {len(plaintext)}")
+    if scheme == 1:
+        header = _HEADER.pack(VERSION, client_msg_id.bytes, sender_id.bytes, len(body))
+    else:
+        header = _HEADER_V2.pack(2, flags, client_msg_id.bytes, sender_id.bytes, len(body))
+    size = len(header) + len(body)
+    envelope = header + body + bytes(_padded(size) - size)
+    nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
     content = AESGCM(key.key).encrypt(nonce, envelope,
-                                      _associated_data(hoomi_id, key.session_id))
-    return Sealed(content, nonce, key.session_id)
+                                      _associated_data(hoomi_id, key.session_id, scheme))
+    return Sealed(content, nonce, key.session_id, scheme)
 
 
 def decrypt(keys: Keyring | GroupKey, hoomi_id: UUID, sender_id: UUID | None,
-            content: bytes, nonce: bytes, session_id: str) -> Opened:
+            content: bytes, nonce: bytes, session_id: str, scheme: int = 1) -> Opened:
     """Open a message as the hub delivered it, or raise DecryptError; never returns
     unauthenticated bytes.
 
@@ -166,9 +216,12 @@ def decrypt(keys: Keyring | GroupKey, hoomi_id: UUID, sender_id: UUID | None,
         raise DecryptError("malformed", f"nonce is {len(nonce)} bytes, not {NONCE_BYTES}")
     if len(content) < TAG_BYTES:
         raise DecryptError("malformed", f"content is shorter than the {TAG_BYTES}-byte tag")
+    if scheme not in SCHEMES:
+        raise DecryptError("malformed", f"scheme {scheme} is unknown to this client",
+                           f"sealed with scheme {scheme}, newer than this client")
     try:
         envelope = AESGCM(key.key).decrypt(nonce, content,
-                                           _associated_data(hoomi_id, session_id))
+                                           _associated_data(hoomi_id, session_id, scheme))
     except InvalidTag:
         # A key of the right name but other bytes fails exactly as altered content does:
         # GCM is not key-committing, and the format carries no key check value.
@@ -177,15 +230,23 @@ def decrypt(keys: Keyring | GroupKey, hoomi_id: UUID, sender_id: UUID | None,
                            "wrong key or tampered") from None
     # Authentic from here on: a key holder wrote it. Still parse strictly, so that only
     # the one encoding encrypt() produces is accepted.
-    if len(envelope) < HEADER_BYTES:
+    head = HEADER_BYTES if scheme == 1 else _HEADER_V2.size
+    if len(envelope) < head:
         raise DecryptError("malformed", "envelope shorter than its header")
-    version, raw_cmid, raw_sender, length = _HEADER.unpack_from(envelope)
-    if version != VERSION:
-        raise DecryptError("malformed", f"envelope version {version}")
-    end = HEADER_BYTES + length
+    flags = 0
+    if scheme == 1:
+        version, raw_cmid, raw_sender, length = _HEADER.unpack_from(envelope)
+    else:
+        version, flags, raw_cmid, raw_sender, length = _HEADER_V2.unpack_from(envelope)
+    if version != scheme or flags & ~_DEFLATED:
+        raise DecryptError("malformed", f"envelope version {version} or flags {flags}")
+    end = head + length
     if len(envelope) != _padded(end) or any(envelope[end:]):
         raise DecryptError("malformed", "envelope length or padding")
     if sender_id is not None and raw_sender != sender_id.bytes:
         raise DecryptError("tampered", "sealed by another sender",
                            "tampered: sealed by another sender than the hub reports")
-    return Opened(envelope[HEADER_BYTES:end], UUID(bytes=raw_cmid), UUID(bytes=raw_sender))
+    body = envelope[head:end]
+    if flags & _DEFLATED:
+        body = _inflate(body)
+    return Opened(body, UUID(bytes=raw_cmid), UUID(bytes=raw_sender))

@@ -477,3 +477,40 @@ def test_sdk_keeps_the_lower_seq_as_the_original_whatever_order_it_opens_them():
     assert client.open(_pushed(sealed, h, alice, 5)).plaintext == b"hi"
     with pytest.raises(DecryptError):
         client.open(_pushed(sealed, h, alice, 9))
+
+
+# -- schemes (issue 10): scheme 2 compresses above a threshold; the scheme is authenticated --
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=3000) | st.text(max_size=3000).map(str.encode), st.sampled_from([1, 2]))
+def test_every_scheme_round_trips(plaintext: bytes, scheme: int) -> None:
+    from client.crypto import decrypt as open_
+    from client.crypto import encrypt as seal
+    from client.keys import GroupKey as Key
+    key, h, sender, cmid = Key("k1", os.urandom(32)), uuid4(), uuid4(), uuid4()
+    sealed = seal(key, h, sender, cmid, plaintext, scheme=scheme)
+    assert sealed.scheme == scheme
+    opened = open_(key, h, sender, sealed.content, sealed.nonce, "k1", scheme)
+    assert (opened.plaintext, opened.client_msg_id) == (plaintext, cmid)
+
+
+def test_scheme_2_compresses_long_text_and_the_scheme_cannot_be_relabelled() -> None:
+    from client.crypto import DecryptError as Refused
+    from client.crypto import decrypt as open_
+    from client.crypto import encrypt as seal
+    from client.keys import GroupKey as Key
+    key, h, sender = Key("k1", os.urandom(32)), uuid4(), uuid4()
+    log = b"\n".join(b"2026-12-01T12:00:%02d INFO writer batch committed" % i
+                     for i in range(40))
+    v1 = seal(key, h, sender, uuid4(), log, scheme=1)
+    v2 = seal(key, h, sender, uuid4(), log, scheme=2)
+    assert len(v2.content) < len(v1.content) / 3
+    short = seal(key, h, sender, uuid4(), b"ok", scheme=2)
+    assert len(short.content) == len(seal(key, h, sender, uuid4(), b"ok").content)
+    for sealed, wrong in ((v1, 2), (v2, 1)):
+        with pytest.raises(Refused) as err:
+            open_(key, h, sender, sealed.content, sealed.nonce, "k1", wrong)
+        assert err.value.reason == "tampered"
+    with pytest.raises(Refused) as err:
+        open_(key, h, sender, v2.content, v2.nonce, "k1", 3)
+    assert err.value.reason == "malformed"
