@@ -77,6 +77,10 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+class SessionError(RuntimeError):
+    """A call the session's state does not allow: a bug in its caller (server/ws.py)."""
+
+
 class Verdict(enum.Enum):
     """What became of a frame handed to the outbox."""
 
@@ -324,6 +328,7 @@ class Session:
                       ) -> list[UUID]:
         """The token is good: cursors exist (not started) before the feeds open, so no
         push is lost in between. Returns the Hoomis to join before `welcome`."""
+        self._during_hello("authenticated")
         self.user_id = user_id
         self.expires_at = expires_at
         for s in first:
@@ -332,6 +337,7 @@ class Session:
 
     def membership_at_hello(self, mine: Iterable[HoomiSummary]) -> tuple[list[UUID], list[UUID]]:
         """The user's Hoomis read again once subscribed: (to leave, to join)."""
+        self._during_hello("membership_at_hello")
         current = {s.hoomi_id for s in mine}
         gone = [h for h in self.cursors if h not in current]
         for h in gone:
@@ -346,6 +352,7 @@ class Session:
         """Queue `welcome` and start each cursor at its edge: the client's resume point,
         or the Hoomi's end. Returns the Hoomis behind, whose first page the caller reads
         in batches (`rows_read`); `delivered` is the feed's last pushed seq per Hoomi."""
+        self._during_hello("welcome")
         self.reply(Welcome(user_id=self.user_id, ref=hello.ref, hoomis=[
             HoomiState(hoomi_id=s.hoomi_id, last_seq=s.last_seq, role=s.role) for s in mine],
             max_content_bytes=self.limits.max_content_bytes), "welcome")
@@ -479,6 +486,12 @@ class Session:
             self.close(CloseCode.SERVICE_RESTART, "storage unavailable")
 
     # -- inside -----------------------------------------------------------------------------
+
+    def _during_hello(self, operation: str) -> None:
+        # DRAINING is allowed: the replica may start draining while hello reads.
+        if self.state is State.LIVE or self.state is State.CLOSED:
+            raise SessionError(f"{operation}: only during hello, and the session is "
+                               f"{self.state.value}")
 
     def _cursor(self, hoomi_id: UUID) -> Cursor:
         self._generations += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from uuid import UUID, uuid4
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -28,7 +29,7 @@ from protocol import (
     encode_client,
 )
 from server.config import load
-from server.session import Effect, Session, State, Task, Verdict
+from server.session import Effect, Session, SessionError, State, Task, Verdict
 from storage.records import HoomiSummary
 
 QUEUE = 24
@@ -452,3 +453,10 @@ def test_a_request_the_hub_does_not_serve_yet_is_answered_not_dropped():
     error, = (decode_server(f) for f in drain(s))
     assert (error.code, error.ref) == (ErrorCode.INVALID, 4) and error.message.startswith("type:")
     assert s.state is State.LIVE
+
+
+def test_a_wrong_transition_names_the_operation_and_the_state():
+    s = new_session()
+    hello(s, {})
+    with pytest.raises(SessionError, match="welcome: only during hello, and the session is live"):
+        s.welcome(Hello(token="t"), [], lambda h: 0)
