@@ -381,6 +381,11 @@ async def run_pass(pool: asyncpg.Pool, archive: Archive, older_than_s: float | N
     """One pass, if no other process runs one: delete orphan objects, rewrite segments
     with erased messages, then (with `older_than_s`) archive every message older."""
     result = PassResult()
+    if await pool.fetchval("SELECT to_regclass('messages_partitioned') IS NOT NULL"):
+        # Migration 0004's copy is unfinished: `messages` is still the old table, which
+        # the previous release serves and the swap drops.
+        raise RuntimeError("messages are being moved to the partitioned table: finish "
+                           "`hoomi migrate` before archiving")
     async with pool.acquire() as lock:
         if not await lock.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
             result.busy = True

@@ -458,3 +458,24 @@ async def test_a_segment_that_cannot_be_rewritten_does_not_hold_back_the_others(
                                    "WHERE erase_pending") == 1
     finally:
         archive.configure(None)
+
+
+async def test_an_install_upgraded_from_before_0004_gets_the_archive_column(pg_template):
+    """0005 applied while 0004's copy is still pending (every migration is applied before
+    `hoomi migrate` moves the rows): the partitioned table, which becomes `messages` at
+    the swap, must get content_len and the new CHECK too, not only the old table."""
+    from storage.migrate import MigrationPending, migrate
+    from tests.test_partitioning import old_install, scratch
+
+    async with scratch(pg_template, target=3) as conn:
+        await old_install(conn, 3000)
+        with pytest.raises(MigrationPending):
+            await migrate(conn, target=5)
+        await migrate(conn, copy=True, target=5)
+        assert await conn.fetchval("SELECT to_regclass('messages_partitioned')") is None
+        seq = await conn.fetchval("SELECT min(seq) FROM messages WHERE deleted_at IS NULL")
+        await conn.execute("UPDATE messages SET content_len = octet_length(content), "
+                           "content = NULL, nonce = NULL WHERE seq = $1 "
+                           "AND deleted_at IS NULL", seq)
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("UPDATE messages SET content_len = 1 WHERE content IS NOT NULL")

@@ -7,18 +7,32 @@
 
 -- An archived row: content and nonce NULL, not deleted, content_len = the ciphertext's
 -- length (byte-bounded pages still count it). NULL on every other row.
-ALTER TABLE messages ADD COLUMN content_len INTEGER;
-
-ALTER TABLE messages DROP CONSTRAINT messages_tombstone_erased;
-ALTER TABLE messages ADD CONSTRAINT messages_tombstone_erased CHECK (
-    -- live, in the table
-    (deleted_at IS NULL AND content IS NOT NULL AND nonce IS NOT NULL AND content_len IS NULL)
-    -- live, archived: the ciphertext and nonce are in a segment object
-    OR (deleted_at IS NULL AND content IS NULL AND nonce IS NULL AND content_len IS NOT NULL)
-    -- deleted for everyone: a tombstone
-    OR (deleted_at IS NOT NULL AND content IS NULL AND nonce IS NULL AND session_id IS NULL
-        AND content_len IS NULL)
-);
+-- On an install upgraded from before 0004 whose copy of messages has not finished yet,
+-- `messages` is still the old table and `messages_partitioned` the one that the swap
+-- renames to `messages`: both get the column and the constraint (the copy and the
+-- mirror trigger name their 11 columns, so the new one stays NULL there).
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['messages', 'messages_partitioned'] LOOP
+        CONTINUE WHEN to_regclass(t) IS NULL;
+        EXECUTE format('ALTER TABLE %I ADD COLUMN content_len INTEGER', t);
+        EXECUTE format('ALTER TABLE %I DROP CONSTRAINT messages_tombstone_erased', t);
+        EXECUTE format($check$
+            ALTER TABLE %I ADD CONSTRAINT messages_tombstone_erased CHECK (
+                -- live, in the table
+                (deleted_at IS NULL AND content IS NOT NULL AND nonce IS NOT NULL
+                 AND content_len IS NULL)
+                -- live, archived: the ciphertext and nonce are in a segment object
+                OR (deleted_at IS NULL AND content IS NULL AND nonce IS NULL
+                    AND content_len IS NOT NULL)
+                -- deleted for everyone: a tombstone
+                OR (deleted_at IS NOT NULL AND content IS NULL AND nonce IS NULL
+                    AND session_id IS NULL AND content_len IS NULL))
+        $check$, t);
+    END LOOP;
+END $$;
 
 -- Every message with seq <= archived_upto is archived, a tombstone or purged; NULL: none.
 ALTER TABLE hoomis ADD COLUMN archived_upto BIGINT CHECK (archived_upto >= 0);
