@@ -468,8 +468,23 @@ class ClusterBroker:
                 closing = asyncio.get_running_loop().create_task(stale.aclose())
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
+            failed: Exception | None = None
+            unreachable: set[str] = set()  # tried once per pass (a dead host costs a timeout)
             for channel in sorted(self._wanted):
-                await self._place(channel)
+                node = None
+                try:
+                    node = self._cluster.get_node_from_key(channel)
+                    if node is not None and node.name in unreachable:
+                        continue
+                    await self._place(channel)
+                except (RedisError, RedisClusterException, OSError) as exc:
+                    # Its master is still the dead one (or its slot uncovered for now):
+                    # place the others meanwhile.
+                    failed = failed or exc
+                    if node is not None:
+                        unreachable.add(node.name)
+            if failed is not None:
+                raise failed
             self._healthy = True
 
     async def _place(self, channel: str) -> None:

@@ -1,6 +1,7 @@
 """Fan-out on a real 3-shard Valkey Cluster (HOOMI_REDIS_MODE=cluster): sharded pub/sub.
 
-Two `hoomi serve` replicas whose REDIS_URL names one node of the cluster. Periodic
+Two `hoomi serve` replicas whose REDIS_URL names one node of the cluster (logging at
+info, so a failure's replica logs show the broker's resyncs). Periodic
 reconcile is pushed past the module's run time (HOOMI_RECONCILE_INTERVAL_S=120), so what
 arrives came through pub/sub, a seq gap filled from PostgreSQL, or the reconcile the
 broker asks for after resubscribing, not through a timer.
@@ -17,7 +18,7 @@ import pytest
 import redis
 
 from protocol import Ack, Membership, MessageBody
-from tests.cluster import Replica
+from tests.cluster import Replica, until_ok
 from tests.test_hub_delivery import joined, messages, send
 from tests.valkey_cluster import ValkeyCluster
 from tests.wsclient import Admin
@@ -34,7 +35,7 @@ def valkey_cluster() -> Iterator[ValkeyCluster]:
 async def sharded(module_dsn: str, valkey_cluster: ValkeyCluster
                   ) -> AsyncIterator[tuple[list[Replica], Admin]]:
     replicas = [Replica(module_dsn, valkey_cluster.url, name=n, HOOMI_REDIS_MODE="cluster",
-                        HOOMI_RECONCILE_INTERVAL_S="120")
+                        HOOMI_RECONCILE_INTERVAL_S="120", HOOMI_LOG_LEVEL="info")
                 for n in ("ca", "cb")]
     try:
         for r in replicas:
@@ -220,5 +221,7 @@ async def test_shard_master_failover_while_messages_flow(sharded, valkey_cluster
     assert len(want) > acked_at_kill  # messages flowed through the failover
     # Replica b's subscriber saw the master go and resubscribed on the new one.
     assert f"sharded pub/sub connection to 127.0.0.1:{victim} lost" in rb.output()
+    for r in (ra, rb):
+        await until_ok(r.http + "/readyz", 10, r.output)  # broker: ok on the new master
     await pa.close()
     await pb.close()
