@@ -189,6 +189,14 @@ class _Cache:
         self._items.clear()
         self.bytes = 0
 
+    def keys(self) -> list[str]:
+        return list(self._items)
+
+    def drop(self, key: str) -> None:
+        seg = self._items.pop(key, None)
+        if seg is not None:
+            self.bytes -= seg.size
+
 
 class Archive:
     def __init__(self, url: str, *, cache_bytes: int = 64 << 20,
@@ -698,6 +706,21 @@ async def mark_erased(conn: asyncpg.Connection, hoomi_id: UUID, lo: int, hi: int
         hoomi_id, lo, hi)
 
 
+async def prune_cache(pool: asyncpg.Pool, archive: Archive) -> int:
+    """Drop cached segments no row points to any more (rewritten or dropped for an
+    erasure, by whichever replica): erased ciphertext leaves every replica's memory
+    within one tick, not only the store. Returns how many were dropped."""
+    keys = archive.cache.keys()
+    if not keys:
+        return 0
+    live = {r["object_key"] for r in await pool.fetch(
+        "SELECT object_key FROM message_segments WHERE object_key = ANY($1::text[])", keys)}
+    gone = [k for k in keys if k not in live]
+    for k in gone:
+        archive.cache.drop(k)
+    return len(gone)
+
+
 # -- the background loop ---------------------------------------------------------------------
 
 ERASE_TICK_S = 60.0
@@ -714,6 +737,7 @@ async def archive_forever(pool: asyncpg.Pool, archive: Archive, after_s: float |
         await asyncio.sleep(tick)
         due = after_s is not None and time.monotonic() - last_archive >= interval - 0.001
         try:
+            await prune_cache(pool, archive)
             result = await run_pass(pool, archive, after_s if due else None)
             if due and not result.busy:
                 last_archive = time.monotonic()

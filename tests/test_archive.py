@@ -479,3 +479,19 @@ async def test_an_install_upgraded_from_before_0004_gets_the_archive_column(pg_t
                            "AND deleted_at IS NULL", seq)
         with pytest.raises(asyncpg.CheckViolationError):
             await conn.execute("UPDATE messages SET content_len = 1 WHERE content IS NOT NULL")
+
+
+async def test_every_replica_drops_cached_segments_an_erasure_replaced(pool, writer, tmp_path):
+    user, (h,) = await _fill(pool, writer, per_hoomi=5, hoomis=1)
+    writer_side, reader_side = Archive(f"file://{tmp_path}"), Archive(f"file://{tmp_path}")
+    await archive.run_pass(pool, writer_side, 0)
+    archive.configure(reader_side)  # another replica's reads: its own cache
+    try:
+        page = (await messages.history(pool, h, None, 10)).messages
+        assert len(reader_side.cache.keys()) == 1
+        await messages.delete_for_everyone(pool, h, page[0].id, user)
+        await archive.run_pass(pool, writer_side, None)
+        assert await archive.prune_cache(pool, reader_side) == 1
+        assert reader_side.cache.keys() == [] and reader_side.cache.bytes == 0
+    finally:
+        archive.configure(None)
