@@ -8,12 +8,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import asyncpg
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from protocol import Limits
 from storage import archive
@@ -123,11 +126,38 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=[*api.routes, *operator_api.routes,
                 Route("/openapi.json", openapi.openapi_json),
-                WebSocketRoute("/v1/ws", ws.endpoint)],
+                WebSocketRoute("/v1/ws", ws.endpoint),
+                Mount("/chat", app=chat_page(), name="chat")],
         exception_handlers=errors.exception_handlers,
         middleware=middleware,
         lifespan=lifespan,
     )
+
+
+# The web chat page (client/web/dist, built from client/web/page by `make web`; docs/browser.md).
+# Static files only: the token and keys are typed into the page and never reach the hub's
+# storage. Scripts and styles from this origin only (no inline code, no CDN); the page's
+# WebSocket may go to any ws:/wss: URL the user gives (other replicas); nothing may frame it.
+CHAT_DIR = Path(__file__).resolve().parent.parent / "client" / "web" / "dist"
+CHAT_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+CHAT_HEADERS = [(b"content-security-policy", CHAT_CSP.encode()),
+                (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                (b"cross-origin-opener-policy", b"same-origin"), (b"cache-control", b"no-cache")]
+
+
+def chat_page() -> ASGIApp:
+    """The page's static files, each response with CHAT_HEADERS (404s are JSON, as any)."""
+    files = StaticFiles(directory=CHAT_DIR, html=True, check_dir=False)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *CHAT_HEADERS]
+            await send(message)
+        await files(scope, receive, send_with_headers)
+    return app
 
 
 async def purge_forever(pool: asyncpg.Pool, interval: float) -> None:

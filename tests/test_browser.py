@@ -1,0 +1,275 @@
+"""The web chat page (client/web, served by the hub at /chat/) in a real browser: headless
+Chromium (Debian's package) driven by playwright-core through client/web/test/
+browser_driver.mjs, against real `hoomi serve` replicas sharing PostgreSQL and Valkey.
+
+- two browser users chat through two replicas; the Python SDK's messages open in the page
+  and the page's in the Python SDK; delete for everyone; a missing key and a message under
+  an unknown key are said clearly; no console error or CSP violation; the screenshot in
+  docs/browser.md is taken here;
+- scrolling up loads the whole history of a 500-message Hoomi, in order;
+- a replica is SIGKILLed under a page that is sending and receiving: the page reconnects
+  to the other replica, resumes, and shows every message once, in seq order, and the
+  database holds each of its sends once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import httpx
+import pytest
+
+from client.keys import Keyring, key_from_passphrase
+from client.sdk import HoomiClient
+from protocol import MessageBody
+from tests.cluster import ROOT, Replica
+
+WEB = ROOT / "client" / "web"
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOT = ROOT / "docs" / "browser.png"
+PASSPHRASE = "purple otter rides the tram"
+
+_missing = [what for what, ok in [
+    ("node (apt-get install nodejs npm)", shutil.which("node") is not None),
+    ("client/web/node_modules (make test runs npm ci --prefix client/web)",
+     (WEB / "node_modules" / "playwright-core").is_dir()),
+    (f"chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)",
+     Path(CHROMIUM).exists()),
+    ("the built page client/web/dist (make web)", (WEB / "dist" / "app.js").is_file()),
+] if not ok]
+pytestmark = pytest.mark.skipif(bool(_missing), reason="browser tests need " + ", ".join(_missing))
+
+
+class Browser:
+    """One Chromium, its pages named; every call is one JSON line to the driver."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lock = asyncio.Lock()
+
+    @classmethod
+    async def launch(cls) -> Browser:
+        proc = await asyncio.create_subprocess_exec(
+            "node", str(WEB / "test" / "browser_driver.mjs"), cwd=WEB,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "CHROMIUM": CHROMIUM}, limit=1 << 24)
+        return cls(proc)
+
+    async def call(self, op: str, **args: Any) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        async with self.lock:
+            self.proc.stdin.write((json.dumps({"op": op, **args}) + "\n").encode())
+            await self.proc.stdin.drain()
+            line = await asyncio.wait_for(self.proc.stdout.readline(), 120)
+        assert line, "the browser driver exited"
+        answer = json.loads(line)
+        if "error" in answer:
+            raise AssertionError(f"browser {op} {args.get('page')}: {answer['error']}")
+        return answer["ok"]
+
+    async def eval(self, page: str, js: str) -> Any:
+        return await self.call("eval", page=page, js=js)
+
+    async def wait(self, page: str, js: str, timeout: float = 20) -> Any:
+        return await self.call("wait", page=page, js=js, timeout=int(timeout * 1000))
+
+    async def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 15)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    b = await Browser.launch()
+    yield b
+    await b.close()
+
+
+SHOWN = """[...document.querySelectorAll('#messages li[data-seq]')].map(li =>
+    [Number(li.dataset.seq), li.querySelector('.body').textContent])"""
+
+
+async def open_chat(b: Browser, page: str, served_by: Replica, token: str,
+                    ws_urls: list[str], hoomi: UUID, passphrase: str | None = PASSPHRASE) -> None:
+    """Open the page as a person would: paste the token, connect, pick the Hoomi, and
+    (seeing that its key is missing) type its passphrase."""
+    await b.call("open", page=page, url=served_by.http + "/chat/")
+    await b.call("fill", page=page, selector="#token", value=token)
+    await b.call("fill", page=page, selector="#urls", value=" ".join(ws_urls))
+    await b.call("click", page=page, selector="#connect-button")
+    await b.wait(page, "!document.getElementById('chat').hidden")
+    await b.call("click", page=page, selector=f'button[data-hoomi="{hoomi}"]')
+    missing = await b.wait(page, "document.getElementById('key-missing').textContent")
+    assert "No key for this Hoomi" in missing
+    if passphrase is not None:
+        await b.call("fill", page=page, selector="#passphrase", value=passphrase)
+        await b.call("press", page=page, selector="#passphrase", value="Enter")
+        await b.wait(page, "!document.getElementById('text').disabled")
+
+
+async def type_and_send(b: Browser, page: str, text: str) -> None:
+    await b.call("fill", page=page, selector="#text", value=text)
+    await b.call("press", page=page, selector="#text", value="Enter")
+
+
+def ring_for(hoomi: UUID) -> Keyring:
+    ring = Keyring()
+    ring.add(hoomi, key_from_passphrase(PASSPHRASE, hoomi))
+    return ring
+
+
+async def test_two_browser_users_chat_through_two_replicas(cluster, browser: Browser) -> None:
+    (alice, a_tok), (bob, b_tok), (carol, c_tok) = (
+        await cluster.user(), await cluster.user(), await cluster.user())
+    h = await cluster.admin.hoomi([alice], [bob, carol])
+    async with httpx.AsyncClient() as http:
+        r = await http.get(cluster.a.http + "/chat/")
+    assert r.status_code == 200 and 'src="app.js"' in r.text
+    csp = r.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "default-src 'none'" in csp
+    assert "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+
+    # Carol (Python SDK) writes first, with the passphrase key and with a key nobody has.
+    carol_sdk = HoomiClient([cluster.a.ws], c_tok, keyring=ring_for(h))
+    await carol_sdk.start()
+    await carol_sdk.send_text(h, "from python ✓".encode())
+    stranger = Keyring()
+    stranger.add(h, key_from_passphrase("another passphrase", h, session_id="pw9"))
+    carol_sdk.keyring = stranger
+    await carol_sdk.send_text(h, b"nobody here has this key")
+    carol_sdk.keyring = ring_for(h)
+
+    await open_chat(browser, "alice", cluster.a, a_tok, [cluster.a.ws, cluster.b.ws], h)
+    await open_chat(browser, "bob", cluster.b, b_tok, [cluster.b.ws, cluster.a.ws], h)
+    for page in ("alice", "bob"):
+        shown = await browser.wait(page, f"({SHOWN}).length === 2 && {SHOWN}")
+        assert shown[0] == [1, "from python ✓"]
+        assert shown[1] == [2, "(cannot decrypt: no key for this message's key id 'pw9')"]
+
+    await type_and_send(browser, "alice", "hi Bob, from replica a")
+    await browser.wait("bob", f"({SHOWN}).some(([s, t]) => t === 'hi Bob, from replica a')")
+    await type_and_send(browser, "bob", "hi Alice, from replica b")
+    await browser.wait("alice", f"({SHOWN}).some(([s, t]) => t === 'hi Alice, from replica b')")
+    # The page's messages open in the Python SDK: same envelope, same key derivation.
+    opened = []
+    while len(opened) < 2:
+        ev = await carol_sdk.next_event(10)
+        if isinstance(ev, MessageBody) and ev.seq > 2:  # her own two came back first
+            opened.append((ev.seq, carol_sdk.open(ev).plaintext.decode()))
+    assert opened == [(3, "hi Bob, from replica a"), (4, "hi Alice, from replica b")]
+
+    # Delete for everyone: Alice (admin) deletes Bob's message from her page.
+    await browser.call("click", page="alice", selector="li[data-seq='4'] button.delete")
+    for page in ("alice", "bob"):
+        await browser.wait(
+            page, f"({SHOWN}).some(([s, t]) => s === 4 && t === '(deleted for everyone)')")
+    # Bob (a member) may delete only his own messages: no button on Alice's.
+    assert await browser.eval(
+        "bob", "document.querySelectorAll('li[data-seq=\"3\"] button.delete').length") == 0
+
+    await type_and_send(browser, "alice", "Bob, this one is for the screenshot")
+    await browser.wait("bob", f"({SHOWN}).length === 5")
+    await browser.wait("alice", f"({SHOWN}).length === 5")
+    await browser.call("screenshot", page="alice", path=str(SCREENSHOT))
+    for page in ("alice", "bob"):
+        assert await browser.call("errors", page=page) == []
+        await browser.call("close", page=page)
+    await carol_sdk.close()
+
+
+async def test_scrolling_up_loads_the_whole_history_of_500_messages_in_order(
+        cluster, browser: Browser) -> None:
+    alice, a_tok = await cluster.user()
+    h = await cluster.admin.hoomi([alice])
+    sdk = HoomiClient([cluster.a.ws], a_tok, keyring=ring_for(h))
+    await sdk.start()
+    acks = await asyncio.gather(*(sdk.send_text(h, f"message {i}".encode())
+                                  for i in range(1, 501)))
+    assert sorted(a.seq for a in acks) == list(range(1, 501))
+    await sdk.close()
+    by_seq = {a.seq: i for i, a in enumerate(acks, 1)}
+
+    await open_chat(browser, "scroll", cluster.b, a_tok, [cluster.b.ws], h)
+    await browser.wait("scroll", f"({SHOWN}).length >= 50")
+    # Scroll to the top again and again, as a reader holding the scroll bar would.
+    done = await browser.wait("scroll", """(() => {
+        const s = document.getElementById('scroller'); s.scrollTop = 0;
+        return window.hoomiPage.current.done && window.hoomiPage.current.count === 500; })()""",
+                              timeout=60)
+    assert done
+    shown = await browser.eval("scroll", SHOWN)
+    assert [s for s, _ in shown] == list(range(1, 501))
+    assert [t for _, t in shown] == [f"message {by_seq[s]}" for s in range(1, 501)]
+    assert "start of this Hoomi" in await browser.eval(
+        "scroll", "document.getElementById('top').textContent")
+    assert await browser.call("errors", page="scroll") == []
+    await browser.call("close", page="scroll")
+
+
+async def test_replica_killed_the_page_reconnects_and_resumes_nothing_lost_or_doubled(
+        cluster, browser: Browser) -> None:
+    (alice, a_tok), (carol, c_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [carol])
+    # Alice's page is on replica b (a next); Carol writes through replica a.
+    await open_chat(browser, "alice", cluster.b, a_tok, [cluster.b.ws, cluster.a.ws], h)
+    carol_sdk = HoomiClient([cluster.a.ws], c_tok, keyring=ring_for(h))
+    await carol_sdk.start()
+    for i in range(5):
+        await type_and_send(browser, "alice", f"alice before {i}")
+        await carol_sdk.send_text(h, f"carol before {i}".encode())
+    await browser.wait("alice", f"({SHOWN}).length === 10")
+    assert await browser.eval("alice", "window.hoomiPage.client.reconnects") == 0
+
+    cluster.b.kill()
+    try:
+        # While the page has no socket: Carol goes on, Alice types (into the outbox).
+        for i in range(10):
+            await carol_sdk.send_text(h, f"carol during {i}".encode())
+        for i in range(3):
+            await type_and_send(browser, "alice", f"alice during {i}")
+        for i in range(5):
+            await carol_sdk.send_text(h, f"carol after {i}".encode())
+        shown = await browser.wait("alice", f"({SHOWN}).length === 28 && {SHOWN}", timeout=30)
+        assert await browser.eval("alice", "window.hoomiPage.client.reconnects") >= 1
+        assert await browser.eval("alice", "window.hoomiPage.client.state") == "live"
+        url = await browser.eval("alice", "document.getElementById('status').textContent")
+        assert f":{cluster.a.port}/" in url
+        # Every message once, in seq order, none pending.
+        assert [s for s, _ in shown] == list(range(1, 29))
+        texts = [t for _, t in shown]
+        assert len(set(texts)) == 28
+        expected = {f"{who} {when} {i}" for who, when, n in [
+            ("alice", "before", 5), ("carol", "before", 5), ("carol", "during", 10),
+            ("alice", "during", 3), ("carol", "after", 5)] for i in range(n)}
+        assert set(texts) == expected
+        assert [t for t in texts if t.startswith("alice during")] == [
+            f"alice during {i}" for i in range(3)]
+        await browser.wait("alice", "!document.querySelector('#messages li.pending')")
+        assert await browser.eval(
+            "alice", "window.hoomiPage.client.pendingSends().then(p => p.length)") == 0
+        conn = await asyncpg.connect(cluster.dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT seq, sender_id FROM messages WHERE hoomi_id = $1 ORDER BY seq", h)
+        finally:
+            await conn.close()
+        assert [r["seq"] for r in rows] == list(range(1, 29))
+        assert sum(r["sender_id"] == alice for r in rows) == 8
+        assert await browser.call("errors", page="alice") == []
+    finally:
+        await carol_sdk.close()
+        await browser.call("close", page="alice")
+        cluster.b.start()
