@@ -219,7 +219,7 @@ class _Shard:
     """This replica's sharded subscriptions on one cluster node: one connection, its own
     reader task. Its `channels` are the ones this broker subscribed here and still wants."""
 
-    __slots__ = ("name", "client", "pubsub", "channels", "reader")
+    __slots__ = ("name", "client", "pubsub", "channels", "leaving", "reader")
 
     def __init__(self, name: str, host: str, port: int) -> None:
         self.name = name
@@ -230,7 +230,26 @@ class _Shard:
                                      retry=Retry(NoBackoff(), 0))
         self.pubsub = self.client.pubsub()
         self.channels: set[str] = set()
+        # SUNSUBSCRIBEs we sent whose confirmation has not come back: a confirmation is
+        # ours until these are used up; past them the node unsubscribed us by itself.
+        self.leaving: dict[str, int] = {}
         self.reader: asyncio.Task[None] | None = None
+
+    async def sunsubscribe(self, channel: str) -> None:
+        self.channels.discard(channel)
+        self.leaving[channel] = self.leaving.get(channel, 0) + 1
+        await self.pubsub.sunsubscribe(channel)
+
+    def confirmed(self, channel: str) -> bool:
+        """Whether a SUNSUBSCRIBE for `channel` answers one of ours."""
+        n = self.leaving.get(channel, 0)
+        if not n:
+            return False
+        if n == 1:
+            del self.leaving[channel]
+        else:
+            self.leaving[channel] = n - 1
+        return True
 
     async def close(self) -> None:
         if self.reader is not None and self.reader is not asyncio.current_task():
@@ -250,11 +269,12 @@ class ClusterBroker:
     """Many replicas on a Redis or Valkey Cluster: sharded pub/sub.
 
     Each channel lives on the shard that owns its hash slot, so the fan-out load spreads
-    over the cluster's masters: SPUBLISH goes through redis-py's cluster client (routed by
-    slot, following MOVED), and this replica SSUBSCRIBEs each channel it needs on the
-    master that owns it, one connection and one reader task per master (redis-py's
-    ClusterPubSub polls its per-node connections in turn, which does not suit a reader
-    that must block on all of them at once).
+    over the cluster's masters. A publish sends one SPUBLISH pipeline per master, routed
+    by the slot map of redis-py's cluster client (falling back to that client's own
+    pipeline, which follows MOVED, when a master refuses or is gone), and this replica
+    SSUBSCRIBEs each channel it needs on the master that owns it, one connection and one
+    reader task per master (redis-py's ClusterPubSub polls its per-node connections in
+    turn, which does not suit a reader that must block on all of them at once).
 
     The control channel (`hoomi:ctl`: membership changes, users gone) is one sharded
     channel like the others, which every replica subscribes to, so it reaches every
@@ -266,8 +286,13 @@ class ClusterBroker:
     refused (MOVED), the supervisor re-reads the slot map and subscribes every wanted
     channel on its current owner, retrying with backoff through a failover, and then
     calls `on_reconnect`: what was published meanwhile is gone, and the hub reconciles
-    against PostgreSQL as after a standalone Redis outage.
+    against PostgreSQL as after a standalone Redis outage. The slot map is also re-read
+    after a publish had to be rerouted, and every RECHECK_S anyway (a master that failed
+    over behind a network partition may never break our connection): a channel found on
+    the wrong node is moved, and the hub reconciles.
     """
+
+    RECHECK_S = 30.0
 
     def __init__(self, url: str) -> None:
         self._cluster: RedisCluster = RedisCluster.from_url(
@@ -283,6 +308,7 @@ class ClusterBroker:
         self._lock = asyncio.Lock()
         self._dirty = asyncio.Event()
         self._lost = False  # something may have been missed: reconcile after the next sync
+        self._moved = False  # a sync found a channel subscribed on a node that lost its slot
         self._healthy = False
         self._origin = os.urandom(8)
 
@@ -306,6 +332,7 @@ class ClusterBroker:
         moved, a master gone) is sent again through redis-py's cluster pipeline, which
         follows redirects and refreshes the map; an event of that group already published
         then arrives twice, and the hub drops the second by its seq."""
+        events = list(events)
         groups: dict[str, list[tuple[str, bytes]]] = {}
         try:
             for channel, payload in events:
@@ -345,6 +372,7 @@ class ClusterBroker:
             # The type only: a pipeline's error message quotes its commands' payloads.
             _log.info("spublish of %d events on %s failed (%s); routing through the "
                       "cluster client", len(items), name, type(exc).__name__)
+            self._dirty.set()  # the slot map moved: so may our subscriptions have to
             await self._publish_routed(items)
 
     async def _publish_routed(self, items: list[tuple[str, bytes]]) -> None:
@@ -382,9 +410,8 @@ class ClusterBroker:
             shard = self._shards.get(self._where.pop(channel, ""))
             if shard is None:
                 return
-            shard.channels.discard(channel)
             try:
-                await shard.pubsub.sunsubscribe(channel)
+                await shard.sunsubscribe(channel)
             except (RedisError, OSError) as exc:
                 _log.warning("sunsubscribe %s failed: %s", channel, exc)
 
@@ -428,7 +455,10 @@ class ClusterBroker:
         assert self._on_reconnect is not None
         backoff = 0.05
         while True:
-            await self._dirty.wait()
+            try:
+                await asyncio.wait_for(self._dirty.wait(), self.RECHECK_S)
+            except TimeoutError:
+                pass  # re-read the slot map anyway
             lost, self._lost = self._lost, False
             try:
                 await self._sync()
@@ -443,6 +473,7 @@ class ClusterBroker:
                 backoff = min(backoff * 2, 1.0)  # a failover takes a second or two
                 continue
             backoff = 0.05
+            lost, self._moved = lost or self._moved, False
             if lost:
                 _log.info("sharded pub/sub resubscribed %d channels on %d nodes",
                           len(self._wanted), len(self._shards))
@@ -457,8 +488,11 @@ class ClusterBroker:
         """Re-read the slot map; subscribe each wanted channel where its slot now lives."""
         async with self._lock:
             self._dirty.clear()
-            self._healthy = False
-            await self._cluster.nodes_manager.initialize()
+            try:
+                await self._cluster.nodes_manager.initialize()
+            except BaseException:
+                self._healthy = False
+                raise
             masters = {n.name for n in self._cluster.get_primaries()}
             for name in [n for n in self._shards if n not in masters]:
                 await self._drop(self._shards[name])
@@ -484,6 +518,7 @@ class ClusterBroker:
                     if node is not None:
                         unreachable.add(node.name)
             if failed is not None:
+                self._healthy = False
                 raise failed
             self._healthy = True
 
@@ -497,9 +532,9 @@ class ClusterBroker:
             return
         old = self._shards.get(where or "")
         if old is not None:
-            old.channels.discard(channel)
+            self._moved = True  # what was published on the new owner meanwhile is missed
             try:
-                await old.pubsub.sunsubscribe(channel)
+                await old.sunsubscribe(channel)
             except (RedisError, OSError):
                 pass  # that node may be the one that went away
         self._where.pop(channel, None)
@@ -541,7 +576,7 @@ class ClusterBroker:
                     channel = item["channel"]
                     if isinstance(channel, bytes):
                         channel = channel.decode()
-                    if channel in shard.channels:
+                    if not shard.confirmed(channel) and channel in shard.channels:
                         # Not ours: the node gave the slot up (migrated, or demoted).
                         _log.info("%s unsubscribed us from %s; resyncing", shard.name, channel)
                         shard.channels.discard(channel)
