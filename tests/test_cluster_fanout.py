@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from protocol import Ack, Membership, MessageBody
+from server import config
 from server.broker import ClusterBroker
 from tests.cluster import Replica, until_ok
 from tests.test_hub_delivery import joined, messages, send
@@ -47,6 +48,14 @@ async def sharded(module_dsn: str, valkey_cluster: ValkeyCluster
     finally:
         for r in replicas:
             r.stop()
+
+
+def test_redis_mode_is_standalone_or_cluster(tmp_path):
+    base = {"HOOMI_DATA_DIR": str(tmp_path)}
+    assert config.load(base).redis_mode == "standalone"
+    assert config.load({**base, "HOOMI_REDIS_MODE": "Cluster"}).redis_mode == "cluster"
+    with pytest.raises(config.ConfigError, match="HOOMI_REDIS_MODE: standalone or cluster"):
+        config.load({**base, "HOOMI_REDIS_MODE": "sentinel"})
 
 
 def shard_subscribers(port: int, channel: str) -> int:
