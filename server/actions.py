@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
-from protocol import ErrorCode, HoomiError, Send
+from protocol import Edit, ErrorCode, HoomiError, Reencrypt, Send
 from storage import hoomis as hoomi_store
 from storage import messages as message_store
 from storage import users as user_store
@@ -27,9 +27,12 @@ from storage.records import (
     AppendRequest,
     AppendResult,
     DeletedMessage,
+    EditedMessage,
     HistoryPage,
     HoomiSummary,
     Member,
+    Reencrypted,
+    SearchPage,
     SyncPage,
 )
 
@@ -91,23 +94,54 @@ def submit_send(services: Services, sender_id: UUID, frame: Send,
     (the Hub pushes it to every member from the commit hook, server/hub.py `committed`)."""
     return services.writer.submit(AppendRequest(
         frame.hoomi_id, sender_id, frame.client_msg_id, frame.content, frame.nonce,
-        frame.session_id))
+        frame.session_id, frame.scheme, frame.tokens))
 
 
 async def history(services: Services, reader: UUID, hoomi_id: UUID, before: int | None,
-                  limit: int, *, field: str = "hoomi_id") -> HistoryPage:
-    """A page before `before` (newest first), for a member, within HOOMI_PAGE_MAX_BYTES."""
+                  limit: int, *, field: str = "hoomi_id",
+                  scheme_below: int | None = None) -> HistoryPage:
+    """A page before `before` (newest first), for a member, within HOOMI_PAGE_MAX_BYTES;
+    with `scheme_below`, only the live messages still to reencrypt."""
     return await message_store.history(
         services.pool, hoomi_id, before, limit, reader=reader, hoomi_field=field,
-        max_bytes=services.settings.page_max_bytes)
+        max_bytes=services.settings.page_max_bytes, scheme_below=scheme_below)
 
 
 async def sync(services: Services, reader: UUID, hoomi_id: UUID, after: int, limit: int,
-               *, field: str = "hoomi_id") -> SyncPage:
+               *, field: str = "hoomi_id", scheme_below: int | None = None) -> SyncPage:
     """A page after `after` (oldest first), for a member, within HOOMI_PAGE_MAX_BYTES."""
     return await message_store.since(
         services.pool, hoomi_id, after, limit, reader=reader, hoomi_field=field,
-        max_bytes=services.settings.page_max_bytes)
+        max_bytes=services.settings.page_max_bytes, scheme_below=scheme_below)
+
+
+async def edit_message(services: Services, actor_id: UUID, frame: Edit) -> EditedMessage:
+    """A new version of one's own message; every member's sockets get `edited` after the
+    message itself."""
+    edited = await message_store.edit(
+        services.pool, frame.hoomi_id, frame.id, actor_id, content=frame.content,
+        nonce=frame.nonce, session_id=frame.session_id, scheme=frame.scheme,
+        tokens=frame.tokens)
+    services.hub.publish_edit(edited)
+    return edited
+
+
+async def reencrypt(services: Services, actor_id: UUID, frame: Reencrypt) -> Reencrypted:
+    """A Hoomi admin's device moves a batch of messages to a newer scheme; each one
+    applied is pushed as `edited`."""
+    done = await message_store.reencrypt(services.pool, frame.hoomi_id, actor_id, [
+        message_store.ReencryptItem(it.id, it.old_nonce, it.content, it.nonce, it.session_id,
+                                    it.scheme, it.tokens) for it in frame.items])
+    for edited in done.updated:
+        services.hub.publish_edit(edited)
+    return done
+
+
+async def search(services: Services, reader: UUID, hoomi_id: UUID, tokens: Sequence[bytes],
+                 before: int | None, limit: int, *, field: str = "hoomi_id") -> SearchPage:
+    """Messages carrying every token, newest first, for a member."""
+    return await message_store.search(services.pool, hoomi_id, list(tokens), before, limit,
+                                      reader, hoomi_field=field)
 
 
 async def my_hoomis(services: Services, user_id: UUID) -> list[HoomiSummary]:

@@ -208,7 +208,8 @@ def _message_json(m: StoredMessage) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": str(m.id), "hoomi_id": str(m.hoomi_id), "seq": m.seq,
         "sender_id": str(m.sender_id) if m.sender_id else None,
-        "created_at": events.ms(m.created_at),
+        "created_at": events.ms(m.created_at), "scheme": m.scheme,
+        "updated_at": events.ms(m.updated_at or m.created_at),
     }
     if m.deleted_at is not None:
         out["deleted"] = True
@@ -348,6 +349,7 @@ async def hoomi_messages(request: Request, services: Services) -> Response:
       - {$ref: "#/components/parameters/Limit"}
       - {$ref: "#/components/parameters/Before"}
       - {$ref: "#/components/parameters/After"}
+      - {$ref: "#/components/parameters/SchemeBelow"}
     responses:
       "200":
         description: "a page, shorter when messages are large (HOOMI_PAGE_MAX_BYTES);
@@ -366,6 +368,7 @@ async def hoomi_messages(request: Request, services: Services) -> Response:
     limit = _int_param(request, "limit", limits.default_page_limit, 1, limits.max_page_limit)
     before = _int_param(request, "before", None, 1, 2**63 - 1)
     after = _int_param(request, "after", None, 0, 2**63 - 1)
+    scheme_below = _int_param(request, "scheme_below", None, 1, 256)
     assert limit is not None
     if before is not None and after is not None:
         raise HoomiError(ErrorCode.INVALID, "after: cannot be combined with before", "after")
@@ -387,12 +390,13 @@ async def hoomi_messages(request: Request, services: Services) -> Response:
     try:
         body: dict[str, Any] = {"hoomi_id": str(hoomi_id)}
         if after is not None:
-            after_page = await actions.sync(services, user_id, hoomi_id, after, limit, field="id")
+            after_page = await actions.sync(services, user_id, hoomi_id, after, limit, field="id",
+                                            scheme_below=scheme_below)
             body.update(messages=[_message_json(m) for m in after_page.messages],
                         has_more=after_page.has_more)
         else:
             before_page = await actions.history(services, user_id, hoomi_id, before, limit,
-                                                field="id")
+                                                field="id", scheme_below=scheme_below)
             body.update(messages=[_message_json(m) for m in before_page.messages],
                         next_before=before_page.next_before)
         return _PageResponse(body, release)

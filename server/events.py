@@ -7,8 +7,10 @@ Words: a *push* is a frame the hub sends a client unasked (`message`, `deleted`,
 A message broadcast is `b"M" | hoomi_id (16 bytes) | seq (8 bytes, big-endian) | frame`,
 where `frame` is the `message` push already encoded for clients: it is encoded once, by
 the replica that committed it, and every replica forwards the same bytes to its sockets.
-A deletion is the same with `b"D"`. Controls (membership changes) are small msgpack maps
-on the control channel.
+A deletion is the same with `b"D"`, and a message's new version (an edit or a
+reencryption, the `edited` push) with `b"E"`: both follow their message on every socket
+(Session.on_deletion holds either until its message went out). Controls (membership
+changes) are small msgpack maps on the control channel.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from uuid import UUID
 
 import msgpack
 
-from protocol import Deleted, MessageBody, encode_server
-from storage.records import StoredMessage
+from protocol import Deleted, Edited, MessageBody, encode_server
+from storage.records import EditedMessage, StoredMessage
 
 _HEAD = struct.Struct(">c16sQ")
 MESSAGE = b"M"
 DELETED = b"D"
+EDITED = b"E"
 
 
 def ms(t: datetime) -> int:
@@ -33,13 +36,16 @@ def ms(t: datetime) -> int:
 
 
 def message_body(m: StoredMessage) -> MessageBody:
+    created = ms(m.created_at)
+    updated = created if m.updated_at is None else ms(m.updated_at)
     if m.deleted_at is not None:
         return MessageBody(id=m.id, hoomi_id=m.hoomi_id, seq=m.seq, sender_id=m.sender_id,
                            content=None, nonce=None, session_id=None,
-                           created_at=ms(m.created_at), deleted=True)
+                           created_at=created, deleted=True, scheme=m.scheme,
+                           updated_at=updated)
     return MessageBody(id=m.id, hoomi_id=m.hoomi_id, seq=m.seq, sender_id=m.sender_id,
                        content=m.content, nonce=m.nonce, session_id=m.session_id,
-                       created_at=ms(m.created_at))
+                       created_at=created, scheme=m.scheme, updated_at=updated)
 
 
 def message_frame(m: StoredMessage) -> bytes:
@@ -55,9 +61,16 @@ def pack_deleted(hoomi_id: UUID, message_id: UUID, seq: int) -> bytes:
         Deleted(hoomi_id=hoomi_id, id=message_id, seq=seq))
 
 
+def pack_edited(e: EditedMessage) -> bytes:
+    return _HEAD.pack(EDITED, e.hoomi_id.bytes, e.seq) + encode_server(Edited(
+        hoomi_id=e.hoomi_id, id=e.id, seq=e.seq, content=e.content, nonce=e.nonce,
+        session_id=e.session_id, scheme=e.scheme, updated_at=ms(e.updated_at)))
+
+
 @dataclass(frozen=True, slots=True)
 class Broadcast:
-    """One Hoomi's message or deletion, as published: `frame` is the push, encoded once."""
+    """One Hoomi's message, deletion or edit, as published: `frame` is the push, encoded
+    once."""
 
     kind: bytes
     hoomi_id: UUID

@@ -26,7 +26,7 @@ import asyncpg
 
 from storage import hoomis as hoomi_store
 from storage import messages as message_store
-from storage.records import AppendRequest, AppendResult, StoredMessage
+from storage.records import AppendRequest, AppendResult, EditedMessage, StoredMessage
 
 from . import events
 from .broker import CONTROL_CHANNEL, Broker, hoomi_channel
@@ -217,7 +217,7 @@ class Hub:
                 continue  # its first commit published it; reconcile covers a lost one
             frame = events.message_frame(StoredMessage(
                 res.id, res.hoomi_id, res.seq, req.sender_id, req.content, req.nonce,
-                req.session_id, res.created_at, None))
+                req.session_id, res.created_at, None, req.scheme, res.created_at))
             self.on_message(res.hoomi_id, res.seq, frame)
             out.append((hoomi_channel(res.hoomi_id.hex),
                         events.pack_message(res.hoomi_id, res.seq, frame)))
@@ -229,6 +229,13 @@ class Hub:
         payload = events.pack_deleted(hoomi_id, message_id, seq)
         self._on_deleted(events.unpack(payload))
         self._to_publish.put_nowait([(hoomi_channel(hoomi_id.hex), payload)])
+
+    def publish_edit(self, edited: EditedMessage) -> None:
+        """A message's new version (edit, reencryption): this replica's sockets, the others.
+        It travels like a deletion: each socket sends it after the message it changes."""
+        payload = events.pack_edited(edited)
+        self._on_deleted(events.unpack(payload))
+        self._to_publish.put_nowait([(hoomi_channel(edited.hoomi_id.hex), payload)])
 
     def publish_control(self, change: events.Control) -> None:
         """A membership change: apply it to this replica's sockets, tell the others."""
@@ -259,7 +266,7 @@ class Hub:
         broadcast = events.unpack(payload)
         if broadcast.kind == events.MESSAGE:
             self.on_message(broadcast.hoomi_id, broadcast.seq, broadcast.frame)
-        elif broadcast.kind == events.DELETED:
+        elif broadcast.kind in (events.DELETED, events.EDITED):
             self._on_deleted(broadcast)
 
     def on_message(self, hoomi_id: UUID, seq: int, frame: bytes) -> None:

@@ -58,6 +58,9 @@ COMPONENTS: dict[str, Any] = {
                 "id": UUID, "hoomi_id": UUID, "seq": {"type": "integer", "minimum": 1},
                 "sender_id": {"oneOf": [UUID, {"type": "null"}]},
                 "created_at": MS,
+                "scheme": {"type": "integer", "minimum": 1, "maximum": 255,
+                           "description": "the client's encryption scheme (1 for v1)"},
+                "updated_at": {**MS, "description": "last edit, reencryption or deletion"},
                 "content": B64, "nonce": B64, "session_id": {"type": ["string", "null"]},
                 "deleted": {"type": "boolean", "const": True,
                             "description": "a tombstone: content, nonce, session erased"},
@@ -177,6 +180,10 @@ COMPONENTS: dict[str, Any] = {
         "After": {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0},
                   "description": "sync: messages with a higher seq, oldest first (not with "
                                  "`before`)"},
+        "SchemeBelow": {"name": "scheme_below", "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 256},
+                        "description": "only live messages with a lower scheme: what is left "
+                                       "to reencrypt"},
     },
     "responses": {
         "Invalid": _error("a parameter or the body is wrong; `field` names it"),

@@ -13,7 +13,8 @@ Invariants (tests/test_session.py checks them over random sequences):
 2. Per Hoomi, `message` pushes are queued in strictly ascending seq, without a repeat or
    a gap that still exists in PostgreSQL (each cursor is a server/sequencer.py Sequencer:
    what it cannot push in order it reads, as a `READ` effect).
-3. A `deleted` is never queued before the message it deletes.
+3. A `deleted` is never queued before the message it deletes, nor an `edited` before the
+   message it changes (the hub hands both to `on_deletion`, which holds either).
 4. A push that would overflow the outbox (frames or bytes) is not queued: the verdict is
    `TOO_SLOW`, the session drains and asks to close with CloseCode.TOO_SLOW.
 5. A cursor has a generation: a read or join that finishes after its cursor was dropped
@@ -35,6 +36,8 @@ from protocol import (
     ClientFrame,
     CloseCode,
     Delete,
+    Edit,
+    EditAck,
     ErrorCode,
     Hello,
     History,
@@ -46,6 +49,9 @@ from protocol import (
     Ping,
     Pong,
     ProtocolError,
+    Reencrypt,
+    ReencryptAck,
+    Search,
     Send,
     ServerFrame,
     Sync,
@@ -53,7 +59,16 @@ from protocol import (
     decode_client,
     encode_server,
 )
-from storage.records import AppendResult, DeletedMessage, HistoryPage, HoomiSummary, SyncPage
+from storage.records import (
+    AppendResult,
+    DeletedMessage,
+    EditedMessage,
+    HistoryPage,
+    HoomiSummary,
+    Reencrypted,
+    SearchPage,
+    SyncPage,
+)
 
 from .config import Settings
 from .errors import wire_error
@@ -67,7 +82,7 @@ MAX_HELD_DELETIONS = 1024
 # Pushes held per cursor while it reads a gap; past it they are read with the gap.
 MAX_HELD_PUSHES = 256
 # The requests `receive` hands back, besides `send` and `hello` (server/ws.py runs them).
-SERVED = (History, Sync, Delete)
+SERVED = (History, Sync, Delete, Edit, Reencrypt, Search)
 
 
 class State(enum.Enum):
@@ -238,6 +253,19 @@ class Session:
             reply = Page(ref=frame.ref, hoomi_id=frame.hoomi_id, messages=body,
                          has_more=page.has_more)
         return self.reply(reply, "page")
+
+    def answer_edit(self, frame: Edit, edited: EditedMessage) -> Verdict:
+        return self.reply(EditAck(ref=frame.ref, id=edited.id, hoomi_id=edited.hoomi_id,
+                                  seq=edited.seq, updated_at=ms(edited.updated_at)), "ack")
+
+    def answer_reencrypt(self, frame: Reencrypt, done: Reencrypted) -> Verdict:
+        return self.reply(ReencryptAck(ref=frame.ref, hoomi_id=frame.hoomi_id,
+                                       updated=len(done.updated), skipped=done.skipped), "ack")
+
+    def answer_search(self, frame: Search, page: SearchPage) -> Verdict:
+        return self.reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
+                               messages=[message_body(m) for m in page.messages],
+                               next_before=page.next_before), "page")
 
     def answer_delete(self, frame: Delete, done: DeletedMessage) -> Verdict:
         # The ack's time is when the deletion was answered (the message keeps its own).

@@ -27,10 +27,13 @@ from protocol import (
     ClientFrame,
     CloseCode,
     Delete,
+    Edit,
     ErrorCode,
     Hello,
     History,
     HoomiError,
+    Reencrypt,
+    Search,
     Send,
     Sync,
 )
@@ -411,9 +414,9 @@ class Connection:
                 except BaseException:
                     self._inflight.release()
                     raise
-            elif isinstance(frame, History | Sync):
-                # Pages are the costly reads: one user runs at most HOOMI_USER_MAX_READS
-                # at once, over all their sockets (and the HTTP API).
+            elif isinstance(frame, History | Sync | Search):
+                # Pages and searches are the costly reads: one user runs at most
+                # HOOMI_USER_MAX_READS at once, over all their sockets (and the HTTP API).
                 reads = self.services.user_reads
                 if not reads.acquire(self.user_id):
                     session.fail(HoomiError(
@@ -425,7 +428,7 @@ class Connection:
                     await self._request(frame)
                 finally:
                     reads.release(self.user_id)
-            elif isinstance(frame, Delete):
+            elif isinstance(frame, Delete | Edit | Reencrypt):
                 await self._request(frame)
 
     def _send(self, frame: Send) -> None:
@@ -457,15 +460,28 @@ class Connection:
             self.services.metrics.ack_seconds.observe(time.perf_counter() - started)
         self.react()
 
-    async def _request(self, frame: History | Sync | Delete) -> None:
+    async def _request(self, frame: History | Sync | Delete | Edit | Reencrypt | Search,
+                       ) -> None:
         services, session = self.services, self.session
         try:
             if isinstance(frame, History):
                 session.answer_page(frame, await actions.history(
-                    services, self.user_id, frame.hoomi_id, frame.before, frame.limit))
+                    services, self.user_id, frame.hoomi_id, frame.before, frame.limit,
+                    scheme_below=frame.scheme_below))
             elif isinstance(frame, Sync):
                 session.answer_page(frame, await actions.sync(
-                    services, self.user_id, frame.hoomi_id, frame.after, frame.limit))
+                    services, self.user_id, frame.hoomi_id, frame.after, frame.limit,
+                    scheme_below=frame.scheme_below))
+            elif isinstance(frame, Edit):
+                session.answer_edit(frame, await actions.edit_message(
+                    services, self.user_id, frame))
+            elif isinstance(frame, Reencrypt):
+                session.answer_reencrypt(frame, await actions.reencrypt(
+                    services, self.user_id, frame))
+            elif isinstance(frame, Search):
+                session.answer_search(frame, await actions.search(
+                    services, self.user_id, frame.hoomi_id, frame.tokens, frame.before,
+                    frame.limit))
             else:
                 session.answer_delete(frame, await actions.delete_message(
                     services, self.user_id, frame.hoomi_id, frame.id, field="id"))

@@ -3,16 +3,38 @@ with their message; storage first, then through real replicas (socket and HTTP).
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 
+import asyncpg
+import httpx
 import pytest
 
+from protocol import (
+    Ack,
+    Delete,
+    Edit,
+    EditAck,
+    Edited,
+    Error,
+    History,
+    MessageBody,
+    Page,
+    Reencrypt,
+    ReencryptAck,
+    Search,
+    Send,
+    Sync,
+)
+from protocol import ReencryptItem as ReencryptItemFrame
 from protocol.errors import ErrorCode
 from storage import messages, retention
 from storage.errors import StorageError
 from storage.messages import ReencryptItem
 from storage.writer import BatchWriter
 from tests import factories
+from tests.test_hub_delivery import joined, send
 
 T = [bytes([i]) * 16 for i in range(8)]
 
@@ -114,3 +136,172 @@ async def test_search_pages_matches_members_only_and_tokens_go_with_their_messag
     assert min(await _tokens(pool, h)) == 11
     found = await messages.search(pool, h, [T[2]], None, 5, bob)
     assert found.messages == []  # seq 6 was purged, tokens and all
+
+
+# -- through real replicas: socket and HTTP, two replicas (the `cluster` fixture) -----------
+
+def _backlog(peer) -> list:
+    if not hasattr(peer, "backlog"):
+        peer.backlog = []
+    return peer.backlog
+
+
+async def _reply(peer, frame, kind=None):
+    """Send a request and return its reply (matching ref); pushes read meanwhile are kept
+    for `_until` (an `edited` push may come before the edit's own ack)."""
+    await peer.send(frame)
+    while True:
+        got = await peer.recv()
+        if getattr(got, "ref", None) == frame.ref and (kind is None or isinstance(got, kind)
+                                                       or isinstance(got, Error)):
+            return got
+        _backlog(peer).append(got)
+
+
+async def _until(peer, kind, pred=lambda f: True):
+    backlog = _backlog(peer)
+    while backlog:
+        got = backlog.pop(0)
+        if isinstance(got, kind) and pred(got):
+            return got
+    while True:
+        got = await peer.recv()
+        if isinstance(got, kind) and pred(got):
+            return got
+
+
+def _edit(h, msg_id, ref, **over):
+    fields = dict(hoomi_id=h, id=msg_id, content=os.urandom(48), nonce=os.urandom(12),
+                  session_id="s1", ref=ref)
+    fields.update(over)
+    return Edit(**fields)
+
+
+async def test_edit_is_pushed_on_both_replicas_and_pages_and_http_show_the_latest(cluster):
+    (alice, a_tok), (bob, b_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    a, _ = await joined(cluster.a.ws, a_tok)
+    b, _ = await joined(cluster.b.ws, b_tok)
+    first = send(h, ref="s1")
+    first = Send(**{**{f: getattr(first, f) for f in first.__dataclass_fields__},
+                    "scheme": 2, "tokens": (T[0],)})
+    ack = await _reply(a, first, Ack)
+    pushed = await _until(b, MessageBody)
+    assert (pushed.seq, pushed.scheme, pushed.updated_at) == (1, 2, pushed.created_at)
+
+    edit = _edit(h, ack.id, "e1", scheme=3, tokens=(T[1],))
+    done = await _reply(a, edit, EditAck)
+    assert isinstance(done, EditAck) and (done.id, done.seq) == (ack.id, 1)
+    for peer in (a, b):
+        got = await _until(peer, Edited)
+        assert (got.id, got.seq, got.content, got.nonce, got.scheme, got.updated_at) == (
+            ack.id, 1, edit.content, edit.nonce, 3, done.updated_at)
+    # Bob may not edit Alice's message; a reused nonce is refused, naming nonce.
+    refused = await _reply(b, _edit(h, ack.id, "e2"))
+    assert isinstance(refused, Error) and refused.code == ErrorCode.FORBIDDEN
+    second = await _reply(a, send(h, ref="s2"), Ack)
+    reuse = await _reply(a, _edit(h, second.id, "e3", nonce=edit.nonce))
+    assert isinstance(reuse, Error) and (reuse.code, reuse.message[:6]) == (ErrorCode.INVALID,
+                                                                          "nonce:")
+    again = send(h, ref="s3")
+    again = Send(**{**{f: getattr(again, f) for f in again.__dataclass_fields__},
+                    "nonce": edit.nonce})
+    reuse = await _reply(a, again)
+    assert isinstance(reuse, Error) and reuse.message.startswith("nonce:")
+    retry = await _reply(a, Send(**{**{f: getattr(first, f) for f in first.__dataclass_fields__},
+                                    "ref": "s4"}))
+    assert isinstance(retry, Ack) and (retry.id, retry.seq) == (ack.id, 1)  # its original ack
+
+    async with httpx.AsyncClient(base_url=cluster.b.http, timeout=10) as http:
+        r = await http.get(f"/v1/hoomis/{h}/messages?after=0",
+                           headers={"Authorization": f"Bearer {b_tok}"})
+        m1 = r.json()["messages"][0]
+        assert base64.b64decode(m1["content"]) == edit.content
+        assert (m1["scheme"], m1["updated_at"]) == (3, done.updated_at)
+        assert m1["updated_at"] > m1["created_at"]
+        r = await http.get(f"/v1/hoomis/{h}/messages?scheme_below=3",
+                           headers={"Authorization": f"Bearer {b_tok}"})
+        assert [m["seq"] for m in r.json()["messages"]] == [2]
+    # A client that reconnects and resumes reads the latest version.
+    await b.close()
+    b, _ = await joined(cluster.b.ws, b_tok, resume={h: 0})
+    resumed = await _until(b, MessageBody, lambda m: m.seq == 1)
+    assert (resumed.content, resumed.scheme) == (edit.content, 3)
+    later = await _reply(a, _edit(h, ack.id, "e4", scheme=4))
+    assert isinstance(later, EditAck)
+    got = await _until(b, Edited)
+    assert (got.seq, got.scheme, got.updated_at) == (1, 4, later.updated_at)
+    for peer in (a, b):
+        await peer.close()
+
+
+async def test_reencrypt_by_an_admin_in_batches_skips_stale_items_and_pushes_edits(cluster):
+    (alice, a_tok), (bob, b_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    a, _ = await joined(cluster.a.ws, a_tok)
+    b, _ = await joined(cluster.b.ws, b_tok)
+    sent = [send(h, ref=i) for i in range(5)]
+    acks = [await _reply(b, f, Ack) for f in sent]
+    left = await _reply(a, History(hoomi_id=h, scheme_below=2, ref="left"), Page)
+    assert [m.seq for m in left.messages] == [5, 4, 3, 2, 1]
+    items = tuple(ReencryptItemFrame(id=m.id, old_nonce=m.nonce, content=os.urandom(40),
+                                     nonce=os.urandom(12), session_id="k2", scheme=2)
+                  for m in left.messages)
+    # Bob edits seq 3 meanwhile: its item's old_nonce is stale and it is skipped.
+    await _reply(b, _edit(h, acks[2].id, "edit"), EditAck)
+    refused = await _reply(b, Reencrypt(hoomi_id=h, items=items, ref="bob"))
+    assert isinstance(refused, Error) and refused.code == ErrorCode.FORBIDDEN
+    done = await _reply(a, Reencrypt(hoomi_id=h, items=items, ref="mig"), ReencryptAck)
+    assert (done.updated, done.skipped) == (4, [acks[2].id])
+    edited = set()
+    while len(edited) < 4:
+        got = await _until(b, Edited, lambda e: e.scheme == 2)
+        edited.add(got.seq)
+    assert edited == {1, 2, 4, 5}
+    left = await _reply(a, Sync(hoomi_id=h, after=0, scheme_below=2, ref="left2"), Page)
+    assert [m.seq for m in left.messages] == [3]
+    audit = await _audit(cluster.dsn, h, "message.reencrypt")
+    assert audit == [{"updated": 4, "skipped": 1, "schemes": [2]}]
+    for peer in (a, b):
+        await peer.close()
+
+
+async def _audit(dsn, h, action):
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT details FROM audit_log WHERE hoomi_id = $1 AND "
+                                "action = $2", h, action)
+    finally:
+        await conn.close()
+    return [json.loads(r["details"]) if isinstance(r["details"], str) else r["details"]
+            for r in rows]
+
+
+async def test_search_pages_for_members_only_and_forgets_deleted_messages(cluster):
+    (alice, a_tok), (_, e_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice])
+    a, _ = await joined(cluster.a.ws, a_tok)
+    acks = []
+    for i in range(7):
+        f = send(h, ref=i)
+        tokens = (T[0], T[1]) if i % 2 == 0 else (T[0],)
+        f = Send(**{**{k: getattr(f, k) for k in f.__dataclass_fields__}, "tokens": tokens})
+        acks.append(await _reply(a, f, Ack))
+    page = await _reply(a, Search(hoomi_id=h, tokens=(T[1], T[0]), limit=2, ref="q1"), Page)
+    assert [m.seq for m in page.messages] == [7, 5] and page.next_before == 5
+    page = await _reply(a, Search(hoomi_id=h, tokens=(T[1],), before=5, ref="q2"), Page)
+    assert [m.seq for m in page.messages] == [3, 1] and page.next_before is None
+    e, _ = await joined(cluster.b.ws, e_tok)
+    refused = await _reply(e, Search(hoomi_id=h, tokens=(T[0],), ref="eve"))
+    assert isinstance(refused, Error) and refused.code == ErrorCode.FORBIDDEN
+    await _reply(a, Delete(hoomi_id=h, id=acks[6].id, ref="del"), Ack)
+    page = await _reply(a, Search(hoomi_id=h, tokens=(T[1],), ref="q3"), Page)
+    assert [m.seq for m in page.messages] == [5, 3, 1]
+    conn = await asyncpg.connect(cluster.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM message_tokens WHERE hoomi_id = $1 "
+                                   "AND seq = 7", h) == 0
+    finally:
+        await conn.close()
+    for peer in (a, e):
+        await peer.close()
