@@ -15,6 +15,8 @@ delivery per other replica. Reported per mode:
                 backlog is drained and counted, and missing ones are reported)
   node CPU      CPU seconds of each valkey-server process over the round, and the busiest
                 node's share: the point of sharding is that no one node carries it all
+  node out      bytes each node wrote to its clients and replicas over the round (INFO
+                stats total_net_output_bytes), the same split without the CPU noise
 Modes alternate for `--rounds` rounds (standalone, cluster, standalone, ...). Servers,
 clients and the bench share the machine's cores: compare within one run.
 """
@@ -94,6 +96,11 @@ def worker(mode: str, url: str, channels: list[str], start_at: float, seconds: f
     asyncio.run(run())
 
 
+def output_bytes(port: int) -> int:
+    with redis.Redis(port=port) as node:
+        return int(node.info("stats")["total_net_output_bytes"])
+
+
 def unbounded_pubsub_buffers(ports: list[int]) -> None:
     """A subscriber slower than the publishers must not be disconnected mid-measure."""
     for port in ports:
@@ -114,6 +121,7 @@ def round_(mode: str, url: str, pids: dict[int, int], args: argparse.Namespace
     for p in procs:
         p.start()
     cpu0 = {port: cpu_seconds(pid) for port, pid in pids.items()}
+    out0 = {port: output_bytes(port) for port in pids}
     sent = [outs[n].get(timeout=120)[1] for n in range(args.replicas)]
     for n in range(args.replicas):
         expects[n].put(sum(sent) - sent[n])
@@ -123,13 +131,15 @@ def round_(mode: str, url: str, pids: dict[int, int], args: argparse.Namespace
         got.append(g)
         last.append(t)
     cpu1 = {port: cpu_seconds(pid) for port, pid in pids.items()}
+    out1 = {port: output_bytes(port) for port in pids}
     for p in procs:
         p.join(30)
     expected = sum(sum(sent) - s for s in sent)
     elapsed = max(last) - start_at
     cpu = {port: cpu1[port] - cpu0[port] for port in pids}
     return {"mode": mode, "sent": sum(sent), "delivered": sum(got), "expected": expected,
-            "rate": sum(got) / elapsed, "elapsed": elapsed, "cpu": cpu}
+            "rate": sum(got) / elapsed, "elapsed": elapsed, "cpu": cpu,
+            "out": {port: out1[port] - out0[port] for port in pids}}
 
 
 def main() -> None:
@@ -171,6 +181,11 @@ def main() -> None:
               f"{r['delivered']}/{r['expected']} delivered ({r['sent']} published, "
               f"{r['elapsed']:.2f} s) | node CPU s {nodes} | busiest node "
               f"{100 * max(cpu.values()) / total:.0f} % of {total:.2f} s")
+        out = r["out"]
+        mib = " ".join(f"{b / 2**20:.1f}{'m' if p in masters else ''}"
+                       for p, b in sorted(out.items(), key=lambda kv: -kv[1]))
+        print(f"  {'':10s} node out MiB {mib} | busiest node "
+              f"{100 * max(out.values()) / (sum(out.values()) or 1):.0f} %")
 
 
 if __name__ == "__main__":
