@@ -204,12 +204,18 @@ class Archive:
                  on_archived: Callable[[int, int], None] | None = None) -> None:
         self.url = url
         self.store = open_store(url)
+        # file://: obstore writes a temp file and renames it but does not promise an
+        # fsync; the pass clears the rows' content right after, so the object must be
+        # on disk first (a power loss, not only a killed process).
+        self.local_root = url[len("file://"):] if url.startswith("file://") else None
         self.cache = _Cache(cache_bytes)
         self.on_read = on_read  # seconds to fetch and verify one segment (cache miss)
         self.on_archived = on_archived  # (messages, segments) archived by this process
 
     async def put(self, key: str, blob: bytes) -> None:
         await obstore.put_async(self.store, key, blob)
+        if self.local_root is not None:
+            await asyncio.to_thread(_fsync_path, self.local_root, key)
 
     async def get_bytes(self, key: str) -> bytes:
         result = await obstore.get_async(self.store, key)
@@ -232,6 +238,18 @@ class Archive:
             self.on_read(time.perf_counter() - started)
         self.cache.put(key, seg)
         return seg
+
+
+def _fsync_path(root: str, key: str) -> None:
+    """The file's bytes, its directory entry (the rename) and its Hoomi's directory's
+    entry (made for the Hoomi's first segment), on disk."""
+    path = os.path.join(root, key)
+    for target in (path, os.path.dirname(path), root):
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 _archive: Archive | None = None
