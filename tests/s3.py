@@ -93,6 +93,9 @@ class SeaweedS3:
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={self.config_path}",
         ]
         log = open(self.log_path, "ab")  # the child keeps its own copy of the fd
+        # Its glog files default to /tmp: keep them in our temp dir. (Its unix sockets
+        # are always /tmp/seaweedfs-*-PORT.sock: close() removes ours.)
+        args[1:1] = [f"-logdir={self.base}"]
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         log.close()
@@ -119,6 +122,9 @@ class SeaweedS3:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+        for port in self.ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
     def _log_tail(self) -> str:
         try:
