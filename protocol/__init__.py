@@ -23,6 +23,11 @@ from .frames import (
     Page,
     Ping,
     Pong,
+    Presence,
+    PresenceReply,
+    Read,
+    ReadAck,
+    Receipt,
     Reencrypt,
     ReencryptAck,
     ReencryptItem,
@@ -31,6 +36,8 @@ from .frames import (
     Send,
     ServerFrame,
     Sync,
+    Typing,
+    TypingNotice,
     Welcome,
 )
 from .limits import DEFAULT_LIMITS, Limits
@@ -41,6 +48,8 @@ __all__ = [
     "ErrorCode", "Hello", "History", "HoomiError", "HoomiState", "Limits", "Membership",
     "MessageBody", "Page", "Ping", "Pong", "ProtocolError", "Reconnect", "Reencrypt",
     "ReencryptAck", "ReencryptItem", "Ref", "Search", "Send",
-    "ServerFrame", "Sync", "Welcome", "decode_client", "decode_server", "encode_client",
+    "ServerFrame", "Sync", "Welcome", "decode_client",
+    "Presence", "PresenceReply", "Read", "ReadAck", "Receipt", "Typing", "TypingNotice",
+    "decode_server", "encode_client",
     "encode_server",
 ]

@@ -38,6 +38,11 @@ from .frames import (
     Page,
     Ping,
     Pong,
+    Presence,
+    PresenceReply,
+    Read,
+    ReadAck,
+    Receipt,
     Reencrypt,
     ReencryptAck,
     ReencryptItem,
@@ -46,6 +51,8 @@ from .frames import (
     Send,
     ServerFrame,
     Sync,
+    Typing,
+    TypingNotice,
     Welcome,
 )
 from .limits import DEFAULT_LIMITS, Limits
@@ -86,7 +93,7 @@ def _invalid(field: str, message: str, ref: Ref) -> ProtocolError:
 _KNOWN_KEYS = frozenset({
     "type", "ref", "token", "resume", "hoomi_id", "client_msg_id", "content", "nonce",
     "session_id", "before", "after", "limit", "id", "scheme", "tokens", "items",
-    "scheme_below",
+    "scheme_below", "seq", "features",
 })
 # The keys of one `reencrypt` item.
 _ITEM_KEYS = frozenset({"id", "old_nonce", "content", "nonce", "session_id", "scheme",
@@ -94,7 +101,8 @@ _ITEM_KEYS = frozenset({"id", "old_nonce", "content", "nonce", "session_id", "sc
 # The only arrays a client frame holds: built under these keys only, within these bounds
 # (any longer array is skipped element by element, unbuilt, and reported `invalid`).
 _ARRAY_CAP = {"tokens": DEFAULT_LIMITS.max_search_tokens_per_message,
-              "items": DEFAULT_LIMITS.max_reencrypt_items}
+              "items": DEFAULT_LIMITS.max_reencrypt_items,
+              "features": DEFAULT_LIMITS.max_features}
 # First bytes of msgpack array and map headers (fixarray, array16/32, fixmap, map16/32).
 _MAPS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
 _CONTAINER = _MAPS | frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
@@ -133,7 +141,7 @@ def _array(u: msgpack.Unpacker, data: bytes, key: str) -> Any:
         for _ in range(n):  # each skip consumes at least one byte of the frame
             u.skip()
         return _UNREAD
-    if key == "tokens":
+    if key != "items":  # tokens (bins), features (strings)
         return [_scalar(u, data) for _ in range(n)]
     return [_item(u, data) for _ in range(n)]
 
@@ -356,7 +364,20 @@ def _hello(m: dict[Any, Any], ref: Ref, limits: Limits) -> Hello:
             if type(seq) is not int or not 0 <= seq <= INT64_MAX:
                 raise _invalid("resume", "last seqs must be non-negative integers", ref)
             resume[hoomi_id] = seq
-    return Hello(token=token, resume=resume, ref=ref)
+    return Hello(token=token, resume=resume, features=_features(m, ref, limits), ref=ref)
+
+
+def _features(m: dict[Any, Any], ref: Ref, limits: Limits) -> tuple[str, ...]:
+    """hello `features` (v1.1): names the hub may not know (it accepts those it does)."""
+    raw = m.get("features")
+    if raw is None:
+        return ()
+    n = limits.max_feature_chars
+    if type(raw) is not list or len(raw) > limits.max_features or not all(
+            type(f) is str and 0 < len(f) <= n for f in raw):
+        raise _invalid("features", f"a list of at most {limits.max_features} strings of 1 "
+                       f"to {n} characters", ref)
+    return tuple(raw)
 
 
 def _send(m: dict[Any, Any], ref: Ref, limits: Limits) -> Send:
@@ -451,9 +472,26 @@ def _ping(m: dict[Any, Any], ref: Ref, limits: Limits) -> Ping:
     return Ping(ref=ref)
 
 
+def _read(m: dict[Any, Any], ref: Ref, limits: Limits) -> Read:
+    hoomi_id = _hoomi_id(m, ref)
+    seq = _int(m, "seq", ref, 0, None)
+    if seq is None:
+        raise _invalid("seq", "required", ref)
+    return Read(hoomi_id=hoomi_id, seq=seq, ref=ref)
+
+
+def _typing(m: dict[Any, Any], ref: Ref, limits: Limits) -> Typing:
+    return Typing(hoomi_id=_hoomi_id(m, ref), ref=ref)
+
+
+def _presence(m: dict[Any, Any], ref: Ref, limits: Limits) -> Presence:
+    return Presence(hoomi_id=_hoomi_id(m, ref), ref=ref)
+
+
 _CLIENT_DECODERS: dict[str, Callable[[dict[Any, Any], Ref, Limits], ClientFrame]] = {
     "send": _send, "hello": _hello, "history": _history, "sync": _sync, "delete": _delete,
     "ping": _ping, "edit": _edit, "reencrypt": _reencrypt, "search": _search,
+    "read": _read, "typing": _typing, "presence": _presence,
 }
 _TYPE_EXPECTED = "must be one of " + ", ".join(sorted(_CLIENT_DECODERS))
 
@@ -488,6 +526,8 @@ def encode_client(frame: ClientFrame) -> bytes:
         m = {"type": "hello", "token": frame.token}
         if frame.resume:
             m["resume"] = {str(k): v for k, v in frame.resume.items()}
+        if frame.features:
+            m["features"] = list(frame.features)
     elif isinstance(frame, History):
         m = {"type": "history", "hoomi_id": str(frame.hoomi_id), "limit": frame.limit}
         if frame.before is not None:
@@ -515,6 +555,12 @@ def encode_client(frame: ClientFrame) -> bytes:
         m = {"type": "delete", "hoomi_id": str(frame.hoomi_id), "id": str(frame.id)}
     elif isinstance(frame, Ping):
         m = {"type": "ping"}
+    elif isinstance(frame, Read):
+        m = {"type": "read", "hoomi_id": str(frame.hoomi_id), "seq": frame.seq}
+    elif isinstance(frame, Typing):
+        m = {"type": "typing", "hoomi_id": str(frame.hoomi_id)}
+    elif isinstance(frame, Presence):
+        m = {"type": "presence", "hoomi_id": str(frame.hoomi_id)}
     else:
         assert_never(frame)
     if frame.ref is not None:
@@ -587,9 +633,11 @@ def encode_server(frame: ServerFrame) -> bytes:
         m = _head("welcome", frame.ref)
         m["user_id"] = str(frame.user_id)
         m["hoomis"] = [{"hoomi_id": _uuid_str(h.hoomi_id), "last_seq": h.last_seq,
-                        "role": h.role} for h in frame.hoomis]
+                        "role": h.role, "read_seq": h.read_seq} for h in frame.hoomis]
         if frame.max_content_bytes is not None:
             m["max_content_bytes"] = frame.max_content_bytes
+        if frame.features is not None:
+            m["features"] = frame.features
     elif isinstance(frame, Deleted):
         m = {"type": "deleted", "hoomi_id": _uuid_str(frame.hoomi_id), "id": str(frame.id),
              "seq": frame.seq}
@@ -620,6 +668,20 @@ def encode_server(frame: ServerFrame) -> bytes:
         m["hoomi_id"] = _uuid_str(frame.hoomi_id)
         m["updated"] = frame.updated
         m["skipped"] = [str(i) for i in frame.skipped]
+    elif isinstance(frame, ReadAck):
+        m = _head("ack", frame.ref)
+        m["hoomi_id"] = _uuid_str(frame.hoomi_id)
+        m["seq"] = frame.seq
+    elif isinstance(frame, Receipt):
+        m = {"type": "receipt", "hoomi_id": _uuid_str(frame.hoomi_id),
+             "user_id": _uuid_str(frame.user_id), "seq": frame.seq}
+    elif isinstance(frame, TypingNotice):
+        m = {"type": "typing", "hoomi_id": _uuid_str(frame.hoomi_id),
+             "user_id": _uuid_str(frame.user_id)}
+    elif isinstance(frame, PresenceReply):
+        m = _head("presence", frame.ref)
+        m["hoomi_id"] = _uuid_str(frame.hoomi_id)
+        m["user_ids"] = [_uuid_str(u) for u in frame.user_ids]
     else:
         assert_never(frame)
     return _pack(m)
@@ -696,9 +758,14 @@ def _welcome_from(m: dict[str, Any], ref: Ref) -> Welcome:
     for raw in _get(m, "hoomis", list):
         h = _get_map(raw, "hoomis")
         hoomis.append(HoomiState(hoomi_id=_get_uuid(h, "hoomi_id"),
-                                 last_seq=_get(h, "last_seq", int), role=_get(h, "role", str)))
+                                 last_seq=_get(h, "last_seq", int), role=_get(h, "role", str),
+                                 read_seq=_get_opt(h, "read_seq", int) or 0))
+    features = _get_opt(m, "features", list)
+    if features is not None and not all(type(f) is str for f in features):
+        raise _malformed("features", "expected strings")
     return Welcome(user_id=_get_uuid(m, "user_id"), hoomis=hoomis, ref=ref,
-                   max_content_bytes=_get_opt(m, "max_content_bytes", int))
+                   max_content_bytes=_get_opt(m, "max_content_bytes", int),
+                   features=features)
 
 
 def _error_from(m: dict[str, Any], ref: Ref) -> Error:
@@ -734,6 +801,9 @@ def decode_server(data: bytes) -> ServerFrame:
                 skipped.append(one)
             return ReencryptAck(hoomi_id=_get_uuid(m, "hoomi_id"),
                                 updated=_get(m, "updated", int), skipped=skipped, ref=ref)
+        if "id" not in m:
+            return ReadAck(hoomi_id=_get_uuid(m, "hoomi_id"), seq=_get(m, "seq", int),
+                           ref=ref)
         if "created_at" not in m and "updated_at" in m:
             return EditAck(id=_get_uuid(m, "id"), hoomi_id=_get_uuid(m, "hoomi_id"),
                            seq=_get(m, "seq", int), updated_at=_get(m, "updated_at", int),
@@ -758,4 +828,18 @@ def decode_server(data: bytes) -> ServerFrame:
         return _error_from(m, ref)
     if kind == "pong":
         return Pong(ref=ref)
+    if kind == "receipt":
+        return Receipt(hoomi_id=_get_uuid(m, "hoomi_id"), user_id=_get_uuid(m, "user_id"),
+                       seq=_get(m, "seq", int))
+    if kind == "typing":
+        return TypingNotice(hoomi_id=_get_uuid(m, "hoomi_id"),
+                            user_id=_get_uuid(m, "user_id"))
+    if kind == "presence":
+        users = []
+        for raw in _get(m, "user_ids", list):
+            one = _parse_uuid(raw) if type(raw) is str else None
+            if one is None:
+                raise _malformed("user_ids", "expected canonical UUID strings")
+            users.append(one)
+        return PresenceReply(hoomi_id=_get_uuid(m, "hoomi_id"), user_ids=users, ref=ref)
     raise _malformed("type", "unknown server frame type")

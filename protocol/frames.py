@@ -22,6 +22,8 @@ Ref = str | int | None
 class Hello:
     token: str
     resume: dict[UUID, int] = field(default_factory=dict)  # hoomi_id → last seq seen
+    # What the client asks for beyond v1 (v1.1), e.g. "signals": receipt and typing pushes.
+    features: tuple[str, ...] = ()
     ref: Ref = None
 
 
@@ -112,7 +114,33 @@ class Ping:
     ref: Ref = None
 
 
-ClientFrame = Hello | Send | History | Sync | Delete | Ping | Edit | Reencrypt | Search
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Signals (v1.1): the member has read the Hoomi up to `seq` (never moves back)."""
+
+    hoomi_id: UUID
+    seq: int
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    """Signals (v1.1): the member is typing; ephemeral, no reply."""
+
+    hoomi_id: UUID
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Signals (v1.1): which members have a live socket (replied with PresenceReply)."""
+
+    hoomi_id: UUID
+    ref: Ref = None
+
+
+ClientFrame = (Hello | Send | History | Sync | Delete | Ping | Edit | Reencrypt | Search
+               | Read | Typing | Presence)
 
 
 # -- server → client -------------------------------------------------------------------------
@@ -122,6 +150,7 @@ class HoomiState:
     hoomi_id: UUID
     last_seq: int
     role: str  # "admin" | "member"
+    read_seq: int = 0  # how far this user has read (v1.1 signals; 0 from an older hub)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +162,8 @@ class Welcome:
     # can refuse an oversized body before encrypting it. None: not said (an older hub);
     # assume the protocol's default.
     max_content_bytes: int | None = None
+    # The hello's features this hub accepted (v1.1); None when the hello asked for none.
+    features: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,5 +275,42 @@ class Pong:
     ref: Ref = None
 
 
+@dataclass(frozen=True, slots=True)
+class ReadAck:
+    """The `ack` of a `read`: the read_seq stored (the greater of the old and the new,
+    at most the Hoomi's last seq)."""
+
+    hoomi_id: UUID
+    seq: int
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Push (sockets with the "signals" feature): `user_id` has read up to `seq`."""
+
+    hoomi_id: UUID
+    user_id: UUID
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class TypingNotice:
+    """Push `typing` (sockets with the "signals" feature): `user_id` is typing."""
+
+    hoomi_id: UUID
+    user_id: UUID
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceReply:
+    """The `presence` reply: the members with at least one live socket on any replica."""
+
+    hoomi_id: UUID
+    user_ids: list[UUID]
+    ref: Ref = None
+
+
 ServerFrame = (Welcome | Ack | MessageBody | Page | Deleted | Membership | Error | Pong
-               | EditAck | ReencryptAck | Edited)
+               | EditAck | ReencryptAck | Edited | ReadAck | Receipt | TypingNotice
+               | PresenceReply)

@@ -29,8 +29,11 @@ class Limits:
     max_search_tokens_per_query: int = 8  # search `tokens`
     search_token_bytes: tuple[int, int] = (8, 32)
     max_reencrypt_items: int = 100
+    max_features: int = 16  # hello `features` (v1.1): names of 1-32 characters
+    max_feature_chars: int = 32
     # Values nest at most 1024 levels deep (msgpack's own stack, not configurable). The
-    # only arrays a client frame holds are `tokens` (of bin) and `items` (of maps); the
+    # only arrays a client frame holds are `tokens` (of bin), `items` (of maps) and
+    # `features` (of str); the
     # decoder builds them only under those keys and within these bounds, and skips any
     # other array unbuilt, whatever its length (see codec._unpack_client).
 

@@ -34,7 +34,12 @@ from protocol import (
     Page,
     Ping,
     Pong,
+    Presence,
+    PresenceReply,
     ProtocolError,
+    Read,
+    ReadAck,
+    Receipt,
     Reencrypt,
     ReencryptAck,
     ReencryptItem,
@@ -42,6 +47,8 @@ from protocol import (
     Send,
     ServerFrame,
     Sync,
+    Typing,
+    TypingNotice,
     Welcome,
     decode_client,
     decode_server,
@@ -66,7 +73,8 @@ nonces = st.binary(min_size=12, max_size=12)
 
 client_frames = st.one_of(
     st.builds(Hello, token=no_nul_text, ref=refs,
-              resume=st.dictionaries(uuids, st.integers(0, INT64_MAX), max_size=10)),
+              resume=st.dictionaries(uuids, st.integers(0, INT64_MAX), max_size=10),
+              features=st.lists(st.text(min_size=1, max_size=32), max_size=16).map(tuple)),
     st.builds(Send, hoomi_id=uuids, client_msg_id=uuids, session_id=no_nul_text, ref=refs,
               content=st.binary(min_size=16, max_size=1024),
               nonce=st.binary(min_size=12, max_size=12), scheme=schemes,
@@ -89,6 +97,9 @@ client_frames = st.one_of(
               before=st.none() | seqs, limit=st.integers(1, 100), ref=refs),
     st.builds(Delete, hoomi_id=uuids, id=uuids, ref=refs),
     st.builds(Ping, ref=refs),
+    st.builds(Read, hoomi_id=uuids, seq=st.integers(0, INT64_MAX), ref=refs),
+    st.builds(Typing, hoomi_id=uuids, ref=refs),
+    st.builds(Presence, hoomi_id=uuids, ref=refs),
 )
 
 live_bodies = st.builds(
@@ -105,8 +116,9 @@ bodies = live_bodies | tombstones
 server_frames = st.one_of(
     st.builds(Welcome, user_id=uuids, ref=refs, hoomis=st.lists(st.builds(
         HoomiState, hoomi_id=uuids, last_seq=st.integers(0, INT64_MAX),
-        role=st.sampled_from(["admin", "member"])), max_size=4),
-        max_content_bytes=st.none() | st.integers(16, 2**31)),
+        role=st.sampled_from(["admin", "member"]), read_seq=st.integers(0, INT64_MAX)),
+        max_size=4), max_content_bytes=st.none() | st.integers(16, 2**31),
+        features=st.none() | st.lists(st.text(max_size=32), max_size=4)),
     st.builds(Ack, id=uuids, hoomi_id=uuids, seq=seqs, created_at=times, ref=refs),
     bodies,
     st.builds(Page, hoomi_id=uuids, messages=st.lists(bodies, max_size=4),
@@ -123,6 +135,10 @@ server_frames = st.one_of(
               skipped=st.lists(uuids, max_size=5), ref=refs),
     st.builds(Edited, hoomi_id=uuids, id=uuids, seq=seqs, content=contents, nonce=nonces,
               session_id=no_nul_text, scheme=schemes, updated_at=times),
+    st.builds(ReadAck, hoomi_id=uuids, seq=st.integers(0, INT64_MAX), ref=refs),
+    st.builds(Receipt, hoomi_id=uuids, user_id=uuids, seq=st.integers(0, INT64_MAX)),
+    st.builds(TypingNotice, hoomi_id=uuids, user_id=uuids),
+    st.builds(PresenceReply, hoomi_id=uuids, user_ids=st.lists(uuids, max_size=5), ref=refs),
 )
 
 # Everything msgpack can carry, floats and bins included.
@@ -136,17 +152,18 @@ msgpack_values = st.recursive(
 field_names = st.sampled_from([
     "type", "ref", "token", "resume", "hoomi_id", "client_msg_id", "content", "nonce",
     "session_id", "before", "after", "limit", "id", "scheme", "tokens", "items",
-    "scheme_below"])
+    "scheme_below", "seq", "features"])
 field_values = msgpack_values | uuids.map(str) | st.binary(min_size=10, max_size=20) | (
     st.dictionaries(uuids.map(str), msgpack_values, max_size=3))
 frame_types = st.sampled_from(["hello", "send", "history", "sync", "delete", "ping", "edit",
-                               "reencrypt", "search", "nope"])
+                               "reencrypt", "search", "read", "typing", "presence",
+                               "nope"])
 
 
 # Every key some client frame reads (protocol/frames.py).
 KNOWN_KEYS = {"type", "ref", "token", "resume", "hoomi_id", "client_msg_id", "content",
               "nonce", "session_id", "before", "after", "limit", "id", "scheme", "tokens",
-              "items", "scheme_below"}
+              "items", "scheme_below", "seq", "features"}
 
 
 def pack(value: Any) -> bytes:
@@ -670,3 +687,54 @@ def test_edit_and_reencrypt_acks_decode_to_their_own_frames() -> None:
     assert decode_server(encode_server(edit_ack)) == edit_ack
     re_ack = ReencryptAck(hoomi_id=HOOMI, updated=3, skipped=[UUID(int=2)], ref=1)
     assert decode_server(encode_server(re_ack)) == re_ack
+
+
+# -- live signals (v1.1: read, typing, presence) -----------------------------------------------
+
+def test_a_v1_hello_and_welcome_carry_no_features_key() -> None:
+    assert "features" not in unpack(encode_client(Hello(token="t")))
+    welcome = unpack(encode_server(Welcome(user_id=HOOMI, hoomis=[])))
+    assert "features" not in welcome
+    asked = Hello(token="t", features=("signals", "not-yet"))
+    assert decode_client(encode_client(asked)) == asked
+
+
+@pytest.mark.parametrize("features", [
+    "signals", ["x" * 33], [""], [1], ["a"] * 17, [["signals"]]])
+def test_bad_hello_features_are_invalid_naming_features(features: Any) -> None:
+    err = rejects(pack({"type": "hello", "token": "t", "features": features, "ref": 2}))
+    assert (err.code, err.field, err.ref, err.close) == (ErrorCode.INVALID, "features", 2, None)
+
+
+@pytest.mark.parametrize(("m", "field"), [
+    ({"type": "read", "hoomi_id": str(HOOMI)}, "seq"),
+    ({"type": "read", "hoomi_id": str(HOOMI), "seq": -1}, "seq"),
+    ({"type": "read", "hoomi_id": str(HOOMI), "seq": "3"}, "seq"),
+    ({"type": "read", "seq": 3}, "hoomi_id"),
+    ({"type": "typing"}, "hoomi_id"),
+    ({"type": "presence", "hoomi_id": str(HOOMI).upper()}, "hoomi_id"),
+])
+def test_bad_signal_requests_are_invalid_naming_the_field(m: dict[str, Any],
+                                                          field: str) -> None:
+    err = rejects(pack({**m, "ref": "s"}))
+    assert (err.code, err.field, err.ref) == (ErrorCode.INVALID, field, "s")
+
+
+def test_read_ack_decodes_to_its_own_frame_and_the_pushes_keep_their_wire_names() -> None:
+    ack = ReadAck(hoomi_id=HOOMI, seq=7, ref="r")
+    assert unpack(encode_server(ack)) == {"type": "ack", "ref": "r", "hoomi_id": str(HOOMI),
+                                          "seq": 7}
+    assert decode_server(encode_server(ack)) == ack
+    user = UUID(int=5)
+    assert unpack(encode_server(Receipt(hoomi_id=HOOMI, user_id=user, seq=3))) == {
+        "type": "receipt", "hoomi_id": str(HOOMI), "user_id": str(user), "seq": 3}
+    assert unpack(encode_server(TypingNotice(hoomi_id=HOOMI, user_id=user))) == {
+        "type": "typing", "hoomi_id": str(HOOMI), "user_id": str(user)}
+    reply = unpack(encode_server(PresenceReply(hoomi_id=HOOMI, user_ids=[user], ref=1)))
+    assert reply == {"type": "presence", "ref": 1, "hoomi_id": str(HOOMI),
+                     "user_ids": [str(user)]}
+    # A welcome from an older hub (no read_seq) decodes with read_seq 0.
+    old = pack({"type": "welcome", "user_id": str(user), "hoomis": [
+        {"hoomi_id": str(HOOMI), "last_seq": 4, "role": "member"}]})
+    decoded = decode_server(old)
+    assert isinstance(decoded, Welcome) and decoded.hoomis[0].read_seq == 0
