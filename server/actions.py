@@ -14,9 +14,13 @@ socket's frames say `hoomi_id`, the HTTP paths say `id`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 from uuid import UUID
+
+import asyncpg
 
 from protocol import Edit, ErrorCode, HoomiError, Reencrypt, Send
 from storage import hoomis as hoomi_store
@@ -40,6 +44,9 @@ from . import auth
 from .errors import RETRY_AFTER_MS
 from .events import Control
 from .services import Services
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TryAgainLater(HoomiError):
@@ -102,17 +109,17 @@ async def history(services: Services, reader: UUID, hoomi_id: UUID, before: int 
                   scheme_below: int | None = None) -> HistoryPage:
     """A page before `before` (newest first), for a member, within HOOMI_PAGE_MAX_BYTES;
     with `scheme_below`, only the live messages still to reencrypt."""
-    return await message_store.history(
-        services.pool, hoomi_id, before, limit, reader=reader, hoomi_field=field,
-        max_bytes=services.settings.page_max_bytes, scheme_below=scheme_below)
+    return await _read_page(services, lambda conn: message_store.history(
+        conn, hoomi_id, before, limit, reader=reader, hoomi_field=field,
+        max_bytes=services.settings.page_max_bytes, scheme_below=scheme_below))
 
 
 async def sync(services: Services, reader: UUID, hoomi_id: UUID, after: int, limit: int,
                *, field: str = "hoomi_id", scheme_below: int | None = None) -> SyncPage:
     """A page after `after` (oldest first), for a member, within HOOMI_PAGE_MAX_BYTES."""
-    return await message_store.since(
-        services.pool, hoomi_id, after, limit, reader=reader, hoomi_field=field,
-        max_bytes=services.settings.page_max_bytes, scheme_below=scheme_below)
+    return await _read_page(services, lambda conn: message_store.since(
+        conn, hoomi_id, after, limit, reader=reader, hoomi_field=field,
+        max_bytes=services.settings.page_max_bytes, scheme_below=scheme_below))
 
 
 async def edit_message(services: Services, actor_id: UUID, frame: Edit) -> EditedMessage:
@@ -140,8 +147,31 @@ async def reencrypt(services: Services, actor_id: UUID, frame: Reencrypt) -> Ree
 async def search(services: Services, reader: UUID, hoomi_id: UUID, tokens: Sequence[bytes],
                  before: int | None, limit: int, *, field: str = "hoomi_id") -> SearchPage:
     """Messages carrying every token, newest first, for a member."""
-    return await message_store.search(services.pool, hoomi_id, list(tokens), before, limit,
-                                      reader, hoomi_field=field)
+    return await _read_page(services, lambda conn: message_store.search(
+        conn, hoomi_id, list(tokens), before, limit, reader, hoomi_field=field))
+
+
+async def _read_page(services: Services,
+                     read: Callable[[asyncpg.Connection | asyncpg.Pool], Awaitable[T]]) -> T:
+    """A page from the read standby (HOOMI_READ_DATABASE_URL) when it has replayed the
+    primary's WAL position read after this request began: then it shows every commit
+    acknowledged before (messages, deletions, edits, memberships), as the primary would.
+    Otherwise, or if the standby fails (down, a query cancelled by a recovery conflict),
+    from the primary. docs/scaling.md, "Read standbys"."""
+    if services.read_pool is not None and services.wal_clock is not None:
+        lsn = await services.wal_clock.now()
+        try:
+            async with services.read_pool.acquire() as conn:
+                if await message_store.replayed(conn, lsn):
+                    page = await read(conn)
+                    services.page_reads["standby"] += 1
+                    return page
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                TimeoutError) as exc:
+            _log.warning("read standby failed, reading from the primary: %s", exc)
+    page = await read(services.pool)
+    services.page_reads["primary"] += 1
+    return page
 
 
 async def my_hoomis(services: Services, user_id: UUID) -> list[HoomiSummary]:

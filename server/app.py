@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from protocol import Limits
 from storage import archive
 from storage.backup_store import Outcome, backup_forever
-from storage.db import create_pool
+from storage.db import WalClock, create_pool
 from storage.embedded import start_embedded
 from storage.erasure import erase_forever
 from storage.migrate import migrate
@@ -47,6 +47,11 @@ def create_app(settings: Settings) -> Starlette:
             embedded = await asyncio.to_thread(start_embedded, settings.data_dir)
             dsn = embedded.dsn
         pool = await create_pool(dsn, max_size=settings.db_pool_size)
+        # The read standby: no connection at start (min_size 0), so a standby that is down
+        # delays nothing; pages go to the primary until it answers (actions._read_page).
+        read_pool = (await create_pool(settings.read_database_url, min_size=0,
+                                       max_size=settings.db_pool_size)
+                     if settings.read_database_url else None)
         async with pool.acquire() as conn:
             applied = await migrate(conn, partitions=settings.message_partitions)
         if applied:
@@ -96,6 +101,7 @@ def create_app(settings: Settings) -> Starlette:
             settings=settings,
             limits=Limits(max_content_bytes=settings.max_content_bytes),
             pool=pool, writer=writer, broker=broker, hub=hub, metrics=metrics,
+            read_pool=read_pool, wal_clock=WalClock(pool) if read_pool is not None else None,
         )
         app.state.services = services
         try:
@@ -110,6 +116,8 @@ def create_app(settings: Settings) -> Starlette:
             if backing_up is not None:
                 backing_up.cancel()
             await hub.close()
+            if read_pool is not None:
+                await read_pool.close()
             await pool.close()
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)

@@ -28,6 +28,8 @@ def default_data_dir() -> Path:
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
+    # A streaming standby for history, sync and search pages (docs/scaling.md).
+    read_database_url: str | None = None
     redis_url: str | None = None
     redis_mode: str = "standalone"  # or "cluster": sharded pub/sub on a Redis/Valkey Cluster
     jwt_secret: str = ""
@@ -152,6 +154,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     data_dir = Path(env.get("HOOMI_DATA_DIR") or default_data_dir()).expanduser()
     settings = Settings(
         database_url=env.get("DATABASE_URL") or None,
+        read_database_url=env.get("HOOMI_READ_DATABASE_URL") or None,
         redis_url=env.get("REDIS_URL") or None,
         redis_mode=(env.get("HOOMI_REDIS_MODE") or "standalone").strip().lower(),
         jwt_secret=env.get("HOOMI_JWT_SECRET", ""),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from protocol import Limits
+from storage.db import WalClock
 from storage.writer import BatchWriter
 
 from .broker import Broker
@@ -25,6 +26,11 @@ class Services:
     broker: Broker
     hub: Hub
     metrics: Metrics
+    # HOOMI_READ_DATABASE_URL: a standby for pages, used when it has replayed what the
+    # page must show (server/actions.py `_read_page`); pages served by each, counted.
+    read_pool: asyncpg.Pool | None = None
+    wal_clock: WalClock | None = None
+    page_reads: dict[str, int] = field(default_factory=lambda: {"standby": 0, "primary": 0})
     # Set when SIGTERM arrives: new sockets are refused, open ones closed with 1012.
     draining: bool = False
     # Abuse bounds shared by the socket and HTTP sides (issue 14), built from settings

@@ -146,3 +146,46 @@ def where(dsn: str) -> str:
 
 def describe(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+class WalClock:
+    """The primary's WAL position, for read standbys (docs/scaling.md, "Read standbys").
+
+    `now()` answers a position read by a query that *started after* the call: every
+    commit acknowledged before the call has its commit record at or below it, so a
+    standby that has replayed up to it shows all of them. Callers that arrive while a
+    read is in flight share the next one, so the primary answers at most one
+    `pg_current_wal_lsn()` per round trip however many pages are asked at once.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._next: asyncio.Future[str] | None = None
+        self._reading = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def now(self) -> str:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            self._next.add_done_callback(_consume)
+            if not self._reading:
+                self._reading = True
+                self._task = asyncio.get_running_loop().create_task(self._read())
+        return await asyncio.shield(self._next)
+
+    async def _read(self) -> None:
+        try:
+            while (fut := self._next) is not None:
+                self._next = None
+                try:
+                    fut.set_result(await self._pool.fetchval(
+                        "SELECT pg_current_wal_lsn()::text"))
+                except Exception as exc:
+                    fut.set_exception(exc)
+        finally:
+            self._reading = False
+
+
+def _consume(fut: asyncio.Future[str]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: every waiter may have gone

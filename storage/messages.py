@@ -546,3 +546,12 @@ async def search(
     # The walk stops at limit + 1 candidates: a candidate purged by retention or deleted
     # meanwhile only makes a page shorter, never skips a match.
     return SearchPage(page, page[-1].seq if len(rows) > limit and page else None)
+
+
+async def replayed(conn: asyncpg.Connection, lsn: str) -> bool:
+    """On a read standby: has it replayed the primary's WAL up to `lsn` (storage/db.py
+    WalClock)? Then a query on this connection from now on sees every commit at or
+    below it. False on a server that is not in recovery (not a standby: nothing is
+    known of its position), as on a standby that is behind."""
+    return bool(await conn.fetchval(
+        "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)", lsn))

@@ -1,0 +1,124 @@
+"""HOOMI_READ_DATABASE_URL (SPEC §7.1): history, sync and HTTP pages are read on a real
+streaming standby (tests/standby.py) when it has replayed the primary's WAL position of
+the request's start, and from the primary otherwise: with the standby's replay paused,
+pages still show every message sent and every deletion made before them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+from uuid import UUID
+
+import asyncpg
+import httpx
+import pytest
+
+from protocol import Ack, Deleted, History, Page, Sync
+from tests.cluster import Replica
+from tests.standby import Standby
+from tests.test_hub_delivery import joined, send
+from tests.wsclient import Admin
+
+
+@pytest.fixture(scope="module")
+async def standby(pg_server, module_dsn) -> AsyncIterator[Standby]:
+    server = await Standby(pg_server).start()
+    try:
+        await server.caught_up(module_dsn)  # module_dsn's database exists there
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+async def replica(module_dsn, standby) -> AsyncIterator[tuple[Replica, Admin, str]]:
+    database = urlsplit(module_dsn).path.lstrip("/")
+    read_dsn = standby.dsn(database)
+    r = Replica(module_dsn, None, name="reads", HOOMI_READ_DATABASE_URL=read_dsn).start()
+    admin = Admin(r.http)
+    try:
+        yield r, admin, read_dsn
+    finally:
+        await admin.close()
+        r.stop()
+
+
+async def standby_reads(read_dsn: str) -> int:
+    """Transactions the hub ran on the standby's database (pg_stat_database there)."""
+    conn = await asyncpg.connect(read_dsn)
+    try:
+        return int(await conn.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"))
+    finally:
+        await conn.close()
+
+
+async def sent(peer, hoomi: UUID, n: int) -> list[Ack]:
+    for i in range(n):
+        await peer.send(send(hoomi, ref=i))
+    acks: list[Ack] = []
+    while len(acks) < n:
+        got = await peer.recv()
+        if isinstance(got, Ack):
+            acks.append(got)
+    return acks
+
+
+async def test_pages_come_from_the_standby_when_it_has_replayed(replica, standby, module_dsn):
+    r, admin, read_dsn = replica
+    alice = await admin.user()
+    token = await admin.token(alice)
+    h = await admin.hoomi([alice])
+    peer, _ = await joined(r.ws, token)
+    await sent(peer, h, 5)
+    await standby.caught_up(module_dsn)
+    before = await standby_reads(read_dsn)
+    async with httpx.AsyncClient(base_url=r.http, timeout=10,
+                                 headers={"Authorization": f"Bearer {token}"}) as http:
+        for _ in range(10):
+            page = (await http.get(f"/v1/hoomis/{h}/messages")).json()
+            assert [m["seq"] for m in page["messages"]] == [5, 4, 3, 2, 1]
+    await peer.send(Sync(hoomi_id=h, after=2, ref="s"))
+    got, _ = await peer.recv_until(Page)
+    assert [m.seq for m in got.messages] == [3, 4, 5]
+    # The hub's page transactions show on the standby (statistics are flushed lazily).
+    deadline = 50
+    while await standby_reads(read_dsn) < before + 11 and deadline:
+        deadline -= 1
+        await standby.caught_up(module_dsn)  # a short wait on a real condition
+    assert await standby_reads(read_dsn) >= before + 11
+    await peer.close()
+
+
+async def test_pages_stay_complete_and_fresh_while_replay_is_paused(replica, standby):
+    r, admin, _ = replica
+    alice, bob = await admin.user(), await admin.user()
+    a_tok, b_tok = await admin.token(alice), await admin.token(bob)
+    h = await admin.hoomi([alice], [bob])
+    peer, _ = await joined(r.ws, a_tok)
+    reader, _ = await joined(r.ws, b_tok)
+    first = await sent(peer, h, 3)
+    await standby.pause()
+    try:
+        later = await sent(peer, h, 3)  # seqs 4..6: not replayed on the standby
+        async with httpx.AsyncClient(base_url=r.http, timeout=10,
+                                     headers={"Authorization": f"Bearer {a_tok}"}) as http:
+            dead = next(a for a in first if a.seq == 2)
+            assert (await http.delete(f"/v1/hoomis/{h}/messages/{dead.id}")).status_code == 204
+            while not isinstance(await peer.recv(), Deleted):
+                pass
+            page = (await http.get(f"/v1/hoomis/{h}/messages",
+                                   headers={"Authorization": f"Bearer {b_tok}"})).json()
+        assert [m["seq"] for m in page["messages"]] == [6, 5, 4, 3, 2, 1]
+        assert page["messages"][4].get("deleted") is True
+        await reader.send(History(hoomi_id=h, ref="h"))
+        got, _ = await reader.recv_until(Page)
+        assert [m.seq for m in got.messages] == [6, 5, 4, 3, 2, 1]
+        assert [m.id for m in got.messages[:3]] == [a.id for a in reversed(later)]
+        await reader.send(Sync(hoomi_id=h, after=3, ref="s"))
+        got, _ = await reader.recv_until(Page)
+        assert [m.seq for m in got.messages] == [4, 5, 6]
+    finally:
+        await standby.resume()
+    await peer.close()
+    await reader.close()
