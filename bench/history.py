@@ -1,6 +1,7 @@
 """Infinite scroll: history pages per second and page latency, against the bare query.
 
     .venv/bin/python -m bench.history [--messages 200000] [--readers 20] [--seconds 8]
+                                      [--read-standby]
 
 One Hoomi holds `--messages` stored messages (200-byte ciphertexts, loaded with COPY).
 `--readers` members each scroll from a random point back towards the oldest message,
@@ -9,6 +10,13 @@ page after page of `--limit`, for `--seconds`:
           the database's own cost and the floor for the rest
   socket  `history` frames over each reader's WebSocket to one hub replica
   http    GET /v1/hoomis/{id}/messages?before=&limit= with the reader's token
+With `--read-standby` (embedded PostgreSQL only, not with DATABASE_URL) a streaming
+standby of the database is started (tests/standby.py: pg_basebackup -R, on loopback) and
+the socket and http runs are made twice in the same run: the hub without
+HOOMI_READ_DATABASE_URL (the baseline), then with it pointing at the standby; the standby's
+share is counted from pg_stat_database (transactions per page on the primary and on the
+standby; a page on the standby is a few statements there and a shared
+pg_current_wal_lsn() on the primary).
 Pages are verified: `limit` messages, seqs descending without a gap, next_before as
 documented. Everything shares the machine's cores; compare within one run.
 """
@@ -20,8 +28,11 @@ import asyncio
 import os
 import random
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -33,11 +44,14 @@ from bench.hub import _start, pct
 from protocol import Hello, History, Page, decode_server, encode_client
 from server import auth
 from storage import messages as message_store
+from storage.embedded import start_embedded
 from storage.hoomis import create_hoomi
 from storage.ids import uuid7s
+from storage.migrate import migrate
 from storage.records import Member
 from storage.users import create_user
 from tests.cluster import ADMIN_TOKEN, JWT_SECRET, free_port
+from tests.standby import Standby
 
 Fetch = Callable[[int | None], Awaitable[list[int]]]  # before -> seqs of the page
 
@@ -89,12 +103,97 @@ async def scroll(fetches: list[Fetch], n: int, limit: int, seconds: float
             "p99": pct(latencies, 0.99), "pages": len(latencies)}
 
 
+@asynccontextmanager
+async def database(read_standby: bool) -> AsyncIterator[tuple[str, Standby | None]]:
+    """fresh_database(), or with --read-standby an embedded server of our own and a
+    streaming standby of it (its handle is needed for pg_basebackup)."""
+    if not read_standby:
+        async with fresh_database() as dsn:
+            yield dsn, None
+        return
+    if os.environ.get("DATABASE_URL"):
+        raise SystemExit("--read-standby starts its own embedded PostgreSQL: unset DATABASE_URL")
+    with tempfile.TemporaryDirectory(prefix="hoomi-bench-") as tmp:
+        server = start_embedded(Path(tmp))
+        standby: Standby | None = None
+        try:
+            admin = await asyncpg.connect(server.dsn)
+            await admin.execute("CREATE DATABASE bench")
+            await admin.close()
+            dsn = server._handle.get_uri(database="bench")
+            conn = await asyncpg.connect(dsn)
+            await migrate(conn)
+            await conn.close()
+            standby = await Standby(server).start()
+            yield dsn, standby
+        finally:
+            if standby is not None:
+                standby.close()
+            server.stop()
+
+
+async def transactions(dsn: str) -> int:
+    """Transactions committed in the database (pg_stat_database, flushed within 1 s)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"))
+    finally:
+        await conn.close()
+
+
+async def hub_runs(port: int, h: UUID, tokens: list[str], args: argparse.Namespace
+                   ) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {}
+    socks = []
+    for t in tokens:
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/ws", max_size=2**24,
+                                      compression=None)
+        await ws.send(encode_client(Hello(token=t)))
+        await ws.recv()
+        socks.append(ws)
+
+    def socket_fetch(ws: websockets.ClientConnection) -> Fetch:
+        async def fetch(before: int | None) -> list[int]:
+            await ws.send(encode_client(History(hoomi_id=h, before=before,
+                                                limit=args.limit, ref=1)))
+            page = decode_server(await ws.recv(decode=False))
+            assert isinstance(page, Page), page
+            return [m.seq for m in page.messages]
+        return fetch
+
+    results["socket"] = await scroll([socket_fetch(ws) for ws in socks],
+                                     args.messages, args.limit, args.seconds)
+    for ws in socks:
+        await ws.close()
+
+    clients = [httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                 headers={"Authorization": f"Bearer {t}"})
+               for t in tokens]
+
+    def http_fetch(client: httpx.AsyncClient) -> Fetch:
+        async def fetch(before: int | None) -> list[int]:
+            params = {"limit": args.limit, **({"before": before} if before else {})}
+            r = await client.get(f"/v1/hoomis/{h}/messages", params=params)
+            r.raise_for_status()
+            return [m["seq"] for m in r.json()["messages"]]
+        return fetch
+
+    results["http"] = await scroll([http_fetch(c) for c in clients], args.messages,
+                                   args.limit, args.seconds)
+    for c in clients:
+        await c.aclose()
+    return results
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=200_000)
     ap.add_argument("--readers", type=int, default=20)
     ap.add_argument("--limit", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=8)
+    ap.add_argument("--read-standby", action="store_true",
+                    help="also run the hub with HOOMI_READ_DATABASE_URL on a standby")
     args = ap.parse_args()
     env = {**os.environ, "HOOMI_JWT_SECRET": JWT_SECRET, "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
            "HOOMI_LOG_LEVEL": "warning",
@@ -105,7 +204,8 @@ async def main() -> None:
            "HOOMI_USER_MAX_READS": "10000"}
     env.pop("REDIS_URL", None)
     results: dict[str, dict[str, float]] = {}
-    async with fresh_database() as dsn:
+    per_page: dict[str, tuple[float, float]] = {}
+    async with database(args.read_standby) as (dsn, standby):
         loaded = time.perf_counter()
         h, users = await load(dsn, args.messages, args.readers)
         load_s = time.perf_counter() - loaded
@@ -123,58 +223,40 @@ async def main() -> None:
                                         args.limit, args.seconds)
         await pool.close()
 
-        port = free_port()
-        hub = _start([sys.executable, "-m", "server.cli", "serve"],
-                     {**env, "DATABASE_URL": dsn, "HOOMI_PORT": str(port)}, port)
-        try:
-            socks = []
-            for t in tokens:
-                ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/ws", max_size=2**24,
-                                              compression=None)
-                await ws.send(encode_client(Hello(token=t)))
-                await ws.recv()
-                socks.append(ws)
-
-            def socket_fetch(ws: websockets.ClientConnection) -> Fetch:
-                async def fetch(before: int | None) -> list[int]:
-                    await ws.send(encode_client(History(hoomi_id=h, before=before,
-                                                        limit=args.limit, ref=1)))
-                    page = decode_server(await ws.recv(decode=False))
-                    assert isinstance(page, Page), page
-                    return [m.seq for m in page.messages]
-                return fetch
-
-            results["socket"] = await scroll([socket_fetch(ws) for ws in socks],
-                                             args.messages, args.limit, args.seconds)
-            for ws in socks:
-                await ws.close()
-
-            clients = [httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
-                                         headers={"Authorization": f"Bearer {t}"})
-                       for t in tokens]
-
-            def http_fetch(client: httpx.AsyncClient) -> Fetch:
-                async def fetch(before: int | None) -> list[int]:
-                    params = {"limit": args.limit, **({"before": before} if before else {})}
-                    r = await client.get(f"/v1/hoomis/{h}/messages", params=params)
-                    r.raise_for_status()
-                    return [m["seq"] for m in r.json()["messages"]]
-                return fetch
-
-            results["http"] = await scroll([http_fetch(c) for c in clients], args.messages,
-                                           args.limit, args.seconds)
-            for c in clients:
-                await c.aclose()
-        finally:
-            hub.terminate()
-            hub.wait(20)
+        runs: list[tuple[str, dict[str, str]]] = [("", {})]
+        if standby is not None:
+            await standby.caught_up(dsn)
+            runs.append(("+standby", {"HOOMI_READ_DATABASE_URL": standby.dsn("bench")}))
+        for suffix, extra in runs:
+            port = free_port()
+            hub = _start([sys.executable, "-m", "server.cli", "serve"],
+                         {**env, **extra, "DATABASE_URL": dsn, "HOOMI_PORT": str(port)}, port)
+            try:
+                dsns = [dsn] + ([standby.dsn("bench")] if standby else [])
+                await asyncio.sleep(1.5)  # statistics are flushed within a second
+                before = [await transactions(d) for d in dsns]
+                got = await hub_runs(port, h, tokens, args)
+                for name, r in got.items():
+                    results[name + suffix] = r
+                if standby is not None:
+                    await asyncio.sleep(1.5)
+                    pages = sum(r["pages"] for r in got.values())
+                    after = [await transactions(d) for d in dsns]
+                    per_page[suffix or "baseline"] = (
+                        (after[0] - before[0]) / pages, (after[1] - before[1]) / pages)
+            finally:
+                hub.terminate()
+                hub.wait(20)
     print(f"messages={args.messages} (loaded by COPY in {load_s:.1f} s) readers={args.readers} "
           f"limit={args.limit} seconds={args.seconds} cores={os.cpu_count()}")
     base = results["query"]["rate"]
     for name, r in results.items():
-        print(f"  {name:6s} {r['rate']:8.0f} pages/s ({r['rate'] * args.limit:9.0f} messages/s)"
-              f"  p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms  ({r['rate'] / base:.0%} of "
-              f"the bare query)")
+        print(f"  {name:14s} {r['rate']:8.0f} pages/s ({r['rate'] * args.limit:9.0f} "
+              f"messages/s)  p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms  "
+              f"({r['rate'] / base:.0%} of the bare query)")
+    for run, (primary, on_standby) in per_page.items():
+        print(f"  {run}: per page, {primary:.2f} transactions on the primary, "
+              f"{on_standby:.2f} on the standby")
 
 
 if __name__ == "__main__":
