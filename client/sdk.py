@@ -33,6 +33,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import os
 import random
 import time
 from collections import OrderedDict
@@ -50,6 +51,9 @@ from protocol import (
     CloseCode,
     Delete,
     Deleted,
+    Edit,
+    EditAck,
+    Edited,
     Error,
     ErrorCode,
     Hello,
@@ -62,6 +66,10 @@ from protocol import (
     Pong,
     ProtocolError,
     Reconnect,
+    Reencrypt,
+    ReencryptAck,
+    ReencryptItem,
+    Search,
     Send,
     Sync,
     Welcome,
@@ -70,13 +78,17 @@ from protocol import (
 )
 from protocol.limits import FRAME_OVERHEAD
 
-from .crypto import MAX_CONTENT, DecryptError, Opened, decrypt, encrypt
+from . import search as blind
+from .crypto import MAX_CONTENT, NONCE_BYTES, SCHEMES, DecryptError, Opened, decrypt, encrypt
 from .keys import Keyring
 from .state import ClientState, Outgoing
 
 _log = logging.getLogger(__name__)
 
-Event = MessageBody | Deleted | Membership
+Event = MessageBody | Deleted | Membership | Edited
+# How many times a send or edit is sealed again with a fresh nonce after the hub's nonce
+# guard refused it (it only can if this client's nonce was used before: a bug or a clone).
+NONCE_RETRIES = 3
 RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED}
 # The largest frame the hub sends is a full page: max_page_limit messages, each at most
 # max_frame_bytes (content plus the other fields), plus the page's own fields. A smaller
@@ -125,6 +137,11 @@ class _Retry(Exception):
         self.after = after
 
 
+def _nonce_refused(exc: HubError) -> bool:
+    """The hub's nonce guard said no (SPEC §7.2: `invalid` naming `nonce`)."""
+    return exc.code == ErrorCode.INVALID and exc.message.startswith("nonce:")
+
+
 def _close_code(close: Any) -> CloseCode | None:
     """The protocol's close code of a close frame (None: no frame, or a code it does not use)."""
     return None if close is None else CloseCode.of(int(close.code))
@@ -148,12 +165,23 @@ class HoomiClient:
                  keyring: Keyring | None = None,
                  state_path: Path | None = None, backoff_min: float = 0.05,
                  backoff_max: float = 5.0, max_events: int = 1000,
-                 max_size: int = MAX_INCOMING_BYTES) -> None:
+                 max_size: int = MAX_INCOMING_BYTES, scheme: int = 1,
+                 search: bool = False) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         # A fixed token, or a source asked for a fresh one on every (re)connect: with a
         # source, a socket closed because its token expired reconnects and resumes.
         self._token = token
         self.keyring = keyring
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme: this client seals schemes {SCHEMES}")
+        # The scheme `send_text` and `edit_text` seal with, and whether they send search
+        # tokens (client/search.py; off by default: tokens tell the hub which messages
+        # share words, docs/encryption.md). With both defaults the client speaks v1.
+        self.scheme = scheme
+        self.search_enabled = search
+        # Nonces this client sealed with, per session_id: never twice (crypto draws them
+        # at random; this makes "never" a check, not a probability).
+        self._nonces: dict[str, set[bytes]] = {}
         self.state = ClientState.load(state_path)
         self.user_id: UUID | None = None
         self.welcome: Welcome | None = None
@@ -344,7 +372,7 @@ class HoomiClient:
             self._queued[h] = frame.seq
             await self._events.put(frame)  # full: stop reading, the hub holds the rest
             return
-        if isinstance(frame, Deleted | Membership):
+        if isinstance(frame, Deleted | Membership | Edited):
             await self._events.put(frame)
             return
         ref = getattr(frame, "ref", None)
@@ -386,7 +414,7 @@ class HoomiClient:
         """We closed MESSAGE_TOO_BIG: a reply was larger than max_size. Only a page can be; asking
         again would break the next connection the same way, so the request fails."""
         for ref, (frame, future) in list(self._pending.items()):
-            if isinstance(frame, History | Sync):
+            if isinstance(frame, History | Sync | Search):
                 del self._pending[ref]
                 if not future.done():
                     kind = type(frame).__name__.lower()
@@ -415,7 +443,8 @@ class HoomiClient:
     # -- requests ----------------------------------------------------------------------------
 
     async def send(self, hoomi_id: UUID, content: bytes, nonce: bytes, session_id: str,
-                   client_msg_id: UUID | None = None) -> Ack:
+                   client_msg_id: UUID | None = None, *, scheme: int = 1,
+                   tokens: tuple[bytes, ...] = ()) -> Ack:
         """Send ciphertext; returns the ack. Retried until acked, never stored twice.
 
         Give a `client_msg_id` derived from the app's own record of the message (say
@@ -425,7 +454,7 @@ class HoomiClient:
         cmid = client_msg_id or uuid4()
         out = self.state.outbox.get(cmid)
         if out is None:
-            out = Outgoing(hoomi_id, cmid, content, nonce, session_id)
+            out = Outgoing(hoomi_id, cmid, content, nonce, session_id, scheme, tokens)
             self.state.outbox[cmid] = out
             self.state.save()
         return await self._deliver(out)
@@ -434,7 +463,8 @@ class HoomiClient:
         try:
             ack: Ack = await self._request(lambda ref: Send(
                 hoomi_id=out.hoomi_id, client_msg_id=out.client_msg_id, content=out.content,
-                nonce=out.nonce, session_id=out.session_id, ref=ref))
+                nonce=out.nonce, session_id=out.session_id, scheme=out.scheme,
+                tokens=out.tokens, ref=ref))
         except HubError as exc:
             if isinstance(exc, Unauthorized):
                 raise  # kept: it goes out once the client has a valid token again
@@ -458,11 +488,89 @@ class HoomiClient:
         cmid = client_msg_id or uuid4()
         if cmid in self.state.outbox:
             out = self.state.outbox[cmid]
-            return await self.send(out.hoomi_id, out.content, out.nonce, out.session_id, cmid)
+            return await self.send(out.hoomi_id, out.content, out.nonce, out.session_id, cmid,
+                                   scheme=out.scheme, tokens=out.tokens)
+        tokens = self.tokens_for(hoomi_id, plaintext) if self.search_enabled else ()
+        for attempt in range(NONCE_RETRIES + 1):
+            sealed = self._seal(hoomi_id, self.user_id, cmid, plaintext)
+            try:
+                return await self.send(hoomi_id, sealed.content, sealed.nonce,
+                                       sealed.session_id, cmid, scheme=sealed.scheme,
+                                       tokens=tokens)
+            except HubError as exc:
+                if not _nonce_refused(exc) or attempt == NONCE_RETRIES:
+                    raise
+                _log.warning("the hub refused a nonce as used; sealing again")
+        raise AssertionError("unreachable")
+
+    def _seal(self, hoomi_id: UUID, sender_id: UUID, cmid: UUID, plaintext: bytes,
+              scheme: int | None = None, key: Any = None) -> Any:
+        """Seal with the configured scheme (or `scheme`) and a nonce never used before by
+        this client under that key's session."""
+        assert self.keyring is not None
+        key = key or self.keyring.current(hoomi_id)
+        used = self._nonces.setdefault(key.session_id, set())
         limit = self.welcome.max_content_bytes if self.welcome is not None else None
-        sealed = encrypt(self.keyring.current(hoomi_id), hoomi_id, self.user_id, cmid, plaintext,
-                         limit or MAX_CONTENT)
-        return await self.send(hoomi_id, sealed.content, sealed.nonce, sealed.session_id, cmid)
+        while True:
+            nonce = os.urandom(NONCE_BYTES)
+            if nonce not in used:
+                break
+        used.add(nonce)
+        return encrypt(key, hoomi_id, sender_id, cmid, plaintext, limit or MAX_CONTENT,
+                       scheme=self.scheme if scheme is None else scheme, nonce=nonce)
+
+    def tokens_for(self, hoomi_id: UUID, plaintext: bytes) -> tuple[bytes, ...]:
+        """The blind-index tokens of a message's text (client/search.py), under the
+        search key of the Hoomi's current group key."""
+        assert self.keyring is not None
+        skey = blind.search_key(self.keyring.current(hoomi_id), hoomi_id)
+        return blind.message_tokens(skey, plaintext.decode("utf-8", "replace"))
+
+    async def edit_text(self, hoomi_id: UUID, message_id: UUID, plaintext: bytes,
+                        client_msg_id: UUID | None = None) -> EditAck:
+        """A new version of one's own message, sealed with the current key and scheme
+        (tokens too when search is on); every member gets an `edited` push."""
+        if self.keyring is None or self.user_id is None:
+            raise RuntimeError("edit_text needs a keyring and a started client")
+        cmid = client_msg_id or uuid4()
+        tokens = self.tokens_for(hoomi_id, plaintext) if self.search_enabled else ()
+        for attempt in range(NONCE_RETRIES + 1):
+            sealed = self._seal(hoomi_id, self.user_id, cmid, plaintext)
+            try:
+                return await self.edit(hoomi_id, message_id, sealed.content, sealed.nonce,
+                                       sealed.session_id, scheme=sealed.scheme, tokens=tokens)
+            except HubError as exc:
+                if not _nonce_refused(exc) or attempt == NONCE_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def edit(self, hoomi_id: UUID, message_id: UUID, content: bytes, nonce: bytes,
+                   session_id: str, *, scheme: int = 1, tokens: tuple[bytes, ...] = (),
+                   ) -> EditAck:
+        ack: EditAck = await self._request(lambda ref: Edit(
+            hoomi_id=hoomi_id, id=message_id, content=content, nonce=nonce,
+            session_id=session_id, scheme=scheme, tokens=tokens, ref=ref))
+        return ack
+
+    async def reencrypt(self, hoomi_id: UUID, items: list[ReencryptItem]) -> ReencryptAck:
+        """A batch of a Hoomi admin's migration (client/reencrypt.py drives it)."""
+        ack: ReencryptAck = await self._request(
+            lambda ref: Reencrypt(hoomi_id=hoomi_id, items=tuple(items), ref=ref))
+        return ack
+
+    async def search(self, hoomi_id: UUID, tokens: tuple[bytes, ...],
+                     before: int | None = None, limit: int = 50) -> Page:
+        page: Page = await self._request(lambda ref: Search(
+            hoomi_id=hoomi_id, tokens=tokens, before=before, limit=limit, ref=ref))
+        return page
+
+    async def search_text(self, hoomi_id: UUID, words: str, before: int | None = None,
+                          limit: int = 50) -> Page:
+        """Messages holding every word (normalised as client/search.py says), newest
+        first; ValueError for no usable word or more than 8."""
+        assert self.keyring is not None
+        skey = blind.search_key(self.keyring.current(hoomi_id), hoomi_id)
+        return await self.search(hoomi_id, blind.query_tokens(skey, words), before, limit)
 
     def open(self, message: MessageBody) -> Opened:
         """Decrypt a pushed or paged message; DecryptError if it cannot be opened.
@@ -477,7 +585,7 @@ class HoomiClient:
         if message.deleted or message.content is None or message.nonce is None:
             raise ValueError("a deleted message has no content")
         opened = decrypt(self.keyring, message.hoomi_id, message.sender_id, message.content,
-                         message.nonce, message.session_id or "")
+                         message.nonce, message.session_id or "", message.scheme)
         key = (message.hoomi_id, opened.sealed_by, opened.client_msg_id)
         first = self._opened.get(key)
         if first is not None and first < message.seq:
@@ -488,9 +596,20 @@ class HoomiClient:
             self._opened.popitem(last=False)
         return opened
 
-    async def history(self, hoomi_id: UUID, before: int | None = None, limit: int = 50) -> Page:
+    def open_edited(self, edited: Edited, sender_id: UUID | None) -> Opened:
+        """Decrypt an `edited` push (the push does not repeat the sender: give the one of
+        the message it changes). A client keeps, per message, the version with the
+        greatest `updated_at`, and ignores an `edited` for a message it knows deleted."""
+        if self.keyring is None:
+            raise RuntimeError("open needs a keyring")
+        return decrypt(self.keyring, edited.hoomi_id, sender_id, edited.content, edited.nonce,
+                       edited.session_id, edited.scheme)
+
+    async def history(self, hoomi_id: UUID, before: int | None = None, limit: int = 50,
+                      scheme_below: int | None = None) -> Page:
         page: Page = await self._request(
-            lambda ref: History(hoomi_id=hoomi_id, before=before, limit=limit, ref=ref))
+            lambda ref: History(hoomi_id=hoomi_id, before=before, limit=limit,
+                                scheme_below=scheme_below, ref=ref))
         return page
 
     async def scroll(self, hoomi_id: UUID, limit: int = 50) -> AsyncIterator[list[MessageBody]]:
@@ -504,9 +623,11 @@ class HoomiClient:
                 return
             before = page.next_before
 
-    async def sync(self, hoomi_id: UUID, after: int, limit: int = 100) -> Page:
+    async def sync(self, hoomi_id: UUID, after: int, limit: int = 100,
+                   scheme_below: int | None = None) -> Page:
         page: Page = await self._request(
-            lambda ref: Sync(hoomi_id=hoomi_id, after=after, limit=limit, ref=ref))
+            lambda ref: Sync(hoomi_id=hoomi_id, after=after, limit=limit,
+                             scheme_below=scheme_below, ref=ref))
         return page
 
     async def delete(self, hoomi_id: UUID, message_id: UUID) -> Ack:

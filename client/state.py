@@ -24,6 +24,8 @@ class Outgoing:
     content: bytes
     nonce: bytes
     session_id: str
+    scheme: int = 1
+    tokens: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -41,7 +43,8 @@ class ClientState:
         for o in data.get("outbox", []):
             out = Outgoing(UUID(o["hoomi_id"]), UUID(o["client_msg_id"]),
                            base64.b64decode(o["content"]), base64.b64decode(o["nonce"]),
-                           o["session_id"])
+                           o["session_id"], int(o.get("scheme", 1)),
+                           tuple(base64.b64decode(t) for t in o.get("tokens", ())))
             state.outbox[out.client_msg_id] = out
         return state
 
@@ -53,7 +56,9 @@ class ClientState:
             "outbox": [{"hoomi_id": str(o.hoomi_id), "client_msg_id": str(o.client_msg_id),
                         "content": base64.b64encode(o.content).decode(),
                         "nonce": base64.b64encode(o.nonce).decode(),
-                        "session_id": o.session_id} for o in self.outbox.values()],
+                        "session_id": o.session_id, "scheme": o.scheme,
+                        "tokens": [base64.b64encode(t).decode() for t in o.tokens]}
+                       for o in self.outbox.values()],
         }
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
