@@ -6,8 +6,12 @@
 The hub is found as every `hoomi` command finds it (HOOMI_URL, else HOOMI_HOST and
 HOOMI_PORT), unless --url names it. Type a line and Enter to send it (encrypted here).
 A line starting with `/` is a command, never sent: /help, /more (older messages),
-/delete SEQ (delete one of yours, or any as an admin), /quit. Messages arriving on the
-socket are printed as they come, `#seq sender: text`.
+/delete SEQ (delete one of yours, or any as an admin), /edit SEQ TEXT (a new version of
+one of yours), /search WORDS (messages holding every word, newest first), /quit.
+Messages arriving on the socket are printed as they come, `#seq sender: text`; an edit
+as `#seq sender (edited): text`. `--scheme 2` seals with scheme 2 (compression above
+256 bytes); `--no-search` sends no search tokens (docs/encryption.md says what tokens
+reveal to the hub).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from uuid import UUID
 
-from protocol import Deleted, Membership, MessageBody
+from protocol import Deleted, Edited, Membership, MessageBody
 
 from .crypto import DecryptError
 from .keys import PASSPHRASE_SESSION, Keyring, key_from_passphrase, load_key_file
@@ -32,6 +36,8 @@ HELP = """\
 -- type a line and Enter to send it, end-to-end encrypted. Commands (never sent):
 --   /more        older messages
 --   /delete SEQ  delete message #SEQ (yours, or any as an admin)
+--   /edit SEQ TEXT   replace your message #SEQ with TEXT
+--   /search WORDS    messages holding every word (accents and case do not matter)
 --   /help        this help
 --   /quit        leave (or Ctrl-D)
 -- a line that starts with / is taken as a command; start it with // to send a
@@ -44,9 +50,38 @@ class Chat:
         self.hoomi = hoomi
         self.oldest: int | None = None
         self.ids: dict[int, UUID] = {}
+        self.senders: dict[int, UUID | None] = {}
+        self.deleted: set[int] = set()
+
+    def who(self, sender: UUID | None) -> str:
+        return "me" if sender == self.client.user_id else (
+            str(sender)[:8] if sender else "(deleted user)")
+
+    def edited(self, e: Edited) -> str | None:
+        """An `edited` push as a line; None for a message deleted meanwhile."""
+        if e.seq in self.deleted:
+            return None
+        sender = self.senders.get(e.seq)
+        try:
+            text = self.client.open_edited(e, sender).plaintext.decode("utf-8", "replace")
+        except DecryptError as err:
+            text = f"(cannot decrypt: {err.summary})"
+        return f"#{e.seq} {self.who(sender)} (edited): {text}"
+
+    async def search(self, words: str) -> None:
+        page = await self.client.search_text(self.hoomi, words, limit=20)
+        if not page.messages:
+            print("-- nothing found --", flush=True)
+        for m in page.messages:
+            print(self.line(m), flush=True)
+        if page.next_before is not None:
+            print("-- more matches are older (showing the 20 newest) --", flush=True)
 
     def line(self, m: MessageBody) -> str:
         self.ids[m.seq] = m.id
+        self.senders[m.seq] = m.sender_id
+        if m.deleted:
+            self.deleted.add(m.seq)
         who = "me" if m.sender_id == self.client.user_id else (
             str(m.sender_id)[:8] if m.sender_id else "(deleted user)")
         if m.deleted:
@@ -73,7 +108,12 @@ class Chat:
             if isinstance(ev, MessageBody) and ev.hoomi_id == self.hoomi:
                 print(self.line(ev), flush=True)
             elif isinstance(ev, Deleted) and ev.hoomi_id == self.hoomi:
+                self.deleted.add(ev.seq)
                 print(f"#{ev.seq} was deleted", flush=True)
+            elif isinstance(ev, Edited) and ev.hoomi_id == self.hoomi:
+                shown = self.edited(ev)
+                if shown is not None:
+                    print(shown, flush=True)
             elif isinstance(ev, Membership) and ev.hoomi_id == self.hoomi:
                 print(f"-- you {ev.state} this hoomi --", flush=True)
 
@@ -103,6 +143,16 @@ class Chat:
                         print(f"-- #{seq} is not on screen --", flush=True)
                     else:
                         await self.client.delete(self.hoomi, self.ids[seq])
+                elif command == "/edit" and len(rest) >= 2 and rest[0].isdigit():
+                    seq = int(rest[0])
+                    if seq not in self.ids:
+                        print(f"-- #{seq} is not on screen --", flush=True)
+                    else:
+                        new = text.split(None, 2)[2]
+                        await self.client.edit_text(self.hoomi, self.ids[seq],
+                                                    new.encode("utf-8"))
+                elif command == "/search" and rest:
+                    await self.search(text.split(None, 1)[1])
                 else:
                     if command != "/help":
                         print(f"-- not a command: {text[:40]}; nothing was sent --",
@@ -167,7 +217,8 @@ async def run(args: argparse.Namespace) -> int:
               "running? It is found at --url, else HOOMI_URL, else HOOMI_HOST:HOOMI_PORT: "
               "export the same HOOMI_PORT as in the hub's terminal", file=sys.stderr)
         return 1
-    client = HoomiClient(url, token, keyring=ring)
+    client = HoomiClient(url, token, keyring=ring, scheme=args.scheme,
+                         search=not args.no_search)
     try:
         welcome = await client.start()
     except Exception as err:
@@ -215,4 +266,10 @@ def add_parser(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     p.add_argument("--session", default=PASSPHRASE_SESSION,
                    help="session_id of the passphrase key (default %(default)s); a new "
                         "passphrase needs a new name")
+    p.add_argument("--scheme", type=int, choices=[1, 2], default=1,
+                   help="encryption scheme to seal with (default %(default)s; 2 compresses "
+                        "messages of 256 bytes or more)")
+    p.add_argument("--no-search", action="store_true",
+                   help="send no search tokens with messages (/search then finds only "
+                        "messages others indexed)")
     p.set_defaults(fn=lambda a: sys.exit(asyncio.run(run(a))), hub_ws_url=hub_ws_url)

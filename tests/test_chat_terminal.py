@@ -247,3 +247,34 @@ async def test_chat_says_so_and_ends_when_its_token_expires(cluster, tmp_path):
         assert t.proc.returncode == 1
     finally:
         t.close()
+
+
+async def test_chat_edits_and_searches(cluster, tmp_path):
+    (alice, a_tok), (bob, b_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    keyfile = tmp_path / "keys.json"
+    generate_key_file(keyfile, [h])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    chat = [sys.executable, "-m", "server.cli", "chat", "--hoomi", str(h), "--key-file",
+            str(keyfile), "--scheme", "2"]
+    a = Terminal(chat + ["--url", cluster.a.ws, "--token", a_tok], env)
+    b = Terminal(chat + ["--url", cluster.b.ws, "--token", b_tok], env)
+    try:
+        await a.expect("start of history")
+        await b.expect("start of history")
+        a.type("Rendez-vous à l'École demain")
+        a.type("the release is tomorrow")
+        await b.expect("#2 " + str(alice)[:8] + ": the release is tomorrow")
+        a.type("/edit 2 the release is on Friday")
+        await b.expect("#2 " + str(alice)[:8] + " (edited): the release is on Friday")
+        b.type("/search ecole RENDEZ")
+        await b.expect("#1 " + str(alice)[:8] + ": Rendez-vous à l'École demain\r\n")
+        b.type("/search tomorrow")
+        await b.expect("-- nothing found --")  # the edit replaced the old words' tokens
+        b.type("/search friday")
+        await b.expect("#2 " + str(alice)[:8] + ": the release is on Friday\r\n")
+        b.type("/edit 1 not mine")
+        await b.expect("forbidden")
+    finally:
+        a.close()
+        b.close()
