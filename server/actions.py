@@ -43,6 +43,7 @@ from storage.records import (
 from . import auth
 from .errors import RETRY_AFTER_MS
 from .events import Control
+from .hub import Socket
 from .services import Services
 
 _log = logging.getLogger(__name__)
@@ -172,6 +173,29 @@ async def _read_page(services: Services,
     page = await read(services.pool)
     services.page_reads["primary"] += 1
     return page
+
+
+async def mark_read(services: Services, origin: Socket | None, user_id: UUID,
+                    hoomi_id: UUID, seq: int, *, field: str = "hoomi_id") -> int:
+    """A member has read up to `seq`: stored (never back, never past the Hoomi's end);
+    when it moved, a `receipt` to the Hoomi's sockets but `origin`. Returns the stored
+    read_seq."""
+    stored, moved = await hoomi_store.mark_read(services.pool, hoomi_id, user_id, seq,
+                                                field=field)
+    if moved:
+        services.hub.publish_receipt(origin, hoomi_id, user_id, stored)
+    return stored
+
+
+async def presence(services: Services, reader: UUID, hoomi_id: UUID, *,
+                   field: str = "hoomi_id") -> list[UUID]:
+    """The Hoomi's members with at least one live socket on any replica, for a member
+    (one database read for the roster, then server/presence.py)."""
+    roster = [m.user_id for m in await hoomi_store.members(services.pool, hoomi_id)]
+    if reader not in roster:
+        await hoomi_store.require_member(services.pool, hoomi_id, reader, field=field)
+        raise HoomiError(ErrorCode.FORBIDDEN, "not a member of this hoomi")
+    return sorted(await services.hub.online(roster))
 
 
 async def my_hoomis(services: Services, user_id: UUID) -> list[HoomiSummary]:

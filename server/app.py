@@ -62,7 +62,7 @@ def create_app(settings: Settings) -> Starlette:
             broker = (ClusterBroker(settings.redis_url) if settings.redis_mode == "cluster"
                       else RedisBroker(settings.redis_url))
         hub = Hub(pool, broker, gap_grace=settings.gap_grace_ms / 1000,
-                  on_gap_fill=metrics.gap_fills.inc)
+                  on_gap_fill=metrics.gap_fills.inc, presence_ttl=settings.presence_ttl_s)
         writer = BatchWriter(
             pool,
             max_batch=settings.batch_max_size,

@@ -25,6 +25,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from .presence import LocalPresence, Presence, RedisPresence
+
 _log = logging.getLogger(__name__)
 
 CONTROL_CHANNEL = "hoomi:ctl"
@@ -44,6 +46,8 @@ class Broker(Protocol):
     async def unsubscribe(self, channel: str) -> None: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
+    # Who is online on the other replicas (server/presence.py), through the same server.
+    def presence(self, ttl: float) -> Presence: ...
 
 
 class LocalBroker:
@@ -69,6 +73,9 @@ class LocalBroker:
 
     async def close(self) -> None:
         self._channels.clear()
+
+    def presence(self, ttl: float) -> Presence:
+        return LocalPresence()
 
 
 class RedisBroker:
@@ -143,6 +150,9 @@ class RedisBroker:
             return bool(await self._pub.ping())
         except (RedisError, OSError):
             return False
+
+    def presence(self, ttl: float) -> Presence:
+        return RedisPresence(self._pub, ttl, self._origin)
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -414,6 +424,9 @@ class ClusterBroker:
                 await shard.sunsubscribe(channel)
             except (RedisError, OSError) as exc:
                 _log.warning("sunsubscribe %s failed: %s", channel, exc)
+
+    def presence(self, ttl: float) -> Presence:
+        return RedisPresence(self._cluster, ttl, self._origin)
 
     async def ping(self) -> bool:
         if not self._healthy:

@@ -48,6 +48,7 @@ class Settings:
     max_inflight_sends: int = 256
     hello_timeout_s: float = 10.0
     reconcile_interval_s: float = 2.0
+    presence_ttl_s: float = 30.0  # a killed replica's users stay online in `presence` this long
     gap_grace_ms: float = 30.0
     purge_interval_s: float = 60.0
     db_wait_s: float = 30.0
@@ -173,6 +174,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         max_inflight_sends=_number(env, "HOOMI_MAX_INFLIGHT_SENDS", 256, 1, 100_000),
         hello_timeout_s=_number(env, "HOOMI_HELLO_TIMEOUT_S", 10.0, 0.1, 3600.0),
         reconcile_interval_s=_number(env, "HOOMI_RECONCILE_INTERVAL_S", 2.0, 0.05, 3600.0),
+        presence_ttl_s=_number(env, "HOOMI_PRESENCE_TTL_S", 30.0, 0.3, 3600.0),
         gap_grace_ms=_number(env, "HOOMI_GAP_GRACE_MS", 30.0, 0.0, 10_000.0),
         purge_interval_s=_number(env, "HOOMI_PURGE_INTERVAL_S", 60.0, 1.0, 86400.0),
         db_wait_s=_number(env, "HOOMI_DB_WAIT_S", 30.0, 0.0, 3600.0),

@@ -11,6 +11,12 @@ A deletion is the same with `b"D"`, and a message's new version (an edit or a
 reencryption, the `edited` push) with `b"E"`: both follow their message on every socket
 (Session.on_deletion holds either until its message went out). Controls (membership
 changes) are small msgpack maps on the control channel.
+
+Signals (v1.1) are not messages and carry no place in the Hoomi's seq order: a read
+receipt is `b"R" | hoomi_id | user_id (16 bytes) | seq (8 bytes) | frame` (the `receipt`
+push; seq is the reader's read_seq), a typing notice the same with `b"T"` and seq 0.
+They reach sockets through Hub._on_signal only, never a Sequencer; a replica that does
+not know them reads a kind it ignores.
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ from uuid import UUID
 
 import msgpack
 
-from protocol import Deleted, Edited, MessageBody, encode_server
+from protocol import Deleted, Edited, MessageBody, Receipt, TypingNotice, encode_server
 from storage.records import EditedMessage, StoredMessage
 
 _HEAD = struct.Struct(">c16sQ")
 MESSAGE = b"M"
 DELETED = b"D"
 EDITED = b"E"
+RECEIPT = b"R"
+TYPING = b"T"
+_SIGNAL = struct.Struct(">c16s16sQ")
 
 
 def ms(t: datetime) -> int:
@@ -103,3 +112,33 @@ def pack_control(c: Control) -> bytes:
 def unpack_control(payload: bytes) -> Control:
     d = msgpack.unpackb(payload)
     return Control(d["k"], UUID(bytes=d["u"]), UUID(bytes=d["h"]) if d["h"] else None, d["r"])
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A receipt or a typing notice, as published: `frame` is the push, encoded once."""
+
+    kind: bytes  # RECEIPT or TYPING
+    hoomi_id: UUID
+    user_id: UUID
+    seq: int
+    frame: bytes
+
+
+def pack_receipt(hoomi_id: UUID, user_id: UUID, seq: int) -> bytes:
+    return _SIGNAL.pack(RECEIPT, hoomi_id.bytes, user_id.bytes, seq) + encode_server(
+        Receipt(hoomi_id=hoomi_id, user_id=user_id, seq=seq))
+
+
+def pack_typing(hoomi_id: UUID, user_id: UUID) -> bytes:
+    return _SIGNAL.pack(TYPING, hoomi_id.bytes, user_id.bytes, 0) + encode_server(
+        TypingNotice(hoomi_id=hoomi_id, user_id=user_id))
+
+
+def is_signal(payload: bytes) -> bool:
+    return payload[:1] in (RECEIPT, TYPING)
+
+
+def unpack_signal(payload: bytes) -> Signal:
+    kind, hoomi, user, seq = _SIGNAL.unpack_from(payload)
+    return Signal(kind, UUID(bytes=hoomi), UUID(bytes=user), seq, payload[_SIGNAL.size:])

@@ -61,6 +61,8 @@ class _Feed:
     """One Hoomi on this replica: its sockets, and its order (server/sequencer.py), not
     started until its `last_seq` has been read once subscribed (`ready`)."""
 
+    # A receipt or typing notice (kind "receipt" / "typing") by `user_id`: not a message.
+    def on_signal(self, hoomi_id: UUID, user_id: UUID, kind: str, frame: bytes) -> None: ...
     __slots__ = ("sockets", "order", "filler", "ready")
 
     def __init__(self) -> None:
@@ -85,11 +87,14 @@ class Hub:
         self._on_gap_fill = on_gap_fill
         self._feeds: dict[UUID, _Feed] = {}
         # Every socket of this replica, from accept to gone (server/ws.py), and the
+        presence_ttl: float = 30.0,
         # authenticated ones by user: the one registry of sockets.
         self._sockets: set[Socket] = set()
         self._users: dict[UUID, set[Socket]] = {}
         self._to_publish: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Who is online on the other replicas; this one's are `_users` (server/presence.py).
+        self.presence = broker.presence(presence_ttl)
         self._publisher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -105,6 +110,7 @@ class Hub:
         for task in [self._publisher, *self._tasks, *(f.filler for f in self._feeds.values())]:
             if task is not None:
                 task.cancel()
+        await self.presence.start(lambda: list(self._users))
         self._feeds.clear()
         await self._broker.close()
 
@@ -117,6 +123,7 @@ class Hub:
         return feed.order.delivered if feed is not None else 0
 
     # -- sockets ---------------------------------------------------------------------------
+        await self.presence.close()
 
     @property
     def connected(self) -> int:
@@ -152,6 +159,8 @@ class Hub:
         for h in list(hoomi_ids):
             self.leave(sock, h)
 
+        if sock.user_id not in self._users:
+            self.presence.online(sock.user_id)
     async def join(self, sock: Socket, hoomi_ids: list[UUID]) -> None:
         """Route these Hoomis' pushes to `sock`; returns once each feed is live."""
         new: list[UUID] = []
@@ -160,6 +169,7 @@ class Hub:
             feed = self._feeds.get(h)
             if feed is None:
                 feed = self._feeds[h] = _Feed()
+                self.presence.offline(sock.user_id)
                 new.append(h)
             feed.sockets.add(sock)
             feeds.append(feed)
@@ -248,6 +258,36 @@ class Hub:
             taken = 1
             while not self._to_publish.empty():
                 batch.extend(self._to_publish.get_nowait())
+    def publish_receipt(self, origin: Socket | None, hoomi_id: UUID, user_id: UUID,
+                        seq: int) -> None:
+        """`user_id` has read up to `seq`: every socket of the Hoomi's members but
+        `origin` (the one that sent the `read`), here and on the other replicas."""
+        self._signal(origin, events.pack_receipt(hoomi_id, user_id, seq))
+
+    def publish_typing(self, origin: Socket | None, hoomi_id: UUID, user_id: UUID) -> None:
+        """`user_id` is typing: the other members' sockets, here and elsewhere. Never
+        stored; lost with a broker outage (it is stale a second later anyway)."""
+        self._signal(origin, events.pack_typing(hoomi_id, user_id))
+
+    def _signal(self, origin: Socket | None, payload: bytes) -> None:
+        signal = events.unpack_signal(payload)
+        self._on_signal(signal, origin)
+        self._to_publish.put_nowait([(hoomi_channel(signal.hoomi_id.hex), payload)])
+
+    async def online(self, user_ids: list[UUID]) -> set[UUID]:
+        """Those of `user_ids` with an authenticated socket on any replica: this
+        replica's sockets, then Redis for the rest (server/presence.py). With Redis
+        unreachable, this replica's view alone."""
+        here = {u for u in user_ids if u in self._users}
+        rest = [u for u in user_ids if u not in here]
+        if rest:
+            try:
+                here |= await self.presence.who(rest)
+            except Exception as exc:
+                _log.warning("presence: cannot ask Redis (%s); answering with this "
+                             "replica's sockets only", type(exc).__name__)
+        return here
+
                 taken += 1
             try:
                 await self._broker.publish(batch)
@@ -274,6 +314,9 @@ class Hub:
         if feed is not None:
             self._push(hoomi_id, feed, feed.order.offer(seq, frame))
 
+        if events.is_signal(payload):
+            self._on_signal(events.unpack_signal(payload), None)
+            return
     def _on_deleted(self, deletion: events.Broadcast) -> None:
         feed = self._feeds.get(deletion.hoomi_id)
         if feed is not None:
@@ -292,6 +335,16 @@ class Hub:
 
     def _push(self, hoomi_id: UUID, feed: _Feed, ready: list[tuple[int, bytes]]) -> None:
         """Push what the order let through; start a fill if it names a gap."""
+    def _on_signal(self, signal: events.Signal, origin: Socket | None) -> None:
+        # Outside the Hoomi's seq order: straight to each socket, which drops it unless
+        # it asked for signals (Session.on_signal).
+        feed = self._feeds.get(signal.hoomi_id)
+        if feed is not None:
+            kind = "typing" if signal.kind == events.TYPING else "receipt"
+            for sock in list(feed.sockets):
+                if sock is not origin:
+                    sock.on_signal(signal.hoomi_id, signal.user_id, kind, signal.frame)
+
         for seq, frame in ready:
             for sock in list(feed.sockets):
                 sock.on_message(hoomi_id, seq, frame)

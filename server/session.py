@@ -48,13 +48,18 @@ from protocol import (
     Page,
     Ping,
     Pong,
+    Presence,
+    PresenceReply,
     ProtocolError,
+    Read,
+    ReadAck,
     Reencrypt,
     ReencryptAck,
     Search,
     Send,
     ServerFrame,
     Sync,
+    Typing,
     Welcome,
     decode_client,
     encode_server,
@@ -82,7 +87,11 @@ MAX_HELD_DELETIONS = 1024
 # Pushes held per cursor while it reads a gap; past it they are read with the gap.
 MAX_HELD_PUSHES = 256
 # The requests `receive` hands back, besides `send` and `hello` (server/ws.py runs them).
-SERVED = (History, Sync, Delete, Edit, Reencrypt, Search)
+SERVED = (History, Sync, Delete, Edit, Reencrypt, Search, Read, Presence)
+# The hello `features` this hub accepts: "signals" = receipt and typing pushes (v1.1).
+FEATURES = ("signals",)
+# `typing` frames handed on per socket and Hoomi: at most one per this many seconds.
+TYPING_INTERVAL_S = 1.0
 
 
 class State(enum.Enum):
@@ -163,7 +172,7 @@ class Outbox:
 class Cursor:
     """What this socket has been sent of one Hoomi."""
 
-    __slots__ = ("generation", "order", "deletions", "reading")
+    __slots__ = ("generation", "order", "deletions", "reading", "typed_at")
 
     def __init__(self, generation: int) -> None:
         self.generation = generation
@@ -171,6 +180,7 @@ class Cursor:
         self.order: Sequencer[bytes] = Sequencer(started=False, max_held=MAX_HELD_PUSHES)
         self.deletions: dict[int, bytes] = {}  # seq -> `deleted` frame, above `sent`
         self.reading = False  # a READ effect is out for it
+        self.typed_at = float("-inf")  # the last `typing` handed on, on the session clock
 
     @property
     def sent(self) -> int:
@@ -207,6 +217,9 @@ class Session:
         self._effects: list[Task] = []
         # Membership changes that arrive during hello, applied after welcome, in order.
         self._early: list[tuple[UUID, str | None]] = []
+        # The hello features accepted (FEATURES): without "signals", no receipt or
+        # typing push reaches this socket (a v1 client sees v1).
+        self.features: frozenset[str] = frozenset()
 
     # -- output -----------------------------------------------------------------------------
 
@@ -266,6 +279,13 @@ class Session:
         return self.reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
                                messages=[message_body(m) for m in page.messages],
                                next_before=page.next_before), "page")
+
+    def answer_read(self, frame: Read, read_seq: int) -> Verdict:
+        return self.reply(ReadAck(ref=frame.ref, hoomi_id=frame.hoomi_id, seq=read_seq), "ack")
+
+    def answer_presence(self, frame: Presence, user_ids: list[UUID]) -> Verdict:
+        return self.reply(PresenceReply(ref=frame.ref, hoomi_id=frame.hoomi_id,
+                                        user_ids=user_ids), "presence")
 
     def answer_delete(self, frame: Delete, done: DeletedMessage) -> Verdict:
         # The ack's time is when the deletion was answered (the message keeps its own).
@@ -334,6 +354,8 @@ class Session:
             self.fail(HoomiError(ErrorCode.INVALID, "type: hello was already received"),
                       frame.ref)
             return None
+        if isinstance(frame, Typing):
+            return self._typing(frame)
         wait_ms = self.requests.take()
         if wait_ms:
             self.fail(HoomiError(ErrorCode.RATE_LIMITED, "too many requests; retry later",
@@ -345,6 +367,19 @@ class Session:
             self.fail(HoomiError(ErrorCode.INVALID, f"type: {type(frame).__name__.lower()} "
                                  "is not served by this hub yet"), frame.ref)
             return None
+        return frame
+
+    def _typing(self, frame: Typing) -> Typing | None:
+        """A member's `typing`, handed on at most once per TYPING_INTERVAL_S per Hoomi;
+        the ones in between are dropped without a word (clients send it on keystrokes)."""
+        cursor = self.cursors.get(frame.hoomi_id)
+        if cursor is None:
+            self.fail(HoomiError(ErrorCode.FORBIDDEN, "not a member of this hoomi"), frame.ref)
+            return None
+        now = self.clock()
+        if now - cursor.typed_at < TYPING_INTERVAL_S:
+            return None
+        cursor.typed_at = now
         return frame
 
     def no_hello(self) -> None:
@@ -381,9 +416,13 @@ class Session:
         or the Hoomi's end. Returns the Hoomis behind, whose first page the caller reads
         in batches (`rows_read`); `delivered` is the feed's last pushed seq per Hoomi."""
         self._during_hello("welcome")
+        accepted = [f for f in dict.fromkeys(hello.features) if f in FEATURES]
+        self.features = frozenset(accepted)
         self.reply(Welcome(user_id=self.user_id, ref=hello.ref, hoomis=[
-            HoomiState(hoomi_id=s.hoomi_id, last_seq=s.last_seq, role=s.role) for s in mine],
-            max_content_bytes=self.limits.max_content_bytes), "welcome")
+            HoomiState(hoomi_id=s.hoomi_id, last_seq=s.last_seq, role=s.role,
+                       read_seq=s.read_seq) for s in mine],
+            max_content_bytes=self.limits.max_content_bytes,
+            features=accepted if hello.features else None), "welcome")
         if self.state is State.AWAITING_HELLO:
             self.state = State.LIVE
         behind: list[UUID] = []
@@ -428,6 +467,16 @@ class Session:
             self.queue(frame, "deleted")
         elif len(cursor.deletions) < MAX_HELD_DELETIONS:
             cursor.deletions[seq] = frame
+
+    def on_signal(self, hoomi_id: UUID, user_id: UUID, kind: str, frame: bytes) -> None:
+        """A `receipt` or `typing` push: only to a socket that asked for "signals", of a
+        Hoomi it is live in; never one's own typing. Ephemeral: dropped rather than let
+        it fill the outbox of a slow reader (it never closes a socket as too slow)."""
+        if (self.state is not State.LIVE or "signals" not in self.features
+                or hoomi_id not in self.cursors or self.outbox.half_full()
+                or (kind == "typing" and user_id == self.user_id)):
+            return
+        self.queue(frame, kind)
 
     def on_joined(self, hoomi_id: UUID, role: str) -> None:
         if self.state is State.AWAITING_HELLO:

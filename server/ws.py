@@ -32,10 +32,13 @@ from protocol import (
     Hello,
     History,
     HoomiError,
+    Presence,
+    Read,
     Reencrypt,
     Search,
     Send,
     Sync,
+    Typing,
 )
 
 from . import actions, auth, catch_up, errors
@@ -392,6 +395,10 @@ class Connection:
         self.session.on_user_gone()
         self.react()
 
+    def on_signal(self, hoomi_id: UUID, user_id: UUID, kind: str, frame: bytes) -> None:
+        self.session.on_signal(hoomi_id, user_id, kind, frame)
+        self.react()
+
     # -- requests ----------------------------------------------------------------------------
 
     async def _receive(self) -> bytes | None:
@@ -428,8 +435,10 @@ class Connection:
                     await self._request(frame)
                 finally:
                     reads.release(self.user_id)
-            elif isinstance(frame, Delete | Edit | Reencrypt):
+            elif isinstance(frame, Delete | Edit | Reencrypt | Read | Presence):
                 await self._request(frame)
+            elif isinstance(frame, Typing):
+                self.services.hub.publish_typing(self, frame.hoomi_id, self.user_id)
 
     def _send(self, frame: Send) -> None:
         started = time.perf_counter()
@@ -460,8 +469,8 @@ class Connection:
             self.services.metrics.ack_seconds.observe(time.perf_counter() - started)
         self.react()
 
-    async def _request(self, frame: History | Sync | Delete | Edit | Reencrypt | Search,
-                       ) -> None:
+    async def _request(self, frame: History | Sync | Delete | Edit | Reencrypt | Search
+                       | Read | Presence) -> None:
         services, session = self.services, self.session
         try:
             if isinstance(frame, History):
@@ -478,6 +487,12 @@ class Connection:
             elif isinstance(frame, Reencrypt):
                 session.answer_reencrypt(frame, await actions.reencrypt(
                     services, self.user_id, frame))
+            elif isinstance(frame, Read):
+                session.answer_read(frame, await actions.mark_read(
+                    services, self, self.user_id, frame.hoomi_id, frame.seq))
+            elif isinstance(frame, Presence):
+                session.answer_presence(frame, await actions.presence(
+                    services, self.user_id, frame.hoomi_id))
             elif isinstance(frame, Search):
                 session.answer_search(frame, await actions.search(
                     services, self.user_id, frame.hoomi_id, frame.tokens, frame.before,

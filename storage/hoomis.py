@@ -201,7 +201,7 @@ async def user_with_hoomis(
     which must refuse a deleted user's still-valid token (reconnect storms hit this)."""
     rows = await conn.fetch(
         """
-        SELECT h.id, h.last_seq, hm.role
+        SELECT h.id, h.last_seq, hm.role, hm.read_seq
         FROM users u
         LEFT JOIN hoomi_members hm ON hm.user_id = u.id
         LEFT JOIN hoomis h ON h.id = hm.hoomi_id
@@ -212,7 +212,39 @@ async def user_with_hoomis(
     )
     if not rows:
         return None
-    return [HoomiSummary(r["id"], r["last_seq"], r["role"]) for r in rows if r["id"] is not None]
+    return [HoomiSummary(r["id"], r["last_seq"], r["role"], r["read_seq"])
+            for r in rows if r["id"] is not None]
+
+
+async def mark_read(
+    conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, user_id: UUID, seq: int,
+    *, field: str = "hoomi_id",
+) -> tuple[int, bool]:
+    """The member has read up to `seq`: (the read_seq stored, whether it moved). It never
+    moves back (a lower `seq` changes nothing) nor past the Hoomi's last_seq; concurrent
+    reads of one member serialise on the row, each re-checking the condition. not_found
+    for no such Hoomi, forbidden for a non-member."""
+    row = await conn.fetchrow(
+        """
+        WITH moved AS (
+            UPDATE hoomi_members hm
+            SET read_seq = GREATEST(hm.read_seq, LEAST($3::bigint, h.last_seq))
+            FROM hoomis h
+            WHERE h.id = hm.hoomi_id AND hm.hoomi_id = $1 AND hm.user_id = $2
+              AND hm.read_seq < LEAST($3::bigint, h.last_seq)
+            RETURNING hm.read_seq)
+        SELECT (SELECT read_seq FROM moved) AS moved,
+               (SELECT read_seq FROM hoomi_members
+                WHERE hoomi_id = $1 AND user_id = $2) AS stored
+        """,
+        hoomi_id, user_id, seq,
+    )
+    if row is not None and row["moved"] is not None:
+        return row["moved"], True
+    if row is None or row["stored"] is None:
+        await require_member(conn, hoomi_id, user_id, field=field)  # raises
+        raise StorageError(ErrorCode.FORBIDDEN, "not a member of this hoomi")
+    return row["stored"], False
 
 
 async def hoomi_info(

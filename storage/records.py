@@ -59,6 +59,7 @@ class HoomiSummary(NamedTuple):
     hoomi_id: UUID
     last_seq: int
     role: str
+    read_seq: int = 0  # how far this user has read it (the `read` signal)
 
 
 class Member(NamedTuple):
