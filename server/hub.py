@@ -54,6 +54,8 @@ class Socket(Protocol):
     def on_left(self, hoomi_id: UUID) -> None: ...
     def on_user_gone(self) -> None: ...
     def on_memberships(self, roles: dict[UUID, str]) -> None: ...
+    # A receipt or typing notice (kind "receipt" / "typing") by `user_id`: not a message.
+    def on_signal(self, hoomi_id: UUID, user_id: UUID, kind: str, frame: bytes) -> None: ...
     def close(self, code: int, reason: str) -> None: ...
 
 
@@ -61,8 +63,6 @@ class _Feed:
     """One Hoomi on this replica: its sockets, and its order (server/sequencer.py), not
     started until its `last_seq` has been read once subscribed (`ready`)."""
 
-    # A receipt or typing notice (kind "receipt" / "typing") by `user_id`: not a message.
-    def on_signal(self, hoomi_id: UUID, user_id: UUID, kind: str, frame: bytes) -> None: ...
     __slots__ = ("sockets", "order", "filler", "ready")
 
     def __init__(self) -> None:
@@ -80,25 +80,26 @@ class Hub:
         *,
         gap_grace: float = 0.03,
         on_gap_fill: Callable[[int], None] | None = None,
+        presence_ttl: float = 30.0,
     ) -> None:
         self._pool = pool
         self._broker = broker
         self._grace = gap_grace
         self._on_gap_fill = on_gap_fill
+        # Who is online on the other replicas; this one's are `_users` (server/presence.py).
+        self.presence = broker.presence(presence_ttl)
         self._feeds: dict[UUID, _Feed] = {}
         # Every socket of this replica, from accept to gone (server/ws.py), and the
-        presence_ttl: float = 30.0,
         # authenticated ones by user: the one registry of sockets.
         self._sockets: set[Socket] = set()
         self._users: dict[UUID, set[Socket]] = {}
         self._to_publish: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
-        # Who is online on the other replicas; this one's are `_users` (server/presence.py).
-        self.presence = broker.presence(presence_ttl)
         self._publisher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self._broker.start(self.on_broker, self.reconcile)
+        await self.presence.start(lambda: list(self._users))
         self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
 
     async def close(self) -> None:
@@ -110,8 +111,8 @@ class Hub:
         for task in [self._publisher, *self._tasks, *(f.filler for f in self._feeds.values())]:
             if task is not None:
                 task.cancel()
-        await self.presence.start(lambda: list(self._users))
         self._feeds.clear()
+        await self.presence.close()
         await self._broker.close()
 
     @property
@@ -123,7 +124,6 @@ class Hub:
         return feed.order.delivered if feed is not None else 0
 
     # -- sockets ---------------------------------------------------------------------------
-        await self.presence.close()
 
     @property
     def connected(self) -> int:
@@ -148,6 +148,8 @@ class Hub:
 
     def attach(self, sock: Socket) -> None:
         """An authenticated socket: its user's membership changes reach it."""
+        if sock.user_id not in self._users:
+            self.presence.online(sock.user_id)
         self._users.setdefault(sock.user_id, set()).add(sock)
 
     def detach(self, sock: Socket, hoomi_ids: Iterable[UUID]) -> None:
@@ -156,11 +158,10 @@ class Hub:
             users.discard(sock)
             if not users:
                 del self._users[sock.user_id]
+                self.presence.offline(sock.user_id)
         for h in list(hoomi_ids):
             self.leave(sock, h)
 
-        if sock.user_id not in self._users:
-            self.presence.online(sock.user_id)
     async def join(self, sock: Socket, hoomi_ids: list[UUID]) -> None:
         """Route these Hoomis' pushes to `sock`; returns once each feed is live."""
         new: list[UUID] = []
@@ -169,7 +170,6 @@ class Hub:
             feed = self._feeds.get(h)
             if feed is None:
                 feed = self._feeds[h] = _Feed()
-                self.presence.offline(sock.user_id)
                 new.append(h)
             feed.sockets.add(sock)
             feeds.append(feed)
@@ -247,17 +247,6 @@ class Hub:
         self._on_deleted(events.unpack(payload))
         self._to_publish.put_nowait([(hoomi_channel(edited.hoomi_id.hex), payload)])
 
-    def publish_control(self, change: events.Control) -> None:
-        """A membership change: apply it to this replica's sockets, tell the others."""
-        self._on_control(change)
-        self._to_publish.put_nowait([(CONTROL_CHANNEL, events.pack_control(change))])
-
-    async def _publish_loop(self) -> None:
-        while True:
-            batch = await self._to_publish.get()
-            taken = 1
-            while not self._to_publish.empty():
-                batch.extend(self._to_publish.get_nowait())
     def publish_receipt(self, origin: Socket | None, hoomi_id: UUID, user_id: UUID,
                         seq: int) -> None:
         """`user_id` has read up to `seq`: every socket of the Hoomi's members but
@@ -288,6 +277,17 @@ class Hub:
                              "replica's sockets only", type(exc).__name__)
         return here
 
+    def publish_control(self, change: events.Control) -> None:
+        """A membership change: apply it to this replica's sockets, tell the others."""
+        self._on_control(change)
+        self._to_publish.put_nowait([(CONTROL_CHANNEL, events.pack_control(change))])
+
+    async def _publish_loop(self) -> None:
+        while True:
+            batch = await self._to_publish.get()
+            taken = 1
+            while not self._to_publish.empty():
+                batch.extend(self._to_publish.get_nowait())
                 taken += 1
             try:
                 await self._broker.publish(batch)
@@ -303,6 +303,9 @@ class Hub:
         if channel == CONTROL_CHANNEL:
             self._on_control(events.unpack_control(payload))
             return
+        if events.is_signal(payload):
+            self._on_signal(events.unpack_signal(payload), None)
+            return
         broadcast = events.unpack(payload)
         if broadcast.kind == events.MESSAGE:
             self.on_message(broadcast.hoomi_id, broadcast.seq, broadcast.frame)
@@ -314,15 +317,22 @@ class Hub:
         if feed is not None:
             self._push(hoomi_id, feed, feed.order.offer(seq, frame))
 
-        if events.is_signal(payload):
-            self._on_signal(events.unpack_signal(payload), None)
-            return
     def _on_deleted(self, deletion: events.Broadcast) -> None:
         feed = self._feeds.get(deletion.hoomi_id)
         if feed is not None:
             # Each socket orders it after the message it deletes (Session.on_deletion).
             for sock in list(feed.sockets):
                 sock.on_deletion(deletion.hoomi_id, deletion.seq, deletion.frame)
+
+    def _on_signal(self, signal: events.Signal, origin: Socket | None) -> None:
+        # Outside the Hoomi's seq order: straight to each socket, which drops it unless
+        # it asked for signals (Session.on_signal).
+        feed = self._feeds.get(signal.hoomi_id)
+        if feed is not None:
+            kind = "typing" if signal.kind == events.TYPING else "receipt"
+            for sock in list(feed.sockets):
+                if sock is not origin:
+                    sock.on_signal(signal.hoomi_id, signal.user_id, kind, signal.frame)
 
     def _on_control(self, change: events.Control) -> None:
         for sock in list(self._users.get(change.user_id, ())):
@@ -335,16 +345,6 @@ class Hub:
 
     def _push(self, hoomi_id: UUID, feed: _Feed, ready: list[tuple[int, bytes]]) -> None:
         """Push what the order let through; start a fill if it names a gap."""
-    def _on_signal(self, signal: events.Signal, origin: Socket | None) -> None:
-        # Outside the Hoomi's seq order: straight to each socket, which drops it unless
-        # it asked for signals (Session.on_signal).
-        feed = self._feeds.get(signal.hoomi_id)
-        if feed is not None:
-            kind = "typing" if signal.kind == events.TYPING else "receipt"
-            for sock in list(feed.sockets):
-                if sock is not origin:
-                    sock.on_signal(signal.hoomi_id, signal.user_id, kind, signal.frame)
-
         for seq, frame in ready:
             for sock in list(feed.sockets):
                 sock.on_message(hoomi_id, seq, frame)
