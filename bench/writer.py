@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.writer [--messages 20000] [--appenders 200]
     .venv/bin/python -m bench.writer --compare-unpartitioned [--rounds 3]
+    .venv/bin/python -m bench.writer --nonce-guard [--rounds 3]
 
 Three ways to store the same N messages, each on a freshly emptied table:
   copy-one     one copy_records_to_table of all N rows in one transaction: the ceiling
@@ -15,6 +16,11 @@ databases on the same server: today's schema (`messages` hash-partitioned by hoo
 16 partitions, migration 0004) and the schema before it (migrations 1..3, one table),
 whose idempotency index is widened to today's key (sender_id, client_msg_id, hoomi_id)
 so that the same writer runs on both.
+
+With --nonce-guard, only the writer runs, in rounds alternating on one database between
+the nonce-reuse guard on (migration 0007's unique index idx_messages_nonce, and the
+writer's per-row check against it: invariant 8) and off (the index dropped and the
+writer's check query without its nonce lookup): the guard's cost on the same rows.
 """
 
 from __future__ import annotations
@@ -52,9 +58,14 @@ async def main() -> None:
     ap.add_argument("--compare-unpartitioned", action="store_true",
                     help="writer rows/s on the partitioned table vs the unpartitioned one")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--nonce-guard", action="store_true",
+                    help="writer rows/s with the nonce-reuse guard and without it")
     args = ap.parse_args()
     if args.compare_unpartitioned:
         await compare_unpartitioned(args)
+        return
+    if args.nonce_guard:
+        await compare_nonce_guard(args)
         return
     rng = random.Random(42)
 
@@ -74,7 +85,7 @@ async def main() -> None:
                                       payload, os.urandom(12), "s1"))
 
         async def reset() -> None:
-            await pool.execute("TRUNCATE messages")
+            await pool.execute("TRUNCATE messages CASCADE")
             await pool.execute("UPDATE hoomis SET last_seq = 0")
             await pool.execute("CHECKPOINT")
 
@@ -175,7 +186,7 @@ async def _population(pool: asyncpg.Pool, args: argparse.Namespace) -> list[Appe
 async def _writer_round(pool: asyncpg.Pool, reqs: list[AppendRequest],
                         args: argparse.Namespace) -> tuple[float, list[float]]:
     """Empty table, then every request through one BatchWriter: (rows/s, ack latencies)."""
-    await pool.execute("TRUNCATE messages")
+    await pool.execute("TRUNCATE messages CASCADE")
     await pool.execute("UPDATE hoomis SET last_seq = 0")
     await pool.execute("CHECKPOINT")
     writer = BatchWriter(pool, max_batch=args.batch, max_delay=args.delay_ms / 1000)
@@ -242,6 +253,53 @@ async def compare_unpartitioned(args: argparse.Namespace) -> None:
               f"{ls[len(ls) // 2] * 1000:.1f} ms, p99 {ls[int(len(ls) * 0.99)] * 1000:.1f} ms")
     ratio = statistics.median(rates["partitioned"]) / statistics.median(rates["unpartitioned"])
     print(f"  partitioned / unpartitioned: {ratio:.0%}")
+
+
+async def compare_nonce_guard(args: argparse.Namespace) -> None:
+    """Writer rows/s and ack latency with the nonce guard (index + check) and without."""
+    import storage.writer as writer_module
+
+    guarded = writer_module._CHECK_ROWS
+    unguarded = guarded.replace(
+        """EXISTS (SELECT 1 FROM messages n WHERE n.hoomi_id = t.hoomi_id
+               AND n.session_id = t.session_id AND n.nonce = t.nonce)""", "false")
+    assert unguarded != guarded
+    on = "CREATE UNIQUE INDEX idx_messages_nonce ON messages (hoomi_id, session_id, nonce)"
+    off = "DROP INDEX idx_messages_nonce"
+    results: dict[str, list[float]] = {"guard on": [], "guard off": []}
+    p99s: dict[str, list[float]] = {"guard on": [], "guard off": []}
+    async with fresh_database() as dsn:
+        pool = await asyncpg.create_pool(dsn, min_size=2, max_size=4)
+        reqs = await _population(pool, args)
+        guard = True
+        for _ in range(args.rounds):
+            for name in ("guard on", "guard off"):
+                want = name == "guard on"
+                if want != guard:
+                    await pool.execute(on if want else off)
+                    guard = want
+                writer_module._CHECK_ROWS = guarded if want else unguarded
+                rate, lat = await _writer_round(pool, reqs, args)
+                lat.sort()
+                results[name].append(rate)
+                p99s[name].append(lat[int(len(lat) * 0.99)] * 1000)
+        writer_module._CHECK_ROWS = guarded
+        if not guard:
+            await pool.execute(on)
+        await pool.close()
+    print(f"messages={args.messages} appenders={args.appenders} hoomis={args.hoomis} "
+          f"batch={args.batch} size={args.size}B rounds={args.rounds}")
+    for name in results:
+        print(f"  {name:9s} writer {statistics.median(results[name]):8.0f} rows/s (median; "
+              f"rounds {', '.join(f'{r:.0f}' for r in results[name])}), ack p99 "
+              f"{statistics.median(p99s[name]):.1f} ms")
+    cost = 1 - statistics.median(results["guard on"]) / statistics.median(results["guard off"])
+    # Rounds run back to back in pairs: the median of the pairs' ratios is less exposed to
+    # a neighbour's load than the ratio of medians.
+    paired = 1 - statistics.median(a / b for a, b in zip(results["guard on"],
+                                                          results["guard off"], strict=True))
+    print(f"  the guard costs {cost:.1%} of the writer's throughput (ratio of medians), "
+          f"{paired:.1%} (median of paired rounds)")
 
 
 if __name__ == "__main__":
