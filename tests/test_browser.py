@@ -164,7 +164,7 @@ async def test_two_browser_users_chat_through_two_replicas(cluster, browser: Bro
     await type_and_send(browser, "bob", "hi Alice, from replica b")
     await browser.wait("alice", f"({SHOWN}).some(([s, t]) => t === 'hi Alice, from replica b')")
     # The page's messages open in the Python SDK: same envelope, same key derivation.
-    opened = []
+    opened: list[tuple[int, str]] = []
     while len(opened) < 2:
         ev = await carol_sdk.next_event(10)
         if isinstance(ev, MessageBody) and ev.seq > 2:  # her own two came back first

@@ -27,7 +27,7 @@ const unread = new Map();
 let generation = 0;
 
 // For tests and the bench: counters, never message text.
-window.hoomiPage = { rendered: 0, opened: 0, failed: 0, get client() { return client; },
+window.hoomiPage = { rendered: 0, opened: 0, failed: 0, lastOpenedAt: 0, get client() { return client; },
   get current() { return current && { id: current.id, count: current.bySeq.size, done: current.done }; } };
 
 const wsDefault = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/ws`;
@@ -269,6 +269,7 @@ async function fillBody(li, m) {
     const opened = await client.open(m);
     body.textContent = opened.text ?? `(${opened.body.length} bytes that are not text)`;
     window.hoomiPage.opened += 1;
+    window.hoomiPage.lastOpenedAt = performance.now();
     removePending(opened.clientMsgId);
   } catch (err) {
     li.classList.add("undecryptable");
@@ -292,25 +293,62 @@ function place(li, seq) {
   ui.list.insertBefore(li, items[lo] ?? null);
 }
 
-async function render(m) {
-  if (!current || m.hoomi_id !== current.id || current.bySeq.has(m.seq)) return null;
-  const li = makeItem(m);
-  current.bySeq.set(m.seq, li);
-  place(li, m.seq);
-  await fillBody(li, m);
-  return li;
-}
+// Live pushes are put in the page in batches: one layout read (is the reader at the
+// bottom?) and one scroll per batch, not per message, so a burst into a long list stays
+// cheap. A batch is whatever arrived while the previous one was being opened.
+let liveQueue = [];
+let flushing = null;
 
-async function onMessage(m) {
+function onMessage(m) {
   if (!current || m.hoomi_id !== current.id) {
     unread.set(m.hoomi_id, (unread.get(m.hoomi_id) ?? 0) + 1);
-    renderHoomis();
+    scheduleHoomis();
     return;
   }
-  const s = ui.scroller;
-  const atBottom = s.scrollHeight - s.scrollTop - s.clientHeight < 80;
-  await render(m);
-  if (atBottom) s.scrollTop = s.scrollHeight;
+  liveQueue.push(m);
+  flushing ??= flushLive();
+}
+
+async function flushLive() {
+  await new Promise((r) => setTimeout(r, 0));
+  while (liveQueue.length) {
+    const batch = liveQueue;
+    liveQueue = [];
+    const view = current;
+    if (!view) continue;
+    const s = ui.scroller;
+    const atBottom = s.scrollHeight - s.scrollTop - s.clientHeight < 80;
+    const fresh = [];
+    for (const m of batch) {
+      if (m.hoomi_id !== view.id || view.bySeq.has(m.seq)) continue;
+      const li = makeItem(m);
+      view.bySeq.set(m.seq, li);
+      fresh.push([li, m]);
+    }
+    let last = ui.list.lastElementChild;
+    while (last && !last.dataset.seq) last = last.previousElementSibling; // skip "sending…"
+    const ordered = fresh.every(([, m], i) => i === 0 || fresh[i - 1][1].seq < m.seq);
+    if (fresh.length && ordered && (!last || Number(last.dataset.seq) < fresh[0][1].seq)) {
+      const frag = document.createDocumentFragment();
+      for (const [li] of fresh) frag.append(li);
+      ui.list.insertBefore(frag, ui.list.querySelector("li.pending"));
+    } else {
+      for (const [li, m] of fresh) place(li, m.seq);
+    }
+    await Promise.all(fresh.map(([li, m]) => fillBody(li, m)));
+    if (atBottom) s.scrollTop = s.scrollHeight;
+  }
+  flushing = null;
+}
+
+let hoomisScheduled = false;
+function scheduleHoomis() {
+  if (hoomisScheduled) return;
+  hoomisScheduled = true;
+  setTimeout(() => {
+    hoomisScheduled = false;
+    renderHoomis();
+  }, 100);
 }
 
 function onDeleted(d) {
