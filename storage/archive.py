@@ -701,6 +701,9 @@ async def _repoint(pool: asyncpg.Pool, s: asyncpg.Record, key: str, seg: Segment
                 "UPDATE messages SET deleted_at = now(), updated_at = now(), "
                 "session_id = NULL, content_len = NULL "
                 "WHERE hoomi_id = $1 AND seq = ANY($2::bigint[])", hoomi_id, gone)
+            # Their search tokens go with them, as on any deletion (message_tokens).
+            await conn.execute("DELETE FROM message_tokens WHERE hoomi_id = $1 "
+                               "AND seq = ANY($2::bigint[])", hoomi_id, gone)
             await audit.record(conn, Actor.system(), "archive.erased_since_backup",
                                hoomi_id=hoomi_id,
                                details={"count": len(gone), "from_seq": min(gone),
