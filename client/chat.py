@@ -12,6 +12,11 @@ Messages arriving on the socket are printed as they come, `#seq sender: text`; a
 as `#seq sender (edited): text`. `--scheme 2` seals with scheme 2 (compression above
 256 bytes); `--no-search` sends no search tokens (docs/encryption.md says what tokens
 reveal to the hub).
+
+Live signals: the chat tells the hub how far it has shown the Hoomi (`read`), prints
+`-- read by X up to #N --` when another member's receipt comes, `-- X is typing… --`
+(once per few seconds per member) when another client says so, and who is online when
+it joins and on /who. A terminal reads whole lines, so it sends no `typing` itself.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import asyncio
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 from uuid import UUID
 
-from protocol import Deleted, Edited, Membership, MessageBody
+from protocol import Deleted, Edited, Membership, MessageBody, Receipt, TypingNotice
 
 from .crypto import DecryptError
 from .keys import PASSPHRASE_SESSION, Keyring, key_from_passphrase, load_key_file
@@ -38,6 +44,7 @@ HELP = """\
 --   /delete SEQ  delete message #SEQ (yours, or any as an admin)
 --   /edit SEQ TEXT   replace your message #SEQ with TEXT
 --   /search WORDS    messages holding every word (accents and case do not matter)
+--   /who         who is online in this hoomi
 --   /help        this help
 --   /quit        leave (or Ctrl-D)
 -- a line that starts with / is taken as a command; start it with // to send a
@@ -52,6 +59,10 @@ class Chat:
         self.ids: dict[int, UUID] = {}
         self.senders: dict[int, UUID | None] = {}
         self.deleted: set[int] = set()
+        self.shown = 0  # the highest seq shown: what the hub is told was read
+        self.read_sent = 0
+        self.to_read = asyncio.Event()
+        self.typists: dict[UUID, float] = {}  # member -> when "is typing" was printed
 
     def who(self, sender: UUID | None) -> str:
         return "me" if sender == self.client.user_id else (
@@ -103,10 +114,48 @@ class Chat:
         if self.oldest == 0:
             print("-- start of history --", flush=True)
 
+    def saw(self, seq: int) -> None:
+        if seq > self.shown:
+            self.shown = seq
+            self.to_read.set()
+
+    async def reads(self) -> None:
+        """Tell the hub what was shown, one `read` at a time (a burst becomes one)."""
+        while True:
+            await self.to_read.wait()
+            self.to_read.clear()
+            if self.shown > self.read_sent:
+                seq = self.shown
+                try:
+                    self.read_sent = await self.client.read(self.hoomi, seq)
+                except HubError as err:
+                    print(f"-- {err} --", flush=True)
+
+    async def who_is_online(self) -> None:
+        users = await self.client.presence(self.hoomi)
+        print("-- online: " + ", ".join(sorted(self.who(u) for u in users)) + " --",
+              flush=True)
+
+    def signal(self, ev: Receipt | TypingNotice) -> None:
+        if ev.user_id == self.client.user_id:
+            return  # our own other device
+        if isinstance(ev, Receipt):
+            print(f"-- read by {self.who(ev.user_id)} up to #{ev.seq} --", flush=True)
+            return
+        now = time.monotonic()
+        if now - self.typists.get(ev.user_id, float("-inf")) >= 5.0:
+            self.typists[ev.user_id] = now
+            print(f"-- {self.who(ev.user_id)} is typing… --", flush=True)
+
     async def pushes(self) -> None:
         async for ev in self.client.events():
             if isinstance(ev, MessageBody) and ev.hoomi_id == self.hoomi:
                 print(self.line(ev), flush=True)
+                if ev.sender_id is not None:
+                    self.typists.pop(ev.sender_id, None)  # said it: typing news again
+                self.saw(ev.seq)
+            elif isinstance(ev, Receipt | TypingNotice) and ev.hoomi_id == self.hoomi:
+                self.signal(ev)
             elif isinstance(ev, Deleted) and ev.hoomi_id == self.hoomi:
                 self.deleted.add(ev.seq)
                 print(f"#{ev.seq} was deleted", flush=True)
@@ -151,6 +200,8 @@ class Chat:
                         new = text.split(None, 2)[2]
                         await self.client.edit_text(self.hoomi, self.ids[seq],
                                                     new.encode("utf-8"))
+                elif command == "/who" and not rest:
+                    await self.who_is_online()
                 elif command == "/search" and rest:
                     await self.search(text.split(None, 1)[1])
                 else:
@@ -218,7 +269,7 @@ async def run(args: argparse.Namespace) -> int:
               "export the same HOOMI_PORT as in the hub's terminal", file=sys.stderr)
         return 1
     client = HoomiClient(url, token, keyring=ring, scheme=args.scheme,
-                         search=not args.no_search)
+                         search=not args.no_search, signals=True)
     try:
         welcome = await client.start()
     except Exception as err:
@@ -235,7 +286,18 @@ async def run(args: argparse.Namespace) -> int:
     chat = Chat(client, hoomi)
     print(f"-- joined {hoomi} as {client.user_id}; /help for commands, /quit to leave --",
           flush=True)
+    read_before = client.read_seq(hoomi)
     await chat.more()
+    last = next(h.last_seq for h in welcome.hoomis if h.hoomi_id == hoomi)
+    if last > read_before:
+        print(f"-- {last - read_before} new since you last read (after #{read_before}) --",
+              flush=True)
+    chat.saw(last)
+    try:
+        await chat.who_is_online()
+    except HubError as err:
+        print(f"-- {err} --", flush=True)
+    reads = asyncio.ensure_future(chat.reads())
     pushes = asyncio.ensure_future(chat.pushes())
     typing = asyncio.ensure_future(chat.typing())
     await asyncio.wait({pushes, typing}, return_when=asyncio.FIRST_COMPLETED)
@@ -246,7 +308,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"-- disconnected: {pushes.exception()}; join again with a new token --",
               flush=True)
         code = 1
-    for task in (pushes, typing):
+    for task in (pushes, typing, reads):
         task.cancel()
     await client.close()
     return code

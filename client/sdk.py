@@ -64,7 +64,12 @@ from protocol import (
     Page,
     Ping,
     Pong,
+    Presence,
+    PresenceReply,
     ProtocolError,
+    Read,
+    ReadAck,
+    Receipt,
     Reconnect,
     Reencrypt,
     ReencryptAck,
@@ -72,6 +77,8 @@ from protocol import (
     Search,
     Send,
     Sync,
+    Typing,
+    TypingNotice,
     Welcome,
     decode_server,
     encode_client,
@@ -85,7 +92,10 @@ from .state import ClientState, Outgoing
 
 _log = logging.getLogger(__name__)
 
-Event = MessageBody | Deleted | Membership | Edited
+Event = MessageBody | Deleted | Membership | Edited | Receipt | TypingNotice
+# `typing` frames the client sends per Hoomi: at most one per this many seconds (the hub
+# hands on no more anyway).
+TYPING_EVERY = 1.0
 # How many times a send or edit is sealed again with a fresh nonce after the hub's nonce
 # guard refused it (it only can if this client's nonce was used before: a bug or a clone).
 NONCE_RETRIES = 3
@@ -166,7 +176,7 @@ class HoomiClient:
                  state_path: Path | None = None, backoff_min: float = 0.05,
                  backoff_max: float = 5.0, max_events: int = 1000,
                  max_size: int = MAX_INCOMING_BYTES, scheme: int = 1,
-                 search: bool = False) -> None:
+                 search: bool = False, signals: bool = False) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         # A fixed token, or a source asked for a fresh one on every (re)connect: with a
         # source, a socket closed because its token expired reconnects and resumes.
@@ -179,6 +189,10 @@ class HoomiClient:
         # share words, docs/encryption.md). With both defaults the client speaks v1.
         self.scheme = scheme
         self.search_enabled = search
+        # Live signals (SPEC 7.2): with `signals`, the hello asks for the `receipt` and
+        # `typing` pushes, which `events()` then yields. Off: the client speaks v1.
+        self.signals = signals
+        self._typed: dict[UUID, float] = {}  # hoomi -> when `typing` last went out
         # Nonces this client sealed with, per session_id: never twice (crypto draws them
         # at random; this makes "never" a check, not a probability).
         self._nonces: dict[str, set[bytes]] = {}
@@ -305,7 +319,8 @@ class HoomiClient:
 
     async def _session(self, ws: Any) -> None:
         token = await self._current_token()
-        await ws.send(encode_client(Hello(token=token, resume=dict(self.state.last_seq))))
+        await ws.send(encode_client(Hello(token=token, resume=dict(self.state.last_seq),
+                                          features=("signals",) if self.signals else ())))
         try:
             first = decode_server(await asyncio.wait_for(ws.recv(), 15))
         except websockets.ConnectionClosed as exc:
@@ -372,7 +387,7 @@ class HoomiClient:
             self._queued[h] = frame.seq
             await self._events.put(frame)  # full: stop reading, the hub holds the rest
             return
-        if isinstance(frame, Deleted | Membership | Edited):
+        if isinstance(frame, Deleted | Membership | Edited | Receipt | TypingNotice):
             await self._events.put(frame)
             return
         ref = getattr(frame, "ref", None)
@@ -635,12 +650,44 @@ class HoomiClient:
             lambda ref: Delete(hoomi_id=hoomi_id, id=message_id, ref=ref))
         return ack
 
+    async def read(self, hoomi_id: UUID, seq: int) -> int:
+        """Tell the hub this user has read the Hoomi up to `seq`; returns the stored
+        position (never lower than before: another device may have read further). The
+        Hoomi's members that asked for signals get a `receipt`."""
+        ack: ReadAck = await self._request(lambda ref: Read(hoomi_id=hoomi_id, seq=seq,
+                                                            ref=ref))
+        return ack.seq
+
+    def read_seq(self, hoomi_id: UUID) -> int:
+        """How far this user had read the Hoomi when the current session was welcomed."""
+        for h in self.welcome.hoomis if self.welcome is not None else ():
+            if h.hoomi_id == hoomi_id:
+                return h.read_seq
+        return 0
+
+    async def typing(self, hoomi_id: UUID) -> None:
+        """Say this user is typing (call it on every keystroke: it goes out at most once
+        per TYPING_EVERY per Hoomi). No reply; dropped when not connected."""
+        now = time.monotonic()
+        if now - self._typed.get(hoomi_id, float("-inf")) < TYPING_EVERY:
+            return
+        self._typed[hoomi_id] = now
+        if self._connected.is_set() and self._ws is not None:
+            await self._send_quietly(self._ws, Typing(hoomi_id=hoomi_id))
+
+    async def presence(self, hoomi_id: UUID) -> list[UUID]:
+        """The Hoomi's members with at least one live socket on any replica."""
+        reply: PresenceReply = await self._request(
+            lambda ref: Presence(hoomi_id=hoomi_id, ref=ref))
+        return reply.user_ids
+
     async def ping(self) -> Pong:
         pong: Pong = await self._request(lambda ref: Ping(ref=ref))
         return pong
 
     async def events(self) -> AsyncIterator[Event]:
-        """Pushes as they come: messages in seq order per Hoomi, deletions, membership.
+        """Pushes as they come: messages in seq order per Hoomi, deletions, edits,
+        membership, and with `signals` receipts and typing notices.
         Ends with the error that stopped the client (Closed, Unauthorized)."""
         while True:
             yield await self.next_event()

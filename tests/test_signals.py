@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from uuid import UUID, uuid4
 
 import pytest
 
+from client.keys import generate_key_file, load_key_file
+from client.sdk import HoomiClient
 from protocol import (
     DEFAULT_LIMITS,
     Error,
@@ -40,6 +43,8 @@ from storage.errors import StorageError
 from storage.records import HoomiSummary
 from storage.writer import BatchWriter
 from tests import factories
+from tests.cluster import ROOT
+from tests.test_chat_terminal import Terminal
 from tests.wsclient import Peer, own_replica
 
 H = UUID(int=1)
@@ -271,3 +276,51 @@ async def test_one_replica_without_redis_answers_presence_from_its_own_sockets(m
         assert await next_signal(a) == TypingNotice(hoomi_id=h, user_id=bob)
         for peer in (a, b):
             await peer.close()
+
+
+# -- the SDK and `hoomi chat` ------------------------------------------------------------------
+
+async def next_event_of(client: HoomiClient, kind: type) -> object:
+    while not isinstance(ev := await client.next_event(timeout=15), kind):
+        pass
+    return ev
+
+
+async def test_hoomi_chat_and_the_sdk_speak_signals(cluster, tmp_path):
+    (alice, a_tok), (bob, b_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    keyfile = tmp_path / "keys.json"
+    generate_key_file(keyfile, [h])
+    bob_sdk = HoomiClient(cluster.b.ws, b_tok, keyring=load_key_file(keyfile), signals=True)
+    welcome = await bob_sdk.start()
+    assert welcome.features == ["signals"] and bob_sdk.read_seq(h) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    a = Terminal([sys.executable, "-m", "server.cli", "chat", "--hoomi", str(h),
+                  "--key-file", str(keyfile), "--url", cluster.a.ws, "--token", a_tok], env)
+    bob8 = str(bob)[:8]
+    try:
+        await a.expect("-- online: " + ", ".join(sorted([bob8, "me"])) + " --")
+        await bob_sdk.send_text(h, b"are you there?")
+        await a.expect(f"#1 {bob8}: are you there?")
+        # The chat tells the hub it showed #1: bob's client gets alice's receipt.
+        assert await next_event_of(bob_sdk, Receipt) == Receipt(hoomi_id=h, user_id=alice,
+                                                                seq=1)
+        assert await bob_sdk.read(h, 1) == 1
+        await a.expect(f"-- read by {bob8} up to #1 --")
+        await bob_sdk.typing(h)
+        await bob_sdk.typing(h)  # within the second: not sent
+        await a.expect(f"-- {bob8} is typing… --")
+        assert sorted(await bob_sdk.presence(h)) == sorted([alice, bob])
+        a.type("/quit")
+        assert a.proc.wait(10) == 0
+        deadline = time.monotonic() + 10
+        while await bob_sdk.presence(h) != [bob]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        a.close()
+        await bob_sdk.close()
+    # A v1 SDK client (no signals) meanwhile got no receipt or typing event.
+    v1 = HoomiClient(cluster.b.ws, b_tok, keyring=load_key_file(keyfile))
+    assert (await v1.start()).features is None and v1.read_seq(h) == 1
+    await v1.close()
