@@ -36,7 +36,7 @@ from protocol import Deleted, Edited, Membership, MessageBody, Receipt, TypingNo
 
 from .crypto import DecryptError
 from .keys import PASSPHRASE_SESSION, Keyring, key_from_passphrase, load_key_file
-from .sdk import HoomiClient, HubError
+from .sdk import Closed, HoomiClient, HubError
 
 HELP = """\
 -- type a line and Enter to send it, end-to-end encrypted. Commands (never sent):
@@ -130,6 +130,8 @@ class Chat:
                     self.read_sent = await self.client.read(self.hoomi, seq)
                 except HubError as err:
                     print(f"-- {err} --", flush=True)
+                except Closed:
+                    return  # the client stopped: pushes() says so
 
     async def who_is_online(self) -> None:
         users = await self.client.presence(self.hoomi)

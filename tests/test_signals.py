@@ -45,6 +45,7 @@ from storage.writer import BatchWriter
 from tests import factories
 from tests.cluster import ROOT
 from tests.test_chat_terminal import Terminal
+from tests.test_cluster_fanout import sharded, valkey_cluster  # noqa: F401, F811 (fixtures)
 from tests.wsclient import Peer, own_replica
 
 H = UUID(int=1)
@@ -324,3 +325,28 @@ async def test_hoomi_chat_and_the_sdk_speak_signals(cluster, tmp_path):
     v1 = HoomiClient(cluster.b.ws, b_tok, keyring=load_key_file(keyfile))
     assert (await v1.start()).features is None and v1.read_seq(h) == 1
     await v1.close()
+
+
+async def test_signals_and_presence_on_a_valkey_cluster(sharded):  # noqa: F811
+    """HOOMI_REDIS_MODE=cluster: signals ride the Hoomi's sharded channel, presence keys
+    (one per user, hash-tagged) live on whichever shard owns their slot."""
+    (ca, cb), admin = sharded
+    alice, bob = await admin.user(), await admin.user()
+    h = await admin.hoomi([alice], [bob])
+    a, _ = await joined(ca.ws, await admin.token(alice), "signals")
+    b, _ = await joined(cb.ws, await admin.token(bob), "signals")
+    ack = await reply(a, Send(hoomi_id=h, client_msg_id=uuid4(), content=os.urandom(32),
+                              nonce=os.urandom(12), session_id="s", ref=1))
+    assert getattr(ack, "seq", None) == 1
+    assert await reply(b, Read(hoomi_id=h, seq=1, ref=2)) == ReadAck(hoomi_id=h, seq=1, ref=2)
+    assert await next_signal(a) == Receipt(hoomi_id=h, user_id=bob, seq=1)
+    await a.send(Typing(hoomi_id=h))
+    assert await next_signal(b) == TypingNotice(hoomi_id=h, user_id=alice)
+    assert await reply(a, Presence(hoomi_id=h, ref=3)) == PresenceReply(
+        hoomi_id=h, user_ids=sorted([alice, bob]), ref=3)
+    await b.close()
+    deadline = time.monotonic() + 10
+    while (await reply(a, Presence(hoomi_id=h, ref=4))).user_ids != [alice]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await a.close()
