@@ -10,7 +10,7 @@ from uuid import UUID, uuid4
 
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import (
@@ -464,7 +464,9 @@ unknown_values = st.recursive(
 )
 
 
-@settings(max_examples=25, deadline=None)
+# Large values on purpose (arrays of 150-300 items): not a health problem here.
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.data_too_large, HealthCheck.too_slow])
 @given(unknown_values, st.text(min_size=1, max_size=12).filter(lambda k: k not in KNOWN_KEYS))
 def test_any_value_under_an_unknown_key_is_ignored(value: Any, key: str) -> None:
     assert decode_client(pack({"type": "ping", key: value, "ref": 4})) == Ping(ref=4)
