@@ -187,7 +187,9 @@ async def test_fresh_install_has_hash_partitions_the_seed_indexes_and_keys_with_
         "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'messages'")}
     assert set(indexes) == {"messages_pkey", "messages_hoomi_seq_key",
                             "idx_messages_hoomi_created", "idx_messages_sender",
-                            "idx_messages_created"}
+                            "idx_messages_created", "idx_messages_nonce"}
+    assert "UNIQUE" in indexes["idx_messages_nonce"]  # the nonce guard (0007), with hoomi_id
+    assert "(hoomi_id, session_id, nonce)" in indexes["idx_messages_nonce"]
     assert "(id, hoomi_id)" in indexes["messages_pkey"]
     assert "UNIQUE" in indexes["idx_messages_sender"]
     assert "(sender_id, client_msg_id, hoomi_id)" in indexes["idx_messages_sender"]
