@@ -47,8 +47,9 @@ WHERE relid IN (SELECT p.relid FROM pg_partition_tree('messages') p
 
 # PROCESS_TOAST: the TOAST table holds long contents. TRUNCATE: empty pages at the end
 # of the file go back to the filesystem; VACUUM takes that brief lock only if nobody
-# holds or waits for one, and lets go as soon as someone waits.
-_VACUUM = "VACUUM (PROCESS_TOAST TRUE, TRUNCATE TRUE) messages"
+# holds or waits for one, and lets go as soon as someone waits. message_tokens too: a
+# deleted, purged or edited message's search tokens go with its content (migration 0007).
+_VACUUM = "VACUUM (PROCESS_TOAST TRUE, TRUNCATE TRUE) messages, message_tokens"
 
 # A first run on a large table reads all of it; later runs skip the pages the visibility
 # map marks clean. Longer than the pool's command_timeout on purpose.

@@ -305,3 +305,33 @@ async def test_search_pages_for_members_only_and_forgets_deleted_messages(cluste
         await conn.close()
     for peer in (a, e):
         await peer.close()
+
+
+async def test_the_erasure_job_takes_deleted_tokens_out_of_the_files(pool, writer, monkeypatch):
+    """A deleted message's tokens leave message_tokens' row versions with the erasure
+    job's VACUUM, as its content leaves messages' (tests/test_erasure.py)."""
+    from storage import erasure
+    from tests.test_erasure import _relation_bytes, _split_pages
+
+    await pool.execute("ALTER TABLE message_tokens SET (autovacuum_enabled = off)")
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    tokens = [os.urandom(16) for _ in range(30)]
+    acks = [await writer.append(factories.request(h, alice)._replace(tokens=(t,)))
+            for t in tokens]
+    for ack in acks[::3]:
+        await messages.delete_for_everyone(pool, h, ack.id, alice)
+    gone = tokens[::3]
+
+    async def in_row_versions() -> int:
+        await pool.execute("CHECKPOINT")
+        async with pool.acquire() as conn:
+            live, _ = _split_pages(await _relation_bytes(conn, "message_tokens"))
+        return sum(t in live for t in gone)
+
+    assert await in_row_versions() == len(gone)  # dead versions, still in the file
+    monkeypatch.setattr(erasure, "_erased_here", True)
+    assert await erasure.erase_deleted(pool) is True
+    assert await in_row_versions() == 0
+    kept = await pool.fetchval("SELECT count(*) FROM message_tokens WHERE hoomi_id = $1", h)
+    assert kept == len(tokens) - len(gone)
