@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol
 from uuid import UUID
 
 import asyncpg
 
+from storage import changes as change_store
 from storage import hoomis as hoomi_store
 from storage import messages as message_store
 from storage.records import AppendRequest, AppendResult, EditedMessage, StoredMessage
@@ -36,6 +38,11 @@ _log = logging.getLogger(__name__)
 
 FILL_PAGE = 500
 MEMBERSHIP_PAGE = 5000
+# Reconcile reads what changed since its watermark (storage/changes.py); it reads
+# everything on its first round and when its last success is older than this (the
+# change rows it would need may have been pruned), and prunes them every PRUNE_EVERY_S.
+FULL_AFTER_S = change_store.KEPT_S / 2
+PRUNE_EVERY_S = 300.0
 
 
 class Socket(Protocol):
@@ -96,6 +103,10 @@ class Hub:
         self._to_publish: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._publisher: asyncio.Task[None] | None = None
+        # Reconcile's watermark (storage/changes.py), when it last succeeded and pruned.
+        self._watermark: int | None = None
+        self._reconciled_at = 0.0
+        self._pruned_at = time.monotonic()
 
     async def start(self) -> None:
         await self._broker.start(self.on_broker, self.reconcile)
@@ -374,23 +385,39 @@ class Hub:
             feed.filler = None
 
     async def reconcile(self) -> None:
-        """Compare every live feed, and every connected user's memberships, with
-        PostgreSQL, and apply what pub/sub did not bring (an event lost while the broker
-        was down, or never published by a replica that died)."""
-        ids = [h for h, f in self._feeds.items() if f.ready.is_set()]
-        if ids:
-            last = await hoomi_store.last_seqs(self._pool, ids)
-            for h, seq in last.items():
-                feed = self._feeds.get(h)
-                if feed is not None:
-                    feed.order.expect(seq)
-                    self._push(h, feed, [])
-        await self._reconcile_memberships()
+        """Apply what pub/sub did not bring (an event lost while the broker was down, or
+        never published by a replica that died): the Hoomis whose last_seq moved and the
+        users whose memberships changed since the previous round's snapshot
+        (storage/changes.py), so an idle round is one query returning one row, whatever
+        the number of feeds and sockets. The first round, and one after a long failure,
+        read every live feed and every connected user instead."""
+        now = time.monotonic()
+        full = self._watermark is None or now - self._reconciled_at > FULL_AFTER_S
+        # The watermark is read first: what commits after it is read by the next round.
+        changes = await change_store.since(self._pool, None if full else self._watermark)
+        if full:
+            ids = [h for h, f in self._feeds.items() if f.ready.is_set()]
+            last = await hoomi_store.last_seqs(self._pool, ids) if ids else {}
+            users = list(self._users)
+        else:
+            last = changes.last_seqs
+            users = [u for u in changes.users if u in self._users]
+        for h, seq in last.items():
+            feed = self._feeds.get(h)
+            if feed is not None and feed.ready.is_set():
+                feed.order.expect(seq)
+                self._push(h, feed, [])
+        await self._reconcile_memberships(users)
+        if self._watermark is None or changes.watermark > self._watermark or full:
+            self._watermark = changes.watermark
+        self._reconciled_at = now
+        if now - self._pruned_at > PRUNE_EVERY_S:
+            self._pruned_at = now
+            await change_store.prune(self._pool)
 
-    async def _reconcile_memberships(self) -> None:
+    async def _reconcile_memberships(self, users: list[UUID]) -> None:
         # A removed member must stop receiving even if its `left` event was lost; the
-        # database is the truth, read for all connected users in a few round trips.
-        users = list(self._users)
+        # database is the truth, read for these connected users in a few round trips.
         for start in range(0, len(users), MEMBERSHIP_PAGE):
             chunk = users[start:start + MEMBERSHIP_PAGE]
             epochs = {sock: sock.membership_epoch

@@ -466,7 +466,8 @@ DISTRIBUTED = {"hoomis": "id", "hoomi_members": "hoomi_id", "messages": "hoomi_i
                "message_segments": "hoomi_id", "archive_orphans": "hoomi_id",
                "message_tokens": "hoomi_id"}
 REFERENCE = {"users"}
-LOCAL = {"audit_log", "schema_migrations", "hub_settings", "messages_copy", "erasure_rewrites"}
+LOCAL = {"audit_log", "schema_migrations", "hub_settings", "messages_copy", "erasure_rewrites",
+         "member_changes"}
 
 _TABLES = """
 SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
