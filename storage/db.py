@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -18,19 +19,26 @@ _log = logging.getLogger(__name__)
 APPLICATION_NAME = "hoomi-hub"
 
 
+# A pool on several hosts checks which one is the primary this often (_FollowingPool).
+FOLLOW_INTERVAL_S = 1.0
+_POOL_SETTINGS: dict[str, Any] = {
+    # Fail fast when PostgreSQL is unreachable so sends get `unavailable` quickly.
+    "timeout": 10,
+    "command_timeout": 30,
+    "server_settings": {"application_name": APPLICATION_NAME},
+}
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
-        connect=connect,
-        # Fail fast when PostgreSQL is unreachable so sends get `unavailable` quickly.
-        timeout=10,
-        command_timeout=30,
-        server_settings={"application_name": APPLICATION_NAME},
-    )
-    assert pool is not None
-    return pool
+    hosts = _single_host_dsns(dsn)
+    if len(hosts) > 1:
+        pool: asyncpg.Pool = await _FollowingPool(
+            dsn, hosts=hosts, min_size=min_size, max_size=max_size, **_POOL_SETTINGS)
+        return pool
+    made = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
+                                     **_POOL_SETTINGS)
+    assert made is not None
+    return made
 
 
 # Where a multi-host DATABASE_URL asks for the primary, every host is tried at once.
@@ -54,9 +62,16 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
     hosts = _single_host_dsns(dsn)
     if len(hosts) <= 1:
         return await _connect_one(dsn, **kwargs)
-    tasks = [asyncio.ensure_future(_connect_one(d, **kwargs)) for d in hosts]
+    conn, _ = await _connect_any(hosts, **kwargs)
+    return conn
+
+
+async def _connect_any(hosts: list[str], **kwargs: Any) -> tuple[asyncpg.Connection, str]:
+    """The first writable host of `hosts` (single-host DSNs), tried at once: the
+    connection and the DSN it came from."""
+    tasks = {asyncio.ensure_future(_connect_one(d, **kwargs)): d for d in hosts}
     errors: list[BaseException] = []
-    winner: asyncpg.Connection | None = None
+    winner: tuple[asyncpg.Connection, str] | None = None
     try:
         pending = set(tasks)
         while pending and winner is None:
@@ -66,14 +81,14 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
                 if exc is not None:
                     errors.append(exc)
                 elif winner is None:
-                    winner = task.result()
+                    winner = (task.result(), tasks[task])
     finally:
         for task in tasks:
             if not task.done():
                 task.cancel()
         for task in tasks:  # a second writable host (split brain) or a late one
             if task.done() and not task.cancelled() and task.exception() is None:
-                if task.result() is not winner:
+                if winner is None or task.result() is not winner[0]:
                     task.result().terminate()
     if winner is not None:
         return winner
@@ -106,6 +121,104 @@ def _single_host_dsns(dsn: str) -> list[str]:
     prefix = f"{userinfo}@" if userinfo else ""
     return [urlunsplit((parts.scheme, prefix + h, parts.path, parts.query, parts.fragment))
             for h in hosts]
+
+
+def _any_session(dsn: str) -> str:
+    """The same single-host DSN without target_session_attrs: a standby answers too."""
+    parts = urlsplit(dsn)
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query)
+                       if k != "target_session_attrs"])
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+class _FollowingPool(asyncpg.Pool):
+    """A pool on several hosts that follows the primary.
+
+    New connections go to whichever host is writable (`_connect_any`). That alone does
+    not move the connections the pool already holds: after a failover whose old leader
+    hangs instead of dying (frozen, partitioned: TCP still accepted, no answer) they sit
+    on it until command_timeout, then again for the ROLLBACK, 60 s in all, long after
+    Patroni promoted the standby (measured by bench/ha.py's freeze). So every
+    FOLLOW_INTERVAL_S the pool asks each host (one small connection each, bounded by a
+    timeout) whether it is in recovery; when exactly one host is writable and some of
+    the pool's connections are elsewhere, those are terminated: their statements fail
+    at once as an outage, the writer settles and its clients retry on the new primary.
+    Two writable hosts (an old leader not yet demoted) or none: nothing is done.
+    """
+
+    def __init__(self, dsn: str, *, hosts: list[str], **kwargs: Any) -> None:
+        self._follow_hosts = hosts
+        self._host_of: weakref.WeakKeyDictionary[asyncpg.Connection, str] = \
+            weakref.WeakKeyDictionary()
+        self._follower: asyncio.Task[None] | None = None
+        super().__init__(
+            dsn, connect=self._connect_tracked, max_queries=50000,
+            max_inactive_connection_lifetime=300.0, setup=None, init=None, reset=None,
+            loop=None, connection_class=asyncpg.Connection, record_class=asyncpg.Record,
+            **kwargs)
+
+    async def _async__init__(self) -> _FollowingPool:  # type: ignore[override]
+        await super()._async__init__()
+        if self._follower is None:
+            self._follower = asyncio.get_running_loop().create_task(self._follow())
+        return self
+
+    async def _connect_tracked(self, dsn: str, **kwargs: Any) -> asyncpg.Connection:
+        conn, host = await _connect_any(self._follow_hosts, **kwargs)
+        self._host_of[conn] = host
+        return conn
+
+    async def close(self) -> None:
+        self._stop_following()
+        await super().close()
+
+    def terminate(self) -> None:
+        self._stop_following()
+        super().terminate()
+
+    def _stop_following(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+
+    async def _follow(self) -> None:
+        probes: dict[str, asyncpg.Connection] = {}
+        try:
+            while not self.is_closing():
+                await asyncio.sleep(FOLLOW_INTERVAL_S)
+                writable = await asyncio.gather(*(self._probe(probes, h)
+                                                  for h in self._follow_hosts))
+                primaries = [h for h, w in zip(self._follow_hosts, writable, strict=True)
+                             if w]
+                if len(primaries) != 1:
+                    continue
+                stale = [c for c, h in list(self._host_of.items())
+                         if h != primaries[0] and not c.is_closed()]
+                if stale:
+                    _log.warning("PostgreSQL primary is now %s: dropping %d connection(s) "
+                                 "to the old one", where(primaries[0]), len(stale))
+                    for c in stale:
+                        c.terminate()
+        finally:
+            for c in probes.values():
+                c.terminate()
+
+    async def _probe(self, probes: dict[str, asyncpg.Connection], host: str) -> bool:
+        """True if `host` answers that it is not in recovery (a primary)."""
+        wait = FOLLOW_INTERVAL_S  # a round takes at most two intervals
+        conn = probes.get(host)
+        try:
+            if conn is None or conn.is_closed():
+                conn = probes[host] = await asyncpg.connect(
+                    _any_session(host), timeout=wait,
+                    server_settings={"application_name": APPLICATION_NAME})
+            return not await conn.fetchval("SELECT pg_is_in_recovery()", timeout=wait)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # down, hung, refusing: not the primary as far as we know
+            gone = probes.pop(host, None)
+            if gone is not None:
+                gone.terminate()
+            return False
 
 
 class DatabaseUnreachable(Exception):

@@ -24,8 +24,10 @@ API:
 - `cluster.leader()`, `cluster.wait_leader(not_name=..., timeout=...)`: the node that
   Patroni's REST API reports as primary (`GET /primary` answers 200).
 - `node.kill()`: SIGKILL Patroni and every PostgreSQL process of that node at once, as if
-  the machine died. `node.start()` runs Patroni again on its data dir (it rewinds and
-  rejoins). `cluster.switchover(candidate)`: a planned switchover through the REST API.
+  the machine died; `node.freeze()` / `node.thaw()`: SIGSTOP / SIGCONT them (a hung
+  machine: TCP still accepted, nothing answers). `node.start()` runs Patroni again on
+  its data dir (it rewinds and rejoins). `cluster.switchover(candidate)`: a planned
+  switchover through the REST API.
 - `cluster.close()`: stops everything it started (each process carries a per-node mark
   in its environment, so PostgreSQL processes Patroni detached are found too) and
   removes the temp dir.
@@ -166,19 +168,33 @@ def _wait(check, timeout: float, what: str) -> Any:
 
 
 def marked_pids(mark: str) -> list[int]:
-    """Live processes whose environment carries `mark` (HOOMI_HA_NODE=...)."""
+    """Live processes whose environment carries `mark` (HOOMI_HA_NODE=...), and their
+    descendants: PostgreSQL's children overwrite their environment with their process
+    title (ps_status.c), so backends and walsenders are found through the postmaster."""
     needle = f"{_MARK}={mark}".encode()
-    found = []
+    marked: set[int] = set()
+    children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
+        pid = int(entry.name)
         try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(pid)
+            with open(f"/proc/{pid}/environ", "rb") as f:
                 if needle in f.read().split(b"\0"):
-                    found.append(int(entry.name))
-        except OSError:
+                    marked.add(pid)
+        except (OSError, ValueError, IndexError):
             continue
-    return found
+    found, todo = set(marked), list(marked)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
 
 
 class Etcd:
@@ -327,6 +343,20 @@ class Node:
                 self.proc.wait(10)
         self.proc = None
 
+    def freeze(self) -> None:
+        """SIGSTOP Patroni and all of its PostgreSQL: a hung machine whose kernel still
+        accepts TCP connections, which nothing but a timeout tells from a slow one."""
+        self._signal_all(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, sig: int) -> None:
+        for _ in range(3):  # stopped parents fork no more; a second pass finds the rest
+            for pid in marked_pids(self.mark):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+
     def stop(self) -> None:
         """Patroni's own stop (SIGTERM: it stops PostgreSQL fast), then kill leftovers."""
         if self.proc is not None and self.proc.poll() is None:
@@ -412,7 +442,8 @@ class HACluster:
                 return None
             roles = sorted(str(m.get("role")) for m in members)
             states = {m.get("state") for m in members}
-            if roles.count("leader") != 1 or "sync_standby" not in roles:
+            if roles.count("leader") != 1 or (len(members) > 1
+                                                and "sync_standby" not in roles):
                 return None
             if not states <= {"running", "streaming"}:
                 return None
@@ -437,8 +468,9 @@ class HACluster:
         return "".join(f"\n--- {n.name}:\n{n.output()[-1500:]}" for n in self.nodes)
 
     def close(self) -> None:
+        # Everything is thrown away: no graceful stop (Patroni's takes ~5 s per node).
         for node in self.nodes:
-            node.stop()
+            node.kill()
         self.etcd.stop()
         for mark in [n.mark for n in self.nodes] + [self.etcd.mark]:
             for pid in marked_pids(mark):

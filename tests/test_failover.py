@@ -27,7 +27,7 @@ import asyncpg
 import pytest
 
 from client.sdk import HoomiClient, HubError
-from storage.db import create_pool
+from storage.db import connect, create_pool
 from tests.cluster import Replica, Valkey
 from tests.ha import HACluster, Node, Unavailable
 from tests.wsclient import Admin
@@ -82,7 +82,7 @@ async def send_until(clients: list[HoomiClient], hoomis: list[UUID], ledger: Led
 
 async def check_ledger(dsn: str, ledger: Ledger, hoomis: list[UUID]) -> None:
     """The database holds exactly the acked messages, once each, with dense seqs."""
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn, timeout=10)  # all hosts at once: the old leader may hang
     try:
         rows = await conn.fetch("SELECT client_msg_id, hoomi_id, id, seq FROM messages"
                                 " WHERE hoomi_id = ANY($1::uuid[])", hoomis)
@@ -294,4 +294,46 @@ async def test_switchover_under_load_surfaces_no_error(ha: Setup):
     await check_ledger(ha.ha.dsn(DATABASE), ledger, sorted(set(hoomis)))
     # The old leader follows as the synchronous standby, without an operator.
     members = await asyncio.to_thread(ha.ha.wait_healthy, 60)
+    assert {m["name"]: m["role"] for m in members}[old.name] == "sync_standby"
+
+
+async def test_hung_leader_hubs_follow_the_new_primary(ha: Setup,
+                                                       record_property: Callable[[str, object],
+                                                                                 None]):
+    """The leader hangs instead of dying (SIGSTOP: TCP still accepted, nothing answers).
+    Patroni promotes the standby once the leader's key expires; the hubs' pooled
+    connections sat on the old leader until command_timeout and then the ROLLBACK's
+    (60 s after the new primary took writes, sending stalled that long); now each pool
+    sees within a second or two that another host is the primary and drops them."""
+    await asyncio.to_thread(ha.ha.wait_healthy, 120)
+    old = await asyncio.to_thread(ha.ha.wait_leader)
+    (new,) = [n for n in ha.ha.nodes if n is not old]
+    ledger, stop = Ledger(), asyncio.Event()
+    async with clients_on(ha) as (clients, hoomis):
+        sending = asyncio.ensure_future(send_until(clients, hoomis, ledger, stop))
+        try:
+            while len(ledger.acks) < 100:
+                assert not sending.done(), sending
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(old.freeze)
+            ha.killed = old
+            writable_at = await wait_writable(new, 90)
+            while ledger.after(writable_at) < 100:
+                assert not sending.done(), sending
+                # Well under the 30 s command_timeout a stuck connection would wait.
+                assert time.monotonic() - writable_at < 20, "the hubs stay on the hung leader"
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.wait_for(sending, 60)
+    resumed = round(sorted(t for t in ledger.times if t > writable_at)[99] - writable_at, 2)
+    print(f"hung leader: new primary writable -> 100 new acks {resumed} s")
+    record_property("hung_writable_to_100_acks_s", resumed)
+    assert ledger.errors == []
+    await check_ledger(ha.ha.dsn(DATABASE), ledger, sorted(set(hoomis)))
+    # The hung machine is replaced: killed, started again, it rejoins as the standby.
+    await asyncio.to_thread(old.kill)
+    await asyncio.to_thread(old.start)
+    ha.killed = None
+    members = await asyncio.to_thread(ha.ha.wait_healthy, 120)
     assert {m["name"]: m["role"] for m in members}[old.name] == "sync_standby"
