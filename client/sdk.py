@@ -82,6 +82,7 @@ from protocol import (
     Welcome,
     decode_server,
     encode_client,
+    split_stream,
 )
 from protocol.limits import FRAME_OVERHEAD
 
@@ -176,7 +177,7 @@ class HoomiClient:
                  state_path: Path | None = None, backoff_min: float = 0.05,
                  backoff_max: float = 5.0, max_events: int = 1000,
                  max_size: int = MAX_INCOMING_BYTES, scheme: int = 1,
-                 search: bool = False, signals: bool = False) -> None:
+                 search: bool = False, signals: bool = False, batch: bool = True) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         # A fixed token, or a source asked for a fresh one on every (re)connect: with a
         # source, a socket closed because its token expired reconnects and resumes.
@@ -192,6 +193,9 @@ class HoomiClient:
         # Live signals (SPEC 7.2): with `signals`, the hello asks for the `receipt` and
         # `typing` pushes, which `events()` then yields. Off: the client speaks v1.
         self.signals = signals
+        # "batch" (SPEC 7.2): the hub may pack several frames into one WebSocket message
+        # (a msgpack stream); fewer messages each way. batch=False: one frame per message.
+        self.batch = batch
         self._typed: dict[UUID, float] = {}  # hoomi -> when `typing` last went out
         # Nonces this client sealed with, per session_id: never twice (crypto draws them
         # at random; this makes "never" a check, not a probability).
@@ -319,10 +323,13 @@ class HoomiClient:
 
     async def _session(self, ws: Any) -> None:
         token = await self._current_token()
+        features = (("signals",) if self.signals else ()) + (("batch",) if self.batch else ())
         await ws.send(encode_client(Hello(token=token, resume=dict(self.state.last_seq),
-                                          features=("signals",) if self.signals else ())))
+                                          features=features)))
         try:
-            first = decode_server(await asyncio.wait_for(ws.recv(), 15))
+            # Under "batch" the welcome may share its message with the first pushes.
+            parts = split_stream(await asyncio.wait_for(ws.recv(), 15))
+            first = decode_server(parts[0])
         except websockets.ConnectionClosed as exc:
             _raise_if_final(exc)
             raise
@@ -341,18 +348,14 @@ class HoomiClient:
         for request, _ in list(self._pending.values()):
             await ws.send(encode_client(request))
         try:
+            await self._receive_parts(parts[1:])  # what came with the welcome
             async for data in ws:
                 try:
-                    frame = decode_server(data)
+                    parts = split_stream(data)
                 except ProtocolError as exc:
-                    if exc.field == "type":
-                        # A frame type newer than this client: skip it (forward
-                        # compatibility), as the protocol's unknown keys are skipped.
-                        _log.info("skipped a server frame of unknown type")
-                        continue
                     raise websockets.WebSocketException(f"malformed server frame: {exc}"
                                                         ) from None
-                await self._dispatch(frame)
+                await self._receive_parts(parts)
         except websockets.ConnectionClosed as exc:
             code = _close_code(exc.rcvd)
             if (code is not None and code.reconnect is Reconnect.NEW_TOKEN
@@ -362,6 +365,21 @@ class HoomiClient:
                 raise _Retry(ErrorCode.UNAUTHORIZED, "token expired", 0) from None
             _raise_if_final(exc)
             raise
+
+    async def _receive_parts(self, parts: list[bytes]) -> None:
+        """The frames of one WebSocket message (one, or a "batch" stream), in order."""
+        for part in parts:
+            try:
+                frame = decode_server(part)
+            except ProtocolError as exc:
+                if exc.field == "type":
+                    # A frame type newer than this client: skip it (forward
+                    # compatibility), as the protocol's unknown keys are skipped.
+                    _log.info("skipped a server frame of unknown type")
+                    continue
+                raise websockets.WebSocketException(f"malformed server frame: {exc}"
+                                                    ) from None
+            await self._dispatch(frame)
 
     def _welcome(self, welcome: Welcome) -> None:
         self.welcome, self.user_id = welcome, welcome.user_id

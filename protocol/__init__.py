@@ -4,7 +4,14 @@ Invariant: pure code. Bytes in, typed frames out (and back); no I/O, no asyncio,
 imports from server/, storage/ or client/ (they import this package, never the reverse).
 """
 
-from .codec import decode_client, decode_server, encode_client, encode_server
+from .codec import (
+    decode_client,
+    decode_server,
+    decode_server_stream,
+    encode_client,
+    encode_server,
+    split_stream,
+)
 from .errors import CloseCode, ErrorCode, HoomiError, ProtocolError, Reconnect
 from .frames import (
     Ack,
@@ -51,5 +58,5 @@ __all__ = [
     "ServerFrame", "Sync", "Welcome", "decode_client",
     "Presence", "PresenceReply", "Read", "ReadAck", "Receipt", "Typing", "TypingNotice",
     "decode_server", "encode_client",
-    "encode_server",
+    "encode_server", "decode_server_stream", "split_stream",
 ]

@@ -777,6 +777,33 @@ def _error_from(m: dict[str, Any], ref: Ref) -> Error:
                  retry_after_ms=_get_opt(m, "retry_after_ms", int))
 
 
+def split_stream(data: bytes) -> list[bytes]:
+    """SPEC 7.2 "batch": one WebSocket message holding consecutive msgpack maps (a msgpack
+    stream), cut into one bytes per frame, each for `decode_server` (a v1 message is a
+    stream of one). Objects are skipped, not built; ProtocolError (INVALID) for a
+    truncated or empty stream."""
+    if not data:
+        raise _malformed("frame", "empty message")
+    u = msgpack.Unpacker(max_buffer_size=len(data))
+    u.feed(data)
+    parts: list[bytes] = []
+    start = 0
+    try:
+        while start < len(data):
+            u.skip()
+            end = u.tell()
+            parts.append(data[start:end])
+            start = end
+    except Exception as exc:  # OutOfData (truncated), or bytes that are not msgpack
+        raise _malformed("frame", f"not a msgpack stream ({type(exc).__name__})") from None
+    return parts
+
+
+def decode_server_stream(data: bytes) -> list[ServerFrame]:
+    """Every server frame of one WebSocket message, in order (see `split_stream`)."""
+    return [decode_server(part) for part in split_stream(data)]
+
+
 def decode_server(data: bytes) -> ServerFrame:
     """For the reference client and tests: one server frame from bytes; ProtocolError
     (INVALID) for anything that is not a well-formed server frame."""

@@ -88,8 +88,12 @@ MAX_HELD_DELETIONS = 1024
 MAX_HELD_PUSHES = 256
 # The requests `receive` hands back, besides `send` and `hello` (server/ws.py runs them).
 SERVED = (History, Sync, Delete, Edit, Reencrypt, Search, Read, Presence)
-# The hello `features` this hub accepts: "signals" = receipt and typing pushes (v1.1).
-FEATURES = ("signals",)
+# The hello `features` this hub accepts: "signals" = receipt and typing pushes (v1.1),
+# "batch" = several frames per WebSocket message, a msgpack stream (SPEC 7.2).
+FEATURES = ("signals", "batch")
+# A batch message: frames are packed until the next would take it past this many bytes
+# (a frame larger than it goes alone, as in v1).
+BATCH_MAX_BYTES = 64 * 1024
 # `typing` frames handed on per socket and Hoomi: at most one per this many seconds.
 TYPING_INTERVAL_S = 1.0
 
@@ -164,6 +168,21 @@ class Outbox:
         self.size -= len(frame)
         return frame
 
+    def take_batch(self, max_bytes: int) -> bytes | None:
+        """The queued frames, oldest first, as one msgpack stream of at most `max_bytes`
+        (or the first frame alone, if larger): SPEC 7.2 "batch"."""
+        frames = self.frames
+        if len(frames) < 2:
+            return self.take()
+        batch = [frames.popleft()]
+        size = len(batch[0])
+        while frames and size + len(frames[0]) <= max_bytes:
+            frame = frames.popleft()
+            batch.append(frame)
+            size += len(frame)
+        self.size -= size
+        return batch[0] if len(batch) == 1 else b"".join(batch)
+
     def half_full(self) -> bool:
         """Catch-up waits below this, so it never overflows the outbox itself."""
         return len(self.frames) >= self.max_frames // 2 or self.size >= self.max_bytes // 2
@@ -220,11 +239,15 @@ class Session:
         # The hello features accepted (FEATURES): without "signals", no receipt or
         # typing push reaches this socket (a v1 client sees v1).
         self.features: frozenset[str] = frozenset()
+        self.batch = False  # "batch" accepted: data_to_send packs frames (SPEC 7.2)
 
     # -- output -----------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes | None:
-        """The next frame to write, None when the outbox is empty."""
+        """The next WebSocket message to write, None when the outbox is empty: one frame,
+        or under "batch" every queued frame up to BATCH_MAX_BYTES (a msgpack stream)."""
+        if self.batch:
+            return self.outbox.take_batch(BATCH_MAX_BYTES)
         return self.outbox.take()
 
     def take_effects(self) -> Sequence[Task]:
@@ -418,6 +441,7 @@ class Session:
         self._during_hello("welcome")
         accepted = [f for f in dict.fromkeys(hello.features) if f in FEATURES]
         self.features = frozenset(accepted)
+        self.batch = "batch" in self.features
         self.reply(Welcome(user_id=self.user_id, ref=hello.ref, hoomis=[
             HoomiState(hoomi_id=s.hoomi_id, last_seq=s.last_seq, role=s.role,
                        read_seq=s.read_seq) for s in mine],

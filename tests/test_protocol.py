@@ -52,8 +52,10 @@ from protocol import (
     Welcome,
     decode_client,
     decode_server,
+    decode_server_stream,
     encode_client,
     encode_server,
+    split_stream,
 )
 
 INT64_MAX = 2**63 - 1
@@ -205,6 +207,43 @@ def test_every_server_frame_round_trips_with_type_first_and_no_nil_ref(
     raw = unpack(data)
     assert next(iter(raw)) == "type"
     assert "ref" not in raw or raw["ref"] is not None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(server_frames, min_size=1, max_size=6))
+def test_a_batch_stream_splits_into_the_frames_it_packs_in_order(
+        frames: list[ServerFrame]) -> None:
+    """SPEC 7.2 "batch": consecutive frames in one message decode to the same frames."""
+    parts = [encode_server(f) for f in frames]
+    data = b"".join(parts)
+    assert split_stream(data) == parts
+    assert decode_server_stream(data) == frames
+    assert decode_server_stream(parts[0]) == frames[:1]  # a v1 message: a stream of one
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(server_frames, min_size=1, max_size=3), st.data())
+def test_a_cut_or_corrupted_stream_raises_only_protocol_error(
+        frames: list[ServerFrame], data: st.DataObject) -> None:
+    raw = bytearray(b"".join(encode_server(f) for f in frames))
+    if data.draw(st.booleans()):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(raw)))
+    try:
+        decode_server_stream(bytes(raw[:cut]))
+    except ProtocolError:
+        pass
+    if 0 < cut < len(raw) and cut not in _ends(frames):
+        with pytest.raises(ProtocolError):
+            split_stream(bytes(raw[:cut]))
+
+
+def _ends(frames: list[ServerFrame]) -> set[int]:
+    out, end = set(), 0
+    for f in frames:
+        end += len(encode_server(f))
+        out.add(end)
+    return out
 
 
 # -- hostile input -----------------------------------------------------------------------------

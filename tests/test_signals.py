@@ -294,7 +294,7 @@ async def test_hoomi_chat_and_the_sdk_speak_signals(cluster, tmp_path):
     generate_key_file(keyfile, [h])
     bob_sdk = HoomiClient(cluster.b.ws, b_tok, keyring=load_key_file(keyfile), signals=True)
     welcome = await bob_sdk.start()
-    assert welcome.features == ["signals"] and bob_sdk.read_seq(h) == 0
+    assert welcome.features == ["signals", "batch"] and bob_sdk.read_seq(h) == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     a = Terminal([sys.executable, "-m", "server.cli", "chat", "--hoomi", str(h),
                   "--key-file", str(keyfile), "--url", cluster.a.ws, "--token", a_tok], env)
@@ -322,7 +322,7 @@ async def test_hoomi_chat_and_the_sdk_speak_signals(cluster, tmp_path):
         a.close()
         await bob_sdk.close()
     # A v1 SDK client (no signals) meanwhile got no receipt or typing event.
-    v1 = HoomiClient(cluster.b.ws, b_tok, keyring=load_key_file(keyfile))
+    v1 = HoomiClient(cluster.b.ws, b_tok, keyring=load_key_file(keyfile), batch=False)
     assert (await v1.start()).features is None and v1.read_seq(h) == 1
     await v1.close()
 

@@ -1,0 +1,156 @@
+"""SPEC 7.2 "batch": several frames per WebSocket message (a msgpack stream) for a client
+that asked; one frame per message for a v1 client. The session (pure), a real replica, and
+the SDK over it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from uuid import UUID, uuid4
+
+from client.sdk import HoomiClient
+from protocol import (
+    DEFAULT_LIMITS,
+    Ack,
+    Hello,
+    MessageBody,
+    Pong,
+    Send,
+    Welcome,
+    decode_server,
+    decode_server_stream,
+    encode_client,
+)
+from server.config import load
+from server.session import BATCH_MAX_BYTES, Session
+from storage.records import HoomiSummary
+from tests.wsclient import TIMEOUT, Peer
+
+H = UUID(int=1)
+ME = UUID(int=2)
+
+
+def live_session(*features: str) -> Session:
+    s = Session(load({}), DEFAULT_LIMITS, clock=lambda: 0.0)
+    hello = s.receive(encode_client(Hello(token="t", features=features, ref=1)))
+    assert isinstance(hello, Hello)
+    mine = [HoomiSummary(H, 0, "member", 0)]
+    s.authenticated(ME, 3600.0, mine)
+    s.membership_at_hello(mine)
+    s.welcome(hello, mine, lambda h: 0)
+    return s
+
+
+def messages_out(s: Session) -> list[bytes]:
+    out = []
+    while (data := s.data_to_send()) is not None:
+        out.append(data)
+    return out
+
+
+def test_a_v1_session_writes_one_frame_per_message_a_batch_session_one_stream():
+    v1, batch = live_session(), live_session("batch", "signals")
+    assert batch.features == {"batch", "signals"} and v1.features == frozenset()
+    pongs = [Pong(ref=i) for i in range(50)]
+    for s in (v1, batch):
+        for p in pongs:
+            s.reply(p, "pong")
+    one_each = messages_out(v1)
+    assert len(one_each) == 51  # the welcome, then each pong alone
+    assert [decode_server(m) for m in one_each[1:]] == pongs
+    (stream,) = messages_out(batch)
+    frames = decode_server_stream(stream)
+    assert isinstance(frames[0], Welcome) and frames[0].features == ["batch", "signals"]
+    assert frames[1:] == pongs
+    # After the welcome (which lists the features), the same bytes, only packed.
+    assert stream.endswith(b"".join(one_each[1:]))
+
+
+def test_a_batch_stops_at_its_byte_bound_and_a_large_frame_goes_alone():
+    s = live_session("batch")
+    messages_out(s)  # the welcome
+    big = Pong(ref="x" * (BATCH_MAX_BYTES // 2))
+    small = [Pong(ref=i) for i in range(3)]
+    for frame in (small[0], big, big, small[1], small[2]):
+        s.reply(frame, "pong")
+    out = messages_out(s)
+    assert all(len(m) <= BATCH_MAX_BYTES for m in out)
+    assert [f for m in out for f in decode_server_stream(m)] == [
+        small[0], big, big, small[1], small[2]]
+    assert len(out) == 2  # [small, big] then [big, small, small]: bounded, in order
+    huge = Pong(ref="y" * BATCH_MAX_BYTES)
+    s.reply(Pong(ref=1), "pong")
+    s.reply(huge, "pong")
+    out = messages_out(s)
+    assert [decode_server_stream(m) for m in out] == [[Pong(ref=1)], [huge]]
+    assert s.outbox.size == 0
+
+
+# -- a real replica --------------------------------------------------------------------------
+
+async def _joined(url: str, token: str, resume: dict[UUID, int], *features: str) -> Peer:
+    peer = await Peer.connect(url)
+    await peer.send(Hello(token=token, resume=resume, features=features))
+    return peer
+
+
+async def _frames_until(peer: Peer, pushes: int, batch: bool) -> tuple[list[object], int]:
+    """Every frame until `pushes` messages came, and in how many WebSocket messages."""
+    frames: list[object] = []
+    count = 0
+    while sum(isinstance(f, MessageBody) for f in frames) < pushes:
+        data = await asyncio.wait_for(peer.conn.recv(), TIMEOUT)
+        assert isinstance(data, bytes)
+        count += 1
+        # A v1 socket: each message is exactly one frame (decode_server refuses more).
+        frames.extend(decode_server_stream(data) if batch else [decode_server(data)])
+    return frames, count
+
+
+async def test_a_batch_socket_gets_the_same_frames_in_order_in_fewer_messages(cluster):
+    alice, alice_tok = await cluster.user()
+    h = await cluster.admin.hoomi([alice])
+    sender = await Peer.connect(cluster.a.ws)
+    await sender.send(Hello(token=alice_tok))
+    assert isinstance(await sender.recv(), Welcome)
+    for i in range(30):
+        await sender.send(Send(hoomi_id=h, client_msg_id=uuid4(), content=os.urandom(40),
+                               nonce=os.urandom(12), session_id="s1", ref=i))
+    acks = 0
+    while acks < 30:
+        acks += isinstance(await sender.recv(), Ack)
+    await sender.close()
+    # Both resume from 0: the 30 stored messages come as catch-up.
+    v1 = await _joined(cluster.a.ws, alice_tok, {h: 0})
+    batch = await _joined(cluster.b.ws, alice_tok, {h: 0}, "batch")
+    try:
+        v1_frames, v1_count = await _frames_until(v1, 30, batch=False)
+        got, count = await _frames_until(batch, 30, batch=True)
+    finally:
+        await v1.close()
+        await batch.close()
+    welcome_v1, welcome_batch = v1_frames[0], got[0]
+    assert isinstance(welcome_v1, Welcome) and welcome_v1.features is None
+    assert isinstance(welcome_batch, Welcome) and welcome_batch.features == ["batch"]
+    assert [m.seq for m in got[1:] if isinstance(m, MessageBody)] == list(range(1, 31))
+    assert got[1:] == v1_frames[1:] and v1_count == len(v1_frames) == 31
+    assert count < len(got)  # catch-up rows are queued together: they left together
+
+
+async def test_the_sdk_asks_for_batch_and_reads_streams(cluster):
+    alice, alice_tok = await cluster.user()
+    bob, bob_tok = await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    a = HoomiClient(cluster.a.ws, alice_tok)
+    b = HoomiClient(cluster.b.ws, bob_tok)
+    try:
+        assert (await a.start()).features == ["batch"]
+        await b.start()
+        sent = await asyncio.gather(*(a.send(h, os.urandom(24), os.urandom(12), "s1")
+                                      for _ in range(40)))
+        got = [await b.next_event(timeout=TIMEOUT) for _ in range(40)]
+        assert sorted(ack.seq for ack in sent) == list(range(1, 41))
+        assert [m.seq for m in got if isinstance(m, MessageBody)] == list(range(1, 41))
+    finally:
+        await a.close()
+        await b.close()
