@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from protocol import ErrorCode, HoomiError
+from protocol import DEFAULT_LIMITS, Edit, ErrorCode, HoomiError
 from storage import hoomis as hoomi_store
 from storage import users as user_store
 from storage.audit import Actor
@@ -122,10 +122,10 @@ def _int_param(request: Request, name: str, default: int | None, lo: int,
     return value
 
 
-async def _json(request: Request) -> dict[str, Any]:
+async def _json(request: Request, limit: int = MAX_BODY) -> dict[str, Any]:
     raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise HoomiError(ErrorCode.TOO_LARGE, f"body: larger than {MAX_BODY} bytes", "body")
+    if len(raw) > limit:
+        raise HoomiError(ErrorCode.TOO_LARGE, f"body: larger than {limit} bytes", "body")
     if not raw.strip():
         return {}
     try:
@@ -137,6 +137,28 @@ async def _json(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise HoomiError(ErrorCode.INVALID, "body: must be a JSON object", "body")
     return body
+
+
+def _b64(body: dict[str, Any], field: str) -> bytes:
+    raw = body.get(field)
+    if not isinstance(raw, str):
+        raise HoomiError(ErrorCode.INVALID, f"{field}: required, base64", field)
+    try:
+        return base64.b64decode(raw, validate=True)
+    except ValueError:
+        raise HoomiError(ErrorCode.INVALID, f"{field}: not base64", field) from None
+
+
+def _tokens(body: dict[str, Any], most: int, least: int = 0) -> tuple[bytes, ...]:
+    raw = body.get("tokens", [])
+    lo, hi = DEFAULT_LIMITS.search_token_bytes
+    if not isinstance(raw, list) or not least <= len(raw) <= most:
+        raise HoomiError(ErrorCode.INVALID, f"tokens: a list of {least} to {most} base64 "
+                         f"strings of {lo}-{hi} bytes", "tokens")
+    out = tuple(_b64({"tokens": t}, "tokens") for t in raw)
+    if not all(lo <= len(t) <= hi for t in out):
+        raise HoomiError(ErrorCode.INVALID, f"tokens: each {lo}-{hi} bytes", "tokens")
+    return out
 
 
 def _bearer(request: Request) -> str:
@@ -429,6 +451,112 @@ async def delete_message(request: Request, services: Services) -> Response:
     message_id = _path_uuid(request, "message_id")
     await actions.delete_message(services, user_id, hoomi_id, message_id, field="message_id")
     return Response(status_code=204)
+
+
+@_route
+async def edit_message(request: Request, services: Services) -> Response:
+    """---
+    summary: Replace one's own message with a new version (its sender only)
+    tags: [user]
+    security: [{user: []}]
+    parameters:
+      - {$ref: "#/components/parameters/HoomiId"}
+      - {$ref: "#/components/parameters/MessageId"}
+    requestBody:
+      required: true
+      content: {application/json: {schema: {$ref: "#/components/schemas/Edit"}}}
+    responses:
+      "200":
+        description: "edited: the same seq, a new updated_at; members get an `edited` push"
+        content: {application/json: {schema: {$ref: "#/components/schemas/Edited"}}}
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "403": {$ref: "#/components/responses/Forbidden"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
+    user_id = await _user(request, services)
+    hoomi_id = _path_uuid(request, "id")
+    message_id = _path_uuid(request, "message_id")
+    limits = services.limits
+    body = await _json(request, MAX_BODY + limits.max_content_bytes * 4 // 3)
+    content = _b64(body, "content")
+    if len(content) > limits.max_content_bytes:
+        raise HoomiError(ErrorCode.TOO_LARGE,
+                         f"content: at most {limits.max_content_bytes} bytes", "content")
+    if len(content) < limits.min_content_bytes:
+        raise HoomiError(ErrorCode.INVALID, f"content: at least {limits.min_content_bytes} "
+                         "bytes (the GCM tag)", "content")
+    nonce = _b64(body, "nonce")
+    if len(nonce) != limits.nonce_bytes:
+        raise HoomiError(ErrorCode.INVALID, f"nonce: must be exactly {limits.nonce_bytes} "
+                         "bytes", "nonce")
+    session_id = body.get("session_id")
+    if not isinstance(session_id, str) or not 0 < len(session_id) <= \
+            limits.max_session_id_chars or "\x00" in session_id:
+        raise HoomiError(ErrorCode.INVALID, "session_id: 1 to "
+                         f"{limits.max_session_id_chars} characters, no NUL", "session_id")
+    scheme = body.get("scheme", 1)
+    if type(scheme) is not int or not 1 <= scheme <= limits.max_scheme:
+        raise HoomiError(ErrorCode.INVALID, "scheme: an integer from 1 to "
+                         f"{limits.max_scheme}", "scheme")
+    frame = Edit(hoomi_id=hoomi_id, id=message_id, content=content, nonce=nonce,
+                 session_id=session_id, scheme=scheme,
+                 tokens=_tokens(body, limits.max_search_tokens_per_message))
+    edited = await actions.edit_message(services, user_id, frame, field="message_id")
+    return JSONResponse({"id": str(edited.id), "hoomi_id": str(edited.hoomi_id),
+                         "seq": edited.seq, "updated_at": events.ms(edited.updated_at)})
+
+
+@_route
+async def search_messages(request: Request, services: Services) -> Response:
+    """---
+    summary: Messages carrying every given blind-index token, newest first (members)
+    description: "A POST, not a GET: tokens stay out of URLs and their logs."
+    tags: [user]
+    security: [{user: []}]
+    parameters:
+      - {$ref: "#/components/parameters/HoomiId"}
+    requestBody:
+      required: true
+      content: {application/json: {schema: {$ref: "#/components/schemas/Search"}}}
+    responses:
+      "200":
+        description: "a page of matches; go on with next_before"
+        content: {application/json: {schema: {$ref: "#/components/schemas/MessagePage"}}}
+      "400": {$ref: "#/components/responses/Invalid"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "403": {$ref: "#/components/responses/Forbidden"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+      "429": {$ref: "#/components/responses/RateLimited"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
+    user_id = await _user(request, services)
+    hoomi_id = _path_uuid(request, "id")
+    limits = services.limits
+    body = await _json(request)
+    tokens = _tokens(body, limits.max_search_tokens_per_query, least=1)
+    before = body.get("before")
+    if before is not None and (type(before) is not int or not 1 <= before < 2**63):
+        raise HoomiError(ErrorCode.INVALID, "before: a seq (integer >= 1)", "before")
+    limit = body.get("limit", limits.default_page_limit)
+    if type(limit) is not int or not 1 <= limit <= limits.max_page_limit:
+        raise HoomiError(ErrorCode.INVALID, f"limit: 1 to {limits.max_page_limit}", "limit")
+    if not services.user_reads.acquire(user_id):
+        raise HoomiError(ErrorCode.RATE_LIMITED, "too many reads at once: at most "
+                         f"{services.settings.user_max_reads} per user", None,
+                         errors.RETRY_AFTER_MS)
+    try:
+        page = await actions.search(services, user_id, hoomi_id, tokens, before, limit,
+                                    field="id")
+    finally:
+        services.user_reads.release(user_id)
+    return JSONResponse({"hoomi_id": str(hoomi_id),
+                         "messages": [_message_json(m) for m in page.messages],
+                         "next_before": page.next_before})
 
 
 @_route
@@ -769,6 +897,8 @@ routes = [
     _api("/v1/hoomis", my_hoomis),
     _api("/v1/hoomis/{id}/messages", hoomi_messages),
     _api("/v1/hoomis/{id}/messages/{message_id}", delete_message, ["DELETE"]),
+    _api("/v1/hoomis/{id}/messages/{message_id}", edit_message, ["PUT"]),
+    _api("/v1/hoomis/{id}/search", search_messages, ["POST"]),
     _api("/v1/hoomis/{id}/members", hoomi_members),
     _api("/v1/hoomis/{id}/retention", set_retention, ["PUT"]),
     _api("/v1/hoomis/{id}/members/{user_id}", hoomi_put_member, ["PUT"]),

@@ -93,6 +93,30 @@ COMPONENTS: dict[str, Any] = {
             "properties": {"members": {"type": "array",
                                        "items": {"$ref": "#/components/schemas/Member"}}},
         },
+        "Edit": {
+            "type": "object", "required": ["content", "nonce", "session_id"],
+            "properties": {
+                "content": B64, "nonce": B64, "session_id": {"type": "string"},
+                "scheme": {"type": "integer", "minimum": 1, "maximum": 255, "default": 1},
+                "tokens": {"type": "array", "items": B64, "maxItems": 64,
+                           "description": "the new version's search tokens (8-32 bytes "
+                                          "each); the old ones go"},
+            },
+        },
+        "Edited": {
+            "type": "object", "required": ["id", "hoomi_id", "seq", "updated_at"],
+            "properties": {"id": UUID, "hoomi_id": UUID,
+                           "seq": {"type": "integer", "minimum": 1}, "updated_at": MS},
+        },
+        "Search": {
+            "type": "object", "required": ["tokens"],
+            "properties": {
+                "tokens": {"type": "array", "items": B64, "minItems": 1, "maxItems": 8,
+                           "description": "blind-index tokens, all must match"},
+                "before": {"type": "integer", "minimum": 1},
+                "limit": {"type": "integer", "minimum": 1, "maximum": 100, "default": 50},
+            },
+        },
         "Retention": {
             "type": "object", "required": ["retention_seconds"],
             "properties": {"retention_seconds": {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+from uuid import uuid4
 
 import asyncpg
 import httpx
@@ -335,3 +336,52 @@ async def test_the_erasure_job_takes_deleted_tokens_out_of_the_files(pool, write
     assert await in_row_versions() == 0
     kept = await pool.fetchval("SELECT count(*) FROM message_tokens WHERE hoomi_id = $1", h)
     assert kept == len(tokens) - len(gone)
+
+
+async def test_edit_and_search_over_http(cluster):
+    (alice, a_tok), (bob, b_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    b, _ = await joined(cluster.b.ws, b_tok)
+    a, _ = await joined(cluster.a.ws, a_tok)
+    first = send(h, ref="s1")
+    first = Send(**{**{k: getattr(first, k) for k in first.__dataclass_fields__},
+                    "tokens": (T[0],)})
+    ack = await _reply(a, first, Ack)
+    auth = {"Authorization": f"Bearer {a_tok}"}
+    new = {"content": base64.b64encode(os.urandom(40)).decode(),
+           "nonce": base64.b64encode(os.urandom(12)).decode(), "session_id": "s2",
+           "scheme": 2, "tokens": [base64.b64encode(T[1]).decode()]}
+    async with httpx.AsyncClient(base_url=cluster.b.http, timeout=10) as http:
+        r = await http.put(f"/v1/hoomis/{h}/messages/{ack.id}", json=new, headers=auth)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["id"], body["seq"]) == (str(ack.id), 1)
+        got = await _until(b, Edited)
+        assert (got.scheme, got.updated_at) == (2, body["updated_at"])
+        assert got.content == base64.b64decode(new["content"])
+        # Bob may not; a bad nonce is named; an unknown message is named by its path.
+        r = await http.put(f"/v1/hoomis/{h}/messages/{ack.id}", json=new,
+                           headers={"Authorization": f"Bearer {b_tok}"})
+        assert r.status_code == 403
+        r = await http.put(f"/v1/hoomis/{h}/messages/{ack.id}",
+                           json={**new, "nonce": "AAAA"}, headers=auth)
+        assert (r.status_code, r.json()["field"]) == (400, "nonce")
+        r = await http.put(f"/v1/hoomis/{h}/messages/{ack.id}", json=new, headers=auth)
+        assert r.status_code == 200  # the same edit again: the first answer
+        r = await http.put(f"/v1/hoomis/{h}/messages/{uuid4()}",
+                           json={**new, "nonce": base64.b64encode(os.urandom(12)).decode()},
+                           headers=auth)
+        assert (r.status_code, r.json()["field"]) == (404, "message_id")
+        # Search: the new token finds it, the old one no longer does.
+        r = await http.post(f"/v1/hoomis/{h}/search", headers=auth,
+                            json={"tokens": [base64.b64encode(T[1]).decode()]})
+        assert r.status_code == 200, r.text
+        (m,) = r.json()["messages"]
+        assert (m["seq"], m["scheme"], r.json()["next_before"]) == (1, 2, None)
+        r = await http.post(f"/v1/hoomis/{h}/search", headers=auth,
+                            json={"tokens": [base64.b64encode(T[0]).decode()]})
+        assert r.json()["messages"] == []
+        r = await http.post(f"/v1/hoomis/{h}/search", headers=auth, json={"tokens": []})
+        assert (r.status_code, r.json()["field"]) == (400, "tokens")
+    for peer in (a, b):
+        await peer.close()

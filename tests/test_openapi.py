@@ -8,6 +8,7 @@ response with jsonschema: an undocumented status or a body that does not match f
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Any
 from uuid import uuid4
@@ -173,6 +174,17 @@ async def test_real_responses_validate_against_the_document(cluster, doc):
             check.check(await call)
         page = (await http.get(f"/v1/hoomis/{h}/messages", headers=bearer(a_tok))).json()
         target = page["messages"][0]["id"]
+        edit = {"content": base64.b64encode(bytes(32)).decode(),
+                "nonce": base64.b64encode(b"n" * 12).decode(), "session_id": "s2"}
+        token = base64.b64encode(b"t" * 16).decode()
+        for call in [http.put(f"/v1/hoomis/{h}/messages/{target}", headers=bearer(a_tok),
+                              json=edit),
+                     http.put(f"/v1/hoomis/{h}/messages/{target}", headers=bearer(a_tok),
+                              json={**edit, "nonce": "x"}),
+                     http.post(f"/v1/hoomis/{h}/search", headers=bearer(b_tok),
+                               json={"tokens": [token]}),
+                     http.post(f"/v1/hoomis/{h}/search", headers=bearer(b_tok), json={})]:
+            check.check(await call)
         for call in [http.delete(f"/v1/hoomis/{h}/messages/{target}", headers=bearer(b_tok)),
                      http.delete(f"/v1/hoomis/{h}/messages/{target}", headers=bearer(a_tok)),
                      http.delete(f"/v1/admin/hoomis/{h}", headers=op),
