@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -48,6 +49,8 @@ from .services import Services
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A read standby that failed is skipped this long (pages go to the primary meanwhile).
+STANDBY_RETRY_S = 5.0
 
 
 class TryAgainLater(HoomiError):
@@ -159,8 +162,10 @@ async def _read_page(services: Services,
     primary's WAL position read after this request began: then it shows every commit
     acknowledged before (messages, deletions, edits, memberships), as the primary would.
     Otherwise, or if the standby fails (down, a query cancelled by a recovery conflict),
-    from the primary. docs/scaling.md, "Read standbys"."""
-    if services.read_pool is not None and services.wal_clock is not None:
+    from the primary; after a failure the standby is skipped for STANDBY_RETRY_S.
+    docs/scaling.md, "Read standbys"."""
+    if (services.read_pool is not None and services.wal_clock is not None
+            and time.monotonic() >= services.standby_retry_at):
         lsn = await services.wal_clock.now()
         try:
             async with services.read_pool.acquire() as conn:
@@ -170,7 +175,9 @@ async def _read_page(services: Services,
                     return page
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
                 TimeoutError) as exc:
-            _log.warning("read standby failed, reading from the primary: %s", exc)
+            _log.warning("read standby failed, reading from the primary for %g s: %s",
+                         STANDBY_RETRY_S, exc)
+            services.standby_retry_at = time.monotonic() + STANDBY_RETRY_S
     page = await read(services.pool)
     services.page_reads["primary"] += 1
     return page

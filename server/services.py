@@ -31,6 +31,8 @@ class Services:
     read_pool: asyncpg.Pool | None = None
     wal_clock: WalClock | None = None
     page_reads: dict[str, int] = field(default_factory=lambda: {"standby": 0, "primary": 0})
+    # After the standby failed, pages skip it until then (time.monotonic()).
+    standby_retry_at: float = 0.0
     # Set when SIGTERM arrives: new sockets are refused, open ones closed with 1012.
     draining: bool = False
     # Abuse bounds shared by the socket and HTTP sides (issue 14), built from settings

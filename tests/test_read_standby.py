@@ -122,3 +122,24 @@ async def test_pages_stay_complete_and_fresh_while_replay_is_paused(replica, sta
         await standby.resume()
     await peer.close()
     await reader.close()
+
+
+async def test_pages_come_from_the_primary_when_the_standby_is_gone(replica, standby):
+    # Last in the module: it stops the module's standby.
+    r, admin, _ = replica
+    alice = await admin.user()
+    token = await admin.token(alice)
+    h = await admin.hoomi([alice])
+    peer, _ = await joined(r.ws, token)
+    await sent(peer, h, 2)
+    standby.close()
+    async with httpx.AsyncClient(base_url=r.http, timeout=10,
+                                 headers={"Authorization": f"Bearer {token}"}) as http:
+        for _ in range(3):
+            got = await http.get(f"/v1/hoomis/{h}/messages")
+            assert got.status_code == 200, got.text
+            assert [m["seq"] for m in got.json()["messages"]] == [2, 1]
+    await peer.send(History(hoomi_id=h, ref="h"))
+    page, _ = await peer.recv_until(Page)
+    assert [m.seq for m in page.messages] == [2, 1]
+    await peer.close()
