@@ -7,8 +7,10 @@ commits (delivered locally at once) and from the broker (other replicas' commits
 the echo of ours, dropped by seq). A message ahead of a missing seq waits `gap_grace` for
 the missing one, then the gap is read from PostgreSQL: since seqs commit in order, every
 seq below a published one is already in the database. A periodic
-reconcile compares each Hoomi's `last_seq` with what was pushed, which covers a publish
-that never happened (a replica died between commit and publish) or was lost (Redis down).
+reconcile reads the Hoomis whose `last_seq` moved (and the users whose memberships
+changed) since its previous round and compares them with what was pushed, which covers
+a publish that never happened (a replica died between commit and publish) or was lost
+(Redis down).
 
 Each socket keeps its own cursor per Hoomi (server/session.py), so a socket that is still
 catching up from the database never gets a push twice or out of order.
