@@ -498,9 +498,12 @@ MAX_SEARCH_TOKENS = 8
 # rare word from a common one, cheap (an index-only scan of at most this many entries).
 _COUNT_CAP = 2000
 
-_TOKEN_COUNT = """
-SELECT count(*) FROM (SELECT 1 FROM message_tokens WHERE hoomi_id = $1 AND token = $2
-                      AND seq < $3 LIMIT $4) c
+# Each token's entries below the edge, counted up to $4, in one round trip.
+_TOKEN_COUNTS = """
+SELECT (SELECT count(*) FROM (SELECT 1 FROM message_tokens WHERE hoomi_id = $1
+                              AND token = q.token AND seq < $3 LIMIT $4) c) AS n
+FROM unnest($2::bytea[]) WITH ORDINALITY AS q(token, ord)
+ORDER BY q.ord
 """
 
 # Walks the rarest token's entries newest first; each candidate must carry the other
@@ -537,8 +540,8 @@ async def search(
     await require_member(conn, hoomi_id, reader, field=hoomi_field)
     edge = _NEWEST if before is None else before
     if len(distinct) > 1:  # drive the walk by the rarest token
-        counts = [await conn.fetchval(_TOKEN_COUNT, hoomi_id, t, edge, _COUNT_CAP)
-                  for t in distinct]
+        counts = [r["n"] for r in await conn.fetch(_TOKEN_COUNTS, hoomi_id, distinct, edge,
+                                                   _COUNT_CAP)]
         order = sorted(range(len(distinct)), key=lambda i: counts[i])
         distinct = [distinct[i] for i in order]
     rows = await conn.fetch(_SEARCH, hoomi_id, distinct[0], edge, distinct[1:], limit + 1)
