@@ -137,8 +137,8 @@ class _FollowingPool(asyncpg.Pool):
     New connections go to whichever host is writable (`_connect_any`). That alone does
     not move the connections the pool already holds: after a failover whose old leader
     hangs instead of dying (frozen, partitioned: TCP still accepted, no answer) they sit
-    on it until command_timeout, then again for the ROLLBACK, 60 s in all, long after
-    Patroni promoted the standby (measured by bench/ha.py's freeze). So every
+    on it until command_timeout, then again for the ROLLBACK: 60 s after the hang, 38 s
+    after Patroni promoted the standby (measured by bench/ha.py's freeze). So every
     FOLLOW_INTERVAL_S the pool asks each host (one small connection each, bounded by a
     timeout) whether it is in recovery; when exactly one host is writable and some of
     the pool's connections are elsewhere, those are terminated: their statements fail

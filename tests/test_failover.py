@@ -303,8 +303,9 @@ async def test_hung_leader_hubs_follow_the_new_primary(ha: Setup,
     """The leader hangs instead of dying (SIGSTOP: TCP still accepted, nothing answers).
     Patroni promotes the standby once the leader's key expires; the hubs' pooled
     connections sat on the old leader until command_timeout and then the ROLLBACK's
-    (60 s after the new primary took writes, sending stalled that long); now each pool
-    sees within a second or two that another host is the primary and drops them."""
+    (60 s after the hang, the first new ack 38 s after the new primary took writes);
+    now each pool sees within a second or two that another host is the primary and
+    drops them (2 s)."""
     await asyncio.to_thread(ha.ha.wait_healthy, 120)
     old = await asyncio.to_thread(ha.ha.wait_leader)
     (new,) = [n for n in ha.ha.nodes if n is not old]
