@@ -385,3 +385,43 @@ async def test_edit_and_search_over_http(cluster):
         assert (r.status_code, r.json()["field"]) == (400, "tokens")
     for peer in (a, b):
         await peer.close()
+
+
+async def test_an_edited_or_reencrypted_archived_message_leaves_the_archive(pool, writer,
+                                                                            tmp_path):
+    """Edits apply to archived messages too (SPEC §7.1): the old version's ciphertext must
+    leave the object store, the new one lives in the table and reads back."""
+    from storage import archive
+    from storage.archive import Archive
+
+    def stored() -> bytes:
+        return b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    acks = [await writer.append(factories.request(h, alice, size=200)._replace(tokens=(T[0],)))
+            for _ in range(6)]
+    arc = Archive(f"file://{tmp_path}")
+    archive.configure(arc)
+    try:
+        await archive.run_pass(pool, arc, 0, max_messages=10)
+        page = (await messages.since(pool, h, 0, 10)).messages  # read back from the segment
+        old2, old4 = page[1], page[3]
+        assert old2.content in stored() and old4.content in stored()
+        new = dict(content=os.urandom(64), nonce=os.urandom(12), session_id="s2")
+        await messages.edit(pool, h, acks[1].id, alice, tokens=(T[1],), **new)
+        item = ReencryptItem(acks[3].id, old4.nonce, os.urandom(64), os.urandom(12), "k2", 2)
+        done = await messages.reencrypt(pool, h, alice, [item])
+        assert done.skipped == []
+        assert await pool.fetchval("SELECT count(*) FROM message_segments "
+                                   "WHERE erase_pending") == 1
+        await archive.run_pass(pool, arc, None)  # rewrites the segment without them
+        assert old2.content not in stored() and old4.content not in stored()
+        after = {m.seq: m for m in (await messages.since(pool, h, 0, 10)).messages}
+        assert after[2].content == new["content"] and after[4].content == item.content
+        assert [after[q].content for q in (1, 3, 5, 6)] == [page[q - 1].content
+                                                           for q in (1, 3, 5, 6)]
+        found = await messages.search(pool, h, [T[0]], None, 10, alice)
+        assert [m.seq for m in found.messages] == [6, 5, 4, 3, 1]  # archived ones too
+    finally:
+        archive.configure(None)
