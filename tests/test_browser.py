@@ -273,3 +273,48 @@ async def test_replica_killed_the_page_reconnects_and_resumes_nothing_lost_or_do
         await carol_sdk.close()
         await browser.call("close", page="alice")
         cluster.b.start()
+
+
+async def test_signals_between_two_tabs_read_typing_presence_and_an_edit(
+        cluster, browser: Browser) -> None:
+    (alice, a_tok), (bob, b_tok) = await cluster.user(), await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    await open_chat(browser, "alice", cluster.a, a_tok, [cluster.a.ws], h)
+    await open_chat(browser, "bob", cluster.b, b_tok, [cluster.b.ws], h)
+    # Presence, asked when Bob picked the Hoomi: both tabs are online, on two replicas.
+    online = await browser.wait("bob", "document.getElementById('presence').textContent"
+                                f".includes('{str(alice)[:8]}')")
+    assert online
+    assert await browser.eval("bob", "window.hoomiPage.client.features") == ["signals"]
+    # Typing in Bob's tab shows in Alice's, and goes away after a few seconds.
+    await browser.call("fill", page="bob", selector="#text", value="typing somethi")
+    await browser.wait("alice", "document.getElementById('typing').textContent === "
+                                f"'{str(bob)[:8]} is typing…'")
+    await browser.call("fill", page="bob", selector="#text", value="")
+    # Alice writes; Bob's tab shows it at the bottom and tells the hub; Alice sees the receipt.
+    await type_and_send(browser, "alice", "did you read this?")
+    await browser.wait("bob", f"({SHOWN}).length === 1")
+    await browser.wait("alice", "document.getElementById('receipts').textContent === "
+                                f"'Read by {str(bob)[:8]} up to #1'")
+    conn = await asyncpg.connect(cluster.dsn)
+    try:
+        stored = await conn.fetchval("SELECT read_seq FROM hoomi_members WHERE hoomi_id = $1 "
+                                     "AND user_id = $2", h, bob)
+    finally:
+        await conn.close()
+    assert stored == 1
+    await browser.wait("alice", "document.getElementById('typing').textContent === ''", 10)
+    # An edit by a scheme 2 client (compressed: over 256 bytes) shows in both tabs.
+    sdk = HoomiClient([cluster.a.ws], a_tok, keyring=ring_for(h), scheme=2)
+    await sdk.start()
+    long_text = "a longer message, edited later. " * 12
+    ack = await sdk.send_text(h, long_text.encode())
+    for page in ("alice", "bob"):
+        await browser.wait(page, f"({SHOWN}).length === 2 && ({SHOWN})[1][1] === {long_text!r}")
+    await sdk.edit_text(h, ack.id, ("now edited: " + long_text).encode())
+    for page in ("alice", "bob"):
+        await browser.wait(page, f"({SHOWN})[1][1] === {'now edited: ' + long_text!r} && "
+                                 "document.querySelector('li[data-seq=\"2\"] .edited') !== null")
+        assert await browser.call("errors", page=page) == []
+        await browser.call("close", page=page)
+    await sdk.close()

@@ -84,3 +84,32 @@ def test_both_sdks_derive_the_same_passphrase_key() -> None:
     result = run_js({"key": b64(bytes(32)), "session_id": "k1", "hoomi_id": str(uuid4()),
                      "passphrases": [{"passphrase": p, "hoomi_id": str(h)} for p, h in cases]})
     assert result["derived"] == [key_from_passphrase(p, h).key.hex() for p, h in cases]
+
+
+def test_scheme_2_compressed_messages_open_both_ways() -> None:
+    key = new_key("k2-interop")
+    hoomi, sender = uuid4(), uuid4()
+    bodies = [b"short, not compressed", ("compressible text " * 200).encode(),
+              os.urandom(2000)]
+    cmids = [uuid4() for _ in bodies]
+    from_python = [encrypt(key, hoomi, sender, c, b, scheme=2)
+                   for c, b in zip(cmids, bodies, strict=True)]
+    assert len(from_python[1].content) < len(bodies[1]) // 4  # compressed
+    result = run_js({
+        "key": b64(key.key), "session_id": key.session_id, "hoomi_id": str(hoomi),
+        "seal": [{"sender_id": str(sender), "client_msg_id": str(c), "body": b64(b),
+                  "scheme": 2} for c, b in zip(cmids, bodies, strict=True)],
+        "open": [{"sender_id": str(sender), "content": b64(s.content), "nonce": b64(s.nonce),
+                  "session_id": s.session_id, "scheme": 2} for s in from_python]
+        # Relabelled to scheme 1 by the hub: refused.
+        + [{"sender_id": str(sender), "content": b64(from_python[1].content),
+            "nonce": b64(from_python[1].nonce), "session_id": key.session_id, "scheme": 1}],
+    })
+    assert [base64.b64decode(o["body"]) for o in result["opened"][:3]] == bodies
+    assert result["opened"][3] == {"error": "tampered"}
+    for sealed, body, cmid, py in zip(result["sealed"], bodies, cmids, from_python,
+                                      strict=True):
+        content, nonce = base64.b64decode(sealed["content"]), base64.b64decode(sealed["nonce"])
+        assert sealed["scheme"] == 2 and len(content) == len(py.content)
+        got = decrypt(key, hoomi, sender, content, nonce, sealed["session_id"], scheme=2)
+        assert (got.plaintext, got.client_msg_id) == (body, cmid)

@@ -17,8 +17,13 @@ const ui = {
   keyfile: $("keyfile"), room: $("room"), roomTitle: $("room-title"), keyForm: $("key-form"),
   keyMissing: $("key-missing"), passphrase: $("passphrase"), session: $("session"),
   scroller: $("scroller"), top: $("top"), list: $("messages"), composer: $("composer"),
-  text: $("text"), send: $("send"), roomError: $("room-error"),
+  text: $("text"), send: $("send"), roomError: $("room-error"), presence: $("presence"),
+  receipts: $("receipts"), typing: $("typing"),
 };
+const TYPING_SHOWN_MS = 4000;
+const PRESENCE_EVERY_MS = 15000;
+const receipts = new Map(); // hoomi_id -> Map(user_id -> greatest seq read)
+const typers = new Map(); // user_id -> ms of their last typing push (current Hoomi)
 
 const keyring = new Keyring();
 let client = null;
@@ -73,12 +78,15 @@ ui.connect.addEventListener("submit", async (event) => {
     outbox = new MemoryOutbox(); // private mode without IndexedDB: unacked sends die with the tab
   }
   client?.close();
-  client = new HoomiClient(urls, token, { keyring, outbox });
+  client = new HoomiClient(urls, token, { keyring, outbox, signals: true });
   client.on("state", onState);
   client.on("welcome", onWelcome);
   client.on("message", onMessage);
   client.on("deleted", onDeleted);
   client.on("membership", () => renderHoomis());
+  client.on("edited", onEdited);
+  client.on("receipt", onReceipt);
+  client.on("typing", onTyping);
   client.on("send_failed", ({ entry, error }) => {
     removePending(entry.clientMsgId);
     ui.roomError.textContent = `A message could not be sent: ${error.message}`;
@@ -115,6 +123,7 @@ function onState({ state, url, code, delayMs }) {
 
 function onWelcome() {
   renderHoomis();
+  if (current) refreshPresence();
   // After a reconnect the hub resumed every Hoomi: pushes fill what was missed.
 }
 
@@ -150,7 +159,12 @@ function renderHoomis() {
 
 async function selectHoomi(id) {
   generation += 1;
-  current = { id, bySeq: new Map(), nextBefore: undefined, loading: false, done: false, generation };
+  current = { id, bySeq: new Map(), nextBefore: undefined, loading: false, done: false, generation,
+    newest: 0, readSent: client.hoomis.get(id)?.read_seq ?? 0 };
+  typers.clear();
+  renderTyping();
+  renderReceipts();
+  refreshPresence();
   unread.delete(id);
   renderHoomis();
   ui.room.hidden = false;
@@ -164,6 +178,7 @@ async function selectHoomi(id) {
   ui.scroller.scrollTop = ui.scroller.scrollHeight;
   (keyring.current(id) ? ui.text : ui.passphrase).focus();
   await fillViewport();
+  maybeRead();
 }
 
 function updateKeyState() {
@@ -224,6 +239,7 @@ async function reopenAll() {
 // -- messages -------------------------------------------------------------------------
 
 function makeItem(m) {
+  if (current && m.hoomi_id === current.id) current.newest = Math.max(current.newest, m.seq);
   const li = document.createElement("li");
   li.dataset.seq = String(m.seq);
   li.dataset.id = m.id;
@@ -238,6 +254,12 @@ function makeItem(m) {
   when.dateTime = at.toISOString();
   when.textContent = at.toLocaleTimeString();
   meta.append(who, when);
+  if (!m.deleted && m.updated_at && m.updated_at !== m.created_at) {
+    const mark = document.createElement("span");
+    mark.className = "edited";
+    mark.textContent = "edited";
+    meta.append(mark);
+  }
   const role = client?.hoomis.get(m.hoomi_id)?.role;
   if (!m.deleted && (mine || role === "admin")) {
     const del = document.createElement("button");
@@ -339,6 +361,7 @@ async function flushLive() {
     if (atBottom) s.scrollTop = s.scrollHeight;
   }
   flushing = null;
+  maybeRead();
 }
 
 let hoomisScheduled = false;
@@ -434,6 +457,92 @@ ui.scroller.addEventListener("scroll", async () => {
     scrolling = false;
   }
 }, { passive: true });
+
+// -- live signals: read receipts, typing, presence -----------------------------------------
+
+let readTimer = null;
+/** Tell the hub how far this user has read: the newest message, once it is on screen in a
+ * visible tab. One read in flight at a time; a burst of messages becomes one read. */
+function maybeRead() {
+  if (readTimer || !current || !client || client.state !== "live") return;
+  readTimer = setTimeout(async () => {
+    readTimer = null;
+    const view = current;
+    const s = ui.scroller;
+    const atBottom = s.scrollHeight - s.scrollTop - s.clientHeight < 80;
+    if (!view || document.visibilityState !== "visible" || !atBottom || view.newest <= view.readSent) return;
+    const seq = view.newest;
+    try {
+      view.readSent = await client.read(view.id, seq);
+    } catch {
+      // not connected or refused: the next message or scroll tries again
+    }
+  }, 250);
+}
+
+ui.scroller.addEventListener("scroll", () => maybeRead(), { passive: true });
+document.addEventListener("visibilitychange", () => maybeRead());
+
+function onReceipt(r) {
+  const seen = receipts.get(r.hoomi_id) ?? new Map();
+  seen.set(r.user_id, Math.max(seen.get(r.user_id) ?? 0, r.seq)); // never moves back
+  receipts.set(r.hoomi_id, seen);
+  if (current?.id === r.hoomi_id) renderReceipts();
+}
+
+function renderReceipts() {
+  const seen = current ? receipts.get(current.id) : null;
+  const others = seen ? [...seen].filter(([u]) => u !== client?.userId) : [];
+  ui.receipts.textContent = others.length
+    ? `Read by ${others.map(([u, seq]) => `${short(u)} up to #${seq}`).join(", ")}` : "";
+}
+
+function onTyping(t) {
+  if (current?.id !== t.hoomi_id || t.user_id === client?.userId) return;
+  typers.set(t.user_id, Date.now());
+  renderTyping();
+  setTimeout(renderTyping, TYPING_SHOWN_MS + 50);
+}
+
+function renderTyping() {
+  const now = Date.now();
+  for (const [u, at] of typers) if (now - at > TYPING_SHOWN_MS) typers.delete(u);
+  const names = [...typers.keys()].map(short);
+  ui.typing.textContent = names.length ? `${names.join(", ")} ${names.length > 1 ? "are" : "is"} typing…` : "";
+}
+
+let presenceTimer = null;
+async function refreshPresence() {
+  clearTimeout(presenceTimer);
+  const view = current;
+  if (!view || !client) return;
+  presenceTimer = setTimeout(refreshPresence, PRESENCE_EVERY_MS);
+  try {
+    const online = await client.presence(view.id);
+    if (view !== current) return;
+    ui.presence.textContent = `Online: ${online.map((u) => (u === client.userId ? "you" : short(u))).join(", ")}`;
+  } catch {
+    // asked again on the next tick or reconnect
+  }
+}
+
+function onEdited(e) {
+  const li = current?.id === e.hoomi_id ? current.bySeq.get(e.seq) : null;
+  if (!li || li._message.deleted) return;
+  li._message = { ...li._message, content: e.content, nonce: e.nonce, session_id: e.session_id,
+    scheme: e.scheme, updated_at: e.updated_at };
+  if (!li.querySelector(".meta .edited")) {
+    const mark = document.createElement("span");
+    mark.className = "edited";
+    mark.textContent = "edited";
+    li.querySelector(".meta").append(mark);
+  }
+  fillBody(li, li._message);
+}
+
+ui.text.addEventListener("input", () => {
+  if (current && ui.text.value) client?.typing(current.id);
+});
 
 // -- sending --------------------------------------------------------------------------
 

@@ -18,9 +18,10 @@
 // - reconnects use full-jitter exponential backoff, moving to the next URL after each
 //   failure; a close code's own policy decides whether to go on (see CLOSE_POLICY).
 //
-// Frames this hub does not speak yet (SPEC 7.2: read, typing, presence; pushes receipt,
-// typing, edited) go through request()/notify() and the "push" event: no change here is
-// needed for them to travel, only thin methods on top.
+// Protocol v1.1 (docs/protocol.md): with `signals: true` the hello asks for "signals" and
+// read()/typing()/presence() and the "receipt"/"typing" events work; "edited" pushes are
+// an event; messages of scheme 2 open (scheme: 2 seals with it). Frames this SDK has no
+// name for go through request()/notify() and arrive as the "push" event.
 
 import { decode, encode } from "@msgpack/msgpack";
 
@@ -81,6 +82,10 @@ export class HoomiClient {
     this.pingMs = options.pingMs ?? 20000;
     this.pongTimeoutMs = options.pongTimeoutMs ?? 10000;
     this.helloTimeoutMs = options.helloTimeoutMs ?? 15000;
+    this.signals = options.signals ?? false;
+    this.scheme = options.scheme ?? 1;
+    this.features = []; // what the hub accepted of hello.features
+    this._typingAt = new Map(); // hoomi_id -> ms of the last typing frame sent
     this.userId = null;
     this.hoomis = new Map(); // hoomi_id -> {hoomi_id, last_seq, role} from welcome
     this.maxContentBytes = MAX_CONTENT;
@@ -228,7 +233,9 @@ export class HoomiClient {
       if (this._ws !== ws) return;
       const resume = {};
       for (const [h, seq] of this.lastSeq) resume[h] = seq;
-      this._write(ws, { type: "hello", token, resume, ref: "hello" });
+      const hello = { type: "hello", token, resume, ref: "hello" };
+      if (this.signals) hello.features = ["signals"];
+      this._write(ws, hello);
       helloTimer = this._later(this.helloTimeoutMs, () => ws.close(4000, "no welcome"));
     };
     ws.onmessage = (event) => {
@@ -299,6 +306,7 @@ export class HoomiClient {
   _welcome(ws, frame) {
     this.userId = frame.user_id;
     this.maxContentBytes = frame.max_content_bytes ?? MAX_CONTENT;
+    this.features = Array.isArray(frame.features) ? frame.features : [];
     this.hoomis = new Map(frame.hoomis.map((h) => [h.hoomi_id, h]));
     for (const h of frame.hoomis) {
       // Not in resume: the hub starts at its last_seq, so that is where pushes start.
@@ -341,9 +349,15 @@ export class HoomiClient {
         }
         this._emit("membership", frame);
         return;
+      case "edited":
+      case "receipt":
+      case "typing":
+        this._emit(frame.type, frame);
+        return;
       case "ack":
       case "page":
       case "pong":
+      case "presence":
         this._reply(frame);
         return;
       case "error":
@@ -419,6 +433,7 @@ export class HoomiClient {
   _queueSend(entry) {
     const frame = { type: "send", hoomi_id: entry.hoomiId, client_msg_id: entry.clientMsgId,
       content: entry.content, nonce: entry.nonce, session_id: entry.sessionId };
+    if ((entry.scheme ?? 1) !== 1) frame.scheme = entry.scheme; // a v1 send carries none
     const promise = this._enqueue(frame, entry.clientMsgId);
     promise.catch((err) => this._emit("send_failed", { entry, error: err }));
     return promise;
@@ -432,9 +447,10 @@ export class HoomiClient {
     if (!key) throw new DecryptError("unknown_session", "no key for this Hoomi: add one before sending");
     if (!this.userId) await this.start();
     const sealed = await encrypt(key, hoomiId, this.userId, clientMsgId, body,
-      { maxPlaintext: maxPlaintext(this.maxContentBytes) });
+      { maxPlaintext: maxPlaintext(this.maxContentBytes), scheme: this.scheme });
     const entry = { clientMsgId, hoomiId, content: sealed.content, nonce: sealed.nonce,
-      sessionId: sealed.sessionId, createdAt: Date.now(), order: this._order++ };
+      sessionId: sealed.sessionId, scheme: sealed.scheme, createdAt: Date.now(),
+      order: this._order++ };
     await this.outbox.put(entry); // on disk before it is on the wire
     const ack = await this._queueSend(entry);
     return { ...ack, client_msg_id: clientMsgId };
@@ -475,6 +491,32 @@ export class HoomiClient {
     return this.request("ping");
   }
 
+  // -- live signals (v1.1) --------------------------------------------------------------
+
+  /** This user has read `hoomiId` up to `seq`; resolves with the stored position (never
+   * lower than before). The other members' signal sockets get a "receipt". */
+  async read(hoomiId, seq) {
+    const ack = await this.request("read", { hoomi_id: hoomiId, seq });
+    const info = this.hoomis.get(hoomiId);
+    if (info) info.read_seq = Math.max(info.read_seq ?? 0, ack.seq);
+    return ack.seq;
+  }
+
+  /** Say this user is typing in `hoomiId`: sent at most once a second per Hoomi (the hub
+   * hands on no more), so call it on every keystroke. Returns whether a frame went out. */
+  typing(hoomiId) {
+    const now = Date.now();
+    if (now - (this._typingAt.get(hoomiId) ?? 0) < 1000) return false;
+    if (!this.notify("typing", { hoomi_id: hoomiId })) return false;
+    this._typingAt.set(hoomiId, now);
+    return true;
+  }
+
+  /** The Hoomi's members with a live socket on any replica (the asker included). */
+  async presence(hoomiId) {
+    return (await this.request("presence", { hoomi_id: hoomiId })).user_ids;
+  }
+
   // -- opening ------------------------------------------------------------------------
 
   /** Open a message (push or page entry): {body, text, clientMsgId, senderId} or a
@@ -483,7 +525,7 @@ export class HoomiClient {
     if (message.deleted) throw new DecryptError("malformed", "deleted for everyone");
     if (!this.keyring) throw new DecryptError("unknown_session", "no keys loaded");
     const opened = await decrypt(this.keyring, message.hoomi_id, message.sender_id ?? null,
-      message.content, message.nonce, message.session_id);
+      message.content, message.nonce, message.session_id, message.scheme ?? 1);
     const id = `${message.hoomi_id}|${opened.senderId}|${opened.clientMsgId}`;
     const seen = this._opened.get(id);
     if (seen !== undefined && seen < message.seq) {

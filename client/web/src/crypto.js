@@ -5,6 +5,15 @@
 
 export const VERSION = 1;
 export const AD_PREFIX = new TextEncoder().encode("hoomi/v1");
+// Schemes (docs/encryption.md "Schemes", protocol v1.1): the scheme is bound into the AD
+// ("hoomi/v<scheme>"); scheme 2's envelope has a flags byte after the version, bit 0 =
+// the body is raw DEFLATE of the plaintext (what DecompressionStream("deflate-raw") reads).
+export const SCHEMES = [1, 2];
+export const LATEST_SCHEME = 2;
+export const COMPRESS_ABOVE = 256;
+export const MAX_INFLATED = 1 << 20;
+export const HEADER_BYTES_V2 = 38;
+const DEFLATED = 1;
 export const NONCE_BYTES = 12;
 export const TAG_BYTES = 16;
 export const PAD_TO = 32;
@@ -86,28 +95,66 @@ export function checkSessionId(sessionId) {
   if (sessionId.includes("\0")) throw new RangeError("session_id: must not contain NUL");
 }
 
-/** AD = "hoomi/v1" | hoomi_id (16) | UTF-8(session_id). */
-export function associatedData(hoomiId, sessionId) {
+/** AD = "hoomi/v<scheme>" | hoomi_id (16) | UTF-8(session_id). */
+export function associatedData(hoomiId, sessionId, scheme = 1) {
+  const prefix = new TextEncoder().encode(`hoomi/v${scheme}`);
   const sid = new TextEncoder().encode(sessionId);
-  const ad = new Uint8Array(AD_PREFIX.length + 16 + sid.length);
-  ad.set(AD_PREFIX, 0);
-  ad.set(uuidBytes(hoomiId), AD_PREFIX.length);
-  ad.set(sid, AD_PREFIX.length + 16);
+  const ad = new Uint8Array(prefix.length + 16 + sid.length);
+  ad.set(prefix, 0);
+  ad.set(uuidBytes(hoomiId), prefix.length);
+  ad.set(sid, prefix.length + 16);
   return ad;
+}
+
+async function pipeThrough(data, stream, limit = Infinity) {
+  const reader = new Blob([data]).stream().pipeThrough(stream).getReader();
+  const chunks = [];
+  let size = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    size += value.length;
+    if (size > limit) {
+      await reader.cancel();
+      return null;
+    }
+    chunks.push(value);
+  }
+  const out = new Uint8Array(size);
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.length;
+  }
+  return out;
+}
+
+async function inflate(data) {
+  let out;
+  try {
+    out = await pipeThrough(data, new DecompressionStream("deflate-raw"), MAX_INFLATED);
+  } catch {
+    throw new DecryptError("malformed", "compressed body does not inflate");
+  }
+  if (out === null) throw new DecryptError("malformed", `compressed body over ${MAX_INFLATED} bytes`);
+  return out;
 }
 
 function padded(size) {
   return Math.ceil(size / PAD_TO) * PAD_TO;
 }
 
-/** The padded envelope (the plaintext AES-GCM encrypts). */
-export function envelope(clientMsgId, senderId, body) {
-  const env = new Uint8Array(padded(HEADER_BYTES + body.length));
-  env[0] = VERSION;
-  env.set(uuidBytes(clientMsgId), 1);
-  env.set(uuidBytes(senderId), 17);
-  new DataView(env.buffer).setUint32(33, body.length, false);
-  env.set(body, HEADER_BYTES);
+/** The padded envelope (the plaintext AES-GCM encrypts); scheme 2 has a flags byte. */
+export function envelope(clientMsgId, senderId, body, scheme = 1, flags = 0) {
+  const head = scheme === 1 ? HEADER_BYTES : HEADER_BYTES_V2;
+  const at = scheme === 1 ? 1 : 2;
+  const env = new Uint8Array(padded(head + body.length));
+  env[0] = scheme;
+  if (scheme !== 1) env[1] = flags;
+  env.set(uuidBytes(clientMsgId), at);
+  env.set(uuidBytes(senderId), at + 16);
+  new DataView(env.buffer).setUint32(at + 32, body.length, false);
+  env.set(body, head);
   return env;
 }
 
@@ -145,31 +192,44 @@ function bodyBytes(body) {
 
 /**
  * Seal `body` for `hoomiId` as `senderId` under `key`. Returns {content, nonce, sessionId,
- * clientMsgId}. `nonce` may be given only by tests (the vectors); otherwise it is drawn
- * fresh from crypto.getRandomValues for every message.
+ * scheme, clientMsgId}. opts.scheme: 1 (default) or 2 (compresses a body of
+ * COMPRESS_ABOVE bytes or more when that seals smaller). `nonce` may be given only by
+ * tests (the vectors); otherwise it is drawn fresh from crypto.getRandomValues.
  */
 export async function encrypt(key, hoomiId, senderId, clientMsgId, body, opts = {}) {
+  const scheme = opts.scheme ?? 1;
+  if (!SCHEMES.includes(scheme)) throw new RangeError(`scheme: this client seals ${SCHEMES}, not ${scheme}`);
   const data = bodyBytes(body);
-  const limit = opts.maxPlaintext ?? MAX_PLAINTEXT;
-  if (data.length > limit) {
-    throw new RangeError(`body: ${data.length} bytes, over the ${limit} bytes a message can hold`);
+  let packed = data;
+  let flags = 0;
+  if (scheme === 2 && data.length >= COMPRESS_ABOVE) {
+    const deflated = await pipeThrough(data, new CompressionStream("deflate-raw"));
+    if (padded(HEADER_BYTES_V2 + deflated.length) < padded(HEADER_BYTES_V2 + data.length)) {
+      packed = deflated;
+      flags = DEFLATED;
+    }
+  }
+  const limit = (opts.maxPlaintext ?? MAX_PLAINTEXT) - (scheme === 1 ? 0 : 1);
+  if (packed.length > limit) {
+    throw new RangeError(`body: ${packed.length} bytes, over the ${limit} bytes a message can hold`);
   }
   const nonce = opts.nonce ?? globalThis.crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
   if (nonce.length !== NONCE_BYTES) throw new RangeError("nonce: must be exactly 12 bytes");
   const sealed = await globalThis.crypto.subtle.encrypt(
-    { name: "AES-GCM", iv: nonce, additionalData: associatedData(hoomiId, key.sessionId),
+    { name: "AES-GCM", iv: nonce, additionalData: associatedData(hoomiId, key.sessionId, scheme),
       tagLength: 128 },
-    key.cryptoKey, envelope(clientMsgId, senderId, data));
-  return { content: new Uint8Array(sealed), nonce, sessionId: key.sessionId, clientMsgId };
+    key.cryptoKey, envelope(clientMsgId, senderId, packed, scheme, flags));
+  return { content: new Uint8Array(sealed), nonce, sessionId: key.sessionId, scheme, clientMsgId };
 }
 
 /**
  * Open a message as the hub delivered it; `senderId` is the hub's (null for a deleted
- * sender). `keys` is a Keyring or a single GroupKey. Returns {body (Uint8Array),
- * clientMsgId, senderId (the envelope's)} or throws DecryptError; the checks run in the
- * order of docs/encryption.md and the first that fails decides the reason.
+ * sender), `scheme` the message's (1 when absent). `keys` is a Keyring or a GroupKey.
+ * Returns {body (Uint8Array), clientMsgId, senderId (the envelope's)} or throws
+ * DecryptError; the checks run in the order of docs/encryption.md and the first that
+ * fails decides the reason.
  */
-export async function decrypt(keys, hoomiId, senderId, content, nonce, sessionId) {
+export async function decrypt(keys, hoomiId, senderId, content, nonce, sessionId, scheme = 1) {
   const key = keys instanceof GroupKey
     ? (keys.sessionId === sessionId ? keys : null)
     : keys.get(hoomiId, sessionId);
@@ -182,32 +242,39 @@ export async function decrypt(keys, hoomiId, senderId, content, nonce, sessionId
   if (!(content instanceof Uint8Array) || content.length < TAG_BYTES) {
     throw new DecryptError("malformed", "content: shorter than the 16-byte tag");
   }
+  if (!SCHEMES.includes(scheme)) {
+    throw new DecryptError("malformed", `scheme ${scheme} is unknown to this client`,
+      `(cannot decrypt: sealed with scheme ${scheme}, newer than this client)`);
+  }
   let env;
   try {
     env = new Uint8Array(await globalThis.crypto.subtle.decrypt(
-      { name: "AES-GCM", iv: nonce, additionalData: associatedData(hoomiId, sessionId),
+      { name: "AES-GCM", iv: nonce, additionalData: associatedData(hoomiId, sessionId, scheme),
         tagLength: 128 },
       key.cryptoKey, content));
   } catch {
     throw new DecryptError("tampered", "authentication failed");
   }
-  if (env.length < HEADER_BYTES) throw new DecryptError("malformed", "envelope: shorter than its header");
-  if (env[0] !== VERSION) throw new DecryptError("malformed", `envelope: unknown version ${env[0]}`);
-  const length = new DataView(env.buffer, env.byteOffset).getUint32(33, false);
-  if (env.length !== padded(HEADER_BYTES + length) || HEADER_BYTES + length > env.length) {
+  const head = scheme === 1 ? HEADER_BYTES : HEADER_BYTES_V2;
+  const at = scheme === 1 ? 1 : 2;
+  if (env.length < head) throw new DecryptError("malformed", "envelope: shorter than its header");
+  const flags = scheme === 1 ? 0 : env[1];
+  if (env[0] !== scheme || (flags & ~DEFLATED) !== 0) {
+    throw new DecryptError("malformed", `envelope: version ${env[0]} or flags ${flags}`);
+  }
+  const length = new DataView(env.buffer, env.byteOffset).getUint32(at + 32, false);
+  if (env.length !== padded(head + length) || head + length > env.length) {
     throw new DecryptError("malformed", "envelope: length does not match its padding");
   }
-  for (let i = HEADER_BYTES + length; i < env.length; i++) {
+  for (let i = head + length; i < env.length; i++) {
     if (env[i] !== 0) throw new DecryptError("malformed", "envelope: non-zero padding");
   }
-  const sealedSender = uuidString(env.subarray(17, 33));
+  const sealedSender = uuidString(env.subarray(at + 16, at + 32));
   if (senderId != null && sealedSender !== senderId) {
     throw new DecryptError("tampered", "sealed by another sender than the hub reports",
       "(cannot decrypt: tampered: sealed by another sender than the hub reports)");
   }
-  return {
-    body: env.slice(HEADER_BYTES, HEADER_BYTES + length),
-    clientMsgId: uuidString(env.subarray(1, 17)),
-    senderId: sealedSender,
-  };
+  let body = env.slice(head, head + length);
+  if (flags & DEFLATED) body = await inflate(body);
+  return { body, clientMsgId: uuidString(env.subarray(at, at + 16)), senderId: sealedSender };
 }

@@ -14,6 +14,11 @@ export const MAX_CONTENT: 65536;
 export const MAX_PLAINTEXT: number;
 export const KEY_BYTES: 32;
 export const MAX_SESSION_ID_CHARS: 128;
+export const SCHEMES: number[];
+export const LATEST_SCHEME: 2;
+export const COMPRESS_ABOVE: 256;
+export const MAX_INFLATED: number;
+export const HEADER_BYTES_V2: 38;
 export function maxPlaintext(maxContent: number): number;
 
 export type DecryptReason = "unknown_session" | "malformed" | "tampered" | "replayed";
@@ -31,8 +36,8 @@ export function toHex(bytes: Uint8Array): string;
 export function fromHex(hex: string): Uint8Array;
 export function newUuid(): Uuid;
 export function checkSessionId(sessionId: string): void;
-export function associatedData(hoomiId: Uuid, sessionId: string): Uint8Array;
-export function envelope(clientMsgId: Uuid, senderId: Uuid, body: Uint8Array): Uint8Array;
+export function associatedData(hoomiId: Uuid, sessionId: string, scheme?: number): Uint8Array;
+export function envelope(clientMsgId: Uuid, senderId: Uuid, body: Uint8Array, scheme?: number, flags?: number): Uint8Array;
 
 export class GroupKey {
   static fromBytes(sessionId: string, bytes: Uint8Array): Promise<GroupKey>;
@@ -46,6 +51,7 @@ export interface Sealed {
   content: Uint8Array;
   nonce: Uint8Array;
   sessionId: string;
+  scheme: number;
   clientMsgId: Uuid;
 }
 export interface Opened {
@@ -55,9 +61,9 @@ export interface Opened {
   senderId: Uuid;
 }
 export function encrypt(key: GroupKey, hoomiId: Uuid, senderId: Uuid, clientMsgId: Uuid,
-  body: string | Uint8Array, opts?: { nonce?: Uint8Array; maxPlaintext?: number }): Promise<Sealed>;
+  body: string | Uint8Array, opts?: { nonce?: Uint8Array; maxPlaintext?: number; scheme?: 1 | 2 }): Promise<Sealed>;
 export function decrypt(keys: Keyring | GroupKey, hoomiId: Uuid, senderId: Uuid | null,
-  content: Uint8Array, nonce: Uint8Array, sessionId: string): Promise<Opened>;
+  content: Uint8Array, nonce: Uint8Array, sessionId: string, scheme?: number): Promise<Opened>;
 
 // -- keys.js --------------------------------------------------------------------------
 export const SCRYPT_N: 32768;
@@ -85,6 +91,7 @@ export interface OutboxEntry {
   content: Uint8Array;
   nonce: Uint8Array;
   sessionId: string;
+  scheme?: number;
   createdAt: number;
   order: number;
 }
@@ -109,12 +116,16 @@ export class IndexedDbOutbox implements Outbox {
 }
 
 // -- client.js ------------------------------------------------------------------------
-export interface HoomiInfo { hoomi_id: Uuid; last_seq: number; role: "admin" | "member" }
-export interface Welcome { type: "welcome"; user_id: Uuid; hoomis: HoomiInfo[]; max_content_bytes?: number; ref?: string }
+export interface HoomiInfo { hoomi_id: Uuid; last_seq: number; role: "admin" | "member"; read_seq?: number }
+export interface Welcome { type: "welcome"; user_id: Uuid; hoomis: HoomiInfo[]; max_content_bytes?: number; features?: string[]; ref?: string }
 export interface MessageBody {
   id: Uuid; hoomi_id: Uuid; seq: number; sender_id: Uuid | null; created_at: number;
   content?: Uint8Array; nonce?: Uint8Array; session_id?: string; deleted?: boolean;
+  scheme?: number; updated_at?: number;
 }
+export interface Edited { type: "edited"; hoomi_id: Uuid; id: Uuid; seq: number; content: Uint8Array; nonce: Uint8Array; session_id: string; scheme: number; updated_at: number }
+export interface Receipt { type: "receipt"; hoomi_id: Uuid; user_id: Uuid; seq: number }
+export interface Typing { type: "typing"; hoomi_id: Uuid; user_id: Uuid }
 export interface MessagePush extends MessageBody { type: "message" }
 export interface Deleted { type: "deleted"; hoomi_id: Uuid; id: Uuid; seq: number }
 export interface Membership { type: "membership"; hoomi_id: Uuid; state: "joined" | "left" }
@@ -140,13 +151,20 @@ export interface ClientOptions {
   pongTimeoutMs?: number;
   helloTimeoutMs?: number;
   random?: () => number;
+  /** Ask for receipt and typing pushes (hello.features ["signals"], protocol v1.1). */
+  signals?: boolean;
+  /** The scheme new messages are sealed with: 1 (default, v1) or 2. */
+  scheme?: 1 | 2;
 }
 
 export interface Events {
   message: MessagePush;
   deleted: Deleted;
   membership: Membership;
-  /** Any push this SDK has no name for yet (SPEC 7.2: receipt, typing, edited). */
+  edited: Edited;
+  receipt: Receipt;
+  typing: Typing;
+  /** Any push this SDK has no name for. */
   push: { type: string; [field: string]: unknown };
   welcome: Welcome;
   state: StateChange;
@@ -166,6 +184,7 @@ export class HoomiClient {
   readonly state: StateChange["state"];
   readonly lastSeq: Map<Uuid, number>;
   readonly reconnects: number;
+  readonly features: string[];
   on<K extends keyof Events>(type: K, fn: (value: Events[K]) => void): () => void;
   start(): Promise<Welcome>;
   close(): void;
@@ -178,5 +197,8 @@ export class HoomiClient {
   sync(hoomiId: Uuid, after: number, opts?: { limit?: number }): Promise<Page>;
   delete(hoomiId: Uuid, messageId: Uuid): Promise<Ack>;
   ping(): Promise<{ type: "pong"; ref: number }>;
+  read(hoomiId: Uuid, seq: number): Promise<number>;
+  typing(hoomiId: Uuid): boolean;
+  presence(hoomiId: Uuid): Promise<Uuid[]>;
   open(message: MessageBody): Promise<Opened & { text: string | null }>;
 }

@@ -52,17 +52,19 @@ class Recorder {
   close() {}
 }
 
-test("a client queues sends before its welcome, seals them once and keeps them in its outbox", async () => {
+test("a client queues sends before its welcome, seals them once and keeps them in its outbox", async (t) => {
   const hoomi = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
   const keyring = new Keyring();
   keyring.add(hoomi, await GroupKey.fromBytes("k1", new Uint8Array(32).fill(1)));
   const outbox = new MemoryOutbox();
   const client = new HoomiClient(["ws://a/v1/ws", "ws://b/v1/ws"], "tok", {
-    keyring, outbox, WebSocket: Recorder, pingMs: 1e9 });
+    keyring, outbox, WebSocket: Recorder, pingMs: 1e6, signals: true });
+  t.after(() => client.close());
   const started = client.start();
   await new Promise((r) => setTimeout(r, 10));
   const ws = Recorder.last;
-  assert.deepEqual(ws.sent[0], { type: "hello", token: "tok", resume: {}, ref: "hello" });
+  assert.deepEqual(ws.sent[0], { type: "hello", token: "tok", resume: {}, ref: "hello",
+    features: ["signals"] });
   const { encode } = await import("@msgpack/msgpack");
   const push = (frame) => ws.onmessage({ data: encode(frame) });
   push({ type: "welcome", user_id: "0b5f3e8c-1d2a-4c6b-9e7f-5a4b3c2d1e0f",
@@ -95,11 +97,27 @@ test("a client queues sends before its welcome, seals them once and keeps them i
   assert.equal(opened.text, "hello");
   await assert.rejects(client.open({ id: "m6", hoomi_id: hoomi, seq: 6, sender_id: client.userId,
     content: frame.content, nonce: frame.nonce, session_id: "k1" }), (e) => e.reason === "replayed");
-  // A later push type passes through as "push" (SPEC 7.2 signals, once the hub speaks them).
-  const other = [];
-  client.on("push", (f) => other.push(f.type));
+  // Signals: typing goes out at most once a second per Hoomi; pushes are named events;
+  // a push type this SDK has no name for passes through as "push".
+  assert.equal(client.typing(hoomi), true);
+  assert.equal(client.typing(hoomi), false);
+  assert.deepEqual(ws.sent.at(-1), { type: "typing", hoomi_id: hoomi });
+  const seenEvents = [];
+  for (const type of ["typing", "receipt", "edited", "push"]) client.on(type, (f) => seenEvents.push(f.type));
   push({ type: "typing", hoomi_id: hoomi, user_id: "x" });
-  assert.deepEqual(other, ["typing"]);
+  push({ type: "receipt", hoomi_id: hoomi, user_id: "x", seq: 5 });
+  push({ type: "some_future_push", hoomi_id: hoomi });
+  assert.deepEqual(seenEvents, ["typing", "receipt", "some_future_push"]);
+  const reading = client.read(hoomi, 5);
+  await new Promise((r) => setTimeout(r, 0));
+  const readFrame = ws.sent.at(-1);
+  assert.equal(readFrame.type, "read");
+  push({ type: "ack", ref: readFrame.ref, hoomi_id: hoomi, seq: 5 });
+  assert.equal(await reading, 5);
+  const asking = client.presence(hoomi);
+  await new Promise((r) => setTimeout(r, 0));
+  push({ type: "presence", ref: ws.sent.at(-1).ref, hoomi_id: hoomi, user_ids: ["a", "b"] });
+  assert.deepEqual(await asking, ["a", "b"]);
   client.close();
   assert.equal(client.state, "stopped");
 });

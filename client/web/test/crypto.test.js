@@ -150,3 +150,24 @@ test("key files: the doc's example loads; bad files are refused naming the entry
     });
   }
 });
+
+test("scheme 2: compressed above 256 bytes when smaller, bound into the AD, newer schemes refused", async () => {
+  const key = await vectorKey();
+  const text = "all work and no play makes jack a dull boy. ".repeat(40);
+  const big = await encrypt(key, HOOMI, SENDER, CMID, text, { scheme: 2 });
+  assert.equal(big.scheme, 2);
+  assert.ok(big.content.length < 400, `compressed: ${big.content.length}`);
+  const opened = await decrypt(key, HOOMI, SENDER, big.content, big.nonce, "k1", 2);
+  assert.equal(new TextDecoder().decode(opened.body), text);
+  assert.equal(opened.clientMsgId, CMID);
+  const small = await encrypt(key, HOOMI, SENDER, CMID, "hi", { scheme: 2 });
+  assert.equal(small.content.length, 80); // 38 + 2 -> 64, + tag
+  assert.equal(new TextDecoder().decode((await decrypt(key, HOOMI, null, small.content, small.nonce, "k1", 2)).body), "hi");
+  // The hub cannot relabel a message's scheme: it no longer authenticates.
+  await assert.rejects(decrypt(key, HOOMI, SENDER, small.content, small.nonce, "k1", 1), (e) => e.reason === "tampered");
+  const v1 = await encrypt(key, HOOMI, SENDER, CMID, "hi");
+  await assert.rejects(decrypt(key, HOOMI, SENDER, v1.content, v1.nonce, "k1", 2), (e) => e.reason === "tampered");
+  await assert.rejects(decrypt(key, HOOMI, SENDER, v1.content, v1.nonce, "k1", 3),
+    (e) => e.reason === "malformed" && e.summary.includes("scheme 3, newer than this client"));
+  await assert.rejects(encrypt(key, HOOMI, SENDER, CMID, "x", { scheme: 3 }), RangeError);
+});
