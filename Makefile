@@ -37,7 +37,7 @@ test: $(STAMP) web-deps
 	$(BIN)/ruff check protocol storage server client tests bench
 	$(BIN)/mypy --strict protocol client/crypto.py client/keys.py
 	$(BIN)/mypy storage server client bench
-	@if [ -d $(WEB)/node_modules ]; then cd $(WEB) && node --test test/*.test.js; fi
+	@if [ -d $(WEB)/node_modules ]; then cd $(WEB) && node --test --test-timeout=120000 test/*.test.js; fi
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
