@@ -146,7 +146,7 @@ def create_app(settings: Settings) -> Starlette:
 # Static files only: the token and keys are typed into the page and never reach the hub's
 # storage. Scripts and styles from this origin only (no inline code, no CDN); the page's
 # WebSocket may go to any ws:/wss: URL the user gives (other replicas); nothing may frame it.
-CHAT_DIR = Path(__file__).resolve().parent.parent / "client" / "web" / "dist"
+CHAT_DIST = Path("client") / "web" / "dist"
 CHAT_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
             "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; "
             "frame-ancestors 'none'")
@@ -155,9 +155,18 @@ CHAT_HEADERS = [(b"content-security-policy", CHAT_CSP.encode()),
                 (b"cross-origin-opener-policy", b"same-origin"), (b"cache-control", b"no-cache")]
 
 
+def chat_dir() -> Path:
+    """The page beside the source tree (editable install, `make run`), else under the
+    working directory (the Docker image installs the packages and keeps the tree in /app)."""
+    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (base / CHAT_DIST / "index.html").is_file():
+            return base / CHAT_DIST
+    return Path(__file__).resolve().parent.parent / CHAT_DIST
+
+
 def chat_page() -> ASGIApp:
     """The page's static files, each response with CHAT_HEADERS (404s are JSON, as any)."""
-    files = StaticFiles(directory=CHAT_DIR, html=True, check_dir=False)
+    files = StaticFiles(directory=chat_dir(), html=True, check_dir=False)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_headers(message: Message) -> None:
