@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import struct
@@ -33,7 +34,17 @@ import msgpack
 import websockets
 
 from bench.common import fresh_database
-from protocol import Ack, Hello, MessageBody, Send, decode_server, encode_client
+from bench.profile import Profile
+from protocol import (
+    Ack,
+    Hello,
+    MessageBody,
+    Send,
+    decode_server,
+    decode_server_stream,
+    encode_client,
+    split_stream,
+)
 from tests.cluster import ADMIN_TOKEN, JWT_SECRET, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +82,13 @@ def pct(xs: list[float], p: float) -> float:
 
 
 async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float, window: int,
-                hub: bool) -> dict[str, float]:
+                hub: bool, batch: bool = False, rate: float = 0.0) -> dict[str, float]:
+    """`batch`: the hello asks for "batch" (SPEC 7.2) and messages are read as streams.
+    `rate` > 0: each connection sends at rate/connections per second (paced, open loop,
+    still at most `window` in flight) instead of as fast as acks come back."""
     rng = random.Random(7)
+    # Each run its own session_id: the same seeded nonces again would meet the nonce guard.
+    session_id = uuid4().hex[:12]
     payload = os.urandom(200)
     latencies: list[float] = []
     # Send → push at the *other* member: the sender's clock rides in the first 8 bytes of
@@ -88,8 +104,9 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
                                       compression=None)
         me = None
         if hub:
-            await ws.send(encode_client(Hello(token=tokens[k])))
-            welcome = decode_server(await ws.recv(decode=False))
+            await ws.send(encode_client(Hello(token=tokens[k],
+                                              features=("batch",) if batch else ())))
+            welcome = decode_server(split_stream(await ws.recv(decode=False))[0])
             me = getattr(welcome, "user_id", None)
         h = hoomis[k // 2]
         sent_at: dict[int, float] = {}
@@ -104,30 +121,41 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
                 except (TimeoutError, websockets.ConnectionClosed):
                     return
                 if not hub:  # the echo of our own send frame
-                    ref = msgpack.unpackb(data)["ref"]
+                    refs = [msgpack.unpackb(data)["ref"]]
                 else:
-                    frame = decode_server(data)
-                    if isinstance(frame, MessageBody):
-                        pushes += 1
-                        if frame.sender_id != me and frame.content is not None:
-                            (t0,) = struct.unpack_from(">d", frame.content)
-                            deliveries.append(time.perf_counter() - t0)
-                        continue
-                    if not isinstance(frame, Ack):
-                        raise RuntimeError(f"unexpected {frame}")
-                    ref = frame.ref
-                latencies.append(time.perf_counter() - sent_at.pop(ref))
-                slots.release()
+                    refs = []
+                    for frame in (decode_server_stream(data) if batch
+                                  else [decode_server(data)]):
+                        if isinstance(frame, MessageBody):
+                            pushes += 1
+                            if frame.sender_id != me and frame.content is not None:
+                                (t0,) = struct.unpack_from(">d", frame.content)
+                                deliveries.append(time.perf_counter() - t0)
+                            continue
+                        if not isinstance(frame, Ack):
+                            raise RuntimeError(f"unexpected {frame}")
+                        refs.append(frame.ref)
+                now = time.perf_counter()
+                for ref in refs:
+                    latencies.append(now - sent_at.pop(ref))
+                    slots.release()
 
         task = asyncio.ensure_future(reader())
         i = 0
+        period = len(tokens) / rate if rate > 0 else 0.0
+        next_at = time.monotonic() + rng.random() * period
         while time.monotonic() < stop_at:
-            await slots.acquire()
+            if period:
+                next_at += period
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if task.done():  # the reader failed: its exception ends the run
+                break
+            await asyncio.wait_for(slots.acquire(), 10)  # no ack for 10 s: fail loudly
             i += 1
             sent_at[i] = time.perf_counter()
             content = struct.pack(">d", sent_at[i]) + payload[8:]
             frame = Send(hoomi_id=h, client_msg_id=uuid4(), content=content,
-                         nonce=rng.randbytes(12), session_id="s1", ref=i)
+                         nonce=rng.randbytes(12), session_id=session_id, ref=i)
             await ws.send(encode_client(frame))
         done.set()
         await task
@@ -149,12 +177,22 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--no-v1", action="store_true",
+                    help="skip the hub run without batching (one frame per message)")
+    ap.add_argument("--half", action="store_true",
+                    help="then a paced run at half the batched hub's msg/s: ack p99 there")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy over the (first) hub during each hub run (bench/profile.py)")
     ap.add_argument("--replicas", type=int, choices=[1, 2], default=1,
                     help="2: two hub processes and a Valkey; each Hoomi spans both")
     args = ap.parse_args()
     env = {**os.environ, "HOOMI_JWT_SECRET": JWT_SECRET, "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
            "HOOMI_LOG_LEVEL": "warning", "HOOMI_SEND_RATE": "100000",
-           "HOOMI_SEND_BURST": "100000"}
+           "HOOMI_SEND_BURST": "100000",
+           # every bench socket comes from 127.0.0.1, all at once
+           "HOOMI_MAX_UNAUTHENTICATED_PER_ADDRESS": "100000", "HOOMI_HELLO_RATE": "100000",
+           "HOOMI_HELLO_BURST": "100000", "HOOMI_HTTP_RATE": "100000",
+           "HOOMI_HTTP_BURST": "100000"}
     env.pop("REDIS_URL", None)
     valkey = None
     if args.replicas == 2:
@@ -189,12 +227,27 @@ async def main() -> None:
                     "user_id": u, "ttl_seconds": 3600})).json()["token"] for u in users]
             from uuid import UUID
             hoomi_ids = [UUID(h) for h in hoomis]
-            results = {
-                "echo": await drive([f"ws://127.0.0.1:{echo_port}/v1/ws"], tokens, hoomi_ids,
-                                    args.seconds, args.window, hub=False),
-                "hub": await drive([f"ws://127.0.0.1:{p}/v1/ws" for p in hub_ports], tokens,
-                                   hoomi_ids, args.seconds, args.window, hub=True),
-            }
+            urls = [f"ws://127.0.0.1:{p}/v1/ws" for p in hub_ports]
+            results = {"echo": await drive([f"ws://127.0.0.1:{echo_port}/v1/ws"], tokens,
+                                           hoomi_ids, args.seconds, args.window, hub=False)}
+            profiles = []
+
+            async def run(name: str, window: int, batch: bool, rate: float = 0.0) -> None:
+                with contextlib.ExitStack() as stack:
+                    if args.profile:
+                        prof = stack.enter_context(Profile(hubs[0].pid, name.replace(" ", "-")))
+                    results[name] = await drive(urls, tokens, hoomi_ids, args.seconds, window,
+                                                hub=True, batch=batch, rate=rate)
+                if args.profile:
+                    profiles.append(prof.report(per=int(results[name]["n"])))
+
+            if not args.no_v1:
+                await run("hub v1", args.window, batch=False)
+            await run("hub batch", args.window, batch=True)
+            if args.half:
+                half = results["hub batch"]["rate"] / 2
+                await run("hub half", 64, batch=True, rate=half)
+                results["hub half"]["target"] = half
             conn = await asyncpg.connect(dsn)
             stored = await conn.fetchval("SELECT count(*) FROM messages")
             await conn.close()
@@ -210,11 +263,18 @@ async def main() -> None:
           f"seconds={args.seconds} payload=200B cores={os.cpu_count()}")
     for name, res in results.items():
         extra = (f", pushes {res['pushes']:.0f}/s; send→other member's push p50 "
-                 f"{res['d50']:.2f} ms p99 {res['d99']:.2f} ms") if name == "hub" else ""
-        print(f"  {name:5s} {res['rate']:8.0f} msg/s  p50 {res['p50']:6.2f} ms  "
+                 f"{res['d50']:.2f} ms p99 {res['d99']:.2f} ms") if name != "echo" else ""
+        if "target" in res:
+            extra += f"; paced at {res['target']:.0f} msg/s"
+        print(f"  {name:9s} {res['rate']:8.0f} msg/s  p50 {res['p50']:6.2f} ms  "
               f"p99 {res['p99']:6.2f} ms  ({res['n']} round trips{extra})")
-    print(f"  hub/echo throughput: {results['hub']['rate'] / results['echo']['rate']:.0%}; "
-          f"stored rows: {stored} (acked: {results['hub']['n']})")
+    acked = sum(res["n"] for name, res in results.items() if name != "echo")
+    for name, res in results.items():
+        if name != "echo" and "target" not in res:
+            print(f"  {name}/echo throughput: {res['rate'] / results['echo']['rate']:.0%}")
+    print(f"  stored rows: {stored} (acked: {acked})")
+    for report in profiles:
+        print(report)
 
 
 if __name__ == "__main__":
