@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.reconcile [--replicas 10] [--hoomis 50000] [--sockets 20000]
                                         [--rounds 3] [--changes 0]
+    .venv/bin/python -m bench.reconcile --writer-cost [--rounds 3]
 
 A real PostgreSQL (embedded unless DATABASE_URL is set) holds `--hoomis` Hoomis and
 `--sockets` users, each user a member of 5 Hoomis (every Hoomi has members). `--replicas`
@@ -16,6 +17,11 @@ Connection subclass): statements and rows returned; pg_stat_database's tup_retur
 tup_fetched (rows the server read) once the pools are closed (a backend flushes its
 statistics when it exits). Reported per round of all replicas and per second at
 HOOMI_RECONCILE_INTERVAL_S = 2.
+
+--writer-cost: what migration 0009 costs the writer (each commit's UPDATE of hoomis now
+fires the changed_xid trigger and updates its index, so it is no longer a HOT update):
+BatchWriter rounds of 20 000 messages from 200 appenders into 25 two-member Hoomis,
+alternating on one database between the trigger enabled and disabled.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import asyncio
 import os
 import time
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 
@@ -33,6 +39,10 @@ from bench.common import fresh_database
 from server.broker import LocalBroker
 from server.hub import Hub
 from storage.db import connect
+from storage.hoomis import create_hoomi
+from storage.records import AppendRequest, Member
+from storage.users import create_user
+from storage.writer import BatchWriter
 
 INTERVAL_S = 2.0
 PER_USER = 5
@@ -138,6 +148,42 @@ async def change(dsn: str, n: int, hoomis: list[UUID], users: list[UUID], rnd: i
     return [(r["id"], r["last_seq"]) for r in rows]
 
 
+async def writer_cost(rounds: int) -> None:
+    async with fresh_database() as dsn:
+        pool = await asyncpg.create_pool(dsn, min_size=2, max_size=4)
+        senders = [await create_user(pool) for _ in range(50)]
+        hoomis = [await create_hoomi(pool, [Member(senders[2 * i], "admin"),
+                                            Member(senders[2 * i + 1], "member")])
+                  for i in range(25)]
+        payload = os.urandom(200)
+        rates: dict[str, list[float]] = {"trigger on": [], "trigger off": []}
+        for rnd in range(rounds * 2):
+            mode = "trigger on" if rnd % 2 == 0 else "trigger off"
+            await pool.execute("TRUNCATE messages CASCADE")
+            await pool.execute("UPDATE hoomis SET last_seq = 0")
+            await pool.execute("ALTER TABLE hoomis " + ("ENABLE" if mode == "trigger on"
+                                                        else "DISABLE") + " TRIGGER hoomis_changed")
+            await pool.execute("VACUUM hoomis")
+            await pool.execute("CHECKPOINT")
+            reqs = [AppendRequest(hoomis[k % 25], senders[2 * (k % 25)], uuid4(), payload,
+                                  os.urandom(12), "s1") for k in range(20_000)]
+            writer = BatchWriter(pool)
+            writer.start()
+
+            async def appender(writer: BatchWriter, reqs: list[AppendRequest]) -> None:
+                while reqs:
+                    await writer.append(reqs.pop())
+
+            t = time.perf_counter()
+            await asyncio.gather(*(appender(writer, reqs) for _ in range(200)))
+            rates[mode].append(20_000 / (time.perf_counter() - t))
+            await writer.close()
+        await pool.close()
+    for mode, got in rates.items():
+        print(f"  {mode:11s} " + ", ".join(f"{r:,.0f}" for r in got) + " messages/s "
+              f"(median {sorted(got)[len(got) // 2]:,.0f})")
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--replicas", type=int, default=10)
@@ -145,7 +191,12 @@ async def main() -> None:
     ap.add_argument("--sockets", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--changes", type=int, default=0)
+    ap.add_argument("--writer-cost", action="store_true",
+                    help="writer messages/s with migration 0009's trigger and without")
     args = ap.parse_args()
+    if args.writer_cost:
+        await writer_cost(args.rounds)
+        return
     async with fresh_database() as dsn:
         t0 = time.perf_counter()
         users, by_user = await load(dsn, args.hoomis, args.sockets)
