@@ -557,4 +557,5 @@ async def replayed(conn: asyncpg.Connection, lsn: str) -> bool:
     below it. False on a server that is not in recovery (not a standby: nothing is
     known of its position), as on a standby that is behind."""
     return bool(await conn.fetchval(
-        "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)", lsn))
+        "SELECT pg_is_in_recovery() AND "
+        "coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)", lsn))
