@@ -554,8 +554,9 @@ async def search(
 async def replayed(conn: asyncpg.Connection, lsn: str) -> bool:
     """On a read standby: has it replayed the primary's WAL up to `lsn` (storage/db.py
     WalClock)? Then a query on this connection from now on sees every commit at or
-    below it. False on a server that is not in recovery (not a standby: nothing is
-    known of its position), as on a standby that is behind."""
+    below it. False on a server that is not in recovery (a standby since promoted keeps
+    its last replayed position, which says nothing of what it has now), as on a standby
+    that is behind."""
     return bool(await conn.fetchval(
         "SELECT pg_is_in_recovery() AND "
         "coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)", lsn))
