@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
+from prometheus_client.core import CounterMetricFamily
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -104,6 +105,7 @@ def create_app(settings: Settings) -> Starlette:
             read_pool=read_pool, wal_clock=WalClock(pool) if read_pool is not None else None,
         )
         app.state.services = services
+        metrics.registry.register(_PageReads(services))
         try:
             yield
         finally:
@@ -187,6 +189,22 @@ async def purge_forever(pool: asyncpg.Pool, interval: float) -> None:
                 _log.info("retention purged %d messages", purged)
         except Exception as exc:
             _log.warning("retention purge failed: %s", exc)
+
+
+class _PageReads:
+    """hoomi_page_reads_total{server}: pages read on the standby or the primary
+    (server/actions.py `_read_page` counts them on Services)."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "hoomi_page_reads", "History, sync and search pages read, by server "
+            "(standby, primary)", labels=["server"])
+        for server, n in self._services.page_reads.items():
+            family.add_metric([server], n)
+        yield family
 
 
 def observe_archived(metrics: Metrics, messages: int, segments: int) -> None:

@@ -5,6 +5,7 @@ pages still show every message sent and every deletion made before them."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -43,8 +44,16 @@ async def replica(module_dsn, standby) -> AsyncIterator[tuple[Replica, Admin, st
         r.stop()
 
 
+async def page_reads(r: Replica) -> dict[str, float]:
+    """hoomi_page_reads_total by server, from the replica's /metrics."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(r.http + "/metrics")).text
+    found = re.findall(r'^hoomi_page_reads_total\{server="(\w+)"\} (\S+)$', text, re.M)
+    return {server: float(n) for server, n in found}
+
+
 async def standby_reads(read_dsn: str) -> int:
-    """Transactions the hub ran on the standby's database (pg_stat_database there)."""
+    """Transactions committed on the standby's database (pg_stat_database there)."""
     conn = await asyncpg.connect(read_dsn)
     try:
         return int(await conn.fetchval(
@@ -73,6 +82,7 @@ async def test_pages_come_from_the_standby_when_it_has_replayed(replica, standby
     await sent(peer, h, 5)
     await standby.caught_up(module_dsn)
     before = await standby_reads(read_dsn)
+    counted = await page_reads(r)
     async with httpx.AsyncClient(base_url=r.http, timeout=10,
                                  headers={"Authorization": f"Bearer {token}"}) as http:
         for _ in range(10):
@@ -87,6 +97,9 @@ async def test_pages_come_from_the_standby_when_it_has_replayed(replica, standby
         deadline -= 1
         await standby.caught_up(module_dsn)  # a short wait on a real condition
     assert await standby_reads(read_dsn) >= before + 11
+    now = await page_reads(r)
+    assert now["standby"] - counted["standby"] == 11
+    assert now["primary"] == counted["primary"]
     await peer.close()
 
 
@@ -99,6 +112,7 @@ async def test_pages_stay_complete_and_fresh_while_replay_is_paused(replica, sta
     reader, _ = await joined(r.ws, b_tok)
     first = await sent(peer, h, 3)
     await standby.pause()
+    counted = await page_reads(r)
     try:
         later = await sent(peer, h, 3)  # seqs 4..6: not replayed on the standby
         async with httpx.AsyncClient(base_url=r.http, timeout=10,
@@ -118,6 +132,9 @@ async def test_pages_stay_complete_and_fresh_while_replay_is_paused(replica, sta
         await reader.send(Sync(hoomi_id=h, after=3, ref="s"))
         got, _ = await reader.recv_until(Page)
         assert [m.seq for m in got.messages] == [4, 5, 6]
+        now = await page_reads(r)
+        assert now["primary"] - counted["primary"] == 3
+        assert now["standby"] == counted["standby"]
     finally:
         await standby.resume()
     await peer.close()
