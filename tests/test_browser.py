@@ -103,10 +103,15 @@ SHOWN = """[...document.querySelectorAll('#messages li[data-seq]')].map(li =>
 
 
 async def open_chat(b: Browser, page: str, served_by: Replica, token: str,
-                    ws_urls: list[str], hoomi: UUID, passphrase: str | None = PASSPHRASE) -> None:
+                    ws_urls: list[str], hoomi: UUID, passphrase: str | None = PASSPHRASE,
+                    reload: bool = False) -> None:
     """Open the page as a person would: paste the token, connect, pick the Hoomi, and
-    (seeing that its key is missing) type its passphrase."""
-    await b.call("open", page=page, url=served_by.http + "/chat/")
+    (seeing that its key is missing) type its passphrase. `reload`: the page is open
+    already; reload it (its IndexedDB stays) instead of opening a new one."""
+    if reload:
+        assert await b.call("reload", page=page) == 200
+    else:
+        await b.call("open", page=page, url=served_by.http + "/chat/")
     await b.call("fill", page=page, selector="#token", value=token)
     await b.call("fill", page=page, selector="#urls", value=" ".join(ws_urls))
     await b.call("click", page=page, selector="#connect-button")
@@ -184,6 +189,12 @@ async def test_two_browser_users_chat_through_two_replicas(cluster, browser: Bro
     await browser.wait("bob", f"({SHOWN}).length === 5")
     await browser.wait("alice", f"({SHOWN}).length === 5")
     await browser.call("screenshot", page="alice", path=str(SCREENSHOT))
+    # Every form field has a label, and the controls are reachable by keyboard.
+    unlabelled = await browser.eval("alice", """[...document.querySelectorAll(
+        'input, textarea, select')].filter(e => !e.labels?.length && !e.ariaLabel)
+        .map(e => e.id)""")
+    assert unlabelled == []
+    assert await browser.eval("alice", "document.getElementById('scroller').tabIndex") == 0
     for page in ("alice", "bob"):
         assert await browser.call("errors", page=page) == []
         await browser.call("close", page=page)
@@ -318,3 +329,52 @@ async def test_signals_between_two_tabs_read_typing_presence_and_an_edit(
         assert await browser.call("errors", page=page) == []
         await browser.call("close", page=page)
     await sdk.close()
+
+
+OUTBOX = """new Promise((resolve, reject) => {
+    const r = indexedDB.open('hoomi-outbox:%s');
+    r.onerror = () => reject(r.error);
+    r.onsuccess = () => {
+        const all = r.result.transaction('outbox').objectStore('outbox').getAll();
+        all.onsuccess = () => { r.result.close(); resolve(all.result.map(e => ({
+            fields: Object.keys(e).sort(),
+            plaintext: new TextDecoder().decode(e.content).includes('written offline')}))); };
+    };
+})"""
+
+
+async def test_sends_left_in_the_outbox_survive_a_reload_and_are_stored_once(
+        cluster, browser: Browser) -> None:
+    alice, a_tok = await cluster.user()
+    h = await cluster.admin.hoomi([alice])
+    # The page comes from replica a (so it can be reloaded), its socket goes to b only.
+    await open_chat(browser, "alice", cluster.a, a_tok, [cluster.b.ws], h)
+    await type_and_send(browser, "alice", "written online")
+    await browser.wait("alice", f"({SHOWN}).length === 1")
+    cluster.b.kill()
+    try:
+        # No hub to ack: the sends wait in IndexedDB, sealed (no plaintext in there).
+        await browser.wait("alice", "window.hoomiPage.client.state !== 'live'")
+        for i in range(2):
+            await type_and_send(browser, "alice", f"written offline {i}")
+        entries = await browser.wait("alice", f"(async () => {{ const e = await {OUTBOX % alice};"
+                                              " return e.length === 2 && e; })()")
+        assert all(not e["plaintext"] for e in entries)
+        assert entries[0]["fields"] == ["clientMsgId", "content", "createdAt", "hoomiId",
+                                        "nonce", "order", "scheme", "sessionId"]
+        # The tab is reloaded (token and keys are gone with it) and pointed at replica a.
+        await open_chat(browser, "alice", cluster.a, a_tok, [cluster.a.ws], h, reload=True)
+        shown = await browser.wait("alice", f"({SHOWN}).length === 3 && {SHOWN}")
+        assert shown == [[1, "written online"], [2, "written offline 0"],
+                         [3, "written offline 1"]]
+        await browser.wait("alice", f"(async () => (await {OUTBOX % alice}).length === 0)()")
+        conn = await asyncpg.connect(cluster.dsn)
+        try:
+            count = await conn.fetchval("SELECT count(*) FROM messages WHERE hoomi_id = $1", h)
+        finally:
+            await conn.close()
+        assert count == 3
+        assert await browser.call("errors", page="alice") == []
+    finally:
+        await browser.call("close", page="alice")
+        cluster.b.start()

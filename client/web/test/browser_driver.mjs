@@ -2,6 +2,7 @@
 // for tests/test_browser.py and bench/browser.py: one JSON command per stdin line, one
 // JSON answer per stdout line ({ok: value} or {error: text}). Pages are named.
 //   {op: "open", page, url}            a new context (its own IndexedDB) and page
+//   {op: "reload", page}               the same context: its IndexedDB stays
 //   {op: "fill"|"click"|"press", page, selector, value?}
 //   {op: "eval", page, js}             js: an expression (may be async), its JSON value
 //   {op: "wait", page, js, timeout}    until the expression is truthy; its value
@@ -31,6 +32,7 @@ async function open({ page: name, url, width = 1000, height = 700 }) {
 
 const ops = {
   open,
+  reload: ({ page }) => pages.get(page).page.reload().then((r) => r?.status()),
   fill: ({ page, selector, value }) => pages.get(page).page.fill(selector, value),
   click: ({ page, selector }) => pages.get(page).page.click(selector),
   press: ({ page, selector, value }) => pages.get(page).page.press(selector, value),
