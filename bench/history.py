@@ -1,7 +1,7 @@
 """Infinite scroll: history pages per second and page latency, against the bare query.
 
     .venv/bin/python -m bench.history [--messages 200000] [--readers 20] [--seconds 8]
-                                      [--read-standby]
+                                      [--read-standby [--write-rate 0]]
 
 One Hoomi holds `--messages` stored messages (200-byte ciphertexts, loaded with COPY).
 `--readers` members each scroll from a random point back towards the oldest message,
@@ -16,7 +16,11 @@ the socket and http runs are made twice in the same run: the hub without
 HOOMI_READ_DATABASE_URL (the baseline), then with it pointing at the standby; the standby's
 share is counted from pg_stat_database (transactions per page on the primary and on the
 standby; a page on the standby is a few statements there and a shared
-pg_current_wal_lsn() on the primary).
+pg_current_wal_lsn() on the primary), and the hub's own count of pages read on each
+(hoomi_page_reads_total). `--write-rate N` stores N messages/s in another Hoomi (a
+BatchWriter on the same database) during the hub runs: with writes, the standby is
+always a little behind the primary's position, and the pages it had not replayed go to
+the primary.
 Pages are verified: `limit` messages, seqs descending without a gap, next_before as
 documented. Everything shares the machine's cores; compare within one run.
 """
@@ -25,14 +29,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
+import re
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -48,8 +55,9 @@ from storage.embedded import start_embedded
 from storage.hoomis import create_hoomi
 from storage.ids import uuid7s
 from storage.migrate import migrate
-from storage.records import Member
+from storage.records import AppendRequest, Member
 from storage.users import create_user
+from storage.writer import BatchWriter
 from tests.cluster import ADMIN_TOKEN, JWT_SECRET, free_port
 from tests.standby import Standby
 
@@ -142,6 +150,47 @@ async def transactions(dsn: str) -> int:
         await conn.close()
 
 
+async def page_reads(port: int) -> dict[str, float]:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    found = re.findall(r'^hoomi_page_reads_total\{server="(\w+)"\} (\S+)$', text, re.M)
+    return {server: float(n) for server, n in found}
+
+
+async def write_load(dsn: str, rate: float) -> None:
+    """`rate` messages/s into a Hoomi of its own (no reader is a member), until
+    cancelled."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    sender = await create_user(pool)
+    h = await create_hoomi(pool, [Member(sender, "admin")])
+    writer = BatchWriter(pool)
+    writer.start()
+    pending: set[asyncio.Future[Any]] = set()
+    try:
+        tick = 0.01
+        owed = 0.0
+        while True:
+            owed += rate * tick
+            while owed >= 1:
+                owed -= 1
+                fut = writer.submit(AppendRequest(h, sender, uuid4(), os.urandom(200),
+                                                  os.urandom(12), "s1"))
+                pending.add(fut)
+                fut.add_done_callback(_settled(pending))
+            await asyncio.sleep(tick)
+    finally:
+        await writer.close()
+        await pool.close()
+
+
+def _settled(pending: set[asyncio.Future[Any]]) -> Any:
+    def done(fut: asyncio.Future[Any]) -> None:
+        pending.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # a send cut short by the end of the run
+    return done
+
+
 async def hub_runs(port: int, h: UUID, tokens: list[str], args: argparse.Namespace
                    ) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
@@ -194,6 +243,8 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--read-standby", action="store_true",
                     help="also run the hub with HOOMI_READ_DATABASE_URL on a standby")
+    ap.add_argument("--write-rate", type=float, default=0,
+                    help="messages/s stored in another Hoomi during the hub runs")
     args = ap.parse_args()
     env = {**os.environ, "HOOMI_JWT_SECRET": JWT_SECRET, "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
            "HOOMI_LOG_LEVEL": "warning",
@@ -205,6 +256,7 @@ async def main() -> None:
     env.pop("REDIS_URL", None)
     results: dict[str, dict[str, float]] = {}
     per_page: dict[str, tuple[float, float]] = {}
+    served: dict[str, dict[str, float]] = {}
     async with database(args.read_standby) as (dsn, standby):
         loaded = time.perf_counter()
         h, users = await load(dsn, args.messages, args.readers)
@@ -231,6 +283,8 @@ async def main() -> None:
             port = free_port()
             hub = _start([sys.executable, "-m", "server.cli", "serve"],
                          {**env, **extra, "DATABASE_URL": dsn, "HOOMI_PORT": str(port)}, port)
+            writing = (asyncio.get_running_loop().create_task(
+                write_load(dsn, args.write_rate)) if args.write_rate else None)
             try:
                 dsns = [dsn] + ([standby.dsn("bench")] if standby else [])
                 await asyncio.sleep(1.5)  # statistics are flushed within a second
@@ -244,19 +298,28 @@ async def main() -> None:
                     after = [await transactions(d) for d in dsns]
                     per_page[suffix or "baseline"] = (
                         (after[0] - before[0]) / pages, (after[1] - before[1]) / pages)
+                    served[suffix or "baseline"] = await page_reads(port)
             finally:
+                if writing is not None:
+                    writing.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await writing
                 hub.terminate()
                 hub.wait(20)
     print(f"messages={args.messages} (loaded by COPY in {load_s:.1f} s) readers={args.readers} "
-          f"limit={args.limit} seconds={args.seconds} cores={os.cpu_count()}")
+          f"limit={args.limit} seconds={args.seconds} write-rate={args.write_rate:g}/s "
+          f"cores={os.cpu_count()}")
     base = results["query"]["rate"]
     for name, r in results.items():
         print(f"  {name:14s} {r['rate']:8.0f} pages/s ({r['rate'] * args.limit:9.0f} "
               f"messages/s)  p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms  "
               f"({r['rate'] / base:.0%} of the bare query)")
     for run, (primary, on_standby) in per_page.items():
+        reads = served.get(run, {})
+        total = sum(reads.values()) or 1
         print(f"  {run}: per page, {primary:.2f} transactions on the primary, "
-              f"{on_standby:.2f} on the standby")
+              f"{on_standby:.2f} on the standby; pages read on the standby "
+              f"{reads.get('standby', 0) / total:.1%} (hoomi_page_reads_total)")
 
 
 if __name__ == "__main__":
