@@ -393,11 +393,13 @@ class Node:
                 self.proc.wait(20)
         self.kill()
 
-    def output(self) -> str:
+    def output(self, tail: int | None = 4000) -> str:
+        """Patroni's output and log (their last `tail` characters each; None: all)."""
         parts = []
         for path in (self.dir / "patroni.out", self.dir / "patroni.log"):
             with contextlib.suppress(OSError):
-                parts.append(path.read_text(errors="replace")[-4000:])
+                text = path.read_text(errors="replace")
+                parts.append(text if tail is None else text[-tail:])
         return "\n".join(parts)
 
 

@@ -246,6 +246,10 @@ async def test_old_leader_rejoins_as_standby(ha: Setup):
     members = await asyncio.to_thread(ha.ha.wait_healthy, 120)
     roles = {m["name"]: m["role"] for m in members}
     assert roles[old.name] == "sync_standby", members
+    # Its crash recovery alone wrote WAL the new leader never had: Patroni rewound it.
+    rewind = [line for line in old.output(tail=None).splitlines()
+              if "rewind" in line.lower()]
+    assert any("pg_rewind exit code=0" in line for line in rewind), rewind
     assert len({m["timeline"] for m in members}) == 1, members
     # It took the new leader's history: the same rows on both servers once replayed.
     leader = ha.ha.leader()
