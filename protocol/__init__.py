@@ -8,6 +8,8 @@ from .codec import (
     decode_client,
     decode_server,
     decode_server_stream,
+    encode_body_map,
+    encode_body_maps,
     encode_client,
     encode_server,
     split_stream,
@@ -58,5 +60,6 @@ __all__ = [
     "ServerFrame", "Sync", "Welcome", "decode_client",
     "Presence", "PresenceReply", "Read", "ReadAck", "Receipt", "Typing", "TypingNotice",
     "decode_server", "encode_client",
-    "encode_server", "decode_server_stream", "split_stream",
+    "encode_server", "decode_server_stream", "split_stream", "encode_body_map",
+    "encode_body_maps",
 ]

@@ -777,6 +777,27 @@ def _error_from(m: dict[str, Any], ref: Ref) -> Error:
                  retry_after_ms=_get_opt(m, "retry_after_ms", int))
 
 
+def encode_body_maps(ref: Ref, hoomi_id: UUID, bodies: list[dict[str, Any]], *,
+                     next_before: int | None = None, has_more: bool | None = None) -> bytes:
+    """A `page` whose message bodies are already maps in wire form (the keys `_body`
+    writes, in its order; the server builds them straight from stored rows): the same
+    bytes as `encode_server(Page(...))` without a MessageBody per row. With `has_more`
+    None, `next_before` is written (a history or search page), else `has_more` (sync)."""
+    m = _head("page", ref)
+    m["hoomi_id"] = _uuid_str(hoomi_id)
+    m["messages"] = bodies
+    if has_more is None:
+        m["next_before"] = next_before
+    else:
+        m["has_more"] = has_more
+    return _pack(m)
+
+
+def encode_body_map(body: dict[str, Any]) -> bytes:
+    """A `message` push from a body map in wire form (see `encode_body_maps`)."""
+    return _pack({"type": "message", **body})
+
+
 def split_stream(data: bytes) -> list[bytes]:
     """SPEC 7.2 "batch": one WebSocket message holding consecutive msgpack maps (a msgpack
     stream), cut into one bytes per frame, each for `decode_server` (a v1 message is a

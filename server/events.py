@@ -22,13 +22,25 @@ not know them reads a kind it ignores.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import msgpack
 
-from protocol import Deleted, Edited, MessageBody, Receipt, TypingNotice, encode_server
+from protocol import (
+    Deleted,
+    Edited,
+    MessageBody,
+    Receipt,
+    Ref,
+    TypingNotice,
+    encode_body_map,
+    encode_body_maps,
+    encode_server,
+)
 from storage.records import EditedMessage, StoredMessage
 
 _HEAD = struct.Struct(">c16sQ")
@@ -57,8 +69,34 @@ def message_body(m: StoredMessage) -> MessageBody:
                        created_at=created, scheme=m.scheme, updated_at=updated)
 
 
+def body_map(m: StoredMessage, hoomi: str) -> dict[str, Any]:
+    """A message body in wire form, straight from the stored record (`hoomi` is its
+    Hoomi's id as a string, made once per page): the keys and order of
+    protocol/codec.py `_body`, so a page or push built from it has the same bytes as one
+    through `message_body` and `encode_server`, at a third of the cost per row (no frozen
+    MessageBody, no dict filled key by key); tests/test_batching.py checks the bytes."""
+    created = int(m.created_at.timestamp() * 1000)
+    updated = created if m.updated_at is None else int(m.updated_at.timestamp() * 1000)
+    sender = None if m.sender_id is None else str(m.sender_id)
+    if m.deleted_at is not None:
+        return {"id": str(m.id), "hoomi_id": hoomi, "seq": m.seq, "sender_id": sender,
+                "deleted": True, "created_at": created, "scheme": m.scheme,
+                "updated_at": updated}
+    return {"id": str(m.id), "hoomi_id": hoomi, "seq": m.seq, "sender_id": sender,
+            "content": m.content, "nonce": m.nonce, "session_id": m.session_id,
+            "created_at": created, "scheme": m.scheme, "updated_at": updated}
+
+
+def page_frame(ref: Ref, hoomi_id: UUID, messages: Sequence[StoredMessage], *,
+               next_before: int | None = None, has_more: bool | None = None) -> bytes:
+    """A `page` reply encoded straight from the stored rows (see `body_map`)."""
+    hoomi = str(hoomi_id)
+    return encode_body_maps(ref, hoomi_id, [body_map(m, hoomi) for m in messages],
+                            next_before=next_before, has_more=has_more)
+
+
 def message_frame(m: StoredMessage) -> bytes:
-    return encode_server(message_body(m))
+    return encode_body_map(body_map(m, str(m.hoomi_id)))
 
 
 def pack_message(hoomi_id: UUID, seq: int, frame: bytes) -> bytes:

@@ -45,7 +45,6 @@ from protocol import (
     HoomiState,
     Limits,
     Membership,
-    Page,
     Ping,
     Pong,
     Presence,
@@ -77,7 +76,7 @@ from storage.records import (
 
 from .config import Settings
 from .errors import wire_error
-from .events import message_body, ms
+from .events import ms, page_frame
 from .limits import Clock, TokenBucket
 from .sequencer import Sequencer
 
@@ -281,14 +280,14 @@ class Session:
                               seq=result.seq, created_at=ms(result.created_at)), "ack")
 
     def answer_page(self, frame: History | Sync, page: HistoryPage | SyncPage) -> Verdict:
-        body = [message_body(m) for m in page.messages]
+        # Encoded straight from the rows (events.page_frame): no MessageBody per row.
         if isinstance(page, HistoryPage):
-            reply = Page(ref=frame.ref, hoomi_id=frame.hoomi_id, messages=body,
-                         next_before=page.next_before)
+            data = page_frame(frame.ref, frame.hoomi_id, page.messages,
+                              next_before=page.next_before)
         else:
-            reply = Page(ref=frame.ref, hoomi_id=frame.hoomi_id, messages=body,
-                         has_more=page.has_more)
-        return self.reply(reply, "page")
+            data = page_frame(frame.ref, frame.hoomi_id, page.messages,
+                              has_more=page.has_more)
+        return self.queue(data, "page")
 
     def answer_edit(self, frame: Edit, edited: EditedMessage) -> Verdict:
         return self.reply(EditAck(ref=frame.ref, id=edited.id, hoomi_id=edited.hoomi_id,
@@ -299,9 +298,8 @@ class Session:
                                        updated=len(done.updated), skipped=done.skipped), "ack")
 
     def answer_search(self, frame: Search, page: SearchPage) -> Verdict:
-        return self.reply(Page(ref=frame.ref, hoomi_id=frame.hoomi_id,
-                               messages=[message_body(m) for m in page.messages],
-                               next_before=page.next_before), "page")
+        return self.queue(page_frame(frame.ref, frame.hoomi_id, page.messages,
+                                     next_before=page.next_before), "page")
 
     def answer_read(self, frame: Read, read_seq: int) -> Verdict:
         return self.reply(ReadAck(ref=frame.ref, hoomi_id=frame.hoomi_id, seq=read_seq), "ack")

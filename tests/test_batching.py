@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 from client.sdk import HoomiClient
@@ -14,16 +15,19 @@ from protocol import (
     Ack,
     Hello,
     MessageBody,
+    Page,
     Pong,
     Send,
     Welcome,
     decode_server,
     decode_server_stream,
     encode_client,
+    encode_server,
 )
 from server.config import load
+from server.events import message_body, message_frame, page_frame
 from server.session import BATCH_MAX_BYTES, Session
-from storage.records import HoomiSummary
+from storage.records import HoomiSummary, StoredMessage
 from tests.wsclient import TIMEOUT, Peer
 
 H = UUID(int=1)
@@ -154,3 +158,32 @@ async def test_the_sdk_asks_for_batch_and_reads_streams(cluster):
     finally:
         await a.close()
         await b.close()
+
+
+# -- pages encoded straight from the rows ------------------------------------------------------
+
+def _stored(seq: int, *, deleted: bool = False, edited: bool = False) -> StoredMessage:
+    at = datetime(2026, 12, 1, 13, 0, seq % 60, 123456, tzinfo=UTC)
+    return StoredMessage(
+        id=uuid4(), hoomi_id=H, seq=seq, sender_id=None if seq == 3 else uuid4(),
+        content=None if deleted else os.urandom(seq), nonce=None if deleted else b"n" * 12,
+        session_id=None if deleted else f"s{seq}", created_at=at,
+        deleted_at=at + timedelta(seconds=1) if deleted else None, scheme=1 + seq % 2,
+        updated_at=at + timedelta(seconds=2) if edited or deleted else None)
+
+
+def test_pages_and_pushes_from_rows_are_the_bytes_of_the_frames():
+    rows = [_stored(1), _stored(2, edited=True), _stored(3), _stored(4, deleted=True),
+            _stored(5, deleted=True, edited=True)]
+    bodies = [message_body(m) for m in rows]
+    assert page_frame(7, H, rows, next_before=1) == encode_server(
+        Page(ref=7, hoomi_id=H, messages=bodies, next_before=1))
+    assert page_frame("r", H, rows, next_before=None) == encode_server(
+        Page(ref="r", hoomi_id=H, messages=bodies, next_before=None))
+    assert page_frame(None, H, rows[:2], has_more=True) == encode_server(
+        Page(ref=None, hoomi_id=H, messages=bodies[:2], has_more=True))
+    assert page_frame(1, H, [], has_more=False) == encode_server(
+        Page(ref=1, hoomi_id=H, messages=[], has_more=False))
+    for m, body in zip(rows, bodies, strict=True):
+        assert message_frame(m) == encode_server(body)
+        assert decode_server(message_frame(m)) == body
