@@ -48,6 +48,14 @@ class Standby:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     async def start(self, timeout: float = 60) -> Standby:
+        """Copy the primary and run the standby; on failure nothing is left behind."""
+        try:
+            return await self._start(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _start(self, timeout: float) -> Standby:
         info = self.primary._handle.get_postmaster_info()
         await asyncio.to_thread(
             subprocess.run,
