@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import enum
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -146,7 +145,10 @@ class Outbox:
     __slots__ = ("frames", "size", "max_frames", "max_bytes")
 
     def __init__(self, max_frames: int, max_bytes: int) -> None:
-        self.frames: deque[bytes] = deque()
+        # A list, not a deque: an empty deque holds a 64-slot block (~600 bytes) on every
+        # idle socket; taking from the front of a list is a memmove of at most max_frames
+        # pointers, and a batch takes its frames in one slice.
+        self.frames: list[bytes] = []
         self.size = 0
         self.max_frames = max_frames
         self.max_bytes = max_bytes
@@ -163,7 +165,7 @@ class Outbox:
     def take(self) -> bytes | None:
         if not self.frames:
             return None
-        frame = self.frames.popleft()
+        frame = self.frames.pop(0)
         self.size -= len(frame)
         return frame
 
@@ -173,14 +175,17 @@ class Outbox:
         frames = self.frames
         if len(frames) < 2:
             return self.take()
-        batch = [frames.popleft()]
-        size = len(batch[0])
-        while frames and size + len(frames[0]) <= max_bytes:
-            frame = frames.popleft()
-            batch.append(frame)
-            size += len(frame)
+        size = len(frames[0])
+        k = 1
+        while k < len(frames) and size + len(frames[k]) <= max_bytes:
+            size += len(frames[k])
+            k += 1
         self.size -= size
-        return batch[0] if len(batch) == 1 else b"".join(batch)
+        if k == 1:
+            return frames.pop(0)
+        batch = b"".join(frames[:k])
+        del frames[:k]
+        return batch
 
     def half_full(self) -> bool:
         """Catch-up waits below this, so it never overflows the outbox itself."""

@@ -42,6 +42,7 @@ from protocol import (
 )
 
 from . import actions, auth, catch_up, errors
+from .flags import Flag
 from .limits import KeyedCounter
 from .services import Services
 from .session import Effect, Session, State
@@ -101,16 +102,19 @@ class _Metrics:
 class Connection:
     """One accepted socket: the Hub's `Socket` (server/hub.py) around a Session."""
 
+    # Slots and lean flags (server/flags.py): a replica holds tens of thousands of these.
+    __slots__ = ("ws", "services", "session", "_wake", "_room", "_drained", "_inflight",
+                 "_tasks", "_closing", "_expiry", "_transport", "address", "_waiting",
+                 "__weakref__")
+
     def __init__(self, ws: WebSocket, services: Services) -> None:
         self.ws = ws
         self.services = services
         self.session = Session(services.settings, services.limits,
                                observer=_Metrics(services))
-        self._wake = asyncio.Event()
-        self._room = asyncio.Event()  # set when the outbox is below half: catch-up may go on
-        self._room.set()
-        self._drained = asyncio.Event()  # set while the outbox is empty
-        self._drained.set()
+        self._wake = Flag()
+        self._room = Flag(True)  # set when the outbox is below half: catch-up may go on
+        self._drained = Flag(True)  # set while the outbox is empty
         self._inflight = asyncio.Semaphore(services.settings.max_inflight_sends)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False  # the close the session decided has been started
