@@ -8,6 +8,7 @@ Snapshot k goes to $HOOMI_TRACE_OUT.k; the file appears complete (written, then 
 
 from __future__ import annotations
 
+import gc
 import os
 import runpy
 import signal
@@ -22,6 +23,8 @@ def _dump(signum: int, frame: FrameType | None) -> None:
     global _taken
     _taken += 1
     out = f"{os.environ['HOOMI_TRACE_OUT']}.{_taken}"
+    # What is only garbage waiting for the cycle collector is not what a socket holds.
+    gc.collect()
     tracemalloc.take_snapshot().dump(out + ".part")
     os.replace(out + ".part", out)
 

@@ -103,7 +103,7 @@ class Connection:
     """One accepted socket: the Hub's `Socket` (server/hub.py) around a Session."""
 
     # Slots and lean flags (server/flags.py): a replica holds tens of thousands of these.
-    __slots__ = ("ws", "services", "session", "_wake", "_room", "_drained", "_inflight",
+    __slots__ = ("ws", "services", "session", "_writer", "_room", "_drained", "_inflight",
                  "_tasks", "_closing", "_expiry", "_transport", "address", "_waiting",
                  "__weakref__")
 
@@ -112,7 +112,9 @@ class Connection:
         self.services = services
         self.session = Session(services.settings, services.limits,
                                observer=_Metrics(services))
-        self._wake = Flag()
+        # The writer runs only while the outbox holds frames (an idle socket holds no task);
+        # False once a write failed: the socket is going, no writer again.
+        self._writer: asyncio.Task[None] | None | bool = None
         self._room = Flag(True)  # set when the outbox is below half: catch-up may go on
         self._drained = Flag(True)  # set while the outbox is empty
         self._inflight = asyncio.Semaphore(services.settings.max_inflight_sends)
@@ -162,18 +164,16 @@ class Connection:
         self._waiting = True
         services.hub.register(self)
         services.metrics.connections.inc()
-        writer: asyncio.Task[None] | None = None
         try:
             await self.ws.accept()
-            writer = asyncio.get_running_loop().create_task(self._write_loop())
             if await self._hello():
                 await self._read_loop()
         except WebSocketDisconnect:
             pass
         finally:
-            await self._end(writer)
+            await self._end()
 
-    async def _end(self, writer: asyncio.Task[None] | None) -> None:
+    async def _end(self) -> None:
         """Stop the socket's work at once; let its close go out within HOOMI_CLOSE_TIMEOUT_S
         (or abort the transport); only then give back its places under the caps."""
         services = self.services
@@ -185,10 +185,10 @@ class Connection:
             services.hub.leave(self, h)  # no more pushes; the user's count stays until gone
         for task in self._tasks:
             task.cancel()
-        if writer is not None:
+        writer = self._writer
+        if isinstance(writer, asyncio.Task):
             if close is not None:
                 # Let the writer flush what was queued before the close (e.g. an error).
-                self._wake.set()
                 try:
                     await asyncio.wait_for(writer, min(2.0, self._left(deadline)))
                 except (TimeoutError, asyncio.CancelledError, Exception):
@@ -247,10 +247,10 @@ class Connection:
         session = self.session
         if session.outbox.frames:
             self._drained.clear()
-            self._wake.set()
+            if self._writer is None:
+                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         if session.close_request is not None and not self._closing:
             self._closing = True
-            self._wake.set()
             if session.state is not State.CLOSED:
                 # Wake the reader too: it is parked in receive().
                 self.spawn(self._close_after_flush())
@@ -287,19 +287,20 @@ class Connection:
             pass
 
     async def _write_loop(self) -> None:
+        """Write until the outbox is empty, then end (react() starts the next one). What
+        piles up while a write waits for the peer leaves together, as one message under
+        "batch" (Session.data_to_send)."""
         ws, session = self.ws, self.session
-        while True:
-            frame = session.data_to_send()
-            if frame is None:
-                self._drained.set()
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await ws.send_bytes(frame)
-            if not self._room.is_set() and not session.outbox.half_full():
-                self._room.set()
+        try:
+            while (data := session.data_to_send()) is not None:
+                await ws.send_bytes(data)
+                if not self._room.is_set() and not session.outbox.half_full():
+                    self._room.set()
+        except BaseException:
+            self._writer = False  # the socket is going: _end and the reader see to it
+            raise
+        self._writer = None
+        self._drained.set()
 
     async def room_for_catch_up(self) -> None:
         """Catch-up from the database waits for room instead of overflowing the outbox."""
