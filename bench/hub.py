@@ -82,8 +82,11 @@ def pct(xs: list[float], p: float) -> float:
 
 
 async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float, window: int,
-                hub: bool, batch: bool = False, rate: float = 0.0) -> dict[str, float]:
+                hub: bool, batch: bool = False, rate: float = 0.0, raw: bool = False
+                ) -> dict[str, float]:
     """`batch`: the hello asks for "batch" (SPEC 7.2) and messages are read as streams.
+    `raw`: hub frames are read as plain msgpack maps, as the echo client reads its own
+    (else each is decoded and validated into a typed frame, protocol.decode_server).
     `rate` > 0: each connection sends at rate/connections per second (paced, open loop,
     still at most `window` in flight) instead of as fast as acks come back."""
     rng = random.Random(7)
@@ -108,6 +111,7 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
                                               features=("batch",) if batch else ())))
             welcome = decode_server(split_stream(await ws.recv(decode=False))[0])
             me = getattr(welcome, "user_id", None)
+        me_str = str(me)
         h = hoomis[k // 2]
         sent_at: dict[int, float] = {}
         slots = asyncio.Semaphore(window)
@@ -122,6 +126,21 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
                     return
                 if not hub:  # the echo of our own send frame
                     refs = [msgpack.unpackb(data)["ref"]]
+                elif raw:  # as little decoding as the echo client does: maps, no checks
+                    refs = []
+                    unpacker = msgpack.Unpacker(raw=False)
+                    unpacker.feed(data)
+                    for m in unpacker:
+                        kind = m["type"]
+                        if kind == "message":
+                            pushes += 1
+                            if m["sender_id"] != me_str and m.get("content") is not None:
+                                (t0,) = struct.unpack_from(">d", m["content"])
+                                deliveries.append(time.perf_counter() - t0)
+                        elif kind == "ack":
+                            refs.append(m["ref"])
+                        else:
+                            raise RuntimeError(f"unexpected {m}")
                 else:
                     refs = []
                     for frame in (decode_server_stream(data) if batch
@@ -181,6 +200,9 @@ async def main() -> None:
                     help="skip the hub run without batching (one frame per message)")
     ap.add_argument("--half", action="store_true",
                     help="then a paced run at half the batched hub's msg/s: ack p99 there")
+    ap.add_argument("--validate", action="store_true",
+                    help="the hub client decodes and validates every frame (decode_server) "
+                         "instead of reading plain msgpack maps as the echo client does")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy over the (first) hub during each hub run (bench/profile.py)")
     ap.add_argument("--replicas", type=int, choices=[1, 2], default=1,
@@ -237,7 +259,8 @@ async def main() -> None:
                     if args.profile:
                         prof = stack.enter_context(Profile(hubs[0].pid, name.replace(" ", "-")))
                     results[name] = await drive(urls, tokens, hoomi_ids, args.seconds, window,
-                                                hub=True, batch=batch, rate=rate)
+                                                hub=True, batch=batch, rate=rate,
+                                                raw=not args.validate)
                 if args.profile:
                     profiles.append(prof.report(per=int(results[name]["n"])))
 
@@ -259,7 +282,7 @@ async def main() -> None:
             if valkey is not None:
                 valkey.stop()
     print(f"replicas={args.replicas} connections={args.connections} hoomis={len(hoomis)} "
-          f"window={args.window} "
+          f"window={args.window} client={'validating' if args.validate else 'raw maps'} "
           f"seconds={args.seconds} payload=200B cores={os.cpu_count()}")
     for name, res in results.items():
         extra = (f", pushes {res['pushes']:.0f}/s; send→other member's push p50 "
