@@ -34,7 +34,14 @@ import websockets
 
 from bench.common import fresh_database
 from bench.hub import ROOT, _start, _wait_port, pct
-from protocol import Hello, MessageBody, Send, decode_client, decode_server, encode_client
+from protocol import (
+    Hello,
+    MessageBody,
+    Send,
+    decode_client,
+    decode_server_stream,
+    encode_client,
+)
 from server import auth
 from storage.hoomis import create_hoomi
 from storage.records import Member
@@ -50,9 +57,10 @@ def rss_kib(pid: int) -> int:
 
 
 async def drive(url: str, pid: int, tokens: list[str], hoomi_id: UUID, messages: int,
-                rate: float, read: Callable[[bytes], bytes | None]) -> dict[str, float]:
-    """Open every socket, then send from the first; `read` returns a push's content or
-    None for frames that are not pushes."""
+                rate: float, read: Callable[[bytes], list[bytes]],
+                features: tuple[str, ...] = ()) -> dict[str, float]:
+    """Open every socket, then send from the first; `read` returns the pushes' contents
+    in one WebSocket message (none for frames that are not pushes)."""
     before = rss_kib(pid)
     started = time.perf_counter()
     socks = []
@@ -60,7 +68,7 @@ async def drive(url: str, pid: int, tokens: list[str], hoomi_id: UUID, messages:
         async def open_one(token: str) -> websockets.ClientConnection:
             ws = await websockets.connect(url, max_queue=None, compression=None,
                                           open_timeout=60, ping_interval=None)
-            await ws.send(encode_client(Hello(token=token)))
+            await ws.send(encode_client(Hello(token=token, features=features)))
             await ws.recv()  # welcome
             return ws
         socks += await asyncio.gather(*(open_one(t) for t in tokens[chunk:chunk + 100]))
@@ -77,12 +85,10 @@ async def drive(url: str, pid: int, tokens: list[str], hoomi_id: UUID, messages:
                 data = await asyncio.wait_for(ws.recv(decode=False), 20)
             except (TimeoutError, websockets.ConnectionClosed):
                 return
-            content = read(data)
-            if content is None:
-                continue
-            i, t0 = struct.unpack_from(">Id", content)
-            arrivals[i].append(time.perf_counter() - t0)
-            got += 1
+            for content in read(data):
+                i, t0 = struct.unpack_from(">Id", content)
+                arrivals[i].append(time.perf_counter() - t0)
+                got += 1
 
     listeners = [asyncio.ensure_future(listen(ws)) for ws in socks]
     sender = socks[0]
@@ -110,19 +116,18 @@ async def drive(url: str, pid: int, tokens: list[str], hoomi_id: UUID, messages:
             "complete": len(complete)}
 
 
-def _hub_push(data: bytes) -> bytes | None:
-    frame = decode_server(data)
-    if isinstance(frame, MessageBody) and frame.content is not None:
-        return frame.content
-    return None
+def _hub_push(data: bytes) -> list[bytes]:
+    """Every push in one message: one frame, or a "batch" stream of them (SPEC 7.2)."""
+    return [frame.content for frame in decode_server_stream(data)
+            if isinstance(frame, MessageBody) and frame.content is not None]
 
 
-def _echoed_send(data: bytes) -> bytes | None:
+def _echoed_send(data: bytes) -> list[bytes]:
     try:
         frame = decode_client(data)
     except Exception:
-        return None  # the welcome
-    return frame.content if isinstance(frame, Send) else None
+        return []  # the welcome
+    return [frame.content] if isinstance(frame, Send) else []
 
 
 async def main() -> None:
@@ -133,7 +138,10 @@ async def main() -> None:
     args = ap.parse_args()
     env = {**os.environ, "HOOMI_JWT_SECRET": JWT_SECRET, "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
            "HOOMI_LOG_LEVEL": "warning", "HOOMI_SEND_RATE": "100000",
-           "HOOMI_SEND_BURST": "100000"}
+           "HOOMI_SEND_BURST": "100000",
+           # every bench socket comes from 127.0.0.1, a hundred at a time
+           "HOOMI_MAX_UNAUTHENTICATED_PER_ADDRESS": "100000", "HOOMI_HELLO_RATE": "100000",
+           "HOOMI_HELLO_BURST": "100000"}
     env.pop("REDIS_URL", None)
     results = {}
     async with fresh_database() as dsn:
@@ -148,7 +156,8 @@ async def main() -> None:
                      {**env, "DATABASE_URL": dsn, "HOOMI_PORT": str(port)}, port)
         try:
             results["hub"] = await drive(f"ws://127.0.0.1:{port}/v1/ws", hub.pid, tokens,
-                                         hoomi_id, args.messages, args.rate, _hub_push)
+                                         hoomi_id, args.messages, args.rate, _hub_push,
+                                         features=("batch",))
         finally:
             hub.terminate()
             hub.wait(20)
