@@ -44,10 +44,12 @@ from uuid import UUID, uuid4
 
 import asyncpg
 import httpx
+import msgpack
 import websockets
 
 from bench.common import fresh_database
 from bench.hub import _start, pct
+from bench.profile import Profile
 from protocol import Hello, History, Page, decode_server, encode_client
 from server import auth
 from storage import messages as message_store
@@ -191,8 +193,8 @@ def _settled(pending: set[asyncio.Future[Any]]) -> Any:
     return done
 
 
-async def hub_runs(port: int, h: UUID, tokens: list[str], args: argparse.Namespace
-                   ) -> dict[str, dict[str, float]]:
+async def hub_runs(port: int, h: UUID, tokens: list[str], args: argparse.Namespace,
+                   pid: int = 0) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     socks = []
     for t in tokens:
@@ -206,13 +208,22 @@ async def hub_runs(port: int, h: UUID, tokens: list[str], args: argparse.Namespa
         async def fetch(before: int | None) -> list[int]:
             await ws.send(encode_client(History(hoomi_id=h, before=before,
                                                 limit=args.limit, ref=1)))
-            page = decode_server(await ws.recv(decode=False))
+            data = await ws.recv(decode=False)
+            if not args.validate:  # a msgpack map per message, as the query's a record
+                raw = msgpack.unpackb(data)
+                assert raw["type"] == "page", raw
+                return [m["seq"] for m in raw["messages"]]
+            page = decode_server(data)
             assert isinstance(page, Page), page
             return [m.seq for m in page.messages]
         return fetch
 
-    results["socket"] = await scroll([socket_fetch(ws) for ws in socks],
-                                     args.messages, args.limit, args.seconds)
+    with contextlib.ExitStack() as stack:
+        prof = stack.enter_context(Profile(pid, "history-socket")) if args.profile else None
+        results["socket"] = await scroll([socket_fetch(ws) for ws in socks],
+                                         args.messages, args.limit, args.seconds)
+    if prof is not None:
+        print(prof.report(per=int(results["socket"]["pages"])).replace("message", "page"))
     for ws in socks:
         await ws.close()
 
@@ -241,6 +252,11 @@ async def main() -> None:
     ap.add_argument("--readers", type=int, default=20)
     ap.add_argument("--limit", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=8)
+    ap.add_argument("--validate", action="store_true",
+                    help="the socket client decodes and validates each page (decode_server) "
+                         "instead of reading its msgpack maps")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy over the hub during the socket run (bench/profile.py)")
     ap.add_argument("--read-standby", action="store_true",
                     help="also run the hub with HOOMI_READ_DATABASE_URL on a standby")
     ap.add_argument("--write-rate", type=float, default=0,
@@ -289,7 +305,7 @@ async def main() -> None:
                 dsns = [dsn] + ([standby.dsn("bench")] if standby else [])
                 await asyncio.sleep(1.5)  # statistics are flushed within a second
                 before = [await transactions(d) for d in dsns]
-                got = await hub_runs(port, h, tokens, args)
+                got = await hub_runs(port, h, tokens, args, hub.pid)
                 for name, r in got.items():
                     results[name + suffix] = r
                 if standby is not None:
