@@ -231,6 +231,10 @@ class Session:
         self.sends = TokenBucket(settings.send_rate, settings.send_burst, clock)
         # history, sync and delete each cost a database round trip: bounded on their own.
         self.requests = TokenBucket(settings.request_rate, settings.request_burst, clock)
+        # Set when a send or request was refused for its rate: the caller reads nothing
+        # more from this socket for that long, so a client that ignores retry_after_ms is
+        # slowed by TCP itself and costs one error per refill, not one per frame.
+        self.hold_reading_ms = 0
         self.close_request: tuple[CloseCode, str] | None = None
         self.expires_at: float | None = None  # on `clock`, once authenticated
         # Bumped by every membership change applied: a reconcile that read the database
@@ -371,6 +375,7 @@ class Session:
             if wait_ms:
                 self.fail(HoomiError(ErrorCode.RATE_LIMITED, "too many sends; retry later",
                                      None, wait_ms), frame.ref)
+                self.hold_reading_ms = wait_ms
                 return None
             return frame
         if isinstance(frame, Ping):
@@ -386,6 +391,7 @@ class Session:
         if wait_ms:
             self.fail(HoomiError(ErrorCode.RATE_LIMITED, "too many requests; retry later",
                                  None, wait_ms), frame.ref)
+            self.hold_reading_ms = wait_ms
             return None
         if not isinstance(frame, SERVED):
             # A frame of a newer protocol version that this hub decodes but does not

@@ -417,6 +417,11 @@ class Connection:
         while session.state is State.LIVE:
             frame = session.receive(await self._receive())
             self.react()
+            if session.hold_reading_ms:
+                # Refused for its rate: read nothing more until a token is back (TCP
+                # holds the flood on the client's side; see Session.hold_reading_ms).
+                await asyncio.sleep(session.hold_reading_ms / 1000)
+                session.hold_reading_ms = 0
             if frame is None:
                 continue
             if isinstance(frame, Send):

@@ -516,3 +516,39 @@ async def test_pages_of_one_user_at_once_are_limited_across_sockets(module_dsn, 
                                for e in limited)
         for peer in peers:
             await peer.close()
+
+
+async def test_a_send_flood_past_the_rate_costs_one_error_per_refill(module_dsn, valkey):
+    """A client that ignores retry_after_ms and floods sends: the replica stops reading
+    that socket until its bucket refills, so it answers a handful of rate_limited errors
+    instead of one per frame (before: thousands a second, the CPU other users' acks
+    needed)."""
+    async with own_replica(module_dsn, valkey.url, "flood", HOOMI_SEND_RATE="5",
+                           HOOMI_SEND_BURST="5") as (r, admin):
+        uid = await admin.user()
+        h = await admin.hoomi([uid])
+        peer, _ = await joined(r.ws, await admin.token(uid))
+        frames = [send(h, ref=i) for i in range(3000)]
+        flood = asyncio.get_running_loop().create_task(_send_all(peer, frames))
+        errors = acks = 0
+        deadline = asyncio.get_running_loop().time() + 3.0
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                got = await peer.recv(timeout=left)
+            except TimeoutError:
+                break
+            if isinstance(got, Error):
+                errors += 1
+            elif isinstance(got, Ack):
+                acks += 1
+        flood.cancel()
+        print(f"\n3000 sends flooded at HOOMI_SEND_RATE=5: {acks} acked, {errors} "
+              "rate_limited in 3 s")
+        # About one refusal per token let through; without the hold, one per frame (~3000).
+        assert acks >= 5 and errors <= acks + 10
+        await peer.close()
+
+
+async def _send_all(peer, frames) -> None:
+    for f in frames:
+        await peer.send(f)

@@ -285,6 +285,8 @@ def test_sends_past_the_burst_are_rate_limited_with_a_retry():
     assert [isinstance(f, Send) for f in frames] == [True, True, False]
     error, = (decode_server(f) for f in drain(s))
     assert error.code == ErrorCode.RATE_LIMITED and error.retry_after_ms > 0
+    # The caller holds reading for as long: a flood costs one error per refill.
+    assert s.hold_reading_ms == error.retry_after_ms
 
 
 def test_a_push_past_the_outbox_is_a_too_slow_verdict_not_a_close():
