@@ -58,13 +58,28 @@ READ_RETRY_MS = 100
 
 
 class _Gate:
-    """Sockets of one replica that have not completed `hello`, in all and per address."""
+    """Sockets of one replica that have not completed `hello`, in all and per address,
+    oldest first (`pending`: socket -> when it was let in)."""
 
-    __slots__ = ("waiting", "by_address")
+    __slots__ = ("waiting", "by_address", "pending")
 
     def __init__(self, per_address: int) -> None:
         self.waiting = 0
         self.by_address = KeyedCounter(per_address)
+        self.pending: dict[Connection, float] = {}
+
+    def oldest_idle(self, now: float, after: float) -> Connection | None:
+        """The socket that has waited longest for its hello, if that is over `after`
+        seconds: a real client says hello within milliseconds of the upgrade."""
+        for conn, since in self.pending.items():
+            return conn if now - since >= after else None
+        return None
+
+
+# When the budget of sockets before hello is full, a new one takes the place of the one
+# that has waited longest without saying hello, if that one has waited this long: sockets
+# held open without hello (reopened at each deadline) cannot keep real users out.
+EVICT_PENDING_AFTER_S = 1.0
 
 
 # One gate per replica's hub (Services is not hashable); gone with it.
@@ -148,7 +163,7 @@ class Connection:
             why = "replica shutting down"
         elif services.hub.connected >= settings.max_connections:
             why = "replica full"
-        elif gate.waiting >= settings.unauthenticated_budget:
+        elif gate.waiting >= settings.unauthenticated_budget and not self._evict_idle(gate):
             # Sockets before `hello` have a budget of their own, and one per address: a
             # client holding hello-less sockets cannot fill the replica for real users.
             why = "too many sockets waiting for hello"
@@ -161,6 +176,7 @@ class Connection:
             await self._deny(why)
             return
         gate.waiting += 1
+        gate.pending[self] = asyncio.get_running_loop().time()
         self._waiting = True
         services.hub.register(self)
         services.metrics.connections.inc()
@@ -225,7 +241,20 @@ class Connection:
             self._waiting = False
             gate = _gate(self.services)
             gate.waiting -= 1
+            gate.pending.pop(self, None)
             gate.by_address.release(self.address)
+
+    def _evict_idle(self, gate: _Gate) -> bool:
+        """Make room under the budget by closing the socket that has waited longest
+        without hello (4401, as at its deadline); False if none has waited long enough."""
+        victim = gate.oldest_idle(asyncio.get_running_loop().time(), EVICT_PENDING_AFTER_S)
+        if victim is None:
+            return False
+        self.services.metrics.refused.labels("evicted before hello").inc()
+        victim._leave_gate()
+        victim.session.no_hello()
+        victim.react()
+        return True
 
     async def _deny(self, why: str) -> None:
         self.services.metrics.refused.labels(why).inc()
