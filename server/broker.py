@@ -50,6 +50,21 @@ class Broker(Protocol):
     def presence(self, ttl: float) -> Presence: ...
 
 
+def _dispatch(handler: Handler, origin: bytes, item: dict[str, Any]) -> None:
+    """One pub/sub message to the hub, unless it is our own echo (our sockets already
+    have it): payloads start with the publishing replica's 8-byte origin."""
+    data: bytes = item["data"]
+    if data[:8] == origin:
+        return
+    channel = item["channel"]
+    if isinstance(channel, bytes):
+        channel = channel.decode()
+    try:
+        handler(channel, data[8:])
+    except Exception:
+        _log.exception("handler failed on %s", channel)
+
+
 class LocalBroker:
     """One replica: there is nobody else to tell, so publishing does nothing."""
 
@@ -213,16 +228,7 @@ class RedisBroker:
 
     def _dispatch(self, item: dict[str, Any]) -> None:
         assert self._handler is not None
-        data: bytes = item["data"]
-        if data[:8] == self._origin:
-            return  # our own echo: our sockets already have it
-        channel = item["channel"]
-        if isinstance(channel, bytes):
-            channel = channel.decode()
-        try:
-            self._handler(channel, data[8:])
-        except Exception:
-            _log.exception("handler failed on %s", channel)
+        _dispatch(self._handler, self._origin, item)
 
 
 class _Shard:
@@ -612,13 +618,4 @@ class ClusterBroker:
 
     def _dispatch(self, item: dict[str, Any]) -> None:
         assert self._handler is not None
-        data: bytes = item["data"]
-        if data[:8] == self._origin:
-            return  # our own echo: our sockets already have it
-        channel = item["channel"]
-        if isinstance(channel, bytes):
-            channel = channel.decode()
-        try:
-            self._handler(channel, data[8:])
-        except Exception:
-            _log.exception("handler failed on %s", channel)
+        _dispatch(self._handler, self._origin, item)
