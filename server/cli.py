@@ -129,11 +129,12 @@ def _on_database(work: Callable[[str], T]) -> T:
 
 
 async def _migrate(dsn: str) -> list[int]:
-    import asyncpg
-
+    from storage.db import connect
     from storage.migrate import migrate
 
-    conn = await asyncpg.connect(dsn)
+    # storage.db.connect: a multi-host DATABASE_URL reaches the primary even when a hung
+    # old leader is listed first (asyncpg alone would spend its whole timeout on it).
+    conn = await connect(dsn)
     try:
         # copy=True: a long data move (migration 0004's copy of messages) runs here, in
         # batches, resumable; replicas refuse to start until it is done.
@@ -213,15 +214,14 @@ def cmd_backup(args: argparse.Namespace) -> None:
 
 
 def _backup_to_url(url: str) -> None:
-    import asyncpg
-
     from storage.backup import BackupError
     from storage.backup_store import backup_once
+    from storage.db import connect
 
     keep = _settings().backup_keep
 
     async def run(dsn: str) -> Any:
-        conn = await asyncpg.connect(dsn)
+        conn = await connect(dsn)
         try:  # waits while a scheduled backup runs, then makes its own
             return await backup_once(conn, dsn, url, keep)
         finally:

@@ -34,9 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-import asyncpg
-
-from .db import APPLICATION_NAME
+from .db import APPLICATION_NAME, connect
 
 # Hub connections (other than the caller's own) that block a restore.
 _HUBS_CONNECTED = """
@@ -193,7 +191,7 @@ def _table_data_entries(path: Path) -> int:
 
 
 async def hubs_connected(dsn: str) -> int:
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)
     try:
         return int(await conn.fetchval(_HUBS_CONNECTED, APPLICATION_NAME))
     finally:
