@@ -114,9 +114,7 @@ async def hoomi_overview(request: Request, services: Services) -> Response:
         "members": [{"user_id": str(m.user_id), "role": m.role} for m in view.members],
         "last_seq": view.last_seq,
         "retention_seconds": view.retention_seconds,
-        # Every message up to this seq is archived (storage/archive.py); None: none.
-        "archived_upto": await services.pool.fetchval(
-            "SELECT archived_upto FROM hoomis WHERE id = $1", hoomi_id),
+        "archived_upto": view.archived_upto,
         "messages": view.messages,
     })
 

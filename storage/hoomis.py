@@ -291,11 +291,11 @@ async def memberships(
 
 async def overview(conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID) -> HoomiOverview | None:
     """What an operator sees of a Hoomi (never content): its members, counters and
-    retention, and how many messages it stores (tombstones included), in one round trip.
-    None if it does not exist."""
+    retention, how far it is archived, and how many messages it stores (tombstones
+    included), in one round trip. None if it does not exist."""
     row = await conn.fetchrow(
         """
-        SELECT h.last_seq, h.retention_seconds,
+        SELECT h.last_seq, h.retention_seconds, h.archived_upto,
                (SELECT count(*) FROM messages m WHERE m.hoomi_id = h.id) AS messages,
                (SELECT coalesce(array_agg(hm.user_id ORDER BY hm.user_id), '{}')
                   FROM hoomi_members hm WHERE hm.hoomi_id = h.id) AS member_ids,
@@ -309,4 +309,4 @@ async def overview(conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID) -> H
         return None
     members = [Member(u, r) for u, r in zip(row["member_ids"], row["member_roles"], strict=True)]
     return HoomiOverview(hoomi_id, members, row["last_seq"], row["retention_seconds"],
-                         row["messages"])
+                         row["messages"], row["archived_upto"])

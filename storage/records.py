@@ -73,6 +73,7 @@ class HoomiOverview(NamedTuple):
     last_seq: int
     retention_seconds: int | None
     messages: int  # rows stored, tombstones included
+    archived_upto: int | None  # every message up to this seq is archived; None: none
 
 
 class DeletedMessage(NamedTuple):

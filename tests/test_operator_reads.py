@@ -83,6 +83,7 @@ async def test_hoomi_overview_counts_and_members_without_content(pool):
     view = await hoomis.overview(pool, h)
     assert view is not None
     assert view.last_seq == 3 and view.messages == 3 and view.retention_seconds == 3600
+    assert view.archived_upto is None  # nothing archived
     assert sorted(view.members) == sorted([Member(alice, "admin"), Member(bob, "member")])
     assert await hoomis.overview(pool, uuid4()) is None
     empty = await factories.hoomi(pool, [])
