@@ -36,19 +36,18 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
-import asyncpg
 import httpx
 import msgpack
 import websockets
 
+from bench.common import fresh_database
 from protocol import Ack, Error, Hello, Send, Welcome, decode_server, encode_client
-from storage.embedded import start_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 JWT_SECRET = "bench-abuse-secret-" + "x" * 32
@@ -59,34 +58,6 @@ Row = tuple[str, str, str]  # item, figure, value
 
 
 # -- the database and the replica ----------------------------------------------------------
-
-@asynccontextmanager
-async def database() -> AsyncIterator[str]:
-    """A new, empty database (the replica migrates it: its own code's migrations)."""
-    base = os.environ.get("DATABASE_URL")
-    server, tmp = None, None
-    if base is None:
-        tmp = tempfile.TemporaryDirectory(prefix="hoomi-abuse-")
-        server = start_embedded(Path(tmp.name))
-        base = server.dsn
-    name = f"abuse_{uuid4().hex[:8]}"
-    admin = await asyncpg.connect(base)
-    await admin.execute(f"CREATE DATABASE {name}")
-    if server is not None:
-        dsn = server._handle.get_uri(database=name)
-    else:
-        head, _, tail = base.partition("?")
-        dsn = head.rsplit("/", 1)[0] + "/" + name + ("?" + tail if tail else "")
-    try:
-        yield dsn
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
-        if server is not None:
-            server.stop()
-        if tmp is not None:
-            tmp.cleanup()
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -806,7 +777,7 @@ async def main() -> None:
           f"cores={os.cpu_count()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
           flush=True)
     with tempfile.TemporaryDirectory(prefix="hoomi-abuse-logs-") as logs:
-        async with database() as dsn:
+        async with fresh_database(migrated=False) as dsn:
             first = Hub(dsn, src, Path(logs))
             try:
                 w = await World().build(first)

@@ -16,8 +16,9 @@ from storage.migrate import migrate
 
 
 @asynccontextmanager
-async def fresh_database() -> AsyncIterator[str]:
-    """A new, migrated database; dropped afterwards. Yields its DSN."""
+async def fresh_database(*, migrated: bool = True) -> AsyncIterator[str]:
+    """A new database, migrated unless `migrated` is False (a replica started on it then
+    applies its own code's migrations); dropped afterwards. Yields its DSN."""
     base = os.environ.get("DATABASE_URL")
     server = None
     tmp = None
@@ -30,9 +31,10 @@ async def fresh_database() -> AsyncIterator[str]:
     await admin.execute(f"CREATE DATABASE {name}")
     dsn = _with_database(base, name) if server is None else server._handle.get_uri(database=name)
     try:
-        conn = await asyncpg.connect(dsn)
-        await migrate(conn)
-        await conn.close()
+        if migrated:
+            conn = await asyncpg.connect(dsn)
+            await migrate(conn)
+            await conn.close()
         yield dsn
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
