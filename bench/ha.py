@@ -41,7 +41,7 @@ from bench.hub import ROOT, drive
 from client.sdk import HoomiClient, HubError
 from storage.migrate import migrate
 from tests.cluster import ADMIN_TOKEN, JWT_SECRET, Valkey, free_port
-from tests.ha import HACluster, Node
+from tests.ha import HACluster, wait_writable
 
 DATABASE = "hoomi"
 
@@ -172,23 +172,6 @@ class Load:
 
     def acks_after(self, t: float) -> int:
         return sum(1 for x in self.acked_at.values() if x > t)
-
-
-async def wait_writable(node: Node, timeout: float) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = await asyncpg.connect(f"postgresql://postgres@{node.host}/postgres",
-                                         timeout=1)
-            try:
-                if not await conn.fetchval("SELECT pg_is_in_recovery()"):
-                    return time.monotonic()
-            finally:
-                await conn.close()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            pass
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"{node.name} not writable after {timeout} s")
 
 
 async def lost(dsn: str, load: Load) -> int:

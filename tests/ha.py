@@ -35,6 +35,7 @@ API:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -51,6 +52,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import yaml  # type: ignore[import-untyped]
 
 from tests.cluster import free_port
@@ -511,3 +513,21 @@ class HACluster:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+async def wait_writable(node: Node, timeout: float) -> float:
+    """Poll the node until it takes writes; the monotonic time it first did."""
+    deadline = time.monotonic() + timeout
+    dsn = f"postgresql://postgres@{node.host}/postgres"
+    while time.monotonic() < deadline:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=1)
+            try:
+                if not await conn.fetchval("SELECT pg_is_in_recovery()"):
+                    return time.monotonic()
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            pass
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{node.name} not writable after {timeout} s")

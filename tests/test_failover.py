@@ -29,7 +29,7 @@ import pytest
 from client.sdk import HoomiClient, HubError
 from storage.db import connect, create_pool
 from tests.cluster import Replica, Valkey
-from tests.ha import HACluster, Node, Unavailable
+from tests.ha import HACluster, Node, Unavailable, wait_writable
 from tests.wsclient import Admin
 
 pytestmark = pytest.mark.timeout(300)
@@ -156,24 +156,6 @@ async def clients_on(setup: Setup, n_hoomis: int = 2) -> AsyncIterator[
     finally:
         for c in clients:
             await c.close()
-
-
-async def wait_writable(node: Node, timeout: float) -> float:
-    """Poll the node until it takes writes; the monotonic time it first did."""
-    deadline = time.monotonic() + timeout
-    dsn = f"postgresql://postgres@{node.host}/postgres"
-    while time.monotonic() < deadline:
-        try:
-            conn = await asyncpg.connect(dsn, timeout=1)
-            try:
-                if not await conn.fetchval("SELECT pg_is_in_recovery()"):
-                    return time.monotonic()
-            finally:
-                await conn.close()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            pass
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"{node.name} not writable after {timeout} s")
 
 
 async def test_a_host_that_hangs_does_not_hide_the_primary(ha: Setup):
