@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -37,7 +36,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import httpx
 
-from bench.hub import ROOT, drive
+from bench.hub import _start, drive
 from client.sdk import HoomiClient, HubError
 from storage.migrate import migrate
 from tests.cluster import ADMIN_TOKEN, JWT_SECRET, Valkey, free_port
@@ -51,21 +50,9 @@ def say(*parts: object) -> None:
 
 
 def start_hub(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    """`hoomi serve` with its output in `log` (bench.hub's _start drops it)."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT,
-                                env={**env, "HOOMI_PORT": str(port)}, stdout=out,
-                                stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"hub exited; see {log}") from None
-            time.sleep(0.1)
-    raise TimeoutError(f"hub did not start; see {log}")
+    """`hoomi serve` with its output in `log` (bench.hub's _start drops it otherwise)."""
+    return _start([sys.executable, "-m", "server.cli", "serve"],
+                  {**env, "HOOMI_PORT": str(port)}, port, log)
 
 
 def hub_env(dsn: str, redis_url: str | None) -> dict[str, str]:

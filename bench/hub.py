@@ -50,9 +50,15 @@ from tests.cluster import ADMIN_TOKEN, JWT_SECRET, free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _start(args: list[str], env: dict[str, str], port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def _start(args: list[str], env: dict[str, str], port: int,
+           log: Path | None = None) -> subprocess.Popen:
+    """Run a server and wait for its /healthz; its output goes to `log` (or nowhere)."""
+    # The child keeps its own copy of the log's file descriptor.
+    with open(log, "ab") if log is not None else contextlib.nullcontext(
+            subprocess.DEVNULL) as out:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    where = f"; see {log}" if log is not None else ""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -60,9 +66,9 @@ def _start(args: list[str], env: dict[str, str], port: int) -> subprocess.Popen:
                 return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError("server exited") from None
+                raise RuntimeError(f"server exited{where}") from None
             time.sleep(0.1)
-    raise TimeoutError("server did not start")
+    raise TimeoutError(f"server did not start{where}")
 
 
 def _wait_port(port: int) -> None:
