@@ -13,7 +13,7 @@ COPY protocol ./protocol
 COPY storage ./storage
 COPY server ./server
 COPY client ./client
-RUN pip install . && useradd --system --create-home --uid 10001 hoomi
+RUN pip install ./protocol ./client . && useradd --system --create-home --uid 10001 hoomi
 
 USER hoomi
 EXPOSE 8000

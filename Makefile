@@ -11,10 +11,10 @@ WEB_STAMP := $(WEB)/node_modules/.package-lock.json
 
 .PHONY: run test lint bench clean web web-deps
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml protocol/pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e ./protocol -e ./client -e '.[test]'
 	touch $(STAMP)
 
 $(WEB_STAMP): $(WEB)/package.json $(WEB)/package-lock.json
@@ -35,8 +35,8 @@ run: $(STAMP)
 
 test: $(STAMP) web-deps
 	$(BIN)/ruff check protocol storage server client tests bench
-	$(BIN)/mypy --strict protocol client/crypto.py client/keys.py
-	$(BIN)/mypy storage server client bench
+	$(BIN)/mypy --strict protocol/hoomi_protocol client/hoomi_client/crypto.py client/hoomi_client/keys.py
+	$(BIN)/mypy storage server client/hoomi_client bench
 	@if [ -d $(WEB)/node_modules ]; then cd $(WEB) && node --test --test-timeout=120000 test/*.test.js; fi
 	$(BIN)/pytest -q
 

@@ -47,7 +47,7 @@ import msgpack
 import websockets
 
 from bench.common import fresh_database
-from protocol import Ack, Error, Hello, Send, Welcome, decode_server, encode_client
+from hoomi_protocol import Ack, Error, Hello, Send, Welcome, decode_server, encode_client
 
 ROOT = Path(__file__).resolve().parent.parent
 JWT_SECRET = "bench-abuse-secret-" + "x" * 32

@@ -28,8 +28,8 @@ from uuid import UUID
 import httpx
 
 from bench.common import fresh_database
-from client.keys import Keyring, key_from_passphrase
-from client.sdk import HoomiClient
+from hoomi_client.keys import Keyring, key_from_passphrase
+from hoomi_client.sdk import HoomiClient
 from tests.cluster import ADMIN_TOKEN, Replica
 from tests.test_browser import PASSPHRASE, SHOWN, Browser, open_chat
 

@@ -5,7 +5,7 @@
 The corpus is generated (deterministic for a seed) from the kinds of text a group chat
 carries: short replies, sentences in French and English, emoji, URLs, pasted log lines
 and stack traces, code snippets. For each message it compares the sealed content size
-(client/crypto.py's envelope: 37-byte header, padding to 32 bytes, 16-byte tag) without
+(client/hoomi_client/crypto.py's envelope: 37-byte header, padding to 32 bytes, 16-byte tag) without
 compression and with zlib (level 6) or zstd (level 3, if the `zstandard` package is
 installed), per size bucket of the plaintext, with the CPU time per message. The size a
 compressor "saves" is the padded envelope's, since that is what the hub stores and sees.

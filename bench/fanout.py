@@ -34,7 +34,7 @@ import websockets
 
 from bench.common import fresh_database
 from bench.hub import ROOT, _start, _wait_port, pct
-from protocol import (
+from hoomi_protocol import (
     Hello,
     MessageBody,
     Send,

@@ -37,7 +37,7 @@ import asyncpg
 import httpx
 
 from bench.hub import _start, drive
-from client.sdk import HoomiClient, HubError
+from hoomi_client.sdk import HoomiClient, HubError
 from storage.migrate import migrate
 from tests.cluster import ADMIN_TOKEN, JWT_SECRET, Valkey, free_port
 from tests.ha import HACluster, wait_writable

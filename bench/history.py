@@ -50,7 +50,7 @@ import websockets
 from bench.common import fresh_database
 from bench.hub import _start, pct
 from bench.profile import Profile
-from protocol import Hello, History, Page, decode_server, encode_client
+from hoomi_protocol import Hello, History, Page, decode_server, encode_client
 from server import auth
 from storage import messages as message_store
 from storage.embedded import start_embedded

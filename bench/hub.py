@@ -35,7 +35,7 @@ import websockets
 
 from bench.common import fresh_database
 from bench.profile import Profile
-from protocol import (
+from hoomi_protocol import (
     Ack,
     Hello,
     MessageBody,

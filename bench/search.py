@@ -5,7 +5,7 @@
 One Hoomi holds --messages messages; each carries --words search tokens drawn from a
 20 000-word vocabulary with Zipf-like frequencies (word of rank r with weight 1/r, as in
 natural text: the most common word is in about half the messages, most words in a
-handful), HMAC'd by the client's own function (client/search.py). Rows go in by COPY
+handful), HMAC'd by the client's own function (client/hoomi_client/search.py). Rows go in by COPY
 (the writer's path is bench/writer.py's business). Then storage.messages.search, the
 function the socket's `search` calls (membership check, rarest-token choice, the walk),
 runs for query shapes from the easiest to the worst:
@@ -34,8 +34,8 @@ from uuid import UUID, uuid4
 import asyncpg
 
 from bench.common import fresh_database
-from client.keys import GroupKey
-from client.search import search_key, token
+from hoomi_client.keys import GroupKey
+from hoomi_client.search import search_key, token
 from storage import messages
 from storage.hoomis import create_hoomi
 from storage.ids import uuid7s

@@ -31,7 +31,7 @@ import websockets
 from bench.common import fresh_database
 from bench.fanout import rss_kib
 from bench.hub import ROOT, _wait_port
-from protocol import Hello, encode_client
+from hoomi_protocol import Hello, encode_client
 from server import auth
 from storage.hoomis import create_hoomi
 from storage.records import Member

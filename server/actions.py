@@ -23,7 +23,7 @@ from uuid import UUID
 
 import asyncpg
 
-from protocol import Edit, ErrorCode, HoomiError, Reencrypt, Send
+from hoomi_protocol import Edit, ErrorCode, HoomiError, Reencrypt, Send
 from storage import hoomis as hoomi_store
 from storage import messages as message_store
 from storage import users as user_store

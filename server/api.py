@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from protocol import DEFAULT_LIMITS, Edit, ErrorCode, HoomiError
+from hoomi_protocol import DEFAULT_LIMITS, Edit, ErrorCode, HoomiError
 from storage import hoomis as hoomi_store
 from storage import users as user_store
 from storage.audit import Actor

@@ -20,7 +20,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from protocol import Limits
+from hoomi_protocol import Limits
 from storage import archive
 from storage.backup_store import Outcome, backup_forever
 from storage.db import WalClock, create_pool

@@ -9,7 +9,7 @@ from uuid import UUID
 
 import jwt
 
-from protocol.errors import ErrorCode, HoomiError
+from hoomi_protocol.errors import ErrorCode, HoomiError
 
 ALGORITHM = "HS256"
 

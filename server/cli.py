@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
+from hoomi_client.locate import hub_url
+
 from . import auth, config, logs, operator_cli
 
 _log = logging.getLogger("hoomi")
@@ -347,39 +349,6 @@ def _uuid_arg(raw: str) -> UUID:
         sys.exit(f"hoomi: not a UUID: {raw!r}")
 
 
-def hub_url(env: Mapping[str, str] | None = None) -> str:
-    """The running hub's base URL, found the same way by every command (`hoomi chat`
-    too): HOOMI_URL if set, else http://HOOMI_HOST:HOOMI_PORT with the hub's defaults
-    (a wildcard listen address is dialled on loopback)."""
-    env = os.environ if env is None else env
-    url = (env.get("HOOMI_URL") or "").strip()
-    if url:
-        return url.rstrip("/")
-    host = env.get("HOOMI_HOST") or "127.0.0.1"
-    if host in ("0.0.0.0", "::", "[::]"):
-        host = "127.0.0.1"
-    elif ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    raw_port = env.get("HOOMI_PORT") or "8000"
-    try:
-        port = int(raw_port)
-        if not 0 < port <= 65535:
-            raise ValueError
-    except ValueError:
-        sys.exit(f"hoomi: HOOMI_PORT: not a port number: {raw_port!r}")
-    return f"http://{host}:{port}"
-
-
-def hub_ws_url(env: Mapping[str, str] | None = None) -> str:
-    """The WebSocket URL of the hub `hub_url` finds."""
-    base = hub_url(env)
-    scheme, sep, rest = base.partition("://")
-    if not sep:
-        return f"ws://{base}/v1/ws"
-    ws = {"http": "ws", "https": "wss"}.get(scheme.lower(), scheme)
-    return f"{ws}://{rest}/v1/ws"
-
-
 def _data_dir(env: Mapping[str, str]) -> Path:
     """The hub's data dir, by the hub's own rule (config.load)."""
     return Path(env.get("HOOMI_DATA_DIR") or config.default_data_dir()).expanduser()
@@ -502,7 +471,7 @@ def cmd_member(args: argparse.Namespace) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
-    from client.keys import KeyFileError, add_key, generate_key_file
+    from hoomi_client.keys import KeyFileError, add_key, generate_key_file
 
     hoomis = [_uuid_arg(h) for h in args.hoomi_id]
     if args.rotate:
@@ -569,9 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("user_id")
     m.add_argument("--role", choices=["admin", "member"], default="member")
     m.set_defaults(fn=cmd_member)
-    from client import chat  # the reference client's terminal chat
+    from hoomi_client import chat  # the reference client's terminal chat
 
-    chat.add_parser(sub, hub_ws_url)
+    chat.add_parser(sub)
     k = sub.add_parser("keys", help="create a key file with a fresh group key per hoomi")
     k.add_argument("path")
     k.add_argument("hoomi_id", nargs="+")

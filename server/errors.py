@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from protocol import Error, ErrorCode, HoomiError, Ref
+from hoomi_protocol import Error, ErrorCode, HoomiError, Ref
 from storage.errors import is_outage
 
 if TYPE_CHECKING:

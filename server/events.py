@@ -30,7 +30,7 @@ from uuid import UUID
 
 import msgpack
 
-from protocol import (
+from hoomi_protocol import (
     Deleted,
     Edited,
     MessageBody,
@@ -72,7 +72,7 @@ def message_body(m: StoredMessage) -> MessageBody:
 def body_map(m: StoredMessage, hoomi: str) -> dict[str, Any]:
     """A message body in wire form, straight from the stored record (`hoomi` is its
     Hoomi's id as a string, made once per page): the keys and order of
-    protocol/codec.py `_body`, so a page or push built from it has the same bytes as one
+    protocol/hoomi_protocol/codec.py `_body`, so a page or push built from it has the same bytes as one
     through `message_body` and `encode_server`, at a third of the cost per row (no frozen
     MessageBody, no dict filled key by key); tests/test_batching.py checks the bytes."""
     created = int(m.created_at.timestamp() * 1000)

@@ -12,7 +12,7 @@ from uuid import UUID
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from protocol import ErrorCode, HoomiError
+from hoomi_protocol import ErrorCode, HoomiError
 from storage import audit as audit_store
 from storage import hoomis as hoomi_store
 from storage.errors import StorageError

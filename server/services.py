@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from protocol import Limits
+from hoomi_protocol import Limits
 from storage.db import WalClock
 from storage.writer import BatchWriter
 

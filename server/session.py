@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID
 
-from protocol import (
+from hoomi_protocol import (
     Ack,
     ClientFrame,
     CloseCode,

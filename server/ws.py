@@ -23,7 +23,7 @@ from uuid import UUID
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from protocol import (
+from hoomi_protocol import (
     ClientFrame,
     CloseCode,
     Delete,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from protocol.errors import ErrorCode, HoomiError
+from hoomi_protocol.errors import ErrorCode, HoomiError
 
 
 class StorageError(HoomiError):

@@ -22,7 +22,7 @@ from uuid import UUID
 
 import asyncpg
 
-from protocol.errors import ErrorCode
+from hoomi_protocol.errors import ErrorCode
 
 from . import archive, audit
 from .audit import Actor

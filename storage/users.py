@@ -6,7 +6,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
-from protocol.errors import ErrorCode
+from hoomi_protocol.errors import ErrorCode
 
 from . import audit
 from .audit import Actor

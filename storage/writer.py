@@ -54,7 +54,7 @@ from uuid import UUID
 
 import asyncpg
 
-from protocol.errors import ErrorCode
+from hoomi_protocol.errors import ErrorCode
 
 from .errors import StorageError, forbidden, not_found, unavailable
 from .ids import uuid7s

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from uuid import UUID, uuid5
 
-from client.keys import load_key_file
-from client.sdk import HoomiClient
+from hoomi_client.keys import load_key_file
+from hoomi_client.sdk import HoomiClient
 
 
 def write_atomically(path: Path, text: str) -> None:

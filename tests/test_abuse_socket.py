@@ -20,7 +20,7 @@ import asyncpg
 import httpx
 import pytest
 
-from protocol import (
+from hoomi_protocol import (
     Ack,
     Error,
     ErrorCode,

@@ -20,8 +20,8 @@ import asyncpg
 import httpx
 import pytest
 
-from protocol import Ack
-from protocol.errors import ErrorCode
+from hoomi_protocol import Ack
+from hoomi_protocol.errors import ErrorCode
 from storage import archive, messages, retention
 from storage.archive import Archive, Entry, SegmentError, decode, encode
 from storage.errors import StorageError

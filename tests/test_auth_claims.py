@@ -9,7 +9,7 @@ from uuid import uuid4
 import jwt
 import pytest
 
-from protocol import ErrorCode
+from hoomi_protocol import ErrorCode
 from server import auth
 
 SECRET = "s" * 40

@@ -15,8 +15,8 @@ from uuid import uuid4
 
 import asyncpg
 
-from client.keys import generate_key_file
-from client.sdk import HoomiClient
+from hoomi_client.keys import generate_key_file
+from hoomi_client.sdk import HoomiClient
 from tests.cluster import ADMIN_TOKEN, JWT_SECRET, ROOT, Replica
 from tests.wsclient import Admin
 

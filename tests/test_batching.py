@@ -9,8 +9,8 @@ import os
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
-from client.sdk import HoomiClient
-from protocol import (
+from hoomi_client.sdk import HoomiClient
+from hoomi_protocol import (
     DEFAULT_LIMITS,
     Ack,
     Hello,

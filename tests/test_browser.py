@@ -27,9 +27,9 @@ import asyncpg
 import httpx
 import pytest
 
-from client.keys import Keyring, key_from_passphrase
-from client.sdk import HoomiClient
-from protocol import MessageBody
+from hoomi_client.keys import Keyring, key_from_passphrase
+from hoomi_client.sdk import HoomiClient
+from hoomi_protocol import MessageBody
 from tests.cluster import ROOT, Replica
 
 WEB = ROOT / "client" / "web"

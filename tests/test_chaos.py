@@ -15,8 +15,8 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
-from client.sdk import HoomiClient
-from protocol import MessageBody
+from hoomi_client.sdk import HoomiClient
+from hoomi_protocol import MessageBody
 from storage.embedded import start_embedded
 from tests.cluster import Replica, Valkey
 from tests.test_durability import crash_and_restart, stop_postgres

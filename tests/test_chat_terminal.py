@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from uuid import uuid4
 
-from client.crypto import decrypt
-from client.keys import (
+from hoomi_client.crypto import decrypt
+from hoomi_client.keys import (
     Keyring,
     add_hoomi_key,
     generate_key_file,
@@ -21,7 +21,7 @@ from client.keys import (
     load_key_file,
     new_key,
 )
-from client.sdk import HoomiClient
+from hoomi_client.sdk import HoomiClient
 from tests.cluster import ROOT
 
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.crypto import (
+from hoomi_client.crypto import (
     AD_PREFIX,
     HEADER_BYTES,
     MAX_CONTENT,
@@ -22,7 +22,7 @@ from client.crypto import (
     decrypt,
     encrypt,
 )
-from client.keys import (
+from hoomi_client.keys import (
     GroupKey,
     KeyFileError,
     Keyring,
@@ -441,7 +441,7 @@ def test_messages_sealed_with_a_passphrase_key_open_for_another_member():
 # -- replays, as the SDK sees them -----------------------------------------------------------
 
 def _pushed(sealed, hoomi_id, sender_id, seq: int):
-    from protocol import MessageBody
+    from hoomi_protocol import MessageBody
     return MessageBody(id=uuid4(), hoomi_id=hoomi_id, seq=seq, sender_id=sender_id,
                        content=sealed.content, nonce=sealed.nonce,
                        session_id=sealed.session_id, created_at=0)
@@ -449,7 +449,7 @@ def _pushed(sealed, hoomi_id, sender_id, seq: int):
 
 def _reader():
     """A client that only opens messages, with one Hoomi's key: (client, hoomi, alice)."""
-    from client.sdk import HoomiClient
+    from hoomi_client.sdk import HoomiClient
     h, alice = uuid4(), uuid4()
     ring = Keyring()
     ring.add(h, new_key("k1"))
@@ -484,9 +484,9 @@ def test_sdk_keeps_the_lower_seq_as_the_original_whatever_order_it_opens_them():
 @settings(max_examples=60, deadline=None)
 @given(st.binary(max_size=3000) | st.text(max_size=3000).map(str.encode), st.sampled_from([1, 2]))
 def test_every_scheme_round_trips(plaintext: bytes, scheme: int) -> None:
-    from client.crypto import decrypt as open_
-    from client.crypto import encrypt as seal
-    from client.keys import GroupKey as Key
+    from hoomi_client.crypto import decrypt as open_
+    from hoomi_client.crypto import encrypt as seal
+    from hoomi_client.keys import GroupKey as Key
     key, h, sender, cmid = Key("k1", os.urandom(32)), uuid4(), uuid4(), uuid4()
     sealed = seal(key, h, sender, cmid, plaintext, scheme=scheme)
     assert sealed.scheme == scheme
@@ -495,10 +495,10 @@ def test_every_scheme_round_trips(plaintext: bytes, scheme: int) -> None:
 
 
 def test_scheme_2_compresses_long_text_and_the_scheme_cannot_be_relabelled() -> None:
-    from client.crypto import DecryptError as Refused
-    from client.crypto import decrypt as open_
-    from client.crypto import encrypt as seal
-    from client.keys import GroupKey as Key
+    from hoomi_client.crypto import DecryptError as Refused
+    from hoomi_client.crypto import decrypt as open_
+    from hoomi_client.crypto import encrypt as seal
+    from hoomi_client.keys import GroupKey as Key
     key, h, sender = Key("k1", os.urandom(32)), uuid4(), uuid4()
     log = b"\n".join(b"2026-12-01T12:00:%02d INFO writer batch committed" % i
                      for i in range(40))

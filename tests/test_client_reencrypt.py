@@ -1,4 +1,4 @@
-"""The reference client moves a whole Hoomi to a new key and scheme (client/reencrypt.py)
+"""The reference client moves a whole Hoomi to a new key and scheme (client/hoomi_client/reencrypt.py)
 while another member chats, end to end through a real replica; interrupted, it resumes.
 
 10 000 messages (about 25 s, seeding included; HOOMI_REENCRYPT_N=1000 for a quick run)."""
@@ -12,11 +12,11 @@ from uuid import uuid4
 
 import pytest
 
-from client.crypto import encrypt
-from client.keys import GroupKey, Keyring, new_key
-from client.reencrypt import Progress, migrate_hoomi
-from client.sdk import HoomiClient
-from protocol import Edited, MessageBody
+from hoomi_client.crypto import encrypt
+from hoomi_client.keys import GroupKey, Keyring, new_key
+from hoomi_client.reencrypt import Progress, migrate_hoomi
+from hoomi_client.sdk import HoomiClient
+from hoomi_protocol import Edited, MessageBody
 from storage.db import create_pool
 from storage.records import AppendRequest
 from storage.writer import BatchWriter
@@ -152,7 +152,7 @@ async def test_the_client_resends_with_a_fresh_nonce_when_the_guard_refuses(clus
         return stored.nonce if calls["n"] == 1 and k == 12 else real(k)
 
     c._nonces.clear()
-    import client.sdk as sdk_module
+    import hoomi_client.sdk as sdk_module
     sdk_module.os.urandom = clashing  # type: ignore[attr-defined]
     try:
         ack = await c.send_text(h, b"second")

@@ -15,10 +15,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
-from client.crypto import DecryptError, decrypt
-from client.keys import Keyring, generate_key_file, load_key_file, new_key
-from client.sdk import Closed, HoomiClient, HubError, Unauthorized, _raise_if_final
-from protocol import ErrorCode, MessageBody
+from hoomi_client.crypto import DecryptError, decrypt
+from hoomi_client.keys import Keyring, generate_key_file, load_key_file, new_key
+from hoomi_client.sdk import Closed, HoomiClient, HubError, Unauthorized, _raise_if_final
+from hoomi_protocol import ErrorCode, MessageBody
 from tests.cluster import ROOT
 from tests.wsclient import own_replica
 
@@ -215,7 +215,7 @@ async def test_client_over_the_per_user_socket_limit_waits_for_room(module_dsn, 
 
 
 async def test_client_seals_to_the_content_limit_the_hub_announces(module_dsn, valkey, tmp_path):
-    from client.crypto import max_plaintext
+    from hoomi_client.crypto import max_plaintext
     async with own_replica(
             module_dsn, valkey.url, "small", HOOMI_MAX_CONTENT_BYTES="1024") as (r, admin):
         alice = await admin.user()

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.keys import GroupKey
-from client.search import (
+from hoomi_client.keys import GroupKey
+from hoomi_client.search import (
     MAX_TOKENS,
     message_tokens,
     query_tokens,

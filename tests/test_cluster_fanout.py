@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 import redis
 
-from protocol import Ack, Membership, MessageBody
+from hoomi_protocol import Ack, Membership, MessageBody
 from server import config
 from server.broker import ClusterBroker
 from tests.cluster import Replica, until_ok

@@ -13,7 +13,7 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
-from client.sdk import HoomiClient
+from hoomi_client.sdk import HoomiClient
 from storage.embedded import EmbeddedPostgres, start_embedded
 from tests.cluster import Replica
 from tests.wsclient import Admin

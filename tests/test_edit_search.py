@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
-from protocol import (
+from hoomi_protocol import (
     Ack,
     Delete,
     Edit,
@@ -28,8 +28,8 @@ from protocol import (
     Send,
     Sync,
 )
-from protocol import ReencryptItem as ReencryptItemFrame
-from protocol.errors import ErrorCode
+from hoomi_protocol import ReencryptItem as ReencryptItemFrame
+from hoomi_protocol.errors import ErrorCode
 from storage import messages, retention
 from storage.errors import StorageError
 from storage.messages import ReencryptItem

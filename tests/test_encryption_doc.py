@@ -15,8 +15,8 @@ from uuid import UUID, uuid4
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from client import crypto, keys
-from protocol.limits import DEFAULT_LIMITS
+from hoomi_client import crypto, keys
+from hoomi_protocol.limits import DEFAULT_LIMITS
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "encryption.md").read_text()
 MODULES: dict[str, ModuleType] = {"crypto": crypto, "keys": keys}
@@ -174,7 +174,7 @@ def test_passphrase_vector_is_what_the_code_derives() -> None:
     assert unicodedata.normalize("NFC", decomposed) == composed
     assert salt == keys.PASSPHRASE_SALT_PREFIX + hoomi.bytes
 
-    # The recipe as documented, run through hashlib rather than client.keys, gives the
+    # The recipe as documented, run through hashlib rather than hoomi_client.keys, gives the
     # vector. OpenSSL's default 32 MiB memory cap is too small for these parameters.
     table = documented()
     n, r, p = (table[f"keys.SCRYPT_{x}"] for x in "NRP")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from client.sdk import HubError
-from protocol import CloseCode, ErrorCode, HoomiError, ProtocolError, Reconnect
+from hoomi_client.sdk import HubError
+from hoomi_protocol import CloseCode, ErrorCode, HoomiError, ProtocolError, Reconnect
 from server import errors
 from server.auth import AuthError
 from storage.errors import StorageError

@@ -26,7 +26,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
-from client.sdk import HoomiClient, HubError
+from hoomi_client.sdk import HoomiClient, HubError
 from storage.db import connect, create_pool
 from tests.cluster import Replica, Valkey
 from tests.ha import HACluster, Node, Unavailable, wait_writable

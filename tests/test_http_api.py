@@ -8,7 +8,7 @@ from uuid import uuid4
 import httpx
 import pytest
 
-from protocol import Ack, Deleted
+from hoomi_protocol import Ack, Deleted
 from tests.test_hub_delivery import joined, send
 
 

@@ -13,7 +13,7 @@ import msgpack
 import pytest
 import websockets
 
-from protocol import (
+from hoomi_protocol import (
     Ack,
     Delete,
     Error,
@@ -320,7 +320,7 @@ async def test_history_requests_are_rate_limited_per_socket(module_dsn, valkey):
 async def test_slow_reader_is_closed_4408_and_resumes(cluster, module_dsn, valkey):
     import websockets
 
-    from protocol import encode_client
+    from hoomi_protocol import encode_client
     async with own_replica(module_dsn, valkey.url, "q", HOOMI_SEND_QUEUE_FRAMES="8") as (r, admin):
         a, b = await admin.user(), await admin.user()
         h = await admin.hoomi([a], [b])
@@ -410,7 +410,7 @@ async def test_full_replica_refuses_upgrades_and_a_users_extra_socket_closes_101
 
 
 async def test_pages_asked_for_and_not_read_are_bounded_in_bytes(cluster, module_dsn, valkey):
-    from protocol import encode_client
+    from hoomi_protocol import encode_client
     async with own_replica(module_dsn, valkey.url, "pages", HOOMI_SEND_QUEUE_MB="1") as (r, admin):
         a = await admin.user()
         h = await admin.hoomi([a])

@@ -6,7 +6,7 @@ import asyncio
 import os
 from uuid import UUID, uuid4
 
-from protocol import Ack, Hello, MessageBody, Send, Welcome
+from hoomi_protocol import Ack, Hello, MessageBody, Send, Welcome
 from tests.wsclient import Peer
 
 

@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
-from protocol import Ack, Error, ErrorCode, Membership, Send
+from hoomi_protocol import Ack, Error, ErrorCode, Membership, Send
 from tests.cluster import ADMIN_TOKEN, JWT_SECRET, ROOT, Replica, Valkey, until_ok
 from tests.test_hub_delivery import joined, messages, send
 from tests.wsclient import Admin, Peer

@@ -8,7 +8,7 @@ from uuid import UUID
 
 import pytest
 
-from protocol import MessageBody, decode_server
+from hoomi_protocol import MessageBody, decode_server
 from server import events
 from server.broker import LocalBroker
 from server.hub import Hub

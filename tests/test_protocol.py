@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import (
+from hoomi_protocol import (
     DEFAULT_LIMITS,
     Ack,
     ClientFrame,
@@ -162,7 +162,7 @@ frame_types = st.sampled_from(["hello", "send", "history", "sync", "delete", "pi
                                "nope"])
 
 
-# Every key some client frame reads (protocol/frames.py).
+# Every key some client frame reads (protocol/hoomi_protocol/frames.py).
 KNOWN_KEYS = {"type", "ref", "token", "resume", "hoomi_id", "client_msg_id", "content",
               "nonce", "session_id", "before", "after", "limit", "id", "scheme", "tokens",
               "items", "scheme_below", "seq", "features"}

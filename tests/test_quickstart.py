@@ -15,7 +15,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from client.keys import generate_key_file
+from hoomi_client.keys import generate_key_file
 from tests.cluster import ADMIN_TOKEN, ROOT, free_port, until_ok
 from tests.test_chat_terminal import Terminal
 
@@ -195,7 +195,7 @@ def test_the_readme_documents_what_the_cli_does():
 
 
 def test_one_rule_finds_the_hub():
-    from server.cli import hub_url, hub_ws_url
+    from hoomi_client.locate import hub_url, hub_ws_url
 
     assert hub_url({}) == "http://127.0.0.1:8000"
     assert hub_url({"HOOMI_PORT": "8123"}) == "http://127.0.0.1:8123"

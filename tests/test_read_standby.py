@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
-from protocol import Ack, Deleted, History, Page, Sync
+from hoomi_protocol import Ack, Deleted, History, Page, Sync
 from tests.cluster import Replica
 from tests.standby import Standby
 from tests.test_hub_delivery import joined, send

@@ -37,7 +37,7 @@ def test_every_configuration_variable_in_the_readme_is_read_by_the_hub():
 
 
 def test_protocol_doc_lists_every_error_and_close_code():
-    from protocol import CloseCode, ErrorCode
+    from hoomi_protocol import CloseCode, ErrorCode
 
     doc = (ROOT / "docs" / "protocol.md").read_text()
     for code in ErrorCode:

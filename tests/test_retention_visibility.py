@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncpg
 import httpx
 
-from protocol import MessageBody, Page, Sync, Welcome
+from hoomi_protocol import MessageBody, Page, Sync, Welcome
 from storage import hoomis, messages
 from storage.audit import Actor
 from storage.writer import BatchWriter

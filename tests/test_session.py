@@ -14,7 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from protocol import (
+from hoomi_protocol import (
     DEFAULT_LIMITS,
     CloseCode,
     Error,
@@ -365,7 +365,7 @@ def test_invalid_fields_get_invalid_and_the_socket_stays_usable():
 
 
 def test_history_requests_are_rate_limited_per_socket():
-    from protocol import History
+    from hoomi_protocol import History
 
     s = new_session(HOOMI_REQUEST_BURST="3", HOOMI_REQUEST_RATE="0.1")
     hello(s, {})
@@ -446,7 +446,7 @@ def test_membership_changes_during_hello_apply_after_welcome_in_order():
 
 
 def test_a_request_the_hub_does_not_serve_yet_is_answered_not_dropped(monkeypatch):
-    from protocol import Delete, History, Search, Sync
+    from hoomi_protocol import Delete, History, Search, Sync
     from server import session as session_module
 
     # Every frame the codec decodes is served now: a hub of the release before is played

@@ -14,9 +14,9 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from client.keys import generate_key_file, load_key_file
-from client.sdk import HoomiClient
-from protocol import (
+from hoomi_client.keys import generate_key_file, load_key_file
+from hoomi_client.sdk import HoomiClient
+from hoomi_protocol import (
     DEFAULT_LIMITS,
     Error,
     ErrorCode,

@@ -8,7 +8,7 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
-from protocol.errors import ErrorCode
+from hoomi_protocol.errors import ErrorCode
 from storage import audit, hoomis, messages, users
 from storage.audit import Actor
 from storage.errors import StorageError

@@ -10,7 +10,7 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
-from protocol.errors import ErrorCode
+from hoomi_protocol.errors import ErrorCode
 from storage.db import create_pool
 from storage.errors import StorageError
 from storage.writer import BatchWriter

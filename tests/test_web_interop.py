@@ -15,8 +15,8 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from client.crypto import MAX_PLAINTEXT, DecryptError, decrypt, encrypt
-from client.keys import key_from_passphrase, new_key
+from hoomi_client.crypto import MAX_PLAINTEXT, DecryptError, decrypt, encrypt
+from hoomi_client.keys import key_from_passphrase, new_key
 from tests.cluster import ROOT
 
 WEB = ROOT / "client" / "web"

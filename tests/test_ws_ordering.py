@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from uuid import uuid4
 
-from protocol import DEFAULT_LIMITS, Hello
+from hoomi_protocol import DEFAULT_LIMITS, Hello
 from server.config import load
 from server.session import Session, State
 from storage.records import HoomiSummary

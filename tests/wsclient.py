@@ -14,7 +14,7 @@ import msgpack
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from protocol import decode_server, encode_client
+from hoomi_protocol import decode_server, encode_client
 from tests.cluster import ADMIN_TOKEN, Replica
 
 TIMEOUT = 10.0

@@ -16,7 +16,7 @@ again with the new key and scheme, and sends the new versions in `reencrypt` bat
   what they send from then on is already above the target, so passes end; a message sent
   under the old scheme during the run is caught by the pass that follows it.
 - The sender stays the sender: each message is sealed again under its original
-  sender_id and client_msg_id, so readers still attribute it (client/crypto.py).
+  sender_id and client_msg_id, so readers still attribute it (client/hoomi_client/crypto.py).
 - Search tokens are recomputed under the new key when the client has search on, and
   erased otherwise (tokens of the old key would match nothing a member can ask, and only
   leak).
@@ -33,8 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from protocol import MessageBody, ReencryptItem
-from protocol.limits import DEFAULT_LIMITS
+from hoomi_protocol import MessageBody, ReencryptItem
+from hoomi_protocol.limits import DEFAULT_LIMITS
 
 from . import search as blind
 from .crypto import DecryptError

@@ -1,7 +1,7 @@
 """Protocol v1 frames as typed, immutable values; field names are the wire names.
 
 Invariant: a frame that `decode_client` returns has already passed every check of
-protocol/limits.py, so code past the codec never re-validates fields. `ref` (the
+protocol/hoomi_protocol/limits.py, so code past the codec never re-validates fields. `ref` (the
 request's correlation value: a string or an int64) is always the last field and
 defaults to None; replies copy it from their request, pushes have none.
 """

@@ -38,7 +38,7 @@ from uuid import UUID
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protocol.limits import DEFAULT_LIMITS
+from hoomi_protocol.limits import DEFAULT_LIMITS
 
 from .keys import GroupKey
 

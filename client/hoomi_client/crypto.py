@@ -65,7 +65,7 @@ from uuid import UUID
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from protocol.limits import DEFAULT_LIMITS
+from hoomi_protocol.limits import DEFAULT_LIMITS
 
 from .keys import GroupKey, Keyring
 

@@ -44,7 +44,7 @@ from uuid import UUID, uuid4
 
 import websockets
 
-from protocol import (
+from hoomi_protocol import (
     DEFAULT_LIMITS,
     Ack,
     ClientFrame,
@@ -84,7 +84,7 @@ from protocol import (
     encode_client,
     split_stream,
 )
-from protocol.limits import FRAME_OVERHEAD
+from hoomi_protocol.limits import FRAME_OVERHEAD
 
 from . import search as blind
 from .crypto import MAX_CONTENT, NONCE_BYTES, SCHEMES, DecryptError, Opened, decrypt, encrypt
@@ -186,7 +186,7 @@ class HoomiClient:
         if scheme not in SCHEMES:
             raise ValueError(f"scheme: this client seals schemes {SCHEMES}")
         # The scheme `send_text` and `edit_text` seal with, and whether they send search
-        # tokens (client/search.py; off by default: tokens tell the hub which messages
+        # tokens (client/hoomi_client/search.py; off by default: tokens tell the hub which messages
         # share words, docs/encryption.md). With both defaults the client speaks v1.
         self.scheme = scheme
         self.search_enabled = search
@@ -553,7 +553,7 @@ class HoomiClient:
                        scheme=self.scheme if scheme is None else scheme, nonce=nonce)
 
     def tokens_for(self, hoomi_id: UUID, plaintext: bytes) -> tuple[bytes, ...]:
-        """The blind-index tokens of a message's text (client/search.py), under the
+        """The blind-index tokens of a message's text (client/hoomi_client/search.py), under the
         search key of the Hoomi's current group key."""
         assert self.keyring is not None
         skey = blind.search_key(self.keyring.current(hoomi_id), hoomi_id)
@@ -586,7 +586,7 @@ class HoomiClient:
         return ack
 
     async def reencrypt(self, hoomi_id: UUID, items: list[ReencryptItem]) -> ReencryptAck:
-        """A batch of a Hoomi admin's migration (client/reencrypt.py drives it)."""
+        """A batch of a Hoomi admin's migration (client/hoomi_client/reencrypt.py drives it)."""
         ack: ReencryptAck = await self._request(
             lambda ref: Reencrypt(hoomi_id=hoomi_id, items=tuple(items), ref=ref))
         return ack
@@ -599,7 +599,7 @@ class HoomiClient:
 
     async def search_text(self, hoomi_id: UUID, words: str, before: int | None = None,
                           limit: int = 50) -> Page:
-        """Messages holding every word (normalised as client/search.py says), newest
+        """Messages holding every word (normalised as client/hoomi_client/search.py says), newest
         first; ValueError for no usable word or more than 8."""
         assert self.keyring is not None
         skey = blind.search_key(self.keyring.current(hoomi_id), hoomi_id)

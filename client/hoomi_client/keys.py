@@ -35,7 +35,7 @@ from uuid import UUID
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from protocol.limits import DEFAULT_LIMITS
+from hoomi_protocol.limits import DEFAULT_LIMITS
 
 KEY_BYTES = 32  # AES-256
 MAX_SESSION_ID_CHARS = DEFAULT_LIMITS.max_session_id_chars  # what the hub accepts

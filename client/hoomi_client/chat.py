@@ -27,15 +27,15 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 from uuid import UUID
 
-from protocol import Deleted, Edited, Membership, MessageBody, Receipt, TypingNotice
+from hoomi_protocol import Deleted, Edited, Membership, MessageBody, Receipt, TypingNotice
 
 from .crypto import DecryptError
 from .keys import PASSPHRASE_SESSION, Keyring, key_from_passphrase, load_key_file
+from .locate import hub_ws_url
 from .sdk import Closed, HoomiClient, HubError
 
 HELP = """\
@@ -263,7 +263,7 @@ async def run(args: argparse.Namespace) -> int:
         ring = Keyring()
         ring.add(hoomi, key_from_passphrase(passphrase, hoomi, args.session))
     token = args.token or os.environ.get("HOOMI_TOKEN", "")
-    url = args.url or args.hub_ws_url()
+    url = args.url or hub_ws_url()
     unreachable = await _unreachable(url)
     if unreachable:
         print(f"hoomi chat: cannot reach the hub at {url} ({unreachable}); is `hoomi serve` "
@@ -316,10 +316,16 @@ async def run(args: argparse.Namespace) -> int:
     return code
 
 
-def add_parser(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
-               hub_ws_url: Callable[[], str]) -> None:
-    """`hoomi chat`; `hub_ws_url` finds the hub as every other command does."""
-    p = sub.add_parser("chat", help="a terminal chat in one hoomi (end-to-end encrypted)")
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`hoomi chat` in the server's command line."""
+    _arguments(sub.add_parser("chat", help=_HELP))
+
+
+_HELP = "a terminal chat in one hoomi (end-to-end encrypted)"
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    """The chat's options; the hub is found as every command finds it (`locate`)."""
     p.add_argument("--url", help="the hub's WebSocket URL (default: from HOOMI_URL, else "
                                  "HOOMI_HOST and HOOMI_PORT, as every hoomi command)")
     p.add_argument("--token", help="user token (default: $HOOMI_TOKEN)")
@@ -336,4 +342,16 @@ def add_parser(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     p.add_argument("--no-search", action="store_true",
                    help="send no search tokens with messages (/search then finds only "
                         "messages others indexed)")
-    p.set_defaults(fn=lambda a: sys.exit(asyncio.run(run(a))), hub_ws_url=hub_ws_url)
+    p.set_defaults(fn=lambda a: sys.exit(asyncio.run(run(a))))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`hoomi-chat`: the same chat from the client package alone (no server installed)."""
+    parser = argparse.ArgumentParser(prog="hoomi-chat", description=_HELP)
+    _arguments(parser)
+    args = parser.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
