@@ -40,10 +40,7 @@ def _settings() -> config.Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from .app import create_app, drain
-    from .transport import protocols
+    from .app import create_app
 
     settings = _settings()
     log_config = logs.configure(settings.log_level, settings.log_format)
@@ -56,33 +53,33 @@ def cmd_serve(args: argparse.Namespace) -> None:
         except DatabaseUnreachable as err:
             sys.exit(f"hoomi: cannot start: {err} (waited {settings.db_wait_s:g} s; "
                      "HOOMI_DB_WAIT_S sets how long)")
-    app = create_app(settings)
+    hub_server(settings, create_app(settings), log_config=log_config).run()
+
+
+def hub_server(settings: config.Settings, app: Any, *, log_config: dict[str, object] | None,
+               banner: bool = True, signals: bool = True) -> Any:
+    """The uvicorn server `hoomi serve` runs for `app`: its Config from `settings` (the
+    protocols of server/transport.py, the limits, proxy headers) and its drain on
+    shutdown. The one way to build it: the in-process test replicas
+    (server/testing/inprocess.py) run this too, with `banner=False` (nothing printed)
+    and `signals=False` (uvicorn installs no SIGINT/SIGTERM handler in their process)."""
+    import contextlib
+
+    import uvicorn
+
+    from .app import drain
+    from .transport import protocols
+
     base = f"http://{settings.host}:{settings.port}"
 
     class HubServer(uvicorn.Server):
+        def capture_signals(self) -> Any:
+            return super().capture_signals() if signals else contextlib.nullcontext()
+
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
-            if not self.started:
-                return
-            banner = [f"Hoomi hub listening on {base} (WebSocket: ws://{settings.host}:"
-                      f"{settings.port}/v1/ws)"]
-            if settings.embedded:
-                banner.append(f"Embedded PostgreSQL in {settings.data_dir / 'pgdata'}; "
-                              "dev secrets in secrets.json there.")
-            if settings.log_format == "json":
-                for line in banner:  # keep stdout one JSON object per line
-                    _log.info(line)
-                return
-            print("\n".join(banner), flush=True)
-            # What another terminal needs to find this hub (and, embedded, its secrets).
-            where = [f"HOOMI_PORT={settings.port}"]
-            if settings.host not in ("127.0.0.1", "0.0.0.0", "::"):
-                where.append(f"HOOMI_HOST={settings.host}")
-            if settings.embedded:
-                where.append(f"HOOMI_DATA_DIR={shlex.quote(str(settings.data_dir))}")
-            print("In another terminal, point the CLI at this hub, then create a user and "
-                  f"a token:\n  export {' '.join(where)}\n  hoomi user create\n"
-                  "  hoomi token USER_ID", flush=True)
+            if self.started and banner:
+                _print_banner(settings, base)
 
         async def shutdown(self, sockets: Any = None) -> None:
             # Stop accepting first, then flush the writer so queued sends are acked,
@@ -112,7 +109,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # only from HOOMI_TRUSTED_PROXIES.
         proxy_headers=True, forwarded_allow_ips=settings.trusted_proxies, lifespan="on",
     )
-    HubServer(uv).run()
+    return HubServer(uv)
+
+
+def _print_banner(settings: config.Settings, base: str) -> None:
+    banner = [f"Hoomi hub listening on {base} (WebSocket: ws://{settings.host}:"
+              f"{settings.port}/v1/ws)"]
+    if settings.embedded:
+        banner.append(f"Embedded PostgreSQL in {settings.data_dir / 'pgdata'}; "
+                      "dev secrets in secrets.json there.")
+    if settings.log_format == "json":
+        for line in banner:  # keep stdout one JSON object per line
+            _log.info(line)
+        return
+    print("\n".join(banner), flush=True)
+    # What another terminal needs to find this hub (and, embedded, its secrets).
+    where = [f"HOOMI_PORT={settings.port}"]
+    if settings.host not in ("127.0.0.1", "0.0.0.0", "::"):
+        where.append(f"HOOMI_HOST={settings.host}")
+    if settings.embedded:
+        where.append(f"HOOMI_DATA_DIR={shlex.quote(str(settings.data_dir))}")
+    print("In another terminal, point the CLI at this hub, then create a user and "
+          f"a token:\n  export {' '.join(where)}\n  hoomi user create\n"
+          "  hoomi token USER_ID", flush=True)
 
 
 def _on_database(work: Callable[[str], T]) -> T:
