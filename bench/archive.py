@@ -12,7 +12,7 @@ then, in one run on one database:
            page: every page fetches, verifies and parses its segment(s)
   cached   the same pages again with the cache warm
 Every archived page is checked byte for byte against the table page. `--store s3`
-archives to a SeaweedFS started here (tests/s3.py), `file` to a temp dir.
+archives to a SeaweedFS started here (server/testing/s3.py), `file` to a temp dir.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ async def main() -> None:
     s3 = None
     tmp = tempfile.TemporaryDirectory(prefix="hoomi-bench-archive-")
     if args.store == "s3":
-        from tests.s3 import SeaweedS3
+        from server.testing.s3 import SeaweedS3
         s3 = SeaweedS3()
         s3.start()
         os.environ.update(s3.env())

@@ -10,7 +10,7 @@ of random (so incompressible, like ciphertext) content, 40-400 bytes, 1 in 1000 
 - baseline: bare `pg_dump --format=custom` to a local file, at gzip's default level and
   at level 1 (what `hoomi backup` uses);
 - `backup_once` to `file:///dir` (pg_dump, table of contents read back, sha256, manifest);
-- `backup_once` to `s3://bucket/prefix` on a local SeaweedFS (tests/s3.py), and the
+- `backup_once` to `s3://bucket/prefix` on a local SeaweedFS (server/testing/s3.py), and the
   same steps one by one: pg_dump + TOC, sha256, upload (multipart), read-back check;
 - baseline: bare `pg_restore --dbname` of the local dump into an empty database;
 - `restore_from` the S3 URL (or the directory with --no-s3) into an empty database:
@@ -175,7 +175,7 @@ async def main(n: int, use_s3: bool) -> None:
             url = f"file://{work / 'dir'}"
 
             if use_s3:
-                from tests.s3 import SeaweedS3
+                from server.testing.s3 import SeaweedS3
 
                 s3 = SeaweedS3()
                 s3.start()

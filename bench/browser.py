@@ -30,8 +30,8 @@ import httpx
 from bench.common import fresh_database
 from hoomi_client.keys import Keyring, key_from_passphrase
 from hoomi_client.sdk import HoomiClient
-from tests.cluster import ADMIN_TOKEN, Replica
-from tests.test_browser import PASSPHRASE, SHOWN, Browser, open_chat
+from server.testing.browser import PASSPHRASE, SHOWN, Browser, open_chat
+from server.testing.replica import ADMIN_TOKEN, Replica
 
 
 async def setup(base: str) -> tuple[UUID, str, UUID]:

@@ -43,10 +43,11 @@ from hoomi_protocol import (
     encode_client,
 )
 from server import auth
+from server.testing.loopback import free_port
+from server.testing.replica import ADMIN_TOKEN, JWT_SECRET
 from storage.hoomis import create_hoomi
 from storage.records import Member
 from storage.users import create_user
-from tests.cluster import ADMIN_TOKEN, JWT_SECRET, free_port
 
 
 def rss_kib(pid: int) -> int:

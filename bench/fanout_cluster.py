@@ -33,8 +33,8 @@ from typing import Any
 import redis
 
 from server.broker import ClusterBroker, RedisBroker, hoomi_channel
-from tests.cluster import Valkey
-from tests.valkey_cluster import ValkeyCluster
+from server.testing.valkey import Valkey
+from server.testing.valkey_cluster import ValkeyCluster
 
 TICK = os.sysconf("SC_CLK_TCK")
 

@@ -3,10 +3,10 @@ server, and what a failover costs, in one run.
 
     .venv/bin/python -m bench.ha [--seconds 10] [--connections 50] [--window 8]
 
-Both databases are Patroni clusters from tests/ha.py on loopback, same PostgreSQL build
-and settings: "single" has one node (no standby, so a commit is local), "sync" has two
-with synchronous_mode (a commit waits for the standby's flush). The same load as
-bench.hub (`--connections` sockets in two-member Hoomis, `--window` sends in flight each,
+Both databases are Patroni clusters from server/testing/patroni.py on loopback, same
+PostgreSQL build and settings: "single" has one node (no standby, so a commit is local),
+"sync" has two with synchronous_mode (a commit waits for the standby's flush). The same
+load as bench.hub (`--connections` sockets in two-member Hoomis, `--window` sends in flight each,
 a 200-byte ciphertext) runs against one hub on each.
 
 Then, on the sync cluster, with SDK clients on two hubs (multi-host DATABASE_URL,
@@ -38,9 +38,11 @@ import httpx
 
 from bench.hub import _start, drive
 from hoomi_client.sdk import HoomiClient, HubError
+from server.testing.loopback import free_port
+from server.testing.patroni import HACluster, wait_writable
+from server.testing.replica import ADMIN_TOKEN, JWT_SECRET
+from server.testing.valkey import Valkey
 from storage.migrate import migrate
-from tests.cluster import ADMIN_TOKEN, JWT_SECRET, Valkey, free_port
-from tests.ha import HACluster, wait_writable
 
 DATABASE = "hoomi"
 

@@ -52,6 +52,9 @@ from bench.hub import _start, pct
 from bench.profile import Profile
 from hoomi_protocol import Hello, History, Page, decode_server, encode_client
 from server import auth
+from server.testing.loopback import free_port
+from server.testing.replica import ADMIN_TOKEN, JWT_SECRET
+from server.testing.standby import Standby
 from storage import messages as message_store
 from storage.embedded import start_embedded
 from storage.hoomis import create_hoomi
@@ -60,8 +63,6 @@ from storage.migrate import migrate
 from storage.records import AppendRequest, Member
 from storage.users import create_user
 from storage.writer import BatchWriter
-from tests.cluster import ADMIN_TOKEN, JWT_SECRET, free_port
-from tests.standby import Standby
 
 Fetch = Callable[[int | None], Awaitable[list[int]]]  # before -> seqs of the page
 

@@ -45,7 +45,8 @@ from hoomi_protocol import (
     encode_client,
     split_stream,
 )
-from tests.cluster import ADMIN_TOKEN, JWT_SECRET, free_port
+from server.testing.loopback import free_port
+from server.testing.replica import ADMIN_TOKEN, JWT_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -224,7 +225,7 @@ async def main() -> None:
     env.pop("REDIS_URL", None)
     valkey = None
     if args.replicas == 2:
-        from tests.cluster import Valkey
+        from server.testing.valkey import Valkey
         valkey = Valkey()
         valkey.start()
         env["REDIS_URL"] = valkey.url

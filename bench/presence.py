@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from server.presence import RedisPresence, presence_key
-from tests.cluster import Valkey
-from tests.valkey_cluster import ValkeyCluster
+from server.testing.valkey import Valkey
+from server.testing.valkey_cluster import ValkeyCluster
 
 
 async def used_memory(client: Any) -> int:

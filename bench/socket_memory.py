@@ -33,10 +33,11 @@ from bench.fanout import rss_kib
 from bench.hub import ROOT, _wait_port
 from hoomi_protocol import Hello, encode_client
 from server import auth
+from server.testing.loopback import free_port
+from server.testing.replica import ADMIN_TOKEN, JWT_SECRET
 from storage.hoomis import create_hoomi
 from storage.records import Member
 from storage.users import create_user
-from tests.cluster import ADMIN_TOKEN, JWT_SECRET, free_port
 
 
 async def _snapshot(proc: subprocess.Popen[bytes], out: str, k: int) -> tracemalloc.Snapshot:

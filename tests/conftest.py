@@ -104,7 +104,8 @@ async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
 
 # -- hub fixtures: real Valkey, real uvicorn replicas ----------------------------------------
 
-from tests.cluster import Replica, Valkey  # noqa: E402
+from server.testing.replica import Replica  # noqa: E402
+from server.testing.valkey import Valkey  # noqa: E402
 from tests.wsclient import Admin  # noqa: E402
 
 
@@ -155,9 +156,9 @@ async def cluster(module_dsn: str, valkey: Valkey) -> AsyncIterator[Cluster]:
         r.stop()
 
 
-# -- object storage: a real S3-compatible server (SeaweedFS), see tests/s3.py ----------------
+# -- object storage: a real S3-compatible server (SeaweedFS), see server/testing/s3.py ------
 
-from tests.s3 import SeaweedS3  # noqa: E402
+from server.testing.s3 import SeaweedS3  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,10 @@ from uuid import UUID
 import httpx
 import pytest
 
+from server.testing.replica import Replica
 from storage.db import create_pool
 from storage.writer import BatchWriter
 from tests import factories
-from tests.cluster import Replica
 from tests.wsclient import own_replica
 
 BIG = 65536  # the default HOOMI_MAX_CONTENT_BYTES: the largest message a client may send

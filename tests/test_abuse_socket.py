@@ -32,9 +32,9 @@ from hoomi_protocol import (
     encode_client,
 )
 from server import ws as ws_module
+from server.testing.replica import Replica
 from storage.hoomis import create_hoomi
 from storage.records import Member
-from tests.cluster import Replica
 from tests.test_hub_delivery import joined, send
 from tests.wsclient import own_replica
 

@@ -1,5 +1,5 @@
 """The message archive (storage/archive.py, SPEC §7.1): old content moves to segment
-objects in file:// and in a real S3 server (SeaweedFS, tests/s3.py); every read returns it
+objects in file:// and in a real S3 server (SeaweedFS, server/testing/s3.py); every read returns it
 byte for byte; a SIGKILL at any step of `hoomi archive` loses nothing; deletion and
 retention erase it from the store's bytes; a store that is down gives `unavailable`."""
 
@@ -22,12 +22,12 @@ import pytest
 
 from hoomi_protocol import Ack
 from hoomi_protocol.errors import ErrorCode
+from server.testing.s3 import SeaweedS3
 from storage import archive, messages, retention
 from storage.archive import Archive, Entry, SegmentError, decode, encode
 from storage.errors import StorageError
 from storage.writer import BatchWriter
 from tests import factories
-from tests.s3 import SeaweedS3
 from tests.test_hub_delivery import joined, send
 from tests.test_hub_delivery import messages as pushed
 from tests.wsclient import own_replica

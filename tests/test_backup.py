@@ -17,7 +17,7 @@ import asyncpg
 
 from hoomi_client.keys import generate_key_file
 from hoomi_client.sdk import HoomiClient
-from tests.cluster import ADMIN_TOKEN, JWT_SECRET, ROOT, Replica
+from server.testing.replica import ADMIN_TOKEN, JWT_SECRET, ROOT, Replica
 from tests.wsclient import Admin
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from server.testing.replica import Replica
 from storage.backup_store import Manifest
-from tests.cluster import Replica
 
 
 def metric(replica: Replica, name: str) -> float:

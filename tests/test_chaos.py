@@ -17,8 +17,9 @@ import pytest
 
 from hoomi_client.sdk import HoomiClient
 from hoomi_protocol import MessageBody
+from server.testing.replica import Replica
+from server.testing.valkey import Valkey
 from storage.embedded import start_embedded
-from tests.cluster import Replica, Valkey
 from tests.test_durability import crash_and_restart, stop_postgres
 from tests.wsclient import Admin
 

@@ -22,7 +22,7 @@ from hoomi_client.keys import (
     new_key,
 )
 from hoomi_client.sdk import HoomiClient
-from tests.cluster import ROOT
+from server.testing.replica import ROOT
 
 
 class Terminal:
@@ -225,7 +225,7 @@ def test_keys_command_creates_then_rotates(tmp_path):
 async def test_chat_says_so_and_ends_when_its_token_expires(cluster, tmp_path):
     import jwt
 
-    from tests.cluster import JWT_SECRET
+    from server.testing.replica import JWT_SECRET
     (alice, _) = await cluster.user()
     h = await cluster.admin.hoomi([alice])
     keyfile = tmp_path / "keys.json"

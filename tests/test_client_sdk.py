@@ -19,7 +19,7 @@ from hoomi_client.crypto import DecryptError, decrypt
 from hoomi_client.keys import Keyring, generate_key_file, load_key_file, new_key
 from hoomi_client.sdk import Closed, HoomiClient, HubError, Unauthorized, _raise_if_final
 from hoomi_protocol import ErrorCode, MessageBody
-from tests.cluster import ROOT
+from server.testing.replica import ROOT
 from tests.wsclient import own_replica
 
 
@@ -156,7 +156,7 @@ async def test_refused_token_and_forbidden_send_raise(cluster):
 def _token(user, exp: float) -> str:
     import jwt
 
-    from tests.cluster import JWT_SECRET
+    from server.testing.replica import JWT_SECRET
     return jwt.encode({"sub": str(user), "exp": int(exp)}, JWT_SECRET, algorithm="HS256")
 
 

@@ -20,9 +20,10 @@ import redis
 from hoomi_protocol import Ack, Membership, MessageBody
 from server import config
 from server.broker import ClusterBroker
-from tests.cluster import Replica, until_ok
+from server.testing.loopback import until_ok
+from server.testing.replica import Replica
+from server.testing.valkey_cluster import ValkeyCluster
 from tests.test_hub_delivery import joined, messages, send
-from tests.valkey_cluster import ValkeyCluster
 from tests.wsclient import Admin
 
 

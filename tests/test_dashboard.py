@@ -11,7 +11,7 @@ import re
 import httpx
 import yaml
 
-from tests.cluster import ROOT, Replica
+from server.testing.replica import ROOT, Replica
 
 DEPLOY = ROOT / "deploy"
 DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "hoomi.json").read_text())

@@ -15,7 +15,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.cluster import ADMIN_TOKEN, ROOT, Replica, free_port, until_ok
+from server.testing.loopback import free_port, until_ok
+from server.testing.replica import ADMIN_TOKEN, ROOT, Replica
 from tests.test_hub_delivery import joined, messages, send
 from tests.wsclient import Admin, Peer
 

@@ -17,8 +17,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
+from server.testing.replica import ROOT
 from storage.db import _single_host_dsns
-from tests.cluster import ROOT
 
 HA = ROOT / "deploy" / "ha"
 README = (ROOT / "README.md").read_text()
@@ -101,7 +101,7 @@ def test_patroni_accepts_the_node_config(tmp_path: Path):
     patroni = Path(sysconfig.get_path("scripts")) / "patroni"
     if not patroni.exists():
         pytest.skip("no patroni: pip install 'patroni[etcd3]' (test extras)")
-    from tests.ha import pg_bin
+    from server.testing.patroni import pg_bin
 
     config = patroni_config()
     config["postgresql"]["bin_dir"] = str(pg_bin())

@@ -14,8 +14,8 @@ import asyncpg
 import pytest
 
 from hoomi_client.sdk import HoomiClient
+from server.testing.replica import Replica
 from storage.embedded import EmbeddedPostgres, start_embedded
-from tests.cluster import Replica
 from tests.wsclient import Admin
 
 

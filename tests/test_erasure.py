@@ -14,12 +14,12 @@ from pathlib import Path
 
 import asyncpg
 
+from server.testing.replica import Replica
 from storage import erasure
 from storage.messages import delete_for_everyone
 from storage.retention import purge_expired
 from storage.writer import BatchWriter
 from tests import factories
-from tests.cluster import Replica
 
 PAGE = 8192
 LP_NORMAL = 1

@@ -1,6 +1,6 @@
-"""Failover, tested for real: Patroni + etcd with synchronous replication (tests/ha.py),
-two hub replicas on a multi-host DATABASE_URL (target_session_attrs=read-write), SDK
-clients sending on both with a ledger of every ack.
+"""Failover, tested for real: Patroni + etcd with synchronous replication
+(server/testing/patroni.py), two hub replicas on a multi-host DATABASE_URL
+(target_session_attrs=read-write), SDK clients sending on both with a ledger of every ack.
 
 - The leader is SIGKILLed (Patroni and every PostgreSQL process of it): every acked
   message is on the new leader exactly once with its acked id and seq, seqs stay dense,
@@ -27,9 +27,10 @@ import asyncpg
 import pytest
 
 from hoomi_client.sdk import HoomiClient, HubError
+from server.testing.patroni import HACluster, Node, Unavailable, wait_writable
+from server.testing.replica import Replica
+from server.testing.valkey import Valkey
 from storage.db import connect, create_pool
-from tests.cluster import Replica, Valkey
-from tests.ha import HACluster, Node, Unavailable, wait_writable
 from tests.wsclient import Admin
 
 pytestmark = pytest.mark.timeout(300)

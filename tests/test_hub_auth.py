@@ -26,7 +26,7 @@ from hoomi_protocol import (
     Pong,
     Sync,
 )
-from tests.cluster import JWT_SECRET
+from server.testing.replica import JWT_SECRET
 from tests.test_hub_delivery import joined, messages, send
 from tests.wsclient import Peer, own_replica
 

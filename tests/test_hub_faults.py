@@ -15,7 +15,9 @@ import httpx
 import pytest
 
 from hoomi_protocol import Ack, Error, ErrorCode, Membership, Send
-from tests.cluster import ADMIN_TOKEN, JWT_SECRET, ROOT, Replica, Valkey, until_ok
+from server.testing.loopback import until_ok
+from server.testing.replica import ADMIN_TOKEN, JWT_SECRET, ROOT, Replica
+from server.testing.valkey import Valkey
 from tests.test_hub_delivery import joined, messages, send
 from tests.wsclient import Admin, Peer
 

@@ -21,7 +21,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from server import api, openapi, operator_api
-from tests.cluster import ADMIN_TOKEN
+from server.testing.replica import ADMIN_TOKEN
 from tests.test_hub_delivery import joined, send
 
 BASE = "urn:hoomi-openapi"

@@ -7,7 +7,7 @@ import json
 import re
 from uuid import uuid4
 
-from tests.cluster import ADMIN_TOKEN
+from server.testing.replica import ADMIN_TOKEN
 from tests.test_quickstart import cli, newcomer_env
 
 

@@ -28,6 +28,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
+from server.testing.replica import ADMIN_TOKEN, JWT_SECRET, Replica
 from storage import messages as message_store
 from storage.embedded import EmbeddedPostgres
 from storage.migrate import (
@@ -39,7 +40,6 @@ from storage.migrate import (
 )
 from storage.writer import BatchWriter
 from tests import factories, pg
-from tests.cluster import ADMIN_TOKEN, JWT_SECRET, Replica
 
 ROOT = Path(__file__).resolve().parent.parent
 _scratch_names = iter(range(1, 10_000))

@@ -16,7 +16,8 @@ from uuid import UUID, uuid4
 import pytest
 
 from hoomi_client.keys import generate_key_file
-from tests.cluster import ADMIN_TOKEN, ROOT, free_port, until_ok
+from server.testing.loopback import free_port, until_ok
+from server.testing.replica import ADMIN_TOKEN, ROOT
 from tests.test_chat_terminal import Terminal
 
 README = (ROOT / "README.md").read_text()

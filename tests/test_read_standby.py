@@ -1,5 +1,5 @@
 """HOOMI_READ_DATABASE_URL (SPEC §7.1): history, sync and HTTP pages are read on a real
-streaming standby (tests/standby.py) when it has replayed the primary's WAL position of
+streaming standby (server/testing/standby.py) when it has replayed the primary's WAL position of
 the request's start, and from the primary otherwise: with the standby's replay paused,
 pages still show every message sent and every deletion made before them."""
 
@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from hoomi_protocol import Ack, Deleted, History, Page, Sync
-from tests.cluster import Replica
-from tests.standby import Standby
+from server.testing.replica import Replica
+from server.testing.standby import Standby
 from tests.test_hub_delivery import joined, send
 from tests.wsclient import Admin
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from tests.cluster import ROOT
+from server.testing.replica import ROOT
 
 README = (ROOT / "README.md").read_text()
 

@@ -38,12 +38,12 @@ from hoomi_protocol import (
 from server.config import load
 from server.events import pack_receipt, pack_typing, unpack_signal
 from server.session import Session
+from server.testing.replica import ROOT
 from storage import hoomis as hoomi_store
 from storage.errors import StorageError
 from storage.records import HoomiSummary
 from storage.writer import BatchWriter
 from tests import factories
-from tests.cluster import ROOT
 from tests.test_chat_terminal import Terminal
 from tests.test_cluster_fanout import sharded, valkey_cluster  # noqa: F401, F811 (fixtures)
 from tests.wsclient import Peer, own_replica

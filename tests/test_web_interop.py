@@ -17,7 +17,7 @@ import pytest
 
 from hoomi_client.crypto import MAX_PLAINTEXT, DecryptError, decrypt, encrypt
 from hoomi_client.keys import key_from_passphrase, new_key
-from tests.cluster import ROOT
+from server.testing.replica import ROOT
 
 WEB = ROOT / "client" / "web"
 NODE = shutil.which("node")

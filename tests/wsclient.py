@@ -15,7 +15,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from hoomi_protocol import decode_server, encode_client
-from tests.cluster import ADMIN_TOKEN, Replica
+from server.testing.replica import ADMIN_TOKEN, Replica
 
 TIMEOUT = 10.0
 

