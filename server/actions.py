@@ -39,6 +39,7 @@ from storage.records import (
     Reencrypted,
     SearchPage,
     SyncPage,
+    WireMessage,
 )
 
 from . import auth
@@ -110,18 +111,21 @@ def submit_send(services: Services, sender_id: UUID, frame: Send,
 
 async def history(services: Services, reader: UUID, hoomi_id: UUID, before: int | None,
                   limit: int, *, field: str = "hoomi_id",
-                  scheme_below: int | None = None) -> HistoryPage:
+                  scheme_below: int | None = None) -> HistoryPage[WireMessage]:
     """A page before `before` (newest first), for a member, within HOOMI_PAGE_MAX_BYTES;
-    with `scheme_below`, only the live messages still to reencrypt."""
-    return await _read_page(services, lambda conn: message_store.history(
+    with `scheme_below`, only the live messages still to reencrypt. In wire form: both
+    transports send it as it is."""
+    return await _read_page(services, lambda conn: message_store.wire_history(
         conn, hoomi_id, before, limit, reader=reader, hoomi_field=field,
         max_bytes=services.settings.page_max_bytes, scheme_below=scheme_below))
 
 
 async def sync(services: Services, reader: UUID, hoomi_id: UUID, after: int, limit: int,
-               *, field: str = "hoomi_id", scheme_below: int | None = None) -> SyncPage:
-    """A page after `after` (oldest first), for a member, within HOOMI_PAGE_MAX_BYTES."""
-    return await _read_page(services, lambda conn: message_store.since(
+               *, field: str = "hoomi_id", scheme_below: int | None = None,
+               ) -> SyncPage[WireMessage]:
+    """A page after `after` (oldest first), for a member, within HOOMI_PAGE_MAX_BYTES,
+    in wire form."""
+    return await _read_page(services, lambda conn: message_store.wire_since(
         conn, hoomi_id, after, limit, reader=reader, hoomi_field=field,
         max_bytes=services.settings.page_max_bytes, scheme_below=scheme_below))
 

@@ -32,7 +32,7 @@ from hoomi_protocol import DEFAULT_LIMITS, Edit, ErrorCode, HoomiError
 from storage import hoomis as hoomi_store
 from storage import users as user_store
 from storage.audit import Actor
-from storage.records import Member, StoredMessage
+from storage.records import Member, StoredMessage, WireMessage
 
 from . import actions, auth, errors, events
 from .metrics import CONTENT_TYPE_LATEST
@@ -243,6 +243,22 @@ def _message_json(m: StoredMessage) -> dict[str, Any]:
     return out
 
 
+def _wire_json(m: WireMessage, hoomi: str) -> dict[str, Any]:
+    """`_message_json` of a row already in wire form (`hoomi`: the page's Hoomi id)."""
+    out: dict[str, Any] = {
+        "id": m.id, "hoomi_id": hoomi, "seq": m.seq, "sender_id": m.sender_id,
+        "created_at": m.created_at, "scheme": m.scheme, "updated_at": m.updated_at,
+    }
+    if m.deleted:
+        out["deleted"] = True
+    else:
+        assert m.content is not None and m.nonce is not None
+        out["content"] = base64.b64encode(m.content).decode()
+        out["nonce"] = base64.b64encode(m.nonce).decode()
+        out["session_id"] = m.session_id
+    return out
+
+
 # -- health ----------------------------------------------------------------------------------
 
 async def healthz(request: Request) -> Response:
@@ -414,12 +430,14 @@ async def hoomi_messages(request: Request, services: Services) -> Response:
         if after is not None:
             after_page = await actions.sync(services, user_id, hoomi_id, after, limit, field="id",
                                             scheme_below=scheme_below)
-            body.update(messages=[_message_json(m) for m in after_page.messages],
+            body.update(messages=[_wire_json(m, body["hoomi_id"])
+                                  for m in after_page.messages],
                         has_more=after_page.has_more)
         else:
             before_page = await actions.history(services, user_id, hoomi_id, before, limit,
                                                 field="id", scheme_below=scheme_below)
-            body.update(messages=[_message_json(m) for m in before_page.messages],
+            body.update(messages=[_wire_json(m, body["hoomi_id"])
+                                  for m in before_page.messages],
                         next_before=before_page.next_before)
         return _PageResponse(body, release)
     except BaseException:

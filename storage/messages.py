@@ -17,6 +17,7 @@ count their stored `content_len`.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import NamedTuple
 from uuid import UUID
 
@@ -36,6 +37,7 @@ from .records import (
     SearchPage,
     StoredMessage,
     SyncPage,
+    WireMessage,
 )
 from .writer import check_scheme_tokens, is_nonce_conflict, nonce_reused
 
@@ -67,16 +69,12 @@ ORDER BY seq ASC LIMIT $3
 """
 
 
-_BEFORE = _before()
-_AFTER = _after()
-
-
 def _bounded(page: str, order: str, max_bytes: str) -> str:
     """`page` (limit + 1 rows, $3) cut where its content passes `max_bytes` (a parameter)
     or at `limit` rows, whichever comes first, keeping at least the first row. `fetched`
     is how many rows the page had before the cut: more than returned means more exist."""
     return f"""
-SELECT {_COLUMNS}, fetched FROM (
+SELECT {_COLUMNS}, content_len, fetched FROM (
   SELECT p.*, count(*) OVER () AS fetched, row_number() OVER w AS rn,
          sum(coalesce(octet_length(p.content), p.content_len, 0)) OVER w AS total
   FROM ({page}) p
@@ -87,25 +85,66 @@ ORDER BY seq {order}
 """
 
 
-def _for_reader(page: str, extra: str = "") -> str:
+def _ms(t: str) -> str:
+    """Milliseconds since the epoch of timestamp `t`, computed as the hub computes them
+    from a datetime (server/events.py `ms`: int(t.timestamp() * 1000)): the exact
+    microseconds as a double, divided by 10^6, times 1000, truncated. IEEE doubles give
+    the same result on both sides, so a page has the same bytes either way
+    (tests/test_storage_paging.py compares them with the typed rows)."""
+    return (f"trunc((extract(epoch FROM {t}) * 1000000)::int8::float8 / 1000000 * 1000)"
+            "::int8")
+
+
+# A page's columns, from its query's rows `m`: typed (StoredMessage) or in wire form
+# (WireMessage); content_len follows either (set: the message is archived).
+_TYPED = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(",")) + ", m.content_len"
+_WIRE = (f"m.id::text AS id, m.seq, m.sender_id::text AS sender_id, m.content, m.nonce, "
+         f"m.session_id, {_ms('m.created_at')} AS created_at, "
+         f"m.deleted_at IS NOT NULL AS deleted, m.scheme, "
+         f"{_ms('coalesce(m.updated_at, m.created_at)')} AS updated_at, m.content_len")
+
+
+def _rows(page: str, columns: str, extra: str = "") -> str:
+    """`page`'s rows as `columns` (and `extra`: `, m.fetched`)."""
+    return f"SELECT {columns}{extra} FROM ({page}) m"
+
+
+def _for_reader(page: str, columns: str, extra: str = "") -> str:
     """The same page for reader $4, with the membership check in the same round trip:
     no row at all means "not a member"; a member of an empty range gets one row of NULLs."""
-    columns = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(",") + extra.split())
     return f"""
-SELECT {columns}
+SELECT {columns}{extra}
 FROM hoomi_members hm
 LEFT JOIN LATERAL ({page}) m ON true
 WHERE hm.hoomi_id = $1 AND hm.user_id = $4
 """
 
 
-_MEMBER_BEFORE = _for_reader(_BEFORE)
-_MEMBER_AFTER = _for_reader(_AFTER)
-# Byte-bounded pages: max_bytes is $4, or $5 after the reader.
-_BOUNDED_BEFORE = _bounded(_BEFORE, "DESC", "$4")
-_BOUNDED_AFTER = _bounded(_AFTER, "ASC", "$4")
-_MEMBER_BOUNDED_BEFORE = _for_reader(_bounded(_BEFORE, "DESC", "$5"), "fetched")
-_MEMBER_BOUNDED_AFTER = _for_reader(_bounded(_AFTER, "ASC", "$5"), "fetched")
+_Queries = tuple[str, str, str, str]
+
+
+def _queries(direction: str, columns: str, scheme_below: bool) -> _Queries:
+    """A page's four queries: plain, for a reader, byte-bounded, byte-bounded for a reader
+    (max_bytes is $4, or $5 after the reader). With `scheme_below`, only live messages
+    with scheme < the last parameter (what is left to reencrypt): $4 plain, $5 for a
+    reader or byte-bounded, $6 both."""
+    q, order = (_before, "DESC") if direction == "history" else (_after, "ASC")
+
+    def only(n: int) -> str:
+        return f" AND deleted_at IS NULL AND scheme < ${n}::int" if scheme_below else ""
+    fetched = ", m.fetched"
+    return (_rows(q(only(4)), columns), _for_reader(q(only(5)), columns),
+            _rows(_bounded(q(only(5)), order, "$4"), columns, fetched),
+            _for_reader(_bounded(q(only(6)), order, "$5"), columns, fetched))
+
+
+# (direction, wire form, scheme_below given) -> its four queries
+_PAGES: dict[tuple[str, bool, bool], _Queries] = {
+    (d, wire, below): _queries(d, _WIRE if wire else _TYPED, below)
+    for d in ("history", "sync") for wire in (False, True) for below in (False, True)}
+# What a socket or HTTP page runs, by name (tests/test_partitioning.py explains them).
+_BEFORE, _MEMBER_BEFORE, _BOUNDED_BEFORE, _MEMBER_BOUNDED_BEFORE = _PAGES["history", True, False]
+_AFTER, _MEMBER_AFTER, _BOUNDED_AFTER, _MEMBER_BOUNDED_AFTER = _PAGES["sync", True, False]
 
 _RANGE = f"""
 SELECT {_COLUMNS} FROM messages
@@ -135,6 +174,7 @@ def _message(row: asyncpg.Record) -> StoredMessage:
 
 
 _WIDTH = len(StoredMessage._fields)
+_WIRE_WIDTH = len(WireMessage._fields)
 
 
 def _check_limit(limit: int, field: str) -> None:
@@ -153,16 +193,15 @@ async def _pages_for(
         # Not a member: say whether the Hoomi exists at all (the slow path, errors only).
         await require_member(conn, hoomi_id, reader, field=hoomi_field)
         raise forbidden("not a member of this hoomi")
-    return [r for r in rows if r["id"] is not None]
+    return [r for r in rows if r[0] is not None]
 
 
-async def _page(
-    conn: asyncpg.Connection | asyncpg.Pool, queries: tuple[str, str, str, str],
-    hoomi_id: UUID, edge: int, limit: int, reader: UUID | None, hoomi_field: str,
-    max_bytes: int | None, scheme_below: int | None = None,
-) -> tuple[list[StoredMessage], bool]:
-    """The page's messages and whether more follow. `queries`: plain, for a reader,
-    byte-bounded, byte-bounded for a reader (with `scheme_below`, each takes it last)."""
+async def _page_rows(
+    conn: asyncpg.Connection | asyncpg.Pool, queries: _Queries, hoomi_id: UUID, edge: int,
+    limit: int, reader: UUID | None, hoomi_field: str, max_bytes: int | None,
+    scheme_below: int | None,
+) -> tuple[list[asyncpg.Record], bool]:
+    """The page's rows and whether more follow (`queries`: see `_queries`)."""
     plain, member, bounded, member_bounded = queries
     last = () if scheme_below is None else (scheme_below,)
     if max_bytes is None:
@@ -171,42 +210,59 @@ async def _page(
         else:
             rows = await _pages_for(conn, member, hoomi_id, edge, limit + 1, reader,
                                     hoomi_field, *last)
-        page = await archive.fill(conn, [_message(r) for r in rows[:limit]])
-        return page, len(rows) > limit
+        return rows[:limit], len(rows) > limit
     if reader is None:
         rows = await conn.fetch(bounded, hoomi_id, edge, limit + 1, max_bytes, *last)
     else:
         rows = await _pages_for(conn, member_bounded, hoomi_id, edge, limit + 1, reader,
                                 hoomi_field, max_bytes, *last)
-    page = await archive.fill(conn, [_message(r) for r in rows])
-    return page, bool(rows) and rows[0]["fetched"] > len(rows)
+    return rows, bool(rows) and rows[0]["fetched"] > len(rows)
 
 
-_HISTORY = (_BEFORE, _MEMBER_BEFORE, _BOUNDED_BEFORE, _MEMBER_BOUNDED_BEFORE)
-_SINCE = (_AFTER, _MEMBER_AFTER, _BOUNDED_AFTER, _MEMBER_BOUNDED_AFTER)
+async def _page(
+    conn: asyncpg.Connection | asyncpg.Pool, direction: str, hoomi_id: UUID, edge: int,
+    limit: int, reader: UUID | None, hoomi_field: str, max_bytes: int | None,
+    scheme_below: int | None,
+) -> tuple[list[StoredMessage], bool]:
+    rows, more = await _page_rows(conn, _PAGES[direction, False, scheme_below is not None],
+                                  hoomi_id, edge, limit, reader, hoomi_field, max_bytes,
+                                  scheme_below)
+    return await archive.fill(conn, [_message(r) for r in rows]), more
 
 
-def _below(page: object) -> tuple[str, str, str, str]:
-    """The four queries of a page listing only live messages with scheme < the last
-    parameter (what is left to reencrypt; `scheme_below`): $4 plain, $5 for a reader or
-    byte-bounded, $6 both."""
-    def only(n: int) -> str:
-        return f" AND deleted_at IS NULL AND scheme < ${n}::int"
-    q = _before if page == "history" else _after
-    order = "DESC" if page == "history" else "ASC"
-    return (q(only(4)), _for_reader(q(only(5))), _bounded(q(only(5)), order, "$4"),
-            _for_reader(_bounded(q(only(6)), order, "$5"), "fetched"))
+async def _wire_page(
+    conn: asyncpg.Connection | asyncpg.Pool, direction: str, hoomi_id: UUID, edge: int,
+    limit: int, reader: UUID | None, hoomi_field: str, max_bytes: int | None,
+    scheme_below: int | None,
+) -> tuple[list[WireMessage], bool]:
+    rows, more = await _page_rows(conn, _PAGES[direction, True, scheme_below is not None],
+                                  hoomi_id, edge, limit, reader, hoomi_field, max_bytes,
+                                  scheme_below)
+    page = [WireMessage._make(r[:_WIRE_WIDTH]) for r in rows]
+    if any(r["content_len"] is not None and r["content"] is None for r in rows):
+        page = await _fill_wire(conn, hoomi_id, page)
+    return page, more
 
 
-_HISTORY_BELOW = _below("history")
-_SINCE_BELOW = _below("sync")
+async def _fill_wire(conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID,
+                     page: list[WireMessage]) -> list[WireMessage]:
+    """`page` with its archived messages' content and nonce read back from their segments
+    (archive.fill, as for typed rows)."""
+    archived = [StoredMessage(UUID(m.id), hoomi_id, m.seq, None, None, None, None, _EPOCH,
+                              None) for m in page if m.content is None and not m.deleted]
+    filled = {m.seq: m for m in await archive.fill(conn, archived)}
+    return [m._replace(content=filled[m.seq].content, nonce=filled[m.seq].nonce)
+            if m.seq in filled else m for m in page]
+
+
+_EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 async def history(
     conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, before: int | None, limit: int,
     *, limit_field: str = "limit", reader: UUID | None = None, hoomi_field: str = "hoomi_id",
     max_bytes: int | None = None, scheme_below: int | None = None,
-) -> HistoryPage:
+) -> HistoryPage[StoredMessage]:
     """Up to `limit` messages with seq < before (newest first); tombstones included.
     With `reader`, only for a member of the Hoomi (forbidden / not_found otherwise),
     checked in the same round trip. With `max_bytes`, fewer when their content would
@@ -214,8 +270,7 @@ async def history(
     `scheme_below`, only live messages whose scheme is lower (what is left to migrate)."""
     _check_limit(limit, limit_field)
     edge = _NEWEST if before is None else before
-    queries = _HISTORY if scheme_below is None else _HISTORY_BELOW
-    page, more = await _page(conn, queries, hoomi_id, edge, limit, reader, hoomi_field,
+    page, more = await _page(conn, "history", hoomi_id, edge, limit, reader, hoomi_field,
                              max_bytes, scheme_below)
     return HistoryPage(page, page[-1].seq if more else None)
 
@@ -224,14 +279,40 @@ async def since(
     conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, after: int, limit: int,
     *, limit_field: str = "limit", reader: UUID | None = None, hoomi_field: str = "hoomi_id",
     max_bytes: int | None = None, scheme_below: int | None = None,
-) -> SyncPage:
+) -> SyncPage[StoredMessage]:
     """Up to `limit` messages with seq > after, ascending: a reconnecting client's catch-up.
     `reader`, `max_bytes` and `scheme_below` as for `history` (`has_more` then says
     whether more follow)."""
     _check_limit(limit, limit_field)
-    queries = _SINCE if scheme_below is None else _SINCE_BELOW
-    page, more = await _page(conn, queries, hoomi_id, after, limit, reader, hoomi_field,
+    page, more = await _page(conn, "sync", hoomi_id, after, limit, reader, hoomi_field,
                              max_bytes, scheme_below)
+    return SyncPage(page, more)
+
+
+async def wire_history(
+    conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, before: int | None, limit: int,
+    *, limit_field: str = "limit", reader: UUID | None = None, hoomi_field: str = "hoomi_id",
+    max_bytes: int | None = None, scheme_below: int | None = None,
+) -> HistoryPage[WireMessage]:
+    """`history`'s page in wire form (WireMessage), what the socket and the HTTP API send:
+    the same rows, checks and archive reads, with the ids made strings and the times
+    milliseconds by PostgreSQL (the hub's CPU per socket page: bench/RESULTS.md)."""
+    _check_limit(limit, limit_field)
+    edge = _NEWEST if before is None else before
+    page, more = await _wire_page(conn, "history", hoomi_id, edge, limit, reader,
+                                  hoomi_field, max_bytes, scheme_below)
+    return HistoryPage(page, page[-1].seq if more else None)
+
+
+async def wire_since(
+    conn: asyncpg.Connection | asyncpg.Pool, hoomi_id: UUID, after: int, limit: int,
+    *, limit_field: str = "limit", reader: UUID | None = None, hoomi_field: str = "hoomi_id",
+    max_bytes: int | None = None, scheme_below: int | None = None,
+) -> SyncPage[WireMessage]:
+    """`since`'s page in wire form (see `wire_history`)."""
+    _check_limit(limit, limit_field)
+    page, more = await _wire_page(conn, "sync", hoomi_id, after, limit, reader, hoomi_field,
+                                  max_bytes, scheme_below)
     return SyncPage(page, more)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 from uuid import UUID
 
 
@@ -44,14 +44,35 @@ class StoredMessage(NamedTuple):
     updated_at: datetime | None = None
 
 
-class HistoryPage(NamedTuple):
-    messages: list[StoredMessage]
+class WireMessage(NamedTuple):
+    """A stored message as clients see it (SPEC §7.2 message body, without its Hoomi's
+    id, which the page carries): ids as canonical strings, times as milliseconds since
+    the epoch. PostgreSQL converts them (storage/messages.py `_WIRE`), so a page goes out
+    with no per-row conversion in Python; the transports only arrange the fields."""
+
+    id: str
+    seq: int
+    sender_id: str | None
+    content: bytes | None  # None on a tombstone
+    nonce: bytes | None
+    session_id: str | None
+    created_at: int
+    deleted: bool
+    scheme: int
+    updated_at: int  # created_at for an unchanged message
+
+
+M = TypeVar("M", StoredMessage, WireMessage)
+
+
+class HistoryPage(NamedTuple, Generic[M]):
+    messages: list[M]
     # history: the `before` for the next older page, None when the oldest is reached.
     next_before: int | None
 
 
-class SyncPage(NamedTuple):
-    messages: list[StoredMessage]  # ascending seq
+class SyncPage(NamedTuple, Generic[M]):
+    messages: list[M]  # ascending seq
     has_more: bool
 
 
