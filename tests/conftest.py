@@ -156,6 +156,40 @@ async def cluster(module_dsn: str, valkey: Valkey) -> AsyncIterator[Cluster]:
         r.stop()
 
 
+# -- a real Valkey Cluster (3 shards) and two replicas in cluster mode on it ----------------
+# (tests/test_cluster_fanout.py, tests/test_signals.py)
+
+from server.testing.valkey_cluster import ValkeyCluster  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def valkey_cluster() -> Iterator[ValkeyCluster]:
+    c = ValkeyCluster().start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+async def sharded(module_dsn: str, valkey_cluster: ValkeyCluster
+                  ) -> AsyncIterator[tuple[list[Replica], Admin]]:
+    """Two replicas with HOOMI_REDIS_MODE=cluster on `valkey_cluster`, logging at info (a
+    failure's logs show the broker's resyncs), periodic reconcile pushed past a module's
+    run (120 s): what arrives came through pub/sub, a gap read, or the reconcile the
+    broker asks for after resubscribing, not through a timer."""
+    replicas = [Replica(module_dsn, valkey_cluster.url, name=n, HOOMI_REDIS_MODE="cluster",
+                        HOOMI_RECONCILE_INTERVAL_S="120", HOOMI_LOG_LEVEL="info")
+                for n in ("ca", "cb")]
+    try:
+        for r in replicas:
+            r.start()
+        admin = Admin(replicas[0].http)
+        yield replicas, admin
+        await admin.close()
+    finally:
+        for r in replicas:
+            r.stop()
+
+
 # -- object storage: a real S3-compatible server (SeaweedFS), see server/testing/s3.py ------
 
 from server.testing.s3 import SeaweedS3  # noqa: E402

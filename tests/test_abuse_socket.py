@@ -35,8 +35,7 @@ from server import ws as ws_module
 from server.testing.replica import Replica
 from storage.hoomis import create_hoomi
 from storage.records import Member
-from tests.test_hub_delivery import joined, send
-from tests.wsclient import own_replica
+from tests.wsclient import joined, own_replica, send
 
 # -- a WebSocket client by hand: it reads only when told to ------------------------------------
 

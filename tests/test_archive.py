@@ -28,9 +28,8 @@ from storage.archive import Archive, Entry, SegmentError, decode, encode
 from storage.errors import StorageError
 from storage.writer import BatchWriter
 from tests import factories
-from tests.test_hub_delivery import joined, send
-from tests.test_hub_delivery import messages as pushed
-from tests.wsclient import own_replica
+from tests.wsclient import joined, own_replica, send
+from tests.wsclient import messages as pushed
 
 
 @pytest.fixture
@@ -465,7 +464,8 @@ async def test_an_install_upgraded_from_before_0004_gets_the_archive_column(pg_t
     `hoomi migrate` moves the rows): the partitioned table, which becomes `messages` at
     the swap, must get content_len and the new CHECK too, not only the old table."""
     from storage.migrate import MigrationPending, migrate
-    from tests.test_partitioning import old_install, scratch
+    from tests.old_install import old_install
+    from tests.pg import scratch
 
     async with scratch(pg_template, target=3) as conn:
         await old_install(conn, 3000)

@@ -20,7 +20,7 @@ from hoomi_protocol import MessageBody
 from server.testing.replica import Replica
 from server.testing.valkey import Valkey
 from storage.embedded import start_embedded
-from tests.test_durability import crash_and_restart, stop_postgres
+from tests.pg import crash_and_restart, stop_postgres
 from tests.wsclient import Admin
 
 PER_CLIENT = 120

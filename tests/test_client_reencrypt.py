@@ -1,5 +1,6 @@
-"""The reference client moves a whole Hoomi to a new key and scheme (client/hoomi_client/reencrypt.py)
-while another member chats, end to end through a real replica; interrupted, it resumes.
+"""The reference client moves a whole Hoomi to a new key and scheme
+(client/hoomi_client/reencrypt.py) while another member chats, end to end through a real
+replica; interrupted, it resumes.
 
 10 000 messages (about 25 s, seeding included; HOOMI_REENCRYPT_N=1000 for a quick run)."""
 

@@ -10,7 +10,6 @@ broker asks for after resubscribing, not through a timer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -21,34 +20,7 @@ from hoomi_protocol import Ack, Membership, MessageBody
 from server import config
 from server.broker import ClusterBroker
 from server.testing.loopback import until_ok
-from server.testing.replica import Replica
-from server.testing.valkey_cluster import ValkeyCluster
-from tests.test_hub_delivery import joined, messages, send
-from tests.wsclient import Admin
-
-
-@pytest.fixture(scope="module")
-def valkey_cluster() -> Iterator[ValkeyCluster]:
-    c = ValkeyCluster().start()
-    yield c
-    c.stop()
-
-
-@pytest.fixture(scope="module")
-async def sharded(module_dsn: str, valkey_cluster: ValkeyCluster
-                  ) -> AsyncIterator[tuple[list[Replica], Admin]]:
-    replicas = [Replica(module_dsn, valkey_cluster.url, name=n, HOOMI_REDIS_MODE="cluster",
-                        HOOMI_RECONCILE_INTERVAL_S="120", HOOMI_LOG_LEVEL="info")
-                for n in ("ca", "cb")]
-    try:
-        for r in replicas:
-            r.start()
-        admin = Admin(replicas[0].http)
-        yield replicas, admin
-        await admin.close()
-    finally:
-        for r in replicas:
-            r.stop()
+from tests.wsclient import joined, messages, send
 
 
 def test_redis_mode_is_standalone_or_cluster(tmp_path):

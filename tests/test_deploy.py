@@ -17,8 +17,7 @@ import yaml
 
 from server.testing.loopback import free_port, until_ok
 from server.testing.replica import ADMIN_TOKEN, ROOT, Replica
-from tests.test_hub_delivery import joined, messages, send
-from tests.wsclient import Admin, Peer
+from tests.wsclient import Admin, Peer, joined, messages, send
 
 README = (ROOT / "README.md").read_text()
 DOCUMENTED = set(re.findall(r"^\| `([A-Z_]+)` \|", README, re.M))

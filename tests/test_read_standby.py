@@ -17,8 +17,7 @@ import pytest
 from hoomi_protocol import Ack, Deleted, History, Page, Sync
 from server.testing.replica import Replica
 from server.testing.standby import Standby
-from tests.test_hub_delivery import joined, send
-from tests.wsclient import Admin
+from tests.wsclient import Admin, joined, send
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from storage import hoomis, messages
 from storage.audit import Actor
 from storage.writer import BatchWriter
 from tests import factories
-from tests.test_hub_delivery import joined, send
+from tests.wsclient import joined, send
 
 
 async def _age(conn, hoomi_id, upto_seq: int, seconds: int) -> None:

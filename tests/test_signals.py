@@ -44,8 +44,7 @@ from storage.errors import StorageError
 from storage.records import HoomiSummary
 from storage.writer import BatchWriter
 from tests import factories
-from tests.test_chat_terminal import Terminal
-from tests.test_cluster_fanout import sharded, valkey_cluster  # noqa: F401, F811 (fixtures)
+from tests.terminal import Terminal
 from tests.wsclient import Peer, own_replica
 
 H = UUID(int=1)

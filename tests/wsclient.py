@@ -4,17 +4,18 @@ so tests can send exactly the frames (good or bad) they mean to."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 import msgpack
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from hoomi_protocol import decode_server, encode_client
+from hoomi_protocol import Hello, MessageBody, Send, Welcome, decode_server, encode_client
 from server.testing.replica import ADMIN_TOKEN, Replica
 
 TIMEOUT = 10.0
@@ -66,6 +67,30 @@ class Peer:
 
     async def close(self) -> None:
         await self.conn.close()
+
+
+def send(hoomi: UUID, ref: int | str | None = None, body: bytes | None = None,
+         cmid: UUID | None = None) -> Send:
+    return Send(hoomi_id=hoomi, client_msg_id=cmid or uuid4(), content=body or os.urandom(32),
+                nonce=os.urandom(12), session_id="s1", ref=ref)
+
+
+async def joined(url: str, token: str, resume: dict[UUID, int] | None = None
+                 ) -> tuple[Peer, Welcome]:
+    peer = await Peer.connect(url)
+    await peer.send(Hello(token=token, resume=resume or {}))
+    welcome = await peer.recv()
+    assert isinstance(welcome, Welcome), welcome
+    return peer, welcome
+
+
+async def messages(peer: Peer, n: int, hoomi: UUID | None = None) -> list[MessageBody]:
+    got: list[MessageBody] = []
+    while len(got) < n:
+        frame = await peer.recv()
+        if isinstance(frame, MessageBody) and (hoomi is None or frame.hoomi_id == hoomi):
+            got.append(frame)
+    return got
 
 
 class Admin:
