@@ -192,6 +192,21 @@ def _failed(request: Request, services: Services, err: HoomiError) -> HoomiError
 
 
 async def _user(request: Request, services: Services) -> UUID:
+    user_id = await _token_user(request, services)
+    await _still_exists(request, services, user_id)
+    return user_id
+
+
+async def _still_exists(request: Request, services: Services, user_id: UUID) -> None:
+    """As on the socket: a deleted user's tokens stop working with it (401)."""
+    if not await user_store.user_exists(services.pool, user_id):
+        raise _failed(request, services,
+                      HoomiError(ErrorCode.UNAUTHORIZED, "unknown user", "authorization"))
+
+
+async def _token_user(request: Request, services: Services) -> UUID:
+    """The user a valid token names, within their request rate; whether the user still
+    exists is the caller's to check (`_user` does, with a query of its own)."""
     _not_blocked(request, services)
     try:
         settings = services.settings
@@ -208,10 +223,6 @@ async def _user(request: Request, services: Services) -> UUID:
         raise HoomiError(ErrorCode.RATE_LIMITED,
                          f"too many requests: at most {settings.http_rate:g} per second "
                          f"({settings.http_burst} at once) per user", None, wait)
-    # As on the socket: a deleted user's tokens stop working with it.
-    if not await user_store.user_exists(services.pool, user_id):
-        raise _failed(request, services,
-                      HoomiError(ErrorCode.UNAUTHORIZED, "unknown user", "authorization"))
     return user_id
 
 
@@ -400,7 +411,24 @@ async def hoomi_messages(request: Request, services: Services) -> Response:
       "429": {$ref: "#/components/responses/RateLimited"}
       "503": {$ref: "#/components/responses/Unavailable"}
     """
-    user_id = await _user(request, services)
+    # The page's own query checks membership, and a deleted user is a member of nothing:
+    # whether the user still exists is asked only when the page is refused, so a page
+    # costs one query, not two (bench/RESULTS.md, "History pages").
+    user_id = await _token_user(request, services)
+    try:
+        return await _messages_page(request, services, user_id)
+    except HoomiError as err:
+        if err.code in _REFUSED_PAGE:
+            await _still_exists(request, services, user_id)
+        raise
+
+
+# What a deleted user's page request ends in (a member of nothing, or a bad parameter),
+# answered 401 instead as before; a page refused for its rate is not looked into.
+_REFUSED_PAGE = (ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND, ErrorCode.INVALID)
+
+
+async def _messages_page(request: Request, services: Services, user_id: UUID) -> Response:
     hoomi_id = _path_uuid(request, "id")
     limits = services.limits
     limit = _int_param(request, "limit", limits.default_page_limit, 1, limits.max_page_limit)
