@@ -7,7 +7,10 @@ One Hoomi holds `--messages` stored messages (200-byte ciphertexts, loaded with 
 `--readers` members each scroll from a random point back towards the oldest message,
 page after page of `--limit`, for `--seconds`:
   query   storage.messages.history() straight on an asyncpg pool from this process:
-          the database's own cost and the floor for the rest
+          the database's own cost and the floor for the rest (the issue's baseline)
+  query-as-hub  the query the hub runs for a page (storage.messages.wire_history for
+          the reader, bounded by HOOMI_PAGE_MAX_BYTES: membership check and byte cut in
+          SQL, rows in wire form) on the same kind of pool: the hub's own floor
   socket  `history` frames over each reader's WebSocket to one hub replica
   http    GET /v1/hoomis/{id}/messages?before=&limit= with the reader's token
 With `--read-standby` (embedded PostgreSQL only, not with DATABASE_URL) a streaming
@@ -224,7 +227,7 @@ async def hub_runs(port: int, h: UUID, tokens: list[str], args: argparse.Namespa
         results["socket"] = await scroll([socket_fetch(ws) for ws in socks],
                                          args.messages, args.limit, args.seconds)
     if prof is not None:
-        print(prof.report(per=int(results["socket"]["pages"])).replace("message", "page"))
+        print(_per_page(prof.report(per=int(results["socket"]["pages"]))))
     for ws in socks:
         await ws.close()
 
@@ -240,11 +243,19 @@ async def hub_runs(port: int, h: UUID, tokens: list[str], args: argparse.Namespa
             return [m["seq"] for m in r.json()["messages"]]
         return fetch
 
-    results["http"] = await scroll([http_fetch(c) for c in clients], args.messages,
-                                   args.limit, args.seconds)
+    with contextlib.ExitStack() as stack:
+        prof = stack.enter_context(Profile(pid, "history-http")) if args.profile else None
+        results["http"] = await scroll([http_fetch(c) for c in clients], args.messages,
+                                       args.limit, args.seconds)
+    if prof is not None:
+        print(_per_page(prof.report(per=int(results["http"]["pages"]))))
     for c in clients:
         await c.aclose()
     return results
+
+
+def _per_page(report: str) -> str:
+    return report.replace("per message", "per page").replace("µs/msg", "µs/page")
 
 
 async def main() -> None:
@@ -257,7 +268,8 @@ async def main() -> None:
                     help="the socket client decodes and validates each page (decode_server) "
                          "instead of reading its msgpack maps")
     ap.add_argument("--profile", action="store_true",
-                    help="py-spy over the hub during the socket run (bench/profile.py)")
+                    help="py-spy over the hub during the socket and http runs "
+                         "(bench/profile.py)")
     ap.add_argument("--read-standby", action="store_true",
                     help="also run the hub with HOOMI_READ_DATABASE_URL on a standby")
     ap.add_argument("--write-rate", type=float, default=0,
@@ -288,8 +300,17 @@ async def main() -> None:
                 return [m.seq for m in page.messages]
             return fetch
 
+        def hub_query_fetch(reader: UUID) -> Fetch:
+            async def fetch(before: int | None) -> list[int]:
+                page = await message_store.wire_history(pool, h, before, args.limit,
+                                                        reader=reader, max_bytes=1 << 20)
+                return [m.seq for m in page.messages]
+            return fetch
+
         results["query"] = await scroll([query_fetch() for _ in users], args.messages,
                                         args.limit, args.seconds)
+        results["query-as-hub"] = await scroll([hub_query_fetch(u) for u in users],
+                                               args.messages, args.limit, args.seconds)
         await pool.close()
 
         runs: list[tuple[str, dict[str, str]]] = [("", {})]
@@ -326,11 +347,12 @@ async def main() -> None:
     print(f"messages={args.messages} (loaded by COPY in {load_s:.1f} s) readers={args.readers} "
           f"limit={args.limit} seconds={args.seconds} write-rate={args.write_rate:g}/s "
           f"cores={os.cpu_count()}")
-    base = results["query"]["rate"]
+    base, as_hub = results["query"]["rate"], results["query-as-hub"]["rate"]
     for name, r in results.items():
         print(f"  {name:14s} {r['rate']:8.0f} pages/s ({r['rate'] * args.limit:9.0f} "
               f"messages/s)  p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms  "
-              f"({r['rate'] / base:.0%} of the bare query)")
+              f"({r['rate'] / base:.0%} of the bare query, {r['rate'] / as_hub:.0%} of "
+              "query-as-hub)")
     for run, (primary, on_standby) in per_page.items():
         reads = served.get(run, {})
         total = sum(reads.values()) or 1
