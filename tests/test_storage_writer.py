@@ -13,7 +13,7 @@ import pytest
 from hoomi_protocol.errors import ErrorCode
 from storage.db import create_pool
 from storage.errors import StorageError
-from storage.writer import BatchWriter
+from storage.writer import QUIET_AFTER_S, BatchWriter
 from tests import factories
 
 
@@ -181,6 +181,28 @@ async def test_row_refused_by_database_is_isolated_from_its_batch(pool, writer):
     assert await pool.fetchval("SELECT last_seq FROM hoomis WHERE id = $1", h) == 11
 
 
+async def test_a_refused_batch_leaves_no_transaction_open(pool, writer):
+    # The writer opens and ends its transactions itself (BEGIN with the locks, COMMIT or
+    # ROLLBACK): a failed batch must give its connection back idle, locks released.
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    await pool.execute(
+        """
+        CREATE FUNCTION refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '22023'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON messages
+        FOR EACH ROW WHEN (NEW.session_id = 'refused') EXECUTE FUNCTION refuse_once();
+        """
+    )
+    with pytest.raises(StorageError):
+        await writer.append(factories.request(h, alice, session_id="refused"))
+    assert await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state LIKE 'idle in transaction%'") == 0
+    ack = await asyncio.wait_for(writer.append(factories.request(h, alice)), 5)
+    assert ack.seq == 1
+
+
 async def test_failed_batch_fails_every_waiter_and_stores_nothing(pool):
     alice, = await factories.users(pool, 1)
     h = await factories.hoomi(pool, [alice])
@@ -210,11 +232,29 @@ async def test_writer_refuses_bad_fields_before_queueing(pool, writer):
         "nonce": factories.request(h, alice)._replace(nonce=b"123"),
         "content": factories.request(h, alice, size=15),
         "session_id": factories.request(h, alice, session_id="a\x00b"),
+        # The lock query formats the Hoomi ids into its text: never anything but a UUID.
+        "hoomi_id": factories.request(h, alice)._replace(hoomi_id=f"{h}') --"),
     }
     for field, req in cases.items():
         with pytest.raises(StorageError) as err:
             await writer.append(req)
         assert (err.value.code, err.value.field) == (ErrorCode.INVALID, field)
+
+
+async def test_an_append_after_a_quiet_spell_does_not_wait_for_company(pool):
+    # max_delay is for growing batches under load; a message that finds the writer idle
+    # since QUIET_AFTER_S goes at once (with a minute's delay it would wait a minute).
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    writer = BatchWriter(pool, max_batch=64, max_delay=60.0)
+    writer.start()
+    try:
+        for seq in (1, 2):
+            await asyncio.sleep(QUIET_AFTER_S * 2)  # the quiet spell itself
+            ack = await asyncio.wait_for(writer.append(factories.request(h, alice)), 10)
+            assert ack.seq == seq
+    finally:
+        await writer.close()
 
 
 async def test_close_flushes_queued_appends(pool):
