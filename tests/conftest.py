@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -104,6 +105,7 @@ async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
 
 # -- hub fixtures: real Valkey, real uvicorn replicas ----------------------------------------
 
+from server.testing.inprocess import InProcessReplica  # noqa: E402
 from server.testing.replica import Replica  # noqa: E402
 from server.testing.valkey import Valkey  # noqa: E402
 from tests.wsclient import Admin  # noqa: E402
@@ -118,12 +120,13 @@ def valkey() -> Iterator[Valkey]:
 
 
 CORS_ORIGIN = "https://chat.example.org"
+CLUSTER_ENV = {"HOOMI_HELLO_TIMEOUT_S": "1", "HOOMI_CORS_ORIGINS": CORS_ORIGIN}
 
 
 class Cluster:
     """Two replicas on one database and one Valkey, plus an operator client."""
 
-    def __init__(self, dsn: str, replicas: list[Replica]) -> None:
+    def __init__(self, dsn: str, replicas: list[Replica] | list[InProcessReplica]) -> None:
         self.dsn = dsn
         self.replicas = replicas
         self.a, self.b = replicas[0], replicas[-1]
@@ -143,10 +146,25 @@ async def module_dsn(pg_template: EmbeddedPostgres) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 async def cluster(module_dsn: str, valkey: Valkey) -> AsyncIterator[Cluster]:
-    """Shared by a module's tests: each test makes its own users and Hoomis."""
-    replicas = [Replica(module_dsn, valkey.url, name=n, HOOMI_HELLO_TIMEOUT_S="1",
-                        HOOMI_CORS_ORIGINS=CORS_ORIGIN)
+    """Two in-process replicas (server/testing/inprocess.py: `hoomi serve`'s server in
+    this event loop, on real ports), shared by a module's tests: each test makes its own
+    users and Hoomis. A module whose tests need processes (SIGKILL a replica, or block
+    this loop on a subprocess) takes `process_cluster` instead."""
+    replicas = [InProcessReplica(module_dsn, valkey.url, name=n, **CLUSTER_ENV)
                 for n in ("a", "b")]
+    for r in replicas:
+        await r.start()
+    c = Cluster(module_dsn, replicas)
+    yield c
+    await c.admin.close()
+    for r in replicas:
+        await r.stop()
+
+
+@pytest.fixture(scope="module")
+async def process_cluster(module_dsn: str, valkey: Valkey) -> AsyncIterator[Cluster]:
+    """`cluster`, with each replica a `hoomi serve` process (server/testing/replica.py)."""
+    replicas = [Replica(module_dsn, valkey.url, name=n, **CLUSTER_ENV) for n in ("a", "b")]
     for r in replicas:
         r.start()
     c = Cluster(module_dsn, replicas)
@@ -154,6 +172,22 @@ async def cluster(module_dsn: str, valkey: Valkey) -> AsyncIterator[Cluster]:
     await c.admin.close()
     for r in replicas:
         r.stop()
+
+
+@pytest.fixture(autouse=True)
+async def _loop_exceptions_fail_the_test() -> AsyncIterator[None]:
+    """A test that leaves an exception nobody handled in the event loop (a task's
+    exception never retrieved, a callback that raised, a transport's fatal error) fails,
+    naming it; in-process replicas run in this loop too, so theirs count."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    yield
+    loop.set_exception_handler(previous)
+    if seen:
+        what = "\n".join(f"  {c.get('message')}: {c.get('exception')!r}" for c in seen)
+        pytest.fail(f"unhandled exception(s) in the event loop:\n{what}", pytrace=False)
 
 
 # -- a real Valkey Cluster (3 shards) and two replicas in cluster mode on it ----------------

@@ -181,7 +181,7 @@ async def _held_by_unread_pages(module_dsn: str, valkey, page_max_bytes: str,
                                 n: int = 24) -> tuple[float, int]:
     """MiB the replica's RSS grows by while `n` 100-message pages of 64 KiB messages are
     left unread, and the bytes of one such page as a client gets it."""
-    async with own_replica(module_dsn, valkey.url, f"rss-{page_max_bytes}",
+    async with own_replica(module_dsn, valkey.url, f"rss-{page_max_bytes}", process=True,
                            HOOMI_PAGE_MAX_BYTES=page_max_bytes,
                            HOOMI_USER_MAX_READS=str(n)) as (r, admin):
         alice = await admin.user()

@@ -307,7 +307,9 @@ async def test_sigkill_during_a_rewrite_loses_nothing(pool, writer, dsn, tmp_pat
 
 async def test_a_replica_archives_in_the_background_and_serves_it_all_byte_for_byte(
         dsn, tmp_path):
-    async with own_replica(dsn, None, "archive", HOOMI_ARCHIVE_URL=f"file://{tmp_path}",
+    # A process: HOOMI_ARCHIVE_URL sets the archive reader for the whole process.
+    async with own_replica(dsn, None, "archive", process=True,
+                           HOOMI_ARCHIVE_URL=f"file://{tmp_path}",
                            HOOMI_ARCHIVE_AFTER_S="0", HOOMI_ARCHIVE_INTERVAL_S="1") as (
             replica, admin):
         alice, bob = await admin.user(), await admin.user()

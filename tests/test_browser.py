@@ -38,6 +38,12 @@ pytestmark = pytest.mark.skipif(bool(_missing), reason="browser tests need " + "
 
 
 @pytest.fixture(scope="module")
+def cluster(process_cluster):
+    """Two `hoomi serve` processes: two tests here SIGKILL replica b under a live page."""
+    return process_cluster
+
+
+@pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
     b = await Browser.launch()
     yield b

@@ -78,7 +78,9 @@ async def test_client_killed_mid_send_resends_and_stores_each_message_once(clust
     conn = await asyncpg.connect(cluster.dsn)
     before = await conn.fetchval("SELECT count(*) FROM messages WHERE hoomi_id = $1", h)
     assert before < count  # it really died mid-way
-    second = subprocess.run(args, env=env, capture_output=True, timeout=60)
+    # In a thread: the replica it talks to runs in this event loop.
+    second = await asyncio.to_thread(subprocess.run, args, env=env, capture_output=True,
+                                     timeout=60)
     assert second.stdout.strip() == b"done", second.stderr.decode()[-2000:]
     rows = await conn.fetch(
         "SELECT seq, sender_id, content, nonce, session_id FROM messages WHERE hoomi_id = $1 "

@@ -1,4 +1,5 @@
-"""Fault tests with real processes: kill a replica, stop one, lose the database or Redis."""
+"""Fault tests: kill a replica, stop one (processes: `Replica`); lose the database or Redis
+(in-process replicas behind a `FaultProxy` that cuts and restores the network)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import httpx
 import pytest
 
 from hoomi_protocol import Ack, Error, ErrorCode, Membership, Send
+from server.testing.inprocess import InProcessReplica
 from server.testing.loopback import until_ok
+from server.testing.proxy import FaultProxy
 from server.testing.replica import ADMIN_TOKEN, JWT_SECRET, ROOT, Replica
-from server.testing.valkey import Valkey
 from tests.wsclient import Admin, Peer, joined, messages, send
 
 
@@ -32,6 +34,19 @@ async def pair(dsn, valkey):
     await admin.close()
     for r in replicas:
         r.stop()
+
+
+@pytest.fixture
+async def inprocess_pair(dsn, valkey):
+    replicas = [InProcessReplica(dsn, valkey.url, name=n, HOOMI_RECONCILE_INTERVAL_S="0.5")
+                for n in ("ia", "ib")]
+    for r in replicas:
+        await r.start()
+    admin = Admin(replicas[1].http)
+    yield replicas, admin
+    await admin.close()
+    for r in replicas:
+        await r.stop()
 
 
 async def stored(dsn: str, hoomi) -> list[asyncpg.Record]:
@@ -117,17 +132,15 @@ async def test_sigterm_acks_what_was_queued_then_closes_1012(dsn, pair):
         await Peer.connect(ra.ws)
 
 
-async def test_database_down_gives_unavailable_then_retry_stores_once(dsn, pg_template, pair):
-    (ra, rb), admin = pair
-    alice = await admin.user()
-    h = await admin.hoomi([alice])
-    pa, _ = await joined(ra.ws, await admin.token(alice))
-    name = dsn.split("?")[0].rsplit("/", 1)[1]
-    root = await asyncpg.connect(pg_template.dsn)
+async def test_database_down_gives_unavailable_then_retry_stores_once(dsn, valkey):
+    db = await FaultProxy.in_front_of(dsn).start()
+    ra = await InProcessReplica(db.url(dsn), valkey.url, name="dbdown").start()
+    admin = Admin(ra.http)
     try:
-        await root.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
-        await root.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        alice = await admin.user()
+        h = await admin.hoomi([alice])
+        pa, _ = await joined(ra.ws, await admin.token(alice))
+        await db.cut()  # PostgreSQL unreachable: its connections reset, new ones refused
         frame = send(h, ref="down")
         await pa.send(frame)
         err = await pa.recv(timeout=30)
@@ -136,28 +149,27 @@ async def test_database_down_gives_unavailable_then_retry_stores_once(dsn, pg_te
         async with httpx.AsyncClient() as http:
             ready = await http.get(ra.http + "/readyz")
         assert ready.status_code == 503 and ready.json()["database"].startswith("down")
-    finally:
-        await root.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
-        await root.close()
-    retry = Send(hoomi_id=h, client_msg_id=frame.client_msg_id, content=frame.content,
-                 nonce=frame.nonce, session_id="s1", ref="retry")
-    deadline = time.monotonic() + 20
-    while True:
+        await db.resume()
+        await until_ok(ra.http + "/readyz", 20, ra.output)  # its pool reconnected
+        retry = Send(hoomi_id=h, client_msg_id=frame.client_msg_id, content=frame.content,
+                     nonce=frame.nonce, session_id="s1", ref="retry")
         await pa.send(retry)
-        got = await pa.recv(timeout=30)
-        if isinstance(got, Ack) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
-    assert isinstance(got, Ack) and got.seq == 1
-    assert len(await stored(dsn, h)) == 1
-    await pa.close()
+        got, _ = await pa.recv_until(Ack, timeout=30)  # its own push may come first
+        assert got.seq == 1 and got.ref == "retry", got
+        assert len(await stored(dsn, h)) == 1
+        await pa.close()
+    finally:
+        await admin.close()
+        await ra.stop()
+        await db.close()
 
 
-async def test_redis_outage_still_delivers_across_replicas(dsn):
-    own = Valkey()
-    own.start()
-    replicas = [Replica(dsn, own.url, name=n, HOOMI_RECONCILE_INTERVAL_S="0.3").start()
-                for n in ("va", "vb")]
+async def test_redis_outage_still_delivers_across_replicas(dsn, valkey):
+    broker = await FaultProxy.in_front_of(valkey.url).start()
+    replicas = [InProcessReplica(dsn, broker.url(valkey.url), name=n,
+                                 HOOMI_RECONCILE_INTERVAL_S="0.3") for n in ("va", "vb")]
+    for r in replicas:
+        await r.start()
     admin = Admin(replicas[0].http)
     try:
         alice, bob = await admin.user(), await admin.user()
@@ -166,12 +178,12 @@ async def test_redis_outage_still_delivers_across_replicas(dsn):
         pb, _ = await joined(replicas[1].ws, await admin.token(bob))
         await pa.send(send(h, ref=1))
         assert [m.seq for m in await messages(pb, 1)] == [1]
-        own.stop()
+        await broker.cut()  # Valkey unreachable: pub/sub connections reset, new ones refused
         for i in range(2, 6):
             await pa.send(send(h, ref=i))
         # No pub/sub: the other replica finds them by reconcile against PostgreSQL.
         assert [m.seq for m in await messages(pb, 4, )] == [2, 3, 4, 5]
-        own.start()
+        await broker.resume()
         for i in range(6, 9):
             await pa.send(send(h, ref=i))
         assert [m.seq for m in await messages(pb, 3)] == [6, 7, 8]
@@ -180,14 +192,14 @@ async def test_redis_outage_still_delivers_across_replicas(dsn):
     finally:
         await admin.close()
         for r in replicas:
-            r.stop()
-        own.stop()
+            await r.stop()
+        await broker.close()
 
 
-async def test_membership_changes_that_skip_pub_sub_still_reach_sockets(dsn, pair):
+async def test_membership_changes_that_skip_pub_sub_still_reach_sockets(dsn, inprocess_pair):
     # Written straight to PostgreSQL, as if the replica that made them died before
     # publishing (or Redis was down): only the reconcile can tell the sockets.
-    replicas, admin = pair
+    replicas, admin = inprocess_pair
     alice, bob, carol = await admin.user(), await admin.user(), await admin.user()
     h1 = await admin.hoomi([alice], [bob])
     h2 = await admin.hoomi([alice], [])
@@ -234,24 +246,25 @@ async def test_hub_ignores_sigpipe(pair):
     assert _ignores_sigpipe(ra.proc.pid) and _ignores_sigpipe(rb.proc.pid)
 
 
-async def test_hub_waits_for_its_database_at_start_up(dsn, pg_template):
-    name = dsn.split("?")[0].rsplit("/", 1)[1]
-    root = await asyncpg.connect(pg_template.dsn)
+async def test_hub_waits_for_its_database_at_start_up(dsn):
+    # Like a database still starting next to the hub: connections refused for a while.
+    db = await FaultProxy.in_front_of(dsn).start()
+    await db.refuse()
+    hub = Replica(db.url(dsn), None, name="wait", HOOMI_DB_WAIT_S="30")
+    hub.proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=hub.env,
+        stdout=hub.log, stderr=subprocess.STDOUT)
     try:
-        # Like a database still starting next to the hub: connections refused for a while.
-        await root.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
-        hub = Replica(dsn, None, name="wait", HOOMI_DB_WAIT_S="30")
-        hub.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=hub.env,
-            stdout=hub.log, stderr=subprocess.STDOUT)
-        await asyncio.sleep(2)
-        assert hub.proc.poll() is None and "waiting for PostgreSQL" in hub.output()
-        await root.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        deadline = time.monotonic() + 20
+        while "waiting for PostgreSQL" not in hub.output():
+            assert hub.proc.poll() is None and time.monotonic() < deadline, hub.output()
+            await asyncio.sleep(0.05)
+        assert hub.proc.poll() is None  # it waits, it does not exit
+        await db.resume()
         await until_ok(hub.http + "/readyz", 30, hub.output)
-        hub.stop()
     finally:
-        await root.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
-        await root.close()
+        await asyncio.to_thread(hub.stop)  # the proxy, in this loop, carries its goodbyes
+        await db.close()
 
 
 def test_hub_that_cannot_reach_its_database_exits_with_one_clear_line():
@@ -266,10 +279,13 @@ def test_hub_that_cannot_reach_its_database_exits_with_one_clear_line():
     assert "Traceback" not in done.stderr and "s3cret-pw" not in done.stderr
 
 
-async def test_replica_started_before_redis_serves_and_joins_pub_sub_later(dsn):
-    own = Valkey()  # not started yet: its port refuses connections
-    replicas = [Replica(dsn, own.url, name=n, HOOMI_RECONCILE_INTERVAL_S="0.3").start()
-                for n in ("ra", "rb")]
+async def test_replica_started_before_redis_serves_and_joins_pub_sub_later(dsn, valkey):
+    broker = await FaultProxy.in_front_of(valkey.url).start()
+    await broker.refuse()  # Valkey not up yet: its port refuses connections
+    replicas = [InProcessReplica(dsn, broker.url(valkey.url), name=n,
+                                 HOOMI_RECONCILE_INTERVAL_S="0.3") for n in ("ra", "rb")]
+    for r in replicas:
+        await r.start()
     admin = Admin(replicas[0].http)
     try:
         async with httpx.AsyncClient() as http:
@@ -282,7 +298,7 @@ async def test_replica_started_before_redis_serves_and_joins_pub_sub_later(dsn):
             await pa.send(send(h, ref=1))
             # Served without pub/sub: the other replica reconciles from PostgreSQL.
             assert [m.seq for m in await messages(pb, 1)] == [1]
-            own.start()
+            await broker.resume()
             await until_ok(replicas[1].http + "/readyz", 20, replicas[1].output)
         for i in range(2, 5):
             await pa.send(send(h, ref=i))
@@ -292,8 +308,8 @@ async def test_replica_started_before_redis_serves_and_joins_pub_sub_later(dsn):
     finally:
         await admin.close()
         for r in replicas:
-            r.stop()
-        own.stop()
+            await r.stop()
+        await broker.close()
 
 
 async def test_json_logs_are_one_object_per_line(dsn):

@@ -7,8 +7,17 @@ import json
 import re
 from uuid import uuid4
 
+import pytest
+
 from server.testing.replica import ADMIN_TOKEN
 from tests.newcomer import cli, newcomer_env
+
+
+@pytest.fixture(scope="module")
+def cluster(process_cluster):
+    """`hoomi` commands run with subprocess.run, which blocks this event loop: the hub
+    they talk to must be another process."""
+    return process_cluster
 
 
 async def test_operator_reads_from_the_cli(cluster, tmp_path):

@@ -16,6 +16,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from hoomi_protocol import Hello, MessageBody, Send, Welcome, decode_server, encode_client
+from server.testing.inprocess import InProcessReplica
 from server.testing.replica import ADMIN_TOKEN, Replica
 
 TIMEOUT = 10.0
@@ -123,14 +124,23 @@ class Admin:
 
 
 @asynccontextmanager
-async def own_replica(dsn: str, redis_url: str | None, name: str,
-                      **env: str) -> AsyncIterator[tuple[Replica, Admin]]:
+async def own_replica(dsn: str, redis_url: str | None, name: str, *, process: bool = False,
+                      **env: str) -> AsyncIterator[tuple[Any, Admin]]:
     """A replica started with its own settings for one test, and an operator client on
-    it; both stopped afterwards."""
-    replica = Replica(dsn, redis_url, name=name, **env).start()
+    it; both stopped afterwards. In this event loop (`InProcessReplica`), or with
+    `process=True` a `hoomi serve` process (`Replica`: for a test that kills it, or reads
+    its RSS or file descriptors)."""
+    replica: Any
+    if process:
+        replica = Replica(dsn, redis_url, name=name, **env).start()
+    else:
+        replica = await InProcessReplica(dsn, redis_url, name=name, **env).start()
     admin = Admin(replica.http)
     try:
         yield replica, admin
     finally:
         await admin.close()
-        replica.stop()
+        if process:
+            replica.stop()
+        else:
+            await replica.stop()
