@@ -11,7 +11,8 @@ import re
 import httpx
 import yaml
 
-from server.testing.replica import ROOT, Replica
+from server.testing.inprocess import InProcessReplica
+from server.testing.replica import ROOT
 
 DEPLOY = ROOT / "deploy"
 DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "hoomi.json").read_text())
@@ -43,12 +44,12 @@ def exposed(text: str) -> set[str]:
 
 
 async def test_every_metric_the_dashboard_queries_is_on_a_real_replica(dsn):
-    hub = Replica(dsn, None, name="dash").start()
+    hub = await InProcessReplica(dsn, None, name="dash").start()
     try:
         async with httpx.AsyncClient() as http:
             text = (await http.get(hub.http + "/metrics")).text
     finally:
-        hub.stop()
+        await hub.stop()
     have = exposed(text)
     missing = queried() - have
     assert not missing, f"the dashboard queries metrics no replica exposes: {sorted(missing)}"

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from hoomi_protocol import Ack, Deleted, History, Page, Sync
-from server.testing.replica import Replica
+from server.testing.inprocess import InProcessReplica
 from server.testing.standby import Standby
 from tests.wsclient import Admin, joined, send
 
@@ -31,19 +31,20 @@ async def standby(pg_server, module_dsn) -> AsyncIterator[Standby]:
 
 
 @pytest.fixture(scope="module")
-async def replica(module_dsn, standby) -> AsyncIterator[tuple[Replica, Admin, str]]:
+async def replica(module_dsn, standby) -> AsyncIterator[tuple[InProcessReplica, Admin, str]]:
     database = urlsplit(module_dsn).path.lstrip("/")
     read_dsn = standby.dsn(database)
-    r = Replica(module_dsn, None, name="reads", HOOMI_READ_DATABASE_URL=read_dsn).start()
+    r = await InProcessReplica(module_dsn, None, name="reads",
+                               HOOMI_READ_DATABASE_URL=read_dsn).start()
     admin = Admin(r.http)
     try:
         yield r, admin, read_dsn
     finally:
         await admin.close()
-        r.stop()
+        await r.stop()
 
 
-async def page_reads(r: Replica) -> dict[str, float]:
+async def page_reads(r: InProcessReplica) -> dict[str, float]:
     """hoomi_page_reads_total by server, from the replica's /metrics."""
     async with httpx.AsyncClient() as http:
         text = (await http.get(r.http + "/metrics")).text
