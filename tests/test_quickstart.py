@@ -21,6 +21,13 @@ from server.testing.replica import ADMIN_TOKEN, ROOT
 from tests.newcomer import cli, newcomer_env
 from tests.terminal import Terminal
 
+
+@pytest.fixture(scope="module")
+def cluster(process_cluster):
+    """`hoomi` commands run with subprocess.run, which blocks this event loop: the hub
+    they talk to must be another process."""
+    return process_cluster
+
 README = (ROOT / "README.md").read_text()
 
 
