@@ -25,7 +25,8 @@ and rely on their internals: the parser callbacks, `handle_websocket_upgrade`,
 `pause_writing`/`resume_writing`, `loop`, `transport`, `scope`, `queue`, `read_paused`,
 `close_sent`, `disconnected`, `close_timeout`, `conn`, `frames`, `curr_msg_data_type`,
 `handle_connect`, `handle_ping`, `handle_pong`, `handle_close`, `keepalive_timeout`,
-`send_receive_event_to_app`, `receive`, `send` and `run_asgi`. uvicorn is not pinned;
+`send_receive_event_to_app`, `receive`, `send`, `handshake_complete`, `initial_response`
+and `run_asgi`. uvicorn is not pinned;
 tests/test_abuse_socket.py attacks a real replica through each of them, so a uvicorn
 release that renames one fails there, not in production.
 """
@@ -40,6 +41,7 @@ from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
+from websockets.protocol import State as WsState
 
 from .config import Settings
 from .flags import Flag, Inbox
@@ -168,6 +170,21 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
         super().connection_lost(exc)
         if not self.gone.done():
             self.gone.set_result(None)
+
+    # -- writing without a task (server/ws.py's shared flush) --------------------------------
+
+    def can_send_now(self) -> bool:
+        """Whether `send_now` may write: accepted, open, not closing, writes not paused
+        (what uvicorn's `send` would otherwise wait for or refuse)."""
+        return (not self._writes_paused and not self.disconnected and self.handshake_complete
+                and not self.close_sent and self.initial_response is None
+                and self.conn.state is WsState.OPEN)
+
+    def send_now(self, data: bytes) -> None:
+        """One binary message, written as uvicorn's `send` writes it, without awaiting:
+        only after `can_send_now()`. The write may pause writes (the peer's buffer full)."""
+        self.conn.send_binary(data)
+        self.transport.write(b"".join(self.conn.data_to_send()))
 
     def abort(self) -> None:
         """Drop the connection now, and its write buffer with it."""

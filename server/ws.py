@@ -93,6 +93,45 @@ def _gate(services: Services) -> _Gate:
     return gate
 
 
+class _Flush:
+    """The sockets of one event loop with frames to write, written together by one
+    callback at the loop's next turn instead of a writer task each: a push to a
+    500-member Hoomi was 500 tasks created, scheduled and run. Frames queued during a
+    turn still leave together (the callback runs after that turn's callbacks)."""
+
+    __slots__ = ("conns",)
+
+    def __init__(self) -> None:
+        self.conns: list[Connection] = []
+
+    def add(self, conn: Connection) -> None:
+        if not self.conns:
+            asyncio.get_running_loop().call_soon(self.run)
+        self.conns.append(conn)
+
+    def run(self) -> None:
+        conns, self.conns = self.conns, []
+        for conn in conns:
+            try:
+                conn.flush()
+            except Exception:
+                _log.exception("write failed")
+
+
+_flushes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flush] = (
+    weakref.WeakKeyDictionary())
+# A Connection's writer: queued for its loop's flush (else None, a Task, or False).
+_FLUSH = True
+
+
+def _flush_of_loop() -> _Flush:
+    loop = asyncio.get_running_loop()
+    flush = _flushes.get(loop)
+    if flush is None:
+        flush = _flushes[loop] = _Flush()
+    return flush
+
+
 class _Metrics:
     """The session's Observer: its counts go to the replica's Prometheus metrics."""
 
@@ -127,8 +166,10 @@ class Connection:
         self.services = services
         self.session = Session(services.settings, services.limits,
                                observer=_Metrics(services))
-        # The writer runs only while the outbox holds frames (an idle socket holds no task);
-        # False once a write failed: the socket is going, no writer again.
+        # Who writes the outbox: None (empty, nobody), _FLUSH (the loop's shared flush,
+        # `flush`), a Task (`_write_loop`: the peer's buffer is full, it waits), or False
+        # once a write failed or the socket ended: no writer again. An idle socket holds
+        # no task.
         self._writer: asyncio.Task[None] | None | bool = None
         self._room = Flag(True)  # set when the outbox is below half: catch-up may go on
         self._drained = Flag(True)  # set while the outbox is empty
@@ -201,7 +242,11 @@ class Connection:
             services.hub.leave(self, h)  # no more pushes; the user's count stays until gone
         for task in self._tasks:
             task.cancel()
+        if self._writer is _FLUSH and close is not None:
+            self.flush()  # what was queued before the close (e.g. an error) goes first
         writer = self._writer
+        if writer is _FLUSH:
+            self._writer = False
         if isinstance(writer, asyncio.Task):
             if close is not None:
                 # Let the writer flush what was queued before the close (e.g. an error).
@@ -277,7 +322,8 @@ class Connection:
         if session.outbox.frames:
             self._drained.clear()
             if self._writer is None:
-                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+                self._writer = _FLUSH
+                _flush_of_loop().add(self)
         if session.close_request is not None and not self._closing:
             self._closing = True
             if session.state is not State.CLOSED:
@@ -314,6 +360,27 @@ class Connection:
             await self.ws.close(code=code, reason=reason)
         except Exception:
             pass
+
+    def flush(self) -> None:
+        """The shared flush's turn (`_Flush`): write the outbox now, as long as the
+        transport takes it without waiting; what is left (the peer's buffer is full, or
+        no transport of ours) goes to a writer task that waits for it."""
+        if self._writer is not _FLUSH:
+            return  # the socket ended meanwhile
+        self._writer = None
+        session, t = self.session, self._transport
+        if t is not None:
+            while t.can_send_now() and (data := session.data_to_send()) is not None:
+                t.send_now(data)
+            if not session.outbox.frames:
+                if not self._room.is_set():
+                    self._room.set()
+                self._drained.set()
+                return
+            if t.disconnected or t.close_sent:
+                self._writer = False  # nobody reads it any more: _end sees to the rest
+                return
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     async def _write_loop(self) -> None:
         """Write until the outbox is empty, then end (react() starts the next one). What

@@ -160,6 +160,39 @@ async def test_the_sdk_asks_for_batch_and_reads_streams(cluster):
         await b.close()
 
 
+async def test_a_push_to_many_sockets_is_written_without_a_task_per_socket(cluster):
+    # The replica runs in this loop: count the tasks it creates while one message fans
+    # out to 20 sockets (each one's write was a task of its own; now one shared flush).
+    users = [await cluster.user() for _ in range(20)]
+    h = await cluster.admin.hoomi([u for u, _ in users])
+    peers = [await _joined(cluster.a.ws, tok, {}, "batch") for _, tok in users]
+    try:
+        for peer in peers:
+            assert isinstance((await peer.recv()), Welcome)
+        loop = asyncio.get_running_loop()
+        created: list[str] = []
+        factory = loop.get_task_factory()
+
+        def counting(loop_: asyncio.AbstractEventLoop, coro, **kw):  # type: ignore[no-untyped-def]
+            created.append(getattr(coro, "__qualname__", ""))
+            return (factory(loop_, coro, **kw) if factory is not None
+                    else asyncio.Task(coro, loop=loop_, **kw))
+
+        loop.set_task_factory(counting)
+        try:
+            await peers[0].send(Send(hoomi_id=h, client_msg_id=uuid4(), content=os.urandom(40),
+                                     nonce=os.urandom(12), session_id="s1", ref=1))
+            for peer in peers:
+                pushes, _ = await _frames_until(peer, 1, batch=True)
+                assert [m.seq for m in pushes if isinstance(m, MessageBody)] == [1]
+        finally:
+            loop.set_task_factory(factory)
+        assert not [name for name in created if "_write_loop" in name]
+    finally:
+        for peer in peers:
+            await peer.close()
+
+
 # -- pages encoded straight from the rows ------------------------------------------------------
 
 def _stored(seq: int, *, deleted: bool = False, edited: bool = False) -> StoredMessage:
