@@ -1,6 +1,7 @@
 """Fan-out to a large Hoomi, and what each open socket costs, against a bare broadcast.
 
     .venv/bin/python -m bench.fanout [--members 1000] [--messages 200] [--rate 10]
+                                     [--rounds 2] [--profile]
 
 `--members` sockets join one Hoomi (each with its own user and token); one of them sends
 `--messages` ciphertexts at `--rate` per second. For every message the bench records
@@ -12,9 +13,11 @@ hub never reads), and reports:
   memory     the server's resident memory before the sockets opened and with all of
              them open and welcomed, per socket
   connect    sockets opened and welcomed per second
+  CPU        the server's CPU time while the messages went, per push delivered
 The same client drives a bare Starlette broadcast server (bench/broadcast_app.py) on
 the same uvicorn and WebSocket implementation: no storage, no ordering, no queues.
-Everything shares the machine's cores; compare within one run.
+Everything shares the machine's cores; compare within one run (`--rounds`: hub and
+broadcast again, back to back, with the ratio of each round).
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
 import websockets
 
 from bench.common import fresh_database
-from bench.hub import ROOT, _start, _wait_port, pct
+from bench.hub import ROOT, _start, _wait_port, cpu_s, pct
+from bench.profile import Profile
 from hoomi_protocol import (
     Hello,
     MessageBody,
@@ -59,9 +64,10 @@ def rss_kib(pid: int) -> int:
 
 async def drive(url: str, pid: int, tokens: list[str], hoomi_id: UUID, messages: int,
                 rate: float, read: Callable[[bytes], list[bytes]],
-                features: tuple[str, ...] = ()) -> dict[str, float]:
+                features: tuple[str, ...] = (), profile: str = "") -> dict[str, Any]:
     """Open every socket, then send from the first; `read` returns the pushes' contents
-    in one WebSocket message (none for frames that are not pushes)."""
+    in one WebSocket message (none for frames that are not pushes). `profile`: py-spy
+    over the server while the messages go (bench/profile.py), reported per message."""
     before = rss_kib(pid)
     started = time.perf_counter()
     socks = []
@@ -91,6 +97,10 @@ async def drive(url: str, pid: int, tokens: list[str], hoomi_id: UUID, messages:
                 arrivals[i].append(time.perf_counter() - t0)
                 got += 1
 
+    prof = Profile(pid, profile) if profile else None
+    if prof is not None:
+        prof.__enter__()
+    cpu_before = cpu_s(pid)
     listeners = [asyncio.ensure_future(listen(ws)) for ws in socks]
     sender = socks[0]
     payload = os.urandom(200)
@@ -103,6 +113,9 @@ async def drive(url: str, pid: int, tokens: list[str], hoomi_id: UUID, messages:
             hoomi_id=hoomi_id, client_msg_id=uuid4(), content=content, nonce=os.urandom(12),
             session_id="s1", ref=i)))
     await asyncio.gather(*listeners)
+    cpu = cpu_s(pid) - cpu_before
+    if prof is not None:
+        prof.__exit__(None, None, None)
     for ws in socks:
         await ws.close()
     every = sorted(d for ds in arrivals.values() for d in ds)
@@ -114,7 +127,8 @@ async def drive(url: str, pid: int, tokens: list[str], hoomi_id: UUID, messages:
             "last50": pct(last, 0.5) if last else float("nan"),
             "last99": pct(last, 0.99) if last else float("nan"),
             "delivered": len(every), "expected": messages * len(socks),
-            "complete": len(complete)}
+            "complete": len(complete), "cpu_per_push": cpu / max(1, len(every)),
+            "profile": prof.report(per=messages) if prof is not None else ""}
 
 
 def _hub_push(data: bytes) -> list[bytes]:
@@ -136,6 +150,10 @@ async def main() -> None:
     ap.add_argument("--members", type=int, default=1000)
     ap.add_argument("--messages", type=int, default=200)
     ap.add_argument("--rate", type=float, default=10, help="messages per second")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="hub then broadcast this many times: the ratio per round, median")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy over the hub while the messages go (bench/profile.py)")
     args = ap.parse_args()
     env = {**os.environ, "HOOMI_JWT_SECRET": JWT_SECRET, "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
            "HOOMI_LOG_LEVEL": "warning", "HOOMI_SEND_RATE": "100000",
@@ -152,30 +170,33 @@ async def main() -> None:
         await pool.close()
         tokens = [auth.issue(JWT_SECRET, u, 3600) for u in users]
 
-        port = free_port()
-        hub = _start([sys.executable, "-m", "server.cli", "serve"],
-                     {**env, "DATABASE_URL": dsn, "HOOMI_PORT": str(port)}, port)
-        try:
-            results["hub"] = await drive(f"ws://127.0.0.1:{port}/v1/ws", hub.pid, tokens,
-                                         hoomi_id, args.messages, args.rate, _hub_push,
-                                         features=("batch",))
-        finally:
-            hub.terminate()
-            hub.wait(20)
-        port = free_port()
-        base = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "bench.broadcast_app:app", "--port", str(port),
-             "--ws", "websockets-sansio", "--ws-per-message-deflate", "false",
-             "--log-level", "warning"], cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            _wait_port(port)
-            results["broadcast"] = await drive(f"ws://127.0.0.1:{port}/v1/ws", base.pid,
-                                               tokens, hoomi_id, args.messages, args.rate,
-                                               _echoed_send)
-        finally:
-            base.terminate()
-            base.wait(20)
+        for k in range(1, args.rounds + 1):
+            suffix = "" if k == 1 else f" #{k}"
+            port = free_port()
+            hub = _start([sys.executable, "-m", "server.cli", "serve"],
+                         {**env, "DATABASE_URL": dsn, "HOOMI_PORT": str(port)}, port)
+            try:
+                results["hub" + suffix] = await drive(
+                    f"ws://127.0.0.1:{port}/v1/ws", hub.pid, tokens, hoomi_id,
+                    args.messages, args.rate, _hub_push, features=("batch",),
+                    profile=f"fanout-hub{suffix.replace(' #', '-')}" if args.profile else "")
+            finally:
+                hub.terminate()
+                hub.wait(20)
+            port = free_port()
+            base = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "bench.broadcast_app:app", "--port",
+                 str(port), "--ws", "websockets-sansio", "--ws-per-message-deflate", "false",
+                 "--log-level", "warning"], cwd=ROOT,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                _wait_port(port)
+                results["broadcast" + suffix] = await drive(
+                    f"ws://127.0.0.1:{port}/v1/ws", base.pid, tokens, hoomi_id,
+                    args.messages, args.rate, _echoed_send)
+            finally:
+                base.terminate()
+                base.wait(20)
     print(f"members={args.members} messages={args.messages} rate={args.rate}/s "
           f"payload=200B cores={os.cpu_count()}")
     for name, r in results.items():
@@ -184,7 +205,20 @@ async def main() -> None:
               f"{r['delivered']}/{r['expected']} pushes")
         print(f"  {'':9s} RSS {r['rss_before'] / 1024:.1f} -> {r['rss'] / 1024:.1f} MiB, "
               f"{r['per_socket_kib']:.1f} KiB per socket; {r['connect_rate']:.0f} sockets "
-              f"opened and welcomed per second")
+              f"opened and welcomed per second; server CPU {r['cpu_per_push'] * 1e6:.1f} µs "
+              f"per push")
+    ratios = []
+    for k in range(1, args.rounds + 1):
+        suffix = "" if k == 1 else f" #{k}"
+        hub_r, base_r = results["hub" + suffix], results["broadcast" + suffix]
+        ratios.append((hub_r["d50"] / base_r["d50"],
+                       hub_r["cpu_per_push"] / base_r["cpu_per_push"]))
+    print(f"  hub/broadcast delivery p50 by round: {', '.join(f'{r[0]:.2f}x' for r in ratios)}"
+          f" (median {sorted(r[0] for r in ratios)[len(ratios) // 2]:.2f}x); server CPU per "
+          f"push: {', '.join(f'{r[1]:.2f}x' for r in ratios)}")
+    for r in results.values():
+        if r["profile"]:
+            print(r["profile"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Acked messages per second and ack latency of the hub, against a bare echo server.
 
     .venv/bin/python -m bench.hub [--seconds 10] [--connections 50] [--window 8]
+                                  [--half] [--rounds 2] [--profile]
 
 Both servers run as separate uvicorn processes on loopback. The same client code drives
 both: `--connections` sockets, pairs of them in two-member Hoomis (50 connections →
@@ -9,7 +10,11 @@ both: `--connections` sockets, pairs of them in two-member Hoomis (50 connection
         while every message is also pushed to both members of its Hoomi
   echo  the same encoded frame, timed until the server sends it back
 The client shares the machine's two cores with the server: numbers are for comparison
-within one run, not absolute capacity.
+within one run, not absolute capacity. Each run also reports the server's CPU time per
+message (and, with the embedded PostgreSQL, its server's), which the machine's load
+disturbs less than rates; `--half` runs the echo paced at the same rate as `hub half`,
+for the latency the machine alone adds; `--rounds` repeats echo and hub batch back to
+back.
 """
 
 from __future__ import annotations
@@ -86,6 +91,44 @@ def _wait_port(port: int) -> None:
 
 def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p))] * 1000
+
+
+def cpu_s(pid: int, children: bool = False) -> float:
+    """CPU seconds (user + system) a process has used; with `children`, also its live
+    children's and its exited children's (a PostgreSQL postmaster and its backends).
+    CPU is what this shared VM's noise disturbs least: wall-clock rates swing 2x between
+    runs, CPU per message much less."""
+    def fields(p: int) -> list[str]:
+        with open(f"/proc/{p}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    own = fields(pid)
+    total = int(own[11]) + int(own[12])
+    if children:
+        total += int(own[13]) + int(own[14])
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    f = fields(int(entry))
+                except OSError:
+                    continue
+                if int(f[1]) == pid:
+                    total += int(f[11]) + int(f[12])
+    return total / tick
+
+
+async def postmaster_pid(dsn: str) -> int | None:
+    """The PostgreSQL server's main process, if it runs on this machine (embedded)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        backend = await conn.fetchval("SELECT pg_backend_pid()")
+    finally:
+        await conn.close()
+    try:
+        with open(f"/proc/{backend}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
 
 
 async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float, window: int,
@@ -212,6 +255,9 @@ async def main() -> None:
                          "instead of reading plain msgpack maps as the echo client does")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy over the (first) hub during each hub run (bench/profile.py)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="echo and hub batch this many times, back to back: the ratio per "
+                         "round and its median (the VM's load drifts within minutes)")
     ap.add_argument("--replicas", type=int, choices=[1, 2], default=1,
                     help="2: two hub processes and a Valkey; each Hoomi spans both")
     args = ap.parse_args()
@@ -257,27 +303,54 @@ async def main() -> None:
             from uuid import UUID
             hoomi_ids = [UUID(h) for h in hoomis]
             urls = [f"ws://127.0.0.1:{p}/v1/ws" for p in hub_ports]
-            results = {"echo": await drive([f"ws://127.0.0.1:{echo_port}/v1/ws"], tokens,
-                                           hoomi_ids, args.seconds, args.window, hub=False)}
+            postgres = await postmaster_pid(dsn)
+            results: dict[str, dict[str, float]] = {}
             profiles = []
+            rounds: list[tuple[float, float, float]] = []  # (msg/s, hub CPU, PG CPU) / echo
+
+            async def echo_run(name: str, window: int, rate: float = 0.0) -> None:
+                before = cpu_s(echo.pid)
+                results[name] = await drive([f"ws://127.0.0.1:{echo_port}/v1/ws"], tokens,
+                                            hoomi_ids, args.seconds, window, hub=False,
+                                            rate=rate)
+                results[name]["cpu"] = (cpu_s(echo.pid) - before) / results[name]["n"]
 
             async def run(name: str, window: int, batch: bool, rate: float = 0.0) -> None:
                 with contextlib.ExitStack() as stack:
                     if args.profile:
                         prof = stack.enter_context(Profile(hubs[0].pid, name.replace(" ", "-")))
-                    results[name] = await drive(urls, tokens, hoomi_ids, args.seconds, window,
-                                                hub=True, batch=batch, rate=rate,
-                                                raw=not args.validate)
+                    before = [cpu_s(h.pid) for h in hubs]
+                    pg_before = cpu_s(postgres, children=True) if postgres else 0.0
+                    res = await drive(urls, tokens, hoomi_ids, args.seconds, window,
+                                      hub=True, batch=batch, rate=rate, raw=not args.validate)
+                    res["cpu"] = sum(cpu_s(h.pid) - b for h, b in zip(hubs, before,
+                                                                      strict=True)) / res["n"]
+                    if postgres:
+                        res["pg_cpu"] = (cpu_s(postgres, children=True) - pg_before) / res["n"]
+                    results[name] = res
                 if args.profile:
                     profiles.append(prof.report(per=int(results[name]["n"])))
 
+            await echo_run("echo", args.window)
             if not args.no_v1:
                 await run("hub v1", args.window, batch=False)
             await run("hub batch", args.window, batch=True)
+            for k in range(2, args.rounds + 1):
+                # Echo and hub again, back to back: a ratio per round, then the median.
+                await echo_run(f"echo #{k}", args.window)
+                await run(f"hub batch #{k}", args.window, batch=True)
+            for k in range(1, args.rounds + 1):
+                e = results["echo" if k == 1 else f"echo #{k}"]
+                h = results["hub batch" if k == 1 else f"hub batch #{k}"]
+                rounds.append((h["rate"] / e["rate"], h["cpu"] / e["cpu"],
+                               h.get("pg_cpu", 0.0) / e["cpu"]))
             if args.half:
                 half = results["hub batch"]["rate"] / 2
                 await run("hub half", 64, batch=True, rate=half)
                 results["hub half"]["target"] = half
+                # The same pacing through the bare echo: the latency this machine adds.
+                await echo_run("echo half", 64, rate=half)
+                results["echo half"]["target"] = half
             conn = await asyncpg.connect(dsn)
             stored = await conn.fetchval("SELECT count(*) FROM messages")
             await conn.close()
@@ -293,15 +366,25 @@ async def main() -> None:
           f"seconds={args.seconds} payload=200B cores={os.cpu_count()}")
     for name, res in results.items():
         extra = (f", pushes {res['pushes']:.0f}/s; send→other member's push p50 "
-                 f"{res['d50']:.2f} ms p99 {res['d99']:.2f} ms") if name != "echo" else ""
+                 f"{res['d50']:.2f} ms p99 {res['d99']:.2f} ms"
+                 ) if not name.startswith("echo") else ""
         if "target" in res:
             extra += f"; paced at {res['target']:.0f} msg/s"
+        cpu = f"; server CPU {res['cpu'] * 1e6:.0f} µs" + (
+            f" + PostgreSQL {res['pg_cpu'] * 1e6:.0f} µs" if "pg_cpu" in res else "")
         print(f"  {name:9s} {res['rate']:8.0f} msg/s  p50 {res['p50']:6.2f} ms  "
-              f"p99 {res['p99']:6.2f} ms  ({res['n']} round trips{extra})")
-    acked = sum(res["n"] for name, res in results.items() if name != "echo")
+              f"p99 {res['p99']:6.2f} ms  ({res['n']} round trips{cpu}{extra})")
+    acked = sum(res["n"] for name, res in results.items() if not name.startswith("echo"))
     for name, res in results.items():
-        if name != "echo" and "target" not in res:
-            print(f"  {name}/echo throughput: {res['rate'] / results['echo']['rate']:.0%}")
+        if not name.startswith("echo") and "target" not in res and "#" not in name:
+            print(f"  {name}/echo throughput: {res['rate'] / results['echo']['rate']:.0%}; "
+                  f"server CPU per message {res['cpu'] / results['echo']['cpu']:.1f}x the "
+                  f"echo's per round trip")
+    if args.rounds > 1:
+        ratios = sorted(r[0] for r in rounds)
+        print(f"  hub batch/echo throughput by round: "
+              f"{', '.join(f'{r[0]:.0%}' for r in rounds)}; median {ratios[len(ratios) // 2]:.0%}"
+              f"; hub CPU/echo CPU: {', '.join(f'{r[1]:.1f}x' for r in rounds)}")
     print(f"  stored rows: {stored} (acked: {acked})")
     for report in profiles:
         print(report)
