@@ -1,7 +1,8 @@
 """Pages in wire form (storage.messages.wire_history / wire_since, what the socket and the
 HTTP API send) against the typed pages they replace: the same `page` frame bytes and the
-same JSON for every kind of row (tombstones, edits, schemes, non-ASCII session ids, odd
-timestamps, archived messages), cursors and bounds included."""
+same JSON bytes (server/api.py `_page_json` against JSONResponse) for every kind of row
+(tombstones, edits, schemes, session ids JSON must escape, odd timestamps, archived
+messages), cursors and bounds included."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from uuid import UUID
 
 import asyncpg
 import pytest
+from starlette.responses import JSONResponse
 
 from server import api
 from server.events import page_frame
@@ -28,6 +30,9 @@ async def writer(pool: asyncpg.Pool):
     await w.close()
 
 
+# Session ids JSON writes as they are, and ones it escapes (quote, backslash, controls).
+_SESSIONS = ["s1", "séance ☃", 'a"b', "back\\slash", "tab\there", "nl\n", "\x01\x1f",
+             "del\x7f", "s2"]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Microseconds since the epoch whose milliseconds float arithmetic and exact division
 # disagree on (before 1970), and some that end in .5 ms, .999 ms, or nothing.
@@ -42,7 +47,7 @@ async def _every_kind_of_row(pool: asyncpg.Pool, writer: BatchWriter) -> tuple[U
     acks = []
     for i in range(30):
         req = factories.request(h, alice if i % 3 else bob, size=rnd.randint(16, 900),
-                                session_id="séance ☃" if i % 7 == 0 else f"s{i % 4}")
+                                session_id=_SESSIONS[i % 9])
         acks.append(await writer.append(req._replace(scheme=1 + i % 3)))
     for a in (acks[4], acks[17]):
         await messages.delete_for_everyone(pool, h, a.id, alice)
@@ -68,8 +73,11 @@ async def _same_pages(pool: asyncpg.Pool, reader: UUID, h: UUID) -> int:
                 assert wire.next_before == typed.next_before, (before, limit, kw)
                 assert page_frame(5, h, wire.messages, next_before=wire.next_before) == \
                     page_frame(5, h, typed.messages, next_before=typed.next_before)
-                assert [api._wire_json(m, hoomi) for m in wire.messages] == \
-                    [api._message_json(m) for m in typed.messages]
+                nb = "null" if wire.next_before is None else wire.next_before
+                assert api._page_json(hoomi, wire.messages, f'"next_before":{nb}') == \
+                    JSONResponse({"hoomi_id": hoomi,
+                                  "messages": [api._message_json(m) for m in typed.messages],
+                                  "next_before": typed.next_before}).body
                 compared += len(wire.messages)
             for after in (0, 12, 29):
                 typed_sync = await messages.since(pool, h, after, limit, **kw)
@@ -77,6 +85,12 @@ async def _same_pages(pool: asyncpg.Pool, reader: UUID, h: UUID) -> int:
                 assert wire_sync.has_more == typed_sync.has_more, (after, limit, kw)
                 assert page_frame(None, h, wire_sync.messages, has_more=wire_sync.has_more) \
                     == page_frame(None, h, typed_sync.messages, has_more=typed_sync.has_more)
+                more = "true" if wire_sync.has_more else "false"
+                assert api._page_json(hoomi, wire_sync.messages, f'"has_more":{more}') == \
+                    JSONResponse({"hoomi_id": hoomi,
+                                  "messages": [api._message_json(m)
+                                               for m in typed_sync.messages],
+                                  "has_more": typed_sync.has_more}).body
                 compared += len(wire_sync.messages)
     return compared
 
