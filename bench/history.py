@@ -91,8 +91,20 @@ async def load(dsn: str, n: int, readers: int) -> tuple[UUID, list[UUID]]:
     return h, users
 
 
-async def scroll(fetches: list[Fetch], n: int, limit: int, seconds: float
+def cpu_seconds(pid: int = 0) -> float:
+    """CPU time (user + system) used so far by process `pid` (0: this one), from /proc: a
+    page's cost in CPU, which other load on the machine inflates far less than it
+    lowers pages/s."""
+    if not pid:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def scroll(fetches: list[Fetch], n: int, limit: int, seconds: float, pid: int = 0
                  ) -> dict[str, float]:
+    """Pages/s and latencies of `fetches` scrolling for `seconds`, and `cpu_us`: the CPU
+    time process `pid` (0: this one) spent per page meanwhile."""
     latencies: list[float] = []
     stop_at = time.monotonic() + seconds
 
@@ -109,12 +121,13 @@ async def scroll(fetches: list[Fetch], n: int, limit: int, seconds: float
                 raise AssertionError(f"page before {before}: {seqs[:3]}... != {want[:3]}...")
             before = seqs[-1] if seqs and seqs[-1] > 1 else rng.randrange(limit + 1, n + 1)
 
-    started = time.monotonic()
+    started, cpu = time.monotonic(), cpu_seconds(pid)
     await asyncio.gather(*(reader(k, f) for k, f in enumerate(fetches)))
-    elapsed = time.monotonic() - started
+    elapsed, cpu = time.monotonic() - started, cpu_seconds(pid) - cpu
     latencies.sort()
     return {"rate": len(latencies) / elapsed, "p50": pct(latencies, 0.5),
-            "p99": pct(latencies, 0.99), "pages": len(latencies)}
+            "p99": pct(latencies, 0.99), "pages": len(latencies),
+            "cpu_us": cpu / max(1, len(latencies)) * 1e6}
 
 
 @asynccontextmanager
@@ -225,7 +238,7 @@ async def hub_runs(port: int, h: UUID, tokens: list[str], args: argparse.Namespa
     with contextlib.ExitStack() as stack:
         prof = stack.enter_context(Profile(pid, "history-socket")) if args.profile else None
         results["socket"] = await scroll([socket_fetch(ws) for ws in socks],
-                                         args.messages, args.limit, args.seconds)
+                                         args.messages, args.limit, args.seconds, pid)
     if prof is not None:
         print(_per_page(prof.report(per=int(results["socket"]["pages"]))))
     for ws in socks:
@@ -246,7 +259,7 @@ async def hub_runs(port: int, h: UUID, tokens: list[str], args: argparse.Namespa
     with contextlib.ExitStack() as stack:
         prof = stack.enter_context(Profile(pid, "history-http")) if args.profile else None
         results["http"] = await scroll([http_fetch(c) for c in clients], args.messages,
-                                       args.limit, args.seconds)
+                                       args.limit, args.seconds, pid)
     if prof is not None:
         print(_per_page(prof.report(per=int(results["http"]["pages"]))))
     for c in clients:
@@ -352,7 +365,8 @@ async def main() -> None:
         print(f"  {name:14s} {r['rate']:8.0f} pages/s ({r['rate'] * args.limit:9.0f} "
               f"messages/s)  p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms  "
               f"({r['rate'] / base:.0%} of the bare query, {r['rate'] / as_hub:.0%} of "
-              "query-as-hub)")
+              f"query-as-hub); CPU per page {r['cpu_us']:4.0f} us "
+              f"({'this client' if name.startswith('query') else 'the hub'})")
     for run, (primary, on_standby) in per_page.items():
         reads = served.get(run, {})
         total = sum(reads.values()) or 1
