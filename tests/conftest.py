@@ -152,13 +152,11 @@ async def cluster(module_dsn: str, valkey: Valkey) -> AsyncIterator[Cluster]:
     this loop on a subprocess) takes `process_cluster` instead."""
     replicas = [InProcessReplica(module_dsn, valkey.url, name=n, **CLUSTER_ENV)
                 for n in ("a", "b")]
-    for r in replicas:
-        await r.start()
+    await asyncio.gather(*(r.start() for r in replicas))
     c = Cluster(module_dsn, replicas)
     yield c
     await c.admin.close()
-    for r in replicas:
-        await r.stop()
+    await asyncio.gather(*(r.stop() for r in replicas))  # each drains for ~0.35 s
 
 
 @pytest.fixture(scope="module")

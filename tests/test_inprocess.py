@@ -5,6 +5,7 @@ cannot start says why, and only its own log says it."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import httpx
 import pytest
@@ -41,3 +42,18 @@ async def test_a_replica_that_cannot_start_raises_with_its_own_log(module_dsn, v
         assert "no_such_db_" not in good.output()
     finally:
         await good.stop()
+
+
+async def test_its_sockets_have_tcp_nodelay_as_hoomi_serves_do(module_dsn, valkey):
+    # Without it each response's last segment waited ~40 ms for the client's delayed ACK.
+    r = await InProcessReplica(module_dsn, valkey.url, name="nodelay").start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: hub\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        (conn,) = r.server.server_state.connections
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        writer.close()
+    finally:
+        await r.stop()

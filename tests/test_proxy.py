@@ -4,6 +4,7 @@ its faults are what a client of those servers sees when the network or the host 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import asyncpg
 import pytest
@@ -24,6 +25,9 @@ async def test_forwards_postgresql_and_drop_resets_open_connections(pg_template,
     try:
         assert await conn.fetchval("SELECT 41 + 1") == 42
         assert pg_proxy.connections == 1
+        (link,) = pg_proxy._links
+        client_side = link.ends[0].get_extra_info("socket")  # else ~40 ms per round trip
+        assert client_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         await pg_proxy.drop()
         with pytest.raises((asyncpg.ConnectionDoesNotExistError, ConnectionError)):
             await conn.fetchval("SELECT 1", timeout=5)

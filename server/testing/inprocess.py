@@ -106,7 +106,9 @@ class InProcessReplica:
         settings = config.load(self.env)
         self.server = hub_server(settings, create_app(settings), log_config=None,
                                  banner=False, signals=False)
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP
+        # (with proto 0, every response's body waited ~40 ms for a delayed ACK).
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(2048)
