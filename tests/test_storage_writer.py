@@ -294,8 +294,8 @@ async def test_commit_lost_after_it_applied_acks_stored_rows_and_runs_the_hook(p
     writer = BatchWriter(pool, max_batch=64, max_delay=0.02, on_commit=hooked.extend)
     real_commit = writer._commit
 
-    async def commit_then_lose_connection(batch):
-        await real_commit(batch)
+    async def commit_then_lose_connection(batch, full):
+        await real_commit(batch, full)
         raise ConnectionResetError("connection lost during COMMIT")
 
     writer._commit = commit_then_lose_connection  # type: ignore[method-assign]
@@ -318,7 +318,7 @@ async def test_failure_whose_read_back_also_fails_gives_every_waiter_unavailable
     h = await factories.hoomi(pool, [alice])
     writer = BatchWriter(pool, max_batch=64, max_delay=0.005)
 
-    async def lose_everything(batch):
+    async def lose_everything(batch, full):
         await pool.close()
         raise ConnectionResetError("gone")
 
@@ -338,11 +338,11 @@ async def test_deadlocked_batch_is_retried_and_its_rows_commit(pool):
     real_commit = writer._commit
     calls: list[int] = []
 
-    async def deadlock_once(batch):
+    async def deadlock_once(batch, full):
         calls.append(len(batch))
         if len(calls) == 1:
             raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
-        return await real_commit(batch)
+        return await real_commit(batch, full)
 
     writer._commit = deadlock_once  # type: ignore[method-assign]
     writer.start()
@@ -594,6 +594,29 @@ async def test_the_database_refuses_a_reused_nonce_the_writer_did_not_see(pool, 
     outcomes = await asyncio.gather(*(writer.append(r) for r in reqs), return_exceptions=True)
     assert isinstance(outcomes[3], StorageError) and outcomes[3].field == "nonce"
     assert sum(not isinstance(o, Exception) for o in outcomes) == 7
+
+
+async def test_a_retry_in_a_batch_of_new_rows_leaves_dense_seqs_and_one_set_of_tokens(pool):
+    # The first try of a batch checks membership only; the retry's row is skipped by the
+    # unique index, the batch rolls back whole and runs again with the full check.
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    writer = BatchWriter(pool, max_batch=64, max_delay=0.05)
+    writer.start()
+    try:
+        tokens = (b"k" * 16,)
+        first = await writer.append(factories.request(h, alice)._replace(tokens=tokens))
+        retry = factories.request(h, alice)._replace(client_msg_id=(await pool.fetchval(
+            "SELECT client_msg_id FROM messages WHERE id = $1", first.id)))
+        reqs = [factories.request(h, alice)._replace(tokens=tokens) for _ in range(5)]
+        acks = await asyncio.gather(*(writer.append(r) for r in [reqs[0], retry, *reqs[1:]]))
+    finally:
+        await writer.close()
+    assert acks[1].duplicate and (acks[1].id, acks[1].seq) == (first.id, 1)
+    assert sorted(a.seq for a in acks if not a.duplicate) == [2, 3, 4, 5, 6]
+    assert await pool.fetchval("SELECT last_seq FROM hoomis WHERE id = $1", h) == 6
+    seqs = await pool.fetch("SELECT seq FROM message_tokens WHERE hoomi_id = $1 ORDER BY seq", h)
+    assert [r["seq"] for r in seqs] == [1, 2, 3, 4, 5, 6]
 
 
 async def test_scheme_and_tokens_are_stored_with_the_message(pool, writer):
