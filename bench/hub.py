@@ -122,13 +122,13 @@ async def postmaster_pid(dsn: str) -> int | None:
     conn = await asyncpg.connect(dsn)
     try:
         backend = await conn.fetchval("SELECT pg_backend_pid()")
-    finally:
-        await conn.close()
-    try:
+        # Read while the backend lives: once the connection closes, it is gone.
         with open(f"/proc/{backend}/stat") as f:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except OSError:
         return None
+    finally:
+        await conn.close()
 
 
 async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float, window: int,

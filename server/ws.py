@@ -157,7 +157,7 @@ class Connection:
     """One accepted socket: the Hub's `Socket` (server/hub.py) around a Session."""
 
     # Slots and lean flags (server/flags.py): a replica holds tens of thousands of these.
-    __slots__ = ("ws", "services", "session", "_writer", "_room", "_drained", "_inflight",
+    __slots__ = ("ws", "services", "session", "_writer", "_flush", "_room", "_drained", "_inflight",
                  "_tasks", "_closing", "_expiry", "_transport", "address", "_waiting",
                  "__weakref__")
 
@@ -171,6 +171,7 @@ class Connection:
         # once a write failed or the socket ended: no writer again. An idle socket holds
         # no task.
         self._writer: asyncio.Task[None] | None | bool = None
+        self._flush = _flush_of_loop()  # looked up once: react() runs per frame
         self._room = Flag(True)  # set when the outbox is below half: catch-up may go on
         self._drained = Flag(True)  # set while the outbox is empty
         self._inflight = asyncio.Semaphore(services.settings.max_inflight_sends)
@@ -323,7 +324,7 @@ class Connection:
             self._drained.clear()
             if self._writer is None:
                 self._writer = _FLUSH
-                _flush_of_loop().add(self)
+                self._flush.add(self)
         if session.close_request is not None and not self._closing:
             self._closing = True
             if session.state is not State.CLOSED:
