@@ -6,8 +6,9 @@
 One Hoomi holds `--messages` stored messages (200-byte ciphertexts, loaded with COPY).
 `--readers` members each scroll from a random point back towards the oldest message,
 page after page of `--limit`, for `--seconds`:
-  query   storage.messages.history() straight on an asyncpg pool from this process:
-          the database's own cost and the floor for the rest (the issue's baseline)
+  query   storage.messages.history() straight on a pool from this process (made by
+          storage.db.create_pool, as the hub's): the database's own cost and the floor
+          for the rest (the issue's baseline)
   query-as-hub  the query the hub runs for a page (storage.messages.wire_history for
           the reader, bounded by HOOMI_PAGE_MAX_BYTES: membership check and byte cut in
           SQL, rows in wire form) on the same kind of pool: the hub's own floor
@@ -59,6 +60,7 @@ from server.testing.loopback import free_port
 from server.testing.replica import ADMIN_TOKEN, JWT_SECRET
 from server.testing.standby import Standby
 from storage import messages as message_store
+from storage.db import create_pool
 from storage.embedded import start_embedded
 from storage.hoomis import create_hoomi
 from storage.ids import uuid7s
@@ -305,7 +307,9 @@ async def main() -> None:
         load_s = time.perf_counter() - loaded
         tokens = [auth.issue(JWT_SECRET, u, 3600) for u in users]
 
-        pool = await asyncpg.create_pool(dsn, min_size=args.readers, max_size=args.readers)
+        # The hub's kind of pool (storage.db: a page's connection goes back without
+        # asyncpg's reset), so both sides pay the same per statement.
+        pool = await create_pool(dsn, min_size=args.readers, max_size=args.readers)
 
         def query_fetch() -> Fetch:
             async def fetch(before: int | None) -> list[int]:

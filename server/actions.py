@@ -28,6 +28,7 @@ from storage import hoomis as hoomi_store
 from storage import messages as message_store
 from storage import users as user_store
 from storage.audit import Actor
+from storage.db import stateless
 from storage.records import (
     AppendRequest,
     AppendResult,
@@ -172,7 +173,7 @@ async def _read_page(services: Services,
             and time.monotonic() >= services.standby_retry_at):
         lsn = await services.wal_clock.now()
         try:
-            async with services.read_pool.acquire() as conn:
+            async with stateless(services.read_pool) as conn:
                 if await message_store.replayed(conn, lsn):
                     page = await read(conn)
                     services.page_reads["standby"] += 1

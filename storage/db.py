@@ -6,6 +6,9 @@ import asyncio
 import logging
 import time
 import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -29,6 +32,42 @@ _POOL_SETTINGS: dict[str, Any] = {
 }
 
 
+# True while `stateless` gives a connection back after its block ran to the end.
+_STATELESS_RELEASE: ContextVar[bool] = ContextVar("hoomi_stateless_release", default=False)
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """Every pool's reset when a connection goes back (asyncpg has already rolled back an
+    open transaction): asyncpg's own reset query (advisory locks, cursors, LISTEN,
+    settings), except for a connection `stateless` lent, which holds nothing to undo."""
+    if _STATELESS_RELEASE.get():
+        return
+    query = conn.get_reset_query()
+    if query:
+        await conn.execute(query)
+
+
+@asynccontextmanager
+async def stateless(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A connection from `pool` for statements that leave no session state behind (plain
+    SELECTs: no SET, no advisory lock, no LISTEN, no cursor or transaction left open),
+    given back without asyncpg's reset, a second round trip (four statements) per use:
+    16 % of the hub's CPU per history page (bench/RESULTS.md). A block that raises is
+    reset as usual."""
+    conn = await pool.acquire()
+    clean = False
+    try:
+        yield conn
+        clean = True
+    finally:
+        # The pool releases in a task of its own, which copies this context.
+        token = _STATELESS_RELEASE.set(clean)
+        try:
+            await pool.release(conn)
+        finally:
+            _STATELESS_RELEASE.reset(token)
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
     hosts = _single_host_dsns(dsn)
     if len(hosts) > 1:
@@ -36,7 +75,7 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
             dsn, hosts=hosts, min_size=min_size, max_size=max_size, **_POOL_SETTINGS)
         return pool
     made = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                     **_POOL_SETTINGS)
+                                     reset=_reset, **_POOL_SETTINGS)
     assert made is not None
     return made
 
@@ -153,7 +192,7 @@ class _FollowingPool(asyncpg.Pool):
         self._follower: asyncio.Task[None] | None = None
         super().__init__(
             dsn, connect=self._connect_tracked, max_queries=50000,
-            max_inactive_connection_lifetime=300.0, setup=None, init=None, reset=None,
+            max_inactive_connection_lifetime=300.0, setup=None, init=None, reset=_reset,
             loop=None, connection_class=asyncpg.Connection, record_class=asyncpg.Record,
             **kwargs)
 

@@ -27,6 +27,7 @@ from hoomi_protocol.errors import ErrorCode
 
 from . import archive, audit
 from .audit import Actor
+from .db import stateless
 from .errors import StorageError, forbidden, not_found
 from .hoomis import member_role, require_member
 from .records import (
@@ -184,11 +185,21 @@ def _check_limit(limit: int, field: str) -> None:
         raise StorageError(ErrorCode.INVALID, f"{field}: must be at least 1", field)
 
 
+async def _fetch(conn: asyncpg.Connection | asyncpg.Pool, query: str, *args: object,
+                 ) -> list[asyncpg.Record]:
+    """A page's one statement; from a pool, on a connection given back without asyncpg's
+    reset round trip (db.stateless: a SELECT leaves no session state)."""
+    if isinstance(conn, asyncpg.Pool):
+        async with stateless(conn) as c:
+            return await c.fetch(query, *args)
+    return await conn.fetch(query, *args)
+
+
 async def _pages_for(
     conn: asyncpg.Connection | asyncpg.Pool, query: str, hoomi_id: UUID, edge: int,
     limit: int, reader: UUID, hoomi_field: str, *more: int,
 ) -> list[asyncpg.Record]:
-    rows = await conn.fetch(query, hoomi_id, edge, limit, reader, *more)
+    rows = await _fetch(conn, query, hoomi_id, edge, limit, reader, *more)
     if not rows:
         # Not a member: say whether the Hoomi exists at all (the slow path, errors only).
         await require_member(conn, hoomi_id, reader, field=hoomi_field)
@@ -206,13 +217,13 @@ async def _page_rows(
     last = () if scheme_below is None else (scheme_below,)
     if max_bytes is None:
         if reader is None:
-            rows = await conn.fetch(plain, hoomi_id, edge, limit + 1, *last)
+            rows = await _fetch(conn, plain, hoomi_id, edge, limit + 1, *last)
         else:
             rows = await _pages_for(conn, member, hoomi_id, edge, limit + 1, reader,
                                     hoomi_field, *last)
         return rows[:limit], len(rows) > limit
     if reader is None:
-        rows = await conn.fetch(bounded, hoomi_id, edge, limit + 1, max_bytes, *last)
+        rows = await _fetch(conn, bounded, hoomi_id, edge, limit + 1, max_bytes, *last)
     else:
         rows = await _pages_for(conn, member_bounded, hoomi_id, edge, limit + 1, reader,
                                 hoomi_field, max_bytes, *last)
