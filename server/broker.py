@@ -460,6 +460,11 @@ class ClusterBroker:
         self._publishers.clear()
         try:
             await self._cluster.aclose()
+            # RedisCluster.aclose() closes nothing unless the client's own initialize() ran
+            # (redis-py 8.1: its `_initialize` flag); _sync reads the slot map with
+            # nodes_manager.initialize(), so the node connections are closed here.
+            await self._cluster.nodes_manager.aclose()
+            await self._cluster.nodes_manager.aclose("startup_nodes")
         except (RedisError, OSError):
             pass
 

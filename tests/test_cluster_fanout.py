@@ -162,6 +162,33 @@ async def test_broker_leaving_and_rejoining_channels_needs_no_resync(valkey_clus
         await b.close()
 
 
+def clients_on(ports: list[int]) -> int:
+    """Connections the nodes count, ours included (one each), summed over the nodes."""
+    total = 0
+    for port in ports:
+        with redis.Redis(port=port) as node:
+            total += int(node.info("clients")["connected_clients"])
+    return total
+
+
+async def test_a_closed_broker_leaves_no_connection_open(valkey_cluster):
+    before = clients_on(valkey_cluster.ports)
+    broker = ClusterBroker(valkey_cluster.url)
+
+    async def reconcile() -> None:
+        pass
+
+    await broker.start(lambda ch, p: None, reconcile)
+    channels = [f"hoomi:{uuid4().hex}" for _ in range(12)]  # on every shard
+    for ch in channels:
+        await broker.subscribe(ch)
+    await broker.publish([(ch, b"x") for ch in channels])
+    assert clients_on(valkey_cluster.ports) > before
+    await broker.close()
+    await until(lambda: clients_on(valkey_cluster.ports) == before, 5,
+                "every connection of the closed broker gone")
+
+
 async def stored_seqs(dsn: str, hoomi: UUID) -> list[int]:
     conn = await asyncpg.connect(dsn)
     try:

@@ -161,6 +161,6 @@ async def test_nginx_in_front_of_two_replicas(tmp_path: Path, dsn, valkey):
             await p.close()
         await admin.close()
         proc.terminate()
-        proc.wait(10)
+        proc.communicate(timeout=10)  # waits, and closes its stderr pipe
         full.stop()
         roomy.stop()

@@ -80,28 +80,28 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
 @pytest.mark.timeout(90)
 def test_clean_exit_after_sigkilled_holder_stops_postgres(data_dir: Path) -> None:
     pgdata = (data_dir / "pgdata").resolve()
-    killed = _holder(data_dir)
-    try:
-        _await_ready(killed, timeout=60)
-        server_pid = _postmaster_pid(pgdata)
-        assert server_pid is not None
-        assert _holders(pgdata) == [killed.pid]
-        killed.send_signal(signal.SIGKILL)
-        assert killed.wait(timeout=10) == -signal.SIGKILL
-    finally:
-        killed.kill()
-        killed.wait(timeout=10)
+    with _holder(data_dir) as killed:  # `with`: its pipes are closed afterwards
+        try:
+            _await_ready(killed, timeout=60)
+            server_pid = _postmaster_pid(pgdata)
+            assert server_pid is not None
+            assert _holders(pgdata) == [killed.pid]
+            killed.send_signal(signal.SIGKILL)
+            assert killed.wait(timeout=10) == -signal.SIGKILL
+        finally:
+            killed.kill()
+            killed.wait(timeout=10)
 
-    clean = _holder(data_dir)
-    try:
-        _await_ready(clean, timeout=60)
-        assert _postmaster_pid(pgdata) == server_pid  # joined, not restarted
-        assert _holders(pgdata) == [clean.pid]
-        assert clean.communicate(input="", timeout=60) == ("", None)
-        assert clean.returncode == 0
-    finally:
-        clean.kill()
-        clean.wait(timeout=10)
+    with _holder(data_dir) as clean:
+        try:
+            _await_ready(clean, timeout=60)
+            assert _postmaster_pid(pgdata) == server_pid  # joined, not restarted
+            assert _holders(pgdata) == [clean.pid]
+            assert clean.communicate(input="", timeout=60) == ("", None)
+            assert clean.returncode == 0
+        finally:
+            clean.kill()
+            clean.wait(timeout=10)
 
     # `pg_ctl -w stop` returned before the holder exited, so the server is already gone.
     assert not (pgdata / "postmaster.pid").exists()

@@ -251,9 +251,7 @@ async def test_hub_waits_for_its_database_at_start_up(dsn):
     db = await FaultProxy.in_front_of(dsn).start()
     await db.refuse()
     hub = Replica(db.url(dsn), None, name="wait", HOOMI_DB_WAIT_S="30")
-    hub.proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=hub.env,
-        stdout=hub.log, stderr=subprocess.STDOUT)
+    hub.spawn()
     try:
         deadline = time.monotonic() + 20
         while "waiting for PostgreSQL" not in hub.output():
@@ -346,9 +344,7 @@ async def test_hub_lifts_its_open_files_limit_for_its_sockets(dsn):
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     hub = Replica(dsn, None, name="nofile", HOOMI_MAX_CONNECTIONS="5000")
-    hub.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT,
-                                env=hub.env, stdout=hub.log, stderr=subprocess.STDOUT,
-                                preexec_fn=low_soft_limit)
+    hub.spawn(preexec_fn=low_soft_limit)
     try:
         await until_ok(hub.http + "/healthz", 30, hub.output)
         assert _open_files_limit(hub.proc.pid) == min(5000 + 256, hard)

@@ -87,11 +87,12 @@ async def test_quick_start_as_printed_on_another_port_from_another_directory(tmp
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True,
                    timeout=60)
     # The newcomer's `make run` would build .venv; the suite's own is linked in instead,
-    # and pyproject.toml dated no later than its stamp so make sees it up to date and
-    # installs nothing (the test must not pip install).
+    # and the pyproject.toml files its stamp is made from dated no later than the stamp, so
+    # make sees it up to date and installs nothing (the test must not pip install).
     (clone / ".venv").symlink_to(ROOT / ".venv")
     stamp = (ROOT / ".venv" / ".installed").stat().st_mtime
-    os.utime(clone / "pyproject.toml", (stamp - 1, stamp - 1))
+    for made_from in ("pyproject.toml", "protocol/pyproject.toml", "client/pyproject.toml"):
+        os.utime(clone / made_from, (stamp - 1, stamp - 1))  # the stamp's prerequisites
     assert subprocess.run(["make", "-q", "-C", str(clone), ".venv/.installed"],
                           timeout=30).returncode == 0, "make would rebuild .venv"
 

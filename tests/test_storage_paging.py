@@ -39,6 +39,7 @@ class LoopThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
+        self.loop.close()
 
 
 async def _fill(dsn: str) -> tuple[asyncpg.Pool, Any]:

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from server.testing.loopback import free_port, wait_ready
 
@@ -41,8 +42,9 @@ class Replica:
         else:
             self.env.pop("REDIS_URL", None)
         self.proc: subprocess.Popen | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix=f"hoomi-{name}-", suffix=".log",
-                                               delete=False)
+        fd, log = tempfile.mkstemp(prefix=f"hoomi-{name}-", suffix=".log")
+        os.close(fd)  # each start appends to it through a handle of its own
+        self.log = Path(log)
 
     @property
     def http(self) -> str:
@@ -53,12 +55,20 @@ class Replica:
         return f"ws://127.0.0.1:{self.port}/v1/ws"
 
     def start(self) -> Replica:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=self.env,
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
+        """Run it and return once /healthz answers 200."""
+        self.spawn()
         wait_ready(self._healthy, 30, f"replica {self.name}", self.proc)
         return self
+
+    def spawn(self, **popen: Any) -> subprocess.Popen[bytes]:
+        """Run it and return at once (`popen`: more subprocess.Popen arguments); its output
+        is appended to the log."""
+        with open(self.log, "ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, **popen,
+            )
+        return self.proc
 
     def _healthy(self) -> bool:
         with urllib.request.urlopen(self.http + "/healthz", timeout=1) as r:
@@ -76,7 +86,7 @@ class Replica:
         return self.proc.wait(timeout)
 
     def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
+        return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
