@@ -10,6 +10,7 @@ broker asks for after resubscribing, not through a timer.
 from __future__ import annotations
 
 import asyncio
+import os
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -187,6 +188,41 @@ async def test_a_closed_broker_leaves_no_connection_open(valkey_cluster):
     await broker.close()
     await until(lambda: clients_on(valkey_cluster.ports) == before, 5,
                 "every connection of the closed broker gone")
+
+
+def _connections_to(port: int) -> int:
+    """This process's established TCP connections to port `port` (its socket fds matched
+    to /proc/net/tcp by inode)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in list(f)[1:]]
+    return sum(1 for r in rows
+               if int(r[2].split(":")[1], 16) == port and r[3] == "01" and r[9] in inodes)
+
+
+async def test_a_closed_cluster_broker_leaves_no_connection_open(valkey_cluster):
+    # The seed node's connection (the one the slot map was first read on) outlived close()
+    # until the garbage collector found it ("Unclosed ClusterNode object").
+    seed = int(valkey_cluster.url.rsplit(":", 1)[1])
+    before = _connections_to(seed)
+
+    async def reconcile() -> None:
+        pass
+
+    broker = ClusterBroker(valkey_cluster.url)
+    await broker.start(lambda ch, p: None, reconcile)
+    await broker.subscribe("hoomi:closing")
+    await broker.publish([("hoomi:closing", b"x")])
+    assert _connections_to(seed) > before
+    await broker.close()
+    await until(lambda: _connections_to(seed) == before, 5, "the broker's connections closed")
 
 
 async def stored_seqs(dsn: str, hoomi: UUID) -> list[int]:
