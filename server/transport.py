@@ -178,7 +178,7 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
         (what uvicorn's `send` would otherwise wait for or refuse)."""
         return (not self._writes_paused and not self.disconnected and self.handshake_complete
                 and not self.close_sent and self.initial_response is None
-                and self.conn.state is WsState.OPEN)
+                and self.conn.state is WsState.OPEN and not self.transport.is_closing())
 
     def send_now(self, data: bytes) -> None:
         """One binary message, written as uvicorn's `send` writes it, without awaiting:

@@ -371,8 +371,12 @@ class Connection:
         self._writer = None
         session, t = self.session, self._transport
         if t is not None:
-            while t.can_send_now() and (data := session.data_to_send()) is not None:
-                t.send_now(data)
+            try:
+                while t.can_send_now() and (data := session.data_to_send()) is not None:
+                    t.send_now(data)
+            except Exception:
+                self._writer = False  # as a failed write in _write_loop: the socket is going
+                raise
             if not session.outbox.frames:
                 if not self._room.is_set():
                     self._room.set()
