@@ -9,6 +9,7 @@ enough, and that no server, database or test package is needed.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -62,10 +63,13 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     linked = _link_declared_dependencies(site)
     assert {"msgpack", "websockets", "cryptography"} <= linked
     # Wheels built by the test venv's pip (as `make` builds them), installed there offline.
+    # They are built from copies: a build leaves build/ and *.egg-info in its source.
     wheels = tmp_path_factory.mktemp("wheels")
+    skip = shutil.ignore_patterns("web", "build", "*.egg-info", "__pycache__")
+    sources = [shutil.copytree(ROOT / name, wheels / "src" / name, ignore=skip)
+               for name in ("protocol", "client")]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--wheel-dir", str(wheels),
-                    str(ROOT / "protocol"), str(ROOT / "client")], check=True, cwd=wheels)
+                    "--wheel-dir", str(wheels), *map(str, sources)], check=True, cwd=wheels)
     subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
                     *map(str, sorted(wheels.glob("*.whl")))], check=True, cwd=venv)
     return python
