@@ -6,9 +6,10 @@ messages), cursors and bounds included."""
 
 from __future__ import annotations
 
+import os
 import random
 from datetime import UTC, datetime, timedelta
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
@@ -18,6 +19,7 @@ from server import api
 from server.events import page_frame
 from storage import archive, messages
 from storage.archive import Archive
+from storage.ids import uuid7s
 from storage.writer import BatchWriter
 from tests import factories
 
@@ -115,3 +117,26 @@ async def test_wire_pages_read_archived_messages_back(pool, writer, tmp_path):
         assert await _same_pages(pool, reader, h) > 400
     finally:
         archive.configure(None)
+
+
+async def test_a_bounded_page_keeps_postgresqls_generic_plan(pool, writer):
+    """The page the hub serves (for a reader, byte-bounded) is planned once per connection,
+    not at every execution (storage/messages.py `_queries`, the literal LIMIT)."""
+    reader, h = await _every_kind_of_row(pool, writer)
+    # A Hoomi of some size elsewhere: PostgreSQL costs a generic plan for all partitions.
+    other = await factories.hoomi(pool, [reader])
+    rows = [(i, other, k + 1, reader, uuid4(), b"x" * 64, os.urandom(12), "s1")
+            for k, i in enumerate(uuid7s(5000))]
+    await pool.copy_records_to_table("messages", records=rows, columns=[
+        "id", "hoomi_id", "seq", "sender_id", "client_msg_id", "content", "nonce",
+        "session_id"])
+    await pool.execute("ANALYZE messages")  # as autovacuum does: statistics to plan with
+    async with pool.acquire() as conn:
+        for before in range(30, 10, -1):
+            await messages.wire_history(conn, h, before, 5, reader=reader, max_bytes=1 << 20)
+        plans = await conn.fetchrow(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+            "WHERE statement LIKE '%LEFT JOIN LATERAL%' "
+            "AND statement NOT LIKE '%pg_prepared_statements%'")
+    assert plans is not None
+    assert plans["generic_plans"] >= 10 and plans["custom_plans"] <= 5, dict(plans)
