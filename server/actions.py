@@ -13,7 +13,6 @@ socket's frames say `hoomi_id`, the HTTP paths say `id`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,7 +30,6 @@ from storage.audit import Actor
 from storage.db import stateless
 from storage.records import (
     AppendRequest,
-    AppendResult,
     DeletedMessage,
     EditedMessage,
     HistoryPage,
@@ -42,6 +40,7 @@ from storage.records import (
     SyncPage,
     WireMessage,
 )
+from storage.writer import Notify
 
 from . import auth
 from .errors import RETRY_AFTER_MS
@@ -101,13 +100,14 @@ async def authenticate(services: Services, address: str, token: str) -> Authenti
     return Authenticated(claims.user_id, claims.expires_at, first)
 
 
-def submit_send(services: Services, sender_id: UUID, frame: Send,
-                ) -> asyncio.Future[AppendResult]:
-    """Queue a message for the writer: the future resolves once its batch has committed
-    (the Hub pushes it to every member from the commit hook, server/hub.py `committed`)."""
-    return services.writer.submit(AppendRequest(
+def submit_send(services: Services, sender_id: UUID, frame: Send, notify: Notify) -> None:
+    """Queue a message for the writer: `notify(result, None)` (or `notify(None, error)`)
+    once its batch is decided, called right after the commit hook that pushed it to every
+    member (server/hub.py `committed`), so the ack leaves with the batch's pushes.
+    A refusal at the door (queue full, shutting down) raises StorageError instead."""
+    services.writer.submit_notify(AppendRequest(
         frame.hoomi_id, sender_id, frame.client_msg_id, frame.content, frame.nonce,
-        frame.session_id, frame.scheme, frame.tokens))
+        frame.session_id, frame.scheme, frame.tokens), notify)
 
 
 async def history(services: Services, reader: UUID, hoomi_id: UUID, before: int | None,

@@ -49,6 +49,8 @@ from .session import Effect, Session, State
 from .transport import EXTENSION as TRANSPORT
 
 if TYPE_CHECKING:
+    from storage.records import AppendResult
+
     from .transport import HubWebSocketProtocol
 
 _log = logging.getLogger(__name__)
@@ -157,9 +159,9 @@ class Connection:
     """One accepted socket: the Hub's `Socket` (server/hub.py) around a Session."""
 
     # Slots and lean flags (server/flags.py): a replica holds tens of thousands of these.
-    __slots__ = ("ws", "services", "session", "_writer", "_flush", "_room", "_drained", "_inflight",
-                 "_tasks", "_closing", "_expiry", "_transport", "address", "_waiting",
-                 "__weakref__")
+    __slots__ = ("ws", "services", "session", "_writer", "_flush", "_room", "_drained", "_sends",
+                 "_send_room", "_tasks", "_closing", "_expiry", "_transport", "address",
+                 "_waiting", "__weakref__")
 
     def __init__(self, ws: WebSocket, services: Services) -> None:
         self.ws = ws
@@ -174,7 +176,10 @@ class Connection:
         self._flush = _flush_of_loop()  # looked up once: react() runs per frame
         self._room = Flag(True)  # set when the outbox is below half: catch-up may go on
         self._drained = Flag(True)  # set while the outbox is empty
-        self._inflight = asyncio.Semaphore(services.settings.max_inflight_sends)
+        # Sends submitted and not decided yet: at most HOOMI_MAX_INFLIGHT_SENDS, then the
+        # read loop waits for `_send_room` (made on the first wait).
+        self._sends = 0
+        self._send_room: Flag | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False  # the close the session decided has been started
         self._expiry: asyncio.TimerHandle | None = None
@@ -526,12 +531,9 @@ class Connection:
             if frame is None:
                 continue
             if isinstance(frame, Send):
-                await self._inflight.acquire()
-                try:
-                    self._send(frame)
-                except BaseException:
-                    self._inflight.release()
-                    raise
+                if self._sends >= self.services.settings.max_inflight_sends:
+                    await self._wait_send_room()
+                self._send(frame)
             elif isinstance(frame, History | Sync | Search):
                 # Pages and searches are the costly reads: one user runs at most
                 # HOOMI_USER_MAX_READS at once, over all their sockets (and the HTTP API).
@@ -551,33 +553,43 @@ class Connection:
             elif isinstance(frame, Typing):
                 self.services.hub.publish_typing(self, frame.hoomi_id, self.user_id)
 
+    async def _wait_send_room(self) -> None:
+        limit = self.services.settings.max_inflight_sends
+        while self._sends >= limit:
+            room = self._send_room
+            if room is None:
+                room = self._send_room = Flag()
+            room.clear()
+            await room.wait()
+
     def _send(self, frame: Send) -> None:
         started = time.perf_counter()
+        self._sends += 1
         try:
-            future = actions.submit_send(self.services, self.user_id, frame)
+            # A callback the writer calls right after its commit hook, not a future's
+            # done-callback: the ack is queued in the same event-loop turn as the pushes
+            # of its batch, so both leave in one write per socket (one flush), and the hot
+            # path creates and schedules nothing per message.
+            actions.submit_send(self.services, self.user_id, frame,
+                                lambda result, err: self._acked(frame, result, err, started))
         except HoomiError as err:
-            self._inflight.release()
+            self._decided()
             self.session.fail(err, frame.ref)
             self.react()
-            return
-        # A done-callback, not a task per send: the ack is queued the moment the batch
-        # commits, and the hot path creates and schedules nothing per message.
-        future.add_done_callback(lambda f: self._acked(frame, f, started))
 
-    def _acked(self, frame: Send, future: asyncio.Future[Any], started: float) -> None:
-        self._inflight.release()
-        if future.cancelled():
-            return
-        err = future.exception()
-        if err is not None:
-            mapped = err if isinstance(err, HoomiError) else None
-            if mapped is None:
-                _log.error("send failed: %r", err)
-                mapped = errors.unavailable("storage failed; retry")
-            self.session.fail(mapped, frame.ref)
-        else:
-            self.session.answer_send(frame, future.result())
+    def _decided(self) -> None:
+        self._sends -= 1
+        if self._send_room is not None:
+            self._send_room.set()
+
+    def _acked(self, frame: Send, result: AppendResult | None, err: HoomiError | None,
+               started: float) -> None:
+        self._decided()
+        if result is not None:
+            self.session.answer_send(frame, result)
             self.services.metrics.ack_seconds.observe(time.perf_counter() - started)
+        else:
+            self.session.fail(err or errors.unavailable("storage failed; retry"), frame.ref)
         self.react()
 
     async def _request(self, frame: History | Sync | Delete | Edit | Reencrypt | Search

@@ -141,6 +141,25 @@ async def test_a_batch_socket_gets_the_same_frames_in_order_in_fewer_messages(cl
     assert count < len(got)  # catch-up rows are queued together: they left together
 
 
+async def test_a_send_s_ack_leaves_with_its_own_push_in_one_message(cluster):
+    # The writer tells the socket right after its commit hook (not through a future's
+    # done-callback a loop turn later), so the push and the ack of one batch are queued
+    # in one turn and leave in one write: the push first, as before.
+    alice, alice_tok = await cluster.user()
+    h = await cluster.admin.hoomi([alice])
+    peer = await _joined(cluster.a.ws, alice_tok, {}, "batch")
+    try:
+        assert isinstance(await peer.recv(), Welcome)
+        await peer.send(Send(hoomi_id=h, client_msg_id=uuid4(), content=os.urandom(40),
+                             nonce=os.urandom(12), session_id="s1", ref=7))
+        data = await asyncio.wait_for(peer.conn.recv(), TIMEOUT)
+        push, ack = decode_server_stream(data)
+        assert isinstance(push, MessageBody) and push.seq == 1
+        assert isinstance(ack, Ack) and (ack.ref, ack.id, ack.seq) == (7, push.id, 1)
+    finally:
+        await peer.close()
+
+
 async def test_the_sdk_asks_for_batch_and_reads_streams(cluster):
     alice, alice_tok = await cluster.user()
     bob, bob_tok = await cluster.user()
