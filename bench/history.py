@@ -15,7 +15,7 @@ page after page of `--limit`, for `--seconds`:
   socket  `history` frames over each reader's WebSocket to one hub replica
   http    GET /v1/hoomis/{id}/messages?before=&limit= with the reader's token
 With `--read-standby` (embedded PostgreSQL only, not with DATABASE_URL) a streaming
-standby of the database is started (tests/standby.py: pg_basebackup -R, on loopback) and
+standby of the database is started (server/testing/standby.py: pg_basebackup -R, on loopback) and
 the socket and http runs are made twice in the same run: the hub without
 HOOMI_READ_DATABASE_URL (the baseline), then with it pointing at the standby; the standby's
 share is counted from pg_stat_database (transactions per page on the primary and on the
