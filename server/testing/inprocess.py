@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import os
 import socket
 from typing import Any
 
@@ -36,7 +35,7 @@ from server import config
 from server.app import create_app
 from server.cli import hub_server
 from server.testing.loopback import free_port
-from server.testing.replica import ADMIN_TOKEN, JWT_SECRET
+from server.testing.replica import replica_env
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
@@ -67,20 +66,7 @@ class InProcessReplica:
                              "run that replica as a subprocess (server.testing.replica)")
         self.port = free_port()
         self.name = name
-        self.env = {
-            **os.environ,
-            "DATABASE_URL": dsn,
-            "HOOMI_JWT_SECRET": JWT_SECRET,
-            "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
-            "HOOMI_HOST": "127.0.0.1",
-            "HOOMI_PORT": str(self.port),
-            "HOOMI_LOG_LEVEL": "warning",
-            **extra_env,
-        }
-        if redis_url:
-            self.env["REDIS_URL"] = redis_url
-        else:
-            self.env.pop("REDIS_URL", None)
+        self.env = replica_env(dsn, redis_url, self.port, extra_env)
         self.server: Any = None  # the uvicorn.Server while running
         self._task: asyncio.Task[None] | None = None
         self._lines: list[str] = []

@@ -22,25 +22,34 @@ ADMIN_TOKEN = "test-operator-token"
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def replica_env(dsn: str, redis_url: str | None, port: int,
+                extra_env: dict[str, str]) -> dict[str, str]:
+    """A test replica's settings, as `hoomi serve` reads them from its environment: this
+    process's, then the database, the test secrets, loopback on `port`, then `extra_env`.
+    Without `redis_url`, the in-process broker (one replica)."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": dsn,
+        "HOOMI_JWT_SECRET": JWT_SECRET,
+        "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
+        "HOOMI_HOST": "127.0.0.1",
+        "HOOMI_PORT": str(port),
+        "HOOMI_LOG_LEVEL": "warning",
+        **extra_env,
+    }
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    else:
+        env.pop("REDIS_URL", None)
+    return env
+
+
 class Replica:
     def __init__(self, dsn: str, redis_url: str | None, name: str = "r",
                  **extra_env: str) -> None:
         self.port = free_port()
         self.name = name
-        self.env = {
-            **os.environ,
-            "DATABASE_URL": dsn,
-            "HOOMI_JWT_SECRET": JWT_SECRET,
-            "HOOMI_ADMIN_TOKEN": ADMIN_TOKEN,
-            "HOOMI_HOST": "127.0.0.1",
-            "HOOMI_PORT": str(self.port),
-            "HOOMI_LOG_LEVEL": "warning",
-            **extra_env,
-        }
-        if redis_url:
-            self.env["REDIS_URL"] = redis_url
-        else:
-            self.env.pop("REDIS_URL", None)
+        self.env = replica_env(dsn, redis_url, self.port, extra_env)
         self.proc: subprocess.Popen | None = None
         fd, log = tempfile.mkstemp(prefix=f"hoomi-{name}-", suffix=".log")
         os.close(fd)  # each start appends to it through a handle of its own
