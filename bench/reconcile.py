@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import os
 import time
-from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -38,6 +37,7 @@ import asyncpg
 from bench.common import fresh_database
 from server.broker import LocalBroker
 from server.hub import Hub
+from server.testing.counting import CountingConnection
 from storage.db import connect
 from storage.hoomis import create_hoomi
 from storage.records import AppendRequest, Member
@@ -46,34 +46,6 @@ from storage.writer import BatchWriter
 
 INTERVAL_S = 2.0
 PER_USER = 5
-
-
-class Counting(asyncpg.Connection):  # type: ignore[misc]
-    """Counts statements and rows returned, for every Hub query on this pool."""
-
-    statements = 0
-    rows = 0
-
-    async def fetch(self, *args: Any, **kwargs: Any) -> list[Any]:
-        got = await super().fetch(*args, **kwargs)
-        Counting.statements += 1
-        Counting.rows += len(got)
-        return got  # type: ignore[no-any-return]
-
-    async def fetchrow(self, *args: Any, **kwargs: Any) -> Any:
-        Counting.statements += 1
-        got = await super().fetchrow(*args, **kwargs)
-        Counting.rows += got is not None
-        return got
-
-    async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
-        Counting.statements += 1
-        Counting.rows += 1
-        return await super().fetchval(*args, **kwargs)
-
-    async def execute(self, *args: Any, **kwargs: Any) -> str:
-        Counting.statements += 1
-        return await super().execute(*args, **kwargs)  # type: ignore[no-any-return]
 
 
 class FakeSocket:
@@ -223,13 +195,13 @@ async def main() -> None:
         pools = []
         for hub in hubs:
             pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2,
-                                             connect=connect, connection_class=Counting)
+                                             connect=connect, connection_class=CountingConnection)
             hub._pool = pool  # measure the rounds alone
             pools.append(pool)
         await setup.close()
         await asyncio.sleep(1)
         reads0 = await server_reads(dsn)
-        Counting.statements = Counting.rows = 0
+        CountingConnection.reset_counts()
         busy = 0.0
         every = sorted({h for hs in by_user.values() for h in hs})
         for rnd in range(args.rounds):
@@ -249,11 +221,12 @@ async def main() -> None:
     r = args.rounds
     print(f"replicas={args.replicas} hoomis={args.hoomis} sockets={args.sockets} "
           f"rounds={r} changes/round={args.changes} cores={os.cpu_count()}")
-    print(f"  per round of all replicas: {Counting.statements / r:.0f} statements, "
-          f"{Counting.rows / r:.0f} rows returned, {reads / r:.0f} rows read by the server, "
+    statements, rows = CountingConnection.statements, CountingConnection.rows
+    print(f"  per round of all replicas: {statements / r:.0f} statements, "
+          f"{rows / r:.0f} rows returned, {reads / r:.0f} rows read by the server, "
           f"{busy / r * 1000:.0f} ms of reconcile")
-    print(f"  at one round per {INTERVAL_S:g} s: {Counting.statements / r / INTERVAL_S:.1f} "
-          f"statements/s, {Counting.rows / r / INTERVAL_S:.0f} rows/s returned, "
+    print(f"  at one round per {INTERVAL_S:g} s: {statements / r / INTERVAL_S:.1f} "
+          f"statements/s, {rows / r / INTERVAL_S:.0f} rows/s returned, "
           f"{reads / r / INTERVAL_S:.0f} rows/s read by the server")
 
 

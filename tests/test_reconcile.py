@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -17,6 +16,7 @@ import pytest
 
 from server.broker import LocalBroker
 from server.hub import Hub
+from server.testing.counting import CountingConnection
 from storage import changes as change_store
 from storage.audit import Actor
 from storage.db import connect
@@ -25,22 +25,6 @@ from storage.ids import uuid7s
 from storage.users import delete_user
 from storage.writer import BatchWriter
 from tests import factories
-
-
-class Counting(asyncpg.Connection):  # type: ignore[misc]
-    statements = 0
-    rows = 0
-
-    async def fetch(self, *args: Any, **kwargs: Any) -> list[Any]:
-        got = await super().fetch(*args, **kwargs)
-        Counting.statements += 1
-        Counting.rows += len(got)
-        return got
-
-    async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
-        Counting.statements += 1
-        Counting.rows += 1
-        return await super().fetchval(*args, **kwargs)
 
 
 class Sock:
@@ -70,7 +54,7 @@ class Sock:
 @pytest.fixture
 async def hub(dsn) -> AsyncIterator[Hub]:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, connect=connect,
-                                     connection_class=Counting)
+                                     connection_class=CountingConnection)
     h = Hub(pool, LocalBroker(), gap_grace=0)
     await h.start()
     yield h
@@ -94,10 +78,12 @@ async def followed(hub: Hub, pool, n_users: int, per_user: int
 async def test_an_idle_round_is_one_statement_and_one_row(hub, pool):
     await followed(hub, pool, 30, 4)  # 120 feeds, 30 users
     await hub.reconcile()  # the first round reads everything
-    Counting.statements = Counting.rows = 0
+    CountingConnection.reset_counts()
     await hub.reconcile()
     await hub.reconcile()
-    assert (Counting.statements, Counting.rows) == (2, 2)
+    # Per round: one statement returning one row, and the pool's reset when its
+    # connection goes back (asyncpg's reset query: one round trip, no rows).
+    assert (CountingConnection.statements, CountingConnection.rows) == (4, 2)
 
 
 async def test_messages_and_memberships_pubsub_never_brought_are_applied(hub, pool):
