@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -90,27 +88,35 @@ class Metrics:
                                        "Scheduled backups that failed on this replica",
                                        registry=r)
 
-        # Children resolved once per label value: labels() takes a lock and builds a tuple
-        # on every call, and these two are counted for every frame.
-        self._in: dict[type, Any] = {}
-        self._out: dict[str, Any] = {}
+        # Frames in and out are counted for every frame (four per acked message): as
+        # plain ints here, added to their Counter children when the metrics are rendered.
+        # A child's inc() takes its lock and checks the amount (~0.4 µs); render() runs
+        # on the event loop, as the counting does, so nothing is lost in between.
+        self._in: dict[type, int] = {}
+        self._out: dict[str, int] = {}
 
-    def frame_in(self, frame_type: type) -> Any:
-        """The frames_in child for a decoded frame's class (label: its lowercased name)."""
-        child = self._in.get(frame_type)
-        if child is None:
-            child = self._in[frame_type] = self.frames_in.labels(frame_type.__name__.lower())
-        return child
+    def count_in(self, frame_type: type) -> None:
+        """One frame of this class in (frames_in, label: the class's lowercased name)."""
+        counts = self._in
+        counts[frame_type] = counts.get(frame_type, 0) + 1
 
-    def frame_out(self, kind: str) -> Any:
-        child = self._out.get(kind)
-        if child is None:
-            child = self._out[kind] = self.frames_out.labels(kind)
-        return child
+    def count_out(self, kind: str) -> None:
+        """One frame of this kind queued for a socket (frames_out)."""
+        counts = self._out
+        counts[kind] = counts.get(kind, 0) + 1
+
+    def _fold(self) -> None:
+        counts_in, self._in = self._in, {}
+        for frame_type, n in counts_in.items():
+            self.frames_in.labels(frame_type.__name__.lower()).inc(n)
+        counts_out, self._out = self._out, {}
+        for kind, n in counts_out.items():
+            self.frames_out.labels(kind).inc(n)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
 
     def render(self) -> bytes:
+        self._fold()
         return generate_latest(self.registry)

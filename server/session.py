@@ -27,6 +27,7 @@ import enum
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -62,6 +63,7 @@ from hoomi_protocol import (
     decode_client,
     encode_server,
 )
+from hoomi_protocol.codec import encode_ack
 from storage.records import (
     AppendResult,
     DeletedMessage,
@@ -94,6 +96,20 @@ FEATURES = ("signals", "batch")
 BATCH_MAX_BYTES = 64 * 1024
 # `typing` frames handed on per socket and Hoomi: at most one per this many seconds.
 TYPING_INTERVAL_S = 1.0
+
+
+_last_time: tuple[datetime, int] = (datetime.min, 0)
+
+
+def _ms(t: datetime) -> int:
+    """events.ms, remembered for the last time seen: every row of a batch carries the
+    same `created_at` object, and its acks are answered one after the other."""
+    global _last_time
+    last, value = _last_time
+    if t is not last:
+        value = ms(t)
+        _last_time = (t, value)
+    return value
 
 
 class State(enum.Enum):
@@ -284,9 +300,10 @@ class Session:
         return self.reply(wire_error(err, ref), "error")
 
     def answer_send(self, frame: Send, result: AppendResult) -> Verdict:
-        """The `send` committed (possibly before: a retry gets the first commit's ack)."""
-        return self.reply(Ack(ref=frame.ref, id=result.id, hoomi_id=result.hoomi_id,
-                              seq=result.seq, created_at=ms(result.created_at)), "ack")
+        """The `send` committed (possibly before: a retry gets the first commit's ack).
+        Encoded straight from the result (codec.encode_ack: the bytes of an Ack frame)."""
+        return self.queue(encode_ack(frame.ref, result.id, result.hoomi_id, result.seq,
+                                     _ms(result.created_at)), "ack")
 
     def answer_page(self, frame: History | Sync, page: HistoryPage | SyncPage) -> Verdict:
         # Encoded straight from the rows (events.page_frame): no MessageBody per row.

@@ -143,10 +143,10 @@ class _Metrics:
         self.metrics = services.metrics
 
     def frame_in(self, frame: ClientFrame) -> None:
-        self.metrics.frame_in(type(frame)).inc()
+        self.metrics.count_in(type(frame))
 
     def frame_out(self, kind: str) -> None:
-        self.metrics.frame_out(kind).inc()
+        self.metrics.count_out(kind)
 
     def error(self, code: ErrorCode) -> None:
         self.metrics.errors.labels(code.value).inc()

@@ -402,7 +402,9 @@ class BatchWriter:
         sid = r.session_id
         if not isinstance(sid, str) or not 0 < len(sid) <= MAX_SESSION_ID_CHARS or "\x00" in sid:
             raise StorageError(ErrorCode.INVALID, "session_id: bad value", "session_id")
-        check_scheme_tokens(r.scheme, r.tokens)
+        # A send without tokens (the common case) needs no more than this.
+        if r.tokens != () or type(r.scheme) is not int or not 1 <= r.scheme <= 255:
+            check_scheme_tokens(r.scheme, r.tokens)
 
     async def _run(self) -> None:
         quiet = False

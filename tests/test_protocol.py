@@ -781,3 +781,54 @@ def test_read_ack_decodes_to_its_own_frame_and_the_pushes_keep_their_wire_names(
         {"hoomi_id": str(HOOMI), "last_seq": 4, "role": "member"}]})
     decoded = decode_server(old)
     assert isinstance(decoded, Welcome) and decoded.hoomis[0].read_seq == 0
+
+
+# -- the hot path's shortcuts give what the general code gives ----------------------------------
+
+def _field_variants(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """A field's value: mostly valid, else absent (None here), nil, or of a wrong kind."""
+    odd = st.sampled_from([None, b"", "", 0, 1, True, 2**63, "x" * 36, "\x00", b"\x00" * 12])
+    return st.one_of(valid, valid, valid, odd)
+
+
+_send_maps = st.fixed_dictionaries({
+    "hoomi_id": _field_variants(uuids.map(str) | uuids.map(lambda u: str(u).upper())),
+    "client_msg_id": _field_variants(uuids.map(str) | st.just("{" + str(HOOMI)[1:35] + "}")),
+    "content": _field_variants(st.binary(min_size=14, max_size=40)),
+    "nonce": _field_variants(st.binary(min_size=11, max_size=13)),
+    "session_id": _field_variants(st.text(max_size=130)),
+    "scheme": _field_variants(st.integers(0, 257)),
+    "tokens": _field_variants(st.lists(search_tokens, max_size=2)),
+}).map(lambda m: {k: v for k, v in m.items() if v is not None})
+
+
+@settings(max_examples=400, deadline=None)
+@given(_send_maps, refs)
+def test_a_send_decoded_in_one_pass_is_what_the_field_checks_give(
+        m: dict[str, Any], ref: Any) -> None:
+    """codec._send takes every well-formed send in one pass and hands anything else to
+    the field-by-field checks: the same frame (UUIDs equal and alike) or the same error."""
+    from hoomi_protocol import codec
+    limits = Limits(max_content_bytes=30, min_content_bytes=16)
+    got: Any
+    want: Any
+    try:
+        got = codec._send(dict(m), ref, limits)
+    except ProtocolError as err:
+        got = (err.code, err.message, err.field, err.ref)
+    try:
+        want = codec._send_checked(dict(m), ref, limits)
+    except ProtocolError as err:
+        want = (err.code, err.message, err.field, err.ref)
+    assert got == want
+    if isinstance(want, Send):
+        assert got.client_msg_id.is_safe == want.client_msg_id.is_safe
+        assert str(got.client_msg_id) == m["client_msg_id"]
+
+
+@given(uuids, uuids, seqs, times, refs)
+def test_an_ack_encoded_from_its_fields_is_the_bytes_of_the_ack_frame(
+        message_id: UUID, hoomi_id: UUID, seq: int, at: int, ref: Any) -> None:
+    from hoomi_protocol.codec import encode_ack
+    assert encode_ack(ref, message_id, hoomi_id, seq, at) == encode_server(
+        Ack(id=message_id, hoomi_id=hoomi_id, seq=seq, created_at=at, ref=ref))
