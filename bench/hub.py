@@ -12,7 +12,8 @@ both: `--connections` sockets, pairs of them in two-member Hoomis (50 connection
 The client shares the machine's two cores with the server: numbers are for comparison
 within one run, not absolute capacity. Each run also reports the server's CPU time per
 message (and, with the embedded PostgreSQL, its server's), which the machine's load
-disturbs less than rates; `--half` runs the echo paced at the same rate as `hub half`,
+disturbs less than rates, and the rows per committed batch (the first hub's
+hoomi_writer_batch_size from /metrics); `--half` runs the echo paced at the same rate as `hub half`,
 for the latency the machine alone adds; `--rounds` repeats echo and hub batch back to
 back.
 """
@@ -129,6 +130,19 @@ async def postmaster_pid(dsn: str) -> int | None:
         return None
     finally:
         await conn.close()
+
+
+def batch_totals(port: int) -> tuple[float, float]:
+    """The hub's hoomi_writer_batch_size sum and count from /metrics (rows, batches)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("hoomi_writer_batch_size_sum", "hoomi_writer_batch_size_count"):
+            found[name] = float(value)
+    return (found.get("hoomi_writer_batch_size_sum", 0.0),
+            found.get("hoomi_writer_batch_size_count", 0.0))
 
 
 async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float, window: int,
@@ -319,12 +333,16 @@ async def main() -> None:
                 with contextlib.ExitStack() as stack:
                     if args.profile:
                         prof = stack.enter_context(Profile(hubs[0].pid, name.replace(" ", "-")))
+                    rows0, batches0 = batch_totals(hub_port)
                     before = [cpu_s(h.pid) for h in hubs]
                     pg_before = cpu_s(postgres, children=True) if postgres else 0.0
                     res = await drive(urls, tokens, hoomi_ids, args.seconds, window,
                                       hub=True, batch=batch, rate=rate, raw=not args.validate)
                     res["cpu"] = sum(cpu_s(h.pid) - b for h, b in zip(hubs, before,
                                                                       strict=True)) / res["n"]
+                    rows1, batches1 = batch_totals(hub_port)
+                    # The first hub's writer: rows per committed batch in this run.
+                    res["rows_per_batch"] = (rows1 - rows0) / max(1.0, batches1 - batches0)
                     if postgres:
                         res["pg_cpu"] = (cpu_s(postgres, children=True) - pg_before) / res["n"]
                     results[name] = res
@@ -374,6 +392,8 @@ async def main() -> None:
                  ) if not name.startswith("echo") else ""
         if "target" in res:
             extra += f"; paced at {res['target']:.0f} msg/s"
+        if "rows_per_batch" in res:
+            extra += f"; {res['rows_per_batch']:.1f} rows per batch"
         cpu = f"; server CPU {res['cpu'] * 1e6:.0f} µs" + (
             f" + PostgreSQL {res['pg_cpu'] * 1e6:.0f} µs" if "pg_cpu" in res else "")
         print(f"  {name:9s} {res['rate']:8.0f} msg/s  p50 {res['p50']:6.2f} ms  "
