@@ -39,6 +39,10 @@ from .sequencer import Sequencer
 _log = logging.getLogger(__name__)
 
 FILL_PAGE = 500
+# A feed with more sockets than this gets its pushes handed over one socket at a time,
+# each written at once (`Hub._fan_out`), at the event loop's next turn: its first member's
+# push does not wait for all the others' to be queued.
+FAN_OUT_AT = 32
 MEMBERSHIP_PAGE = 5000
 # Reconcile reads what changed since its watermark (storage/changes.py); it reads
 # everything on its first round and when its last success is older than this (the
@@ -65,6 +69,9 @@ class Socket(Protocol):
     def on_memberships(self, roles: dict[UUID, str]) -> None: ...
     # A receipt or typing notice (kind "receipt" / "typing") by `user_id`: not a message.
     def on_signal(self, hoomi_id: UUID, user_id: UUID, kind: str, frame: bytes) -> None: ...
+    # Write what the socket has queued now, if its transport takes it without waiting
+    # (else its writer waits for the peer, as after any push).
+    def flush(self) -> None: ...
     def close(self, code: int, reason: str) -> None: ...
 
 
@@ -72,13 +79,16 @@ class _Feed:
     """One Hoomi on this replica: its sockets, and its order (server/sequencer.py), not
     started until its `last_seq` has been read once subscribed (`ready`)."""
 
-    __slots__ = ("sockets", "order", "filler", "ready")
+    __slots__ = ("sockets", "order", "filler", "ready", "pending")
 
     def __init__(self) -> None:
         self.sockets: set[Socket] = set()
         self.order: Sequencer[bytes] = Sequencer(started=False)
         self.filler: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        # What the order let through and the sockets have not been handed yet (a big
+        # feed's pushes wait for the next turn: `Hub._fan_out`), in seq order.
+        self.pending: list[tuple[int, bytes]] = []
 
 
 class Hub:
@@ -104,6 +114,8 @@ class Hub:
         self._users: dict[UUID, set[Socket]] = {}
         self._to_publish: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Big feeds with pushes to hand over at the next turn (`_fan_out`).
+        self._fan_outs: list[tuple[UUID, _Feed]] = []
         self._publisher: asyncio.Task[None] | None = None
         # Reconcile's watermark (storage/changes.py), when it last succeeded and pruned.
         self._watermark: int | None = None
@@ -357,12 +369,45 @@ class Hub:
                 sock.on_left(change.hoomi_id)
 
     def _push(self, hoomi_id: UUID, feed: _Feed, ready: list[tuple[int, bytes]]) -> None:
-        """Push what the order let through; start a fill if it names a gap."""
-        for seq, frame in ready:
-            for sock in list(feed.sockets):
-                sock.on_message(hoomi_id, seq, frame)
+        """Push what the order let through; start a fill if it names a gap.
+
+        A small feed's sockets get it now, and are written by the loop's shared flush
+        (server/ws.py) at the next turn, with whatever else the turn queued for them (the
+        sender's ack, the other pushes of a batch). A big feed's (over FAN_OUT_AT sockets)
+        are handed over at the next turn instead, one socket at a time, each written at
+        once: handing the frame to 500 sessions took 2 ms, which the first member waited
+        for before its write. Still one write per socket for what this turn queued: the
+        acks of the batch are queued by then, and every frame pending for the feed is
+        handed over before the socket's write."""
+        if ready:
+            if feed.pending or len(feed.sockets) > FAN_OUT_AT:
+                if not feed.pending:
+                    if not self._fan_outs:
+                        asyncio.get_running_loop().call_soon(self._fan_out)
+                    self._fan_outs.append((hoomi_id, feed))
+                feed.pending.extend(ready)
+            else:
+                for seq, frame in ready:
+                    for sock in list(feed.sockets):
+                        sock.on_message(hoomi_id, seq, frame)
         if feed.filler is None and feed.order.gap() is not None:
             feed.filler = asyncio.get_running_loop().create_task(self._fill(hoomi_id, feed))
+
+    def _fan_out(self) -> None:
+        """The big feeds' pushes of the previous turn: each socket is handed its frames
+        (in seq order) and written before the next socket's turn."""
+        fan_outs, self._fan_outs = self._fan_outs, []
+        for hoomi_id, feed in fan_outs:
+            ready, feed.pending = feed.pending, []
+            if self._feeds.get(hoomi_id) is not feed:
+                continue  # every socket left it meanwhile
+            for sock in list(feed.sockets):
+                for seq, frame in ready:
+                    sock.on_message(hoomi_id, seq, frame)
+                try:
+                    sock.flush()
+                except Exception:
+                    _log.exception("write failed")
 
     async def _fill(self, hoomi_id: UUID, feed: _Feed) -> None:
         """Read the missing seqs from PostgreSQL, after a grace for late broadcasts."""
