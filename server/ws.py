@@ -402,9 +402,15 @@ class Connection:
                 await ws.send_bytes(data)
                 if not self._room.is_set() and not session.outbox.half_full():
                     self._room.set()
-        except BaseException:
-            self._writer = False  # the socket is going: _end and the reader see to it
+        except asyncio.CancelledError:
+            self._writer = False
             raise
+        except Exception:
+            # A failed write (the peer is gone: WebSocketDisconnect): the socket is going,
+            # _end and the reader see to it. Not raised into the task, which nobody awaits
+            # when the socket ends without a close of ours ("exception never retrieved").
+            self._writer = False
+            return
         self._writer = None
         self._drained.set()
 
