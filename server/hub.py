@@ -402,12 +402,13 @@ class Hub:
             if self._feeds.get(hoomi_id) is not feed:
                 continue  # every socket left it meanwhile
             for sock in list(feed.sockets):
-                for seq, frame in ready:
-                    sock.on_message(hoomi_id, seq, frame)
+                # One socket's failure is not the others' (this runs as a loop callback).
                 try:
+                    for seq, frame in ready:
+                        sock.on_message(hoomi_id, seq, frame)
                     sock.flush()
                 except Exception:
-                    _log.exception("write failed")
+                    _log.exception("push to one socket failed")
 
     async def _fill(self, hoomi_id: UUID, feed: _Feed) -> None:
         """Read the missing seqs from PostgreSQL, after a grace for late broadcasts."""

@@ -73,6 +73,24 @@ async def test_a_big_feed_hands_each_socket_its_frames_and_writes_it_before_the_
     assert sorted(log[3 * k][0] for k in range(n)) == list(range(n))
 
 
+class Broken(Recorder):
+    def on_message(self, hoomi_id: UUID, seq: int, frame: bytes) -> None:
+        raise RuntimeError("a bug in one socket")
+
+
+async def test_one_socket_that_fails_does_not_keep_the_push_from_the_others(pool, hub):
+    n = FAN_OUT_AT + 8
+    users = await factories.users(pool, n)
+    h = await factories.hoomi(pool, users)
+    log: list[tuple[int, str, int]] = []
+    done = asyncio.Event()
+    for i, u in enumerate(users):
+        await hub.join((Broken if i % 2 else Recorder)(u, log, i, done, n // 2), [h])
+    hub.on_message(h, 1, b"one")
+    await asyncio.wait_for(done.wait(), 5)
+    assert sorted(i for i, what, _ in log if what == "message") == list(range(0, n, 2))
+
+
 async def test_a_small_feed_is_handed_its_push_at_once(pool, hub):
     users = await factories.users(pool, 3)
     h = await factories.hoomi(pool, users)
