@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import math
@@ -53,6 +54,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         except DatabaseUnreachable as err:
             sys.exit(f"hoomi: cannot start: {err} (waited {settings.db_wait_s:g} s; "
                      "HOOMI_DB_WAIT_S sets how long)")
+    # The hub allocates a few dozen short-lived objects per message: fewer, cheaper
+    # collections (start-up's objects frozen out of them, gen 0 at 20 000 instead of
+    # 700) cut its CPU per acked message 46 -> 42.5 us in bench.hub (bench/RESULTS.md).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     hub_server(settings, create_app(settings), log_config=log_config).run()
 
 
