@@ -60,7 +60,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-    hub_server(settings, create_app(settings), log_config=log_config).run()
+    try:
+        hub_server(settings, create_app(settings), log_config=log_config).run()
+    except KeyboardInterrupt:
+        # Ctrl+C: uvicorn has shut down (drained, sockets closed 1012) and re-raises the
+        # SIGINT it caught; end as a shell expects after Ctrl+C, without a traceback.
+        sys.exit(130)
 
 
 def hub_server(settings: config.Settings, app: Any, *, log_config: dict[str, object] | None,

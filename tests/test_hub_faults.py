@@ -132,6 +132,18 @@ async def test_sigterm_acks_what_was_queued_then_closes_1012(dsn, pair):
         await Peer.connect(ra.ws)
 
 
+async def test_ctrl_c_stops_the_hub_cleanly_without_a_traceback(dsn, valkey):
+    replica = Replica(dsn, valkey.url, name="ctrlc")
+    replica.start()
+    try:
+        replica.proc.send_signal(signal.SIGINT)
+        assert replica.proc.wait(20) == 130  # as a shell reports a command ended by Ctrl+C
+        out = replica.output()
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    finally:
+        replica.stop()
+
+
 async def test_database_down_gives_unavailable_then_retry_stores_once(dsn, valkey):
     db = await FaultProxy.in_front_of(dsn).start()
     ra = await InProcessReplica(db.url(dsn), valkey.url, name="dbdown").start()
