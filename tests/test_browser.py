@@ -242,7 +242,7 @@ async def test_signals_between_two_tabs_read_typing_presence_and_an_edit(
     online = await browser.wait("bob", "document.getElementById('presence').textContent"
                                 f".includes('{str(alice)[:8]}')")
     assert online
-    assert await browser.eval("bob", "window.hoomiPage.client.features") == ["signals"]
+    assert await browser.eval("bob", "window.hoomiPage.client.features") == ["signals", "batch"]
     # Typing in Bob's tab shows in Alice's, and goes away after a few seconds.
     await browser.call("fill", page="bob", selector="#text", value="typing somethi")
     await browser.wait("alice", "document.getElementById('typing').textContent === "

@@ -22,8 +22,12 @@
 // read()/typing()/presence() and the "receipt"/"typing" events work; "edited" pushes are
 // an event; messages of scheme 2 open (scheme: 2 seals with it). Frames this SDK has no
 // name for go through request()/notify() and arrive as the "push" event.
+//
+// "batch" (SPEC 7.2): the hello asks for it unless `batch: false`; the hub may then pack
+// several frames into one WebSocket message (a msgpack stream of maps), which is handled
+// frame by frame, in order, exactly as one frame per message.
 
-import { decode, encode } from "@msgpack/msgpack";
+import { decodeMulti, encode } from "@msgpack/msgpack";
 
 import { DecryptError, MAX_CONTENT, decrypt, encrypt, maxPlaintext, newUuid } from "./crypto.js";
 import { MemoryOutbox } from "./outbox.js";
@@ -68,7 +72,8 @@ export class HoomiClient {
    *   (close 4401 after a welcome) fetches a fresh token and resumes.
    * options: keyring (for send/open), outbox (MemoryOutbox by default), WebSocket (the
    *   constructor; globalThis.WebSocket by default), baseMs/capMs (backoff), pingMs,
-   *   pongTimeoutMs, helloTimeoutMs, random.
+   *   pongTimeoutMs, helloTimeoutMs, random, signals, scheme, batch (default true: ask
+   *   for "batch", several frames per WebSocket message).
    */
   constructor(urls, token, options = {}) {
     this.urls = Array.isArray(urls) ? [...urls] : [urls];
@@ -83,6 +88,7 @@ export class HoomiClient {
     this.pongTimeoutMs = options.pongTimeoutMs ?? 10000;
     this.helloTimeoutMs = options.helloTimeoutMs ?? 15000;
     this.signals = options.signals ?? false;
+    this.batch = options.batch ?? true;
     this.scheme = options.scheme ?? 1;
     this.features = []; // what the hub accepted of hello.features
     this._typingAt = new Map(); // hoomi_id -> ms of the last typing frame sent
@@ -234,17 +240,27 @@ export class HoomiClient {
       const resume = {};
       for (const [h, seq] of this.lastSeq) resume[h] = seq;
       const hello = { type: "hello", token, resume, ref: "hello" };
-      if (this.signals) hello.features = ["signals"];
+      const features = [];
+      if (this.signals) features.push("signals");
+      if (this.batch) features.push("batch");
+      if (features.length) hello.features = features;
       this._write(ws, hello);
       helloTimer = this._later(this.helloTimeoutMs, () => ws.close(4000, "no welcome"));
     };
     ws.onmessage = (event) => {
-      let frame;
+      // One frame, or under "batch" several: a msgpack stream, decoded whole first.
+      let frames;
       try {
-        frame = decode(new Uint8Array(event.data));
+        frames = [...decodeMulti(new Uint8Array(event.data))];
       } catch {
-        return; // not msgpack: not the hub we speak to; ignore the frame
+        return; // not msgpack (or a cut stream): not the hub we speak to; ignore it
       }
+      for (const frame of frames) {
+        if (this._ws !== ws) return; // a listener closed the client, or the socket dropped
+        onFrame(frame);
+      }
+    };
+    const onFrame = (frame) => {
       if (frame === null || typeof frame !== "object" || typeof frame.type !== "string") return;
       if (frame.type === "welcome") {
         welcomed = true;

@@ -155,6 +155,9 @@ export interface ClientOptions {
   signals?: boolean;
   /** The scheme new messages are sealed with: 1 (default, v1) or 2. */
   scheme?: 1 | 2;
+  /** Ask for "batch" (hello.features, SPEC 7.2): the hub may pack several frames into one
+   * WebSocket message, a msgpack stream, handled frame by frame in order. Default true. */
+  batch?: boolean;
 }
 
 export interface Events {
@@ -184,7 +187,10 @@ export class HoomiClient {
   readonly state: StateChange["state"];
   readonly lastSeq: Map<Uuid, number>;
   readonly reconnects: number;
+  /** What the hub accepted of hello.features ("signals", "batch"). */
   readonly features: string[];
+  readonly signals: boolean;
+  readonly batch: boolean;
   on<K extends keyof Events>(type: K, fn: (value: Events[K]) => void): () => void;
   start(): Promise<Welcome>;
   close(): void;

@@ -64,7 +64,7 @@ test("a client queues sends before its welcome, seals them once and keeps them i
   await new Promise((r) => setTimeout(r, 10));
   const ws = Recorder.last;
   assert.deepEqual(ws.sent[0], { type: "hello", token: "tok", resume: {}, ref: "hello",
-    features: ["signals"] });
+    features: ["signals", "batch"] });
   const { encode } = await import("@msgpack/msgpack");
   const push = (frame) => ws.onmessage({ data: encode(frame) });
   push({ type: "welcome", user_id: "0b5f3e8c-1d2a-4c6b-9e7f-5a4b3c2d1e0f",
@@ -120,4 +120,63 @@ test("a client queues sends before its welcome, seals them once and keeps them i
   assert.deepEqual(await asking, ["a", "b"]);
   client.close();
   assert.equal(client.state, "stopped");
+});
+
+test("under batch, one WebSocket message holding several frames is handled frame by frame, in order", async (t) => {
+  const hoomi = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+  const { encode } = await import("@msgpack/msgpack");
+  const stream = (...frames) => {
+    const parts = frames.map((f) => encode(f));
+    const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+    let at = 0;
+    for (const p of parts) { out.set(p, at); at += p.length; }
+    return out.buffer; // as a browser WebSocket with binaryType "arraybuffer" gives it
+  };
+  const client = new HoomiClient("ws://a/v1/ws", "tok", { WebSocket: Recorder, pingMs: 1e6 });
+  t.after(() => client.close());
+  const events = [];
+  client.on("welcome", (w) => events.push(`welcome ${w.hoomis[0].last_seq}`));
+  client.on("message", (m) => events.push(`message ${m.seq}`));
+  client.on("deleted", (d) => events.push(`deleted ${d.seq}`));
+  client.on("push", (p) => events.push(p.type));
+  const started = client.start();
+  await new Promise((r) => setTimeout(r, 10));
+  const ws = Recorder.last;
+  assert.deepEqual(ws.sent[0].features, ["batch"], "the hello asks for batch by default");
+  const msg = (seq) => ({ type: "message", id: `m${seq}`, hoomi_id: hoomi, seq, sender_id: null,
+    created_at: 1 });
+  // The welcome shares its message with the first pushes (the hub's resume), as the hub
+  // sends them: one msgpack stream. A resend at or below the resume point is dropped.
+  ws.onmessage({ data: stream(
+    { type: "welcome", user_id: "0b5f3e8c-1d2a-4c6b-9e7f-5a4b3c2d1e0f", features: ["batch"],
+      hoomis: [{ hoomi_id: hoomi, last_seq: 2, role: "member" }], ref: "hello" },
+    msg(2), msg(3), { type: "deleted", hoomi_id: hoomi, id: "m3", seq: 3 }, msg(4),
+    { type: "some_future_push" }, msg(4), msg(5)) });
+  await started;
+  assert.deepEqual(client.features, ["batch"]);
+  assert.deepEqual(events, ["welcome 2", "message 3", "deleted 3", "message 4",
+    "some_future_push", "message 5"]);
+  // A request's reply in the middle of a stream resolves it; the frames around it still go.
+  const asking = client.request("presence", { hoomi_id: hoomi });
+  await new Promise((r) => setTimeout(r, 0));
+  ws.onmessage({ data: stream(msg(6),
+    { type: "presence", ref: ws.sent.at(-1).ref, hoomi_id: hoomi, user_ids: ["a"] }, msg(7)) });
+  assert.deepEqual((await asking).user_ids, ["a"]);
+  // One frame per message (a hub that did not take batch) still works.
+  ws.onmessage({ data: encode(msg(8)) });
+  assert.deepEqual(events.slice(6), ["message 6", "message 7", "message 8"]);
+  assert.equal(client.lastSeq.get(hoomi), 8);
+  // A listener that closes the client mid-stream: the frames after it are not handled.
+  client.on("message", (m) => { if (m.seq === 9) client.close(); });
+  ws.onmessage({ data: stream(msg(9), msg(10)) });
+  assert.deepEqual(events.slice(9), ["message 9"]);
+  assert.equal(client.state, "stopped");
+});
+
+test("batch: false leaves batch out of the hello", async (t) => {
+  const client = new HoomiClient("ws://a/v1/ws", "tok", { WebSocket: Recorder, batch: false });
+  t.after(() => client.close());
+  client.start();
+  await new Promise((r) => setTimeout(r, 10));
+  assert.equal(Recorder.last.sent[0].features, undefined);
 });
