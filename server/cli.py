@@ -64,7 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         hub_server(settings, create_app(settings), log_config=log_config).run()
     except KeyboardInterrupt:
         # Ctrl+C: uvicorn has shut down (drained, sockets closed 1012) and re-raises the
-        # SIGINT it caught; end as a shell expects after Ctrl+C, without a traceback.
+        # SIGINT it caught (when asyncio's runner is still there to turn it into a
+        # KeyboardInterrupt); end as a shell expects after Ctrl+C, without a traceback.
         sys.exit(130)
 
 

@@ -137,7 +137,9 @@ async def test_ctrl_c_stops_the_hub_cleanly_without_a_traceback(dsn, valkey):
     replica.start()
     try:
         replica.proc.send_signal(signal.SIGINT)
-        assert replica.proc.wait(20) == 130  # as a shell reports a command ended by Ctrl+C
+        # 130 as a shell reports a command ended by Ctrl+C; 0 when the SIGINT uvicorn
+        # re-raises after its shutdown lands once asyncio's runner has already finished.
+        assert replica.proc.wait(20) in (0, 130)
         out = replica.output()
         assert "Traceback" not in out and "KeyboardInterrupt" not in out
     finally:
