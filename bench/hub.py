@@ -13,9 +13,10 @@ The client shares the machine's two cores with the server: numbers are for compa
 within one run, not absolute capacity. Each run also reports the server's CPU time per
 message (and, with the embedded PostgreSQL, its server's), which the machine's load
 disturbs less than rates, and the rows per committed batch (the first hub's
-hoomi_writer_batch_size from /metrics); `--half` runs the echo paced at the same rate as `hub half`,
-for the latency the machine alone adds; `--rounds` repeats echo and hub batch back to
-back.
+hoomi_writer_batch_size from /metrics, and the shares of the hub's own acks and batch
+commits over 10 ms from hoomi_ack_seconds and hoomi_writer_batch_seconds); `--half`
+runs the echo paced at the same rate as `hub half`, for the latency the machine alone
+adds; `--rounds` repeats echo and hub batch back to back.
 """
 
 from __future__ import annotations
@@ -132,17 +133,31 @@ async def postmaster_pid(dsn: str) -> int | None:
         await conn.close()
 
 
-def batch_totals(port: int) -> tuple[float, float]:
-    """The hub's hoomi_writer_batch_size sum and count from /metrics (rows, batches)."""
+def hub_metrics(port: int) -> dict[str, float]:
+    """The hub's /metrics samples by name with labels: 'hoomi_ack_seconds_bucket{le="0.01"}'."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    found = {}
+    found: dict[str, float] = {}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("hoomi_writer_batch_size_sum", "hoomi_writer_batch_size_count"):
+        if line.startswith("hoomi_"):
+            name, _, value = line.rpartition(" ")
             found[name] = float(value)
-    return (found.get("hoomi_writer_batch_size_sum", 0.0),
-            found.get("hoomi_writer_batch_size_count", 0.0))
+    return found
+
+
+def writer_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Over a run: rows per committed batch, and the shares of acks (the hub's own
+    measure: send read -> ack queued) and of batch commits that took over 10 ms, which
+    tell whether a tail seen by the client is the writer's or comes after it."""
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+    batches = max(1.0, delta("hoomi_writer_batch_size_count"))
+    acks = max(1.0, delta("hoomi_ack_seconds_count"))
+    return {
+        "rows_per_batch": delta("hoomi_writer_batch_size_sum") / batches,
+        "acks_over_10ms": 1 - delta('hoomi_ack_seconds_bucket{le="0.01"}') / acks,
+        "batches_over_10ms": 1 - delta('hoomi_writer_batch_seconds_bucket{le="0.01"}') / batches,
+    }
 
 
 async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float, window: int,
@@ -333,16 +348,15 @@ async def main() -> None:
                 with contextlib.ExitStack() as stack:
                     if args.profile:
                         prof = stack.enter_context(Profile(hubs[0].pid, name.replace(" ", "-")))
-                    rows0, batches0 = batch_totals(hub_port)
+                    metrics0 = hub_metrics(hub_port)
                     before = [cpu_s(h.pid) for h in hubs]
                     pg_before = cpu_s(postgres, children=True) if postgres else 0.0
                     res = await drive(urls, tokens, hoomi_ids, args.seconds, window,
                                       hub=True, batch=batch, rate=rate, raw=not args.validate)
                     res["cpu"] = sum(cpu_s(h.pid) - b for h, b in zip(hubs, before,
                                                                       strict=True)) / res["n"]
-                    rows1, batches1 = batch_totals(hub_port)
-                    # The first hub's writer: rows per committed batch in this run.
-                    res["rows_per_batch"] = (rows1 - rows0) / max(1.0, batches1 - batches0)
+                    # The first hub's writer in this run.
+                    res.update(writer_figures(metrics0, hub_metrics(hub_port)))
                     if postgres:
                         res["pg_cpu"] = (cpu_s(postgres, children=True) - pg_before) / res["n"]
                     results[name] = res
@@ -393,7 +407,9 @@ async def main() -> None:
         if "target" in res:
             extra += f"; paced at {res['target']:.0f} msg/s"
         if "rows_per_batch" in res:
-            extra += f"; {res['rows_per_batch']:.1f} rows per batch"
+            extra += (f"; {res['rows_per_batch']:.1f} rows per batch; in the hub, acks over "
+                      f"10 ms {res['acks_over_10ms']:.1%}, batches over 10 ms "
+                      f"{res['batches_over_10ms']:.1%}")
         cpu = f"; server CPU {res['cpu'] * 1e6:.0f} µs" + (
             f" + PostgreSQL {res['pg_cpu'] * 1e6:.0f} µs" if "pg_cpu" in res else "")
         print(f"  {name:9s} {res['rate']:8.0f} msg/s  p50 {res['p50']:6.2f} ms  "
