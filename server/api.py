@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hoomi_protocol import DEFAULT_LIMITS, Edit, ErrorCode, HoomiError
+from hoomi_protocol import Edit, ErrorCode, HoomiError, Search, client_frame
 from storage import hoomis as hoomi_store
 from storage import users as user_store
 from storage.audit import Actor
@@ -150,16 +150,23 @@ def _b64(body: dict[str, Any], field: str) -> bytes:
         raise HoomiError(ErrorCode.INVALID, f"{field}: not base64", field) from None
 
 
-def _tokens(body: dict[str, Any], most: int, least: int = 0) -> tuple[bytes, ...]:
-    raw = body.get("tokens", [])
-    lo, hi = DEFAULT_LIMITS.search_token_bytes
-    if not isinstance(raw, list) or not least <= len(raw) <= most:
-        raise HoomiError(ErrorCode.INVALID, f"tokens: a list of {least} to {most} base64 "
-                         f"strings of {lo}-{hi} bytes", "tokens")
-    out = tuple(_b64({"tokens": t}, "tokens") for t in raw)
-    if not all(lo <= len(t) <= hi for t in out):
-        raise HoomiError(ErrorCode.INVALID, f"tokens: each {lo}-{hi} bytes", "tokens")
-    return out
+def _frame_fields(body: dict[str, Any], binary: tuple[str, ...], optional: tuple[str, ...],
+                  **path: str) -> dict[str, Any]:
+    """A JSON body as the map the codec checks (hoomi_protocol.client_frame): the `binary`
+    fields (base64 strings, or lists of them for `tokens`) made bytes, the `path` ids
+    added. JSON null is not a value of the `optional` fields (the schema says integer or
+    list), though a msgpack nil on the socket means "absent": refused here."""
+    for field in optional:
+        if field in body and body[field] is None:
+            raise HoomiError(ErrorCode.INVALID, f"{field}: must not be null", field)
+    m = {**body, **path}
+    for field in binary:
+        raw = body.get(field)
+        if isinstance(raw, list):
+            m[field] = [_b64({field: t}, field) if isinstance(t, str) else t for t in raw]
+        elif raw is not None:
+            m[field] = _b64(body, field)
+    return m
 
 
 def _bearer(request: Request) -> str:
@@ -587,29 +594,10 @@ async def edit_message(request: Request, services: Services) -> Response:
     message_id = _path_uuid(request, "message_id")
     limits = services.limits
     body = await _json(request, MAX_BODY + limits.max_content_bytes * 4 // 3)
-    content = _b64(body, "content")
-    if len(content) > limits.max_content_bytes:
-        raise HoomiError(ErrorCode.TOO_LARGE,
-                         f"content: at most {limits.max_content_bytes} bytes", "content")
-    if len(content) < limits.min_content_bytes:
-        raise HoomiError(ErrorCode.INVALID, f"content: at least {limits.min_content_bytes} "
-                         "bytes (the GCM tag)", "content")
-    nonce = _b64(body, "nonce")
-    if len(nonce) != limits.nonce_bytes:
-        raise HoomiError(ErrorCode.INVALID, f"nonce: must be exactly {limits.nonce_bytes} "
-                         "bytes", "nonce")
-    session_id = body.get("session_id")
-    if not isinstance(session_id, str) or not 0 < len(session_id) <= \
-            limits.max_session_id_chars or "\x00" in session_id:
-        raise HoomiError(ErrorCode.INVALID, "session_id: 1 to "
-                         f"{limits.max_session_id_chars} characters, no NUL", "session_id")
-    scheme = body.get("scheme", 1)
-    if type(scheme) is not int or not 1 <= scheme <= limits.max_scheme:
-        raise HoomiError(ErrorCode.INVALID, "scheme: an integer from 1 to "
-                         f"{limits.max_scheme}", "scheme")
-    frame = Edit(hoomi_id=hoomi_id, id=message_id, content=content, nonce=nonce,
-                 session_id=session_id, scheme=scheme,
-                 tokens=_tokens(body, limits.max_search_tokens_per_message))
+    m = _frame_fields(body, ("content", "nonce", "tokens"), ("scheme", "tokens"),
+                      hoomi_id=str(hoomi_id), id=str(message_id))
+    frame = client_frame("edit", m, limits)
+    assert isinstance(frame, Edit)
     edited = await actions.edit_message(services, user_id, frame, field="message_id")
     return JSONResponse({"id": str(edited.id), "hoomi_id": str(edited.hoomi_id),
                          "seq": edited.seq, "updated_at": events.ms(edited.updated_at)})
@@ -643,13 +631,10 @@ async def search_messages(request: Request, services: Services) -> Response:
     hoomi_id = _path_uuid(request, "id")
     limits = services.limits
     body = await _json(request)
-    tokens = _tokens(body, limits.max_search_tokens_per_query, least=1)
-    before = body.get("before")
-    if before is not None and (type(before) is not int or not 1 <= before < 2**63):
-        raise HoomiError(ErrorCode.INVALID, "before: a seq (integer >= 1)", "before")
-    limit = body.get("limit", limits.default_page_limit)
-    if type(limit) is not int or not 1 <= limit <= limits.max_page_limit:
-        raise HoomiError(ErrorCode.INVALID, f"limit: 1 to {limits.max_page_limit}", "limit")
+    query = client_frame("search", _frame_fields(body, ("tokens",), ("limit",),
+                                                 hoomi_id=str(hoomi_id)), limits)
+    assert isinstance(query, Search)
+    tokens, before, limit = query.tokens, query.before, query.limit
     if not services.user_reads.acquire(user_id):
         raise HoomiError(ErrorCode.RATE_LIMITED, "too many reads at once: at most "
                          f"{services.settings.user_max_reads} per user", None,

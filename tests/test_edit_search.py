@@ -366,6 +366,25 @@ async def test_edit_and_search_over_http(cluster):
         r = await http.put(f"/v1/hoomis/{h}/messages/{ack.id}",
                            json={**new, "nonce": "AAAA"}, headers=auth)
         assert (r.status_code, r.json()["field"]) == (400, "nonce")
+        # The codec's checks (hoomi_protocol.client_frame), as on the socket; JSON null
+        # is no value for an optional field.
+        b64 = base64.b64encode
+        for bad, status, field in [
+                ({"content": b64(b"x" * 15).decode()}, 400, "content"),
+                ({"content": b64(b"x" * 70_000).decode()}, 413, "content"),
+                ({"session_id": "a\x00b"}, 400, "session_id"),
+                ({"session_id": 7}, 400, "session_id"),
+                ({"scheme": 0}, 400, "scheme"), ({"scheme": None}, 400, "scheme"),
+                ({"tokens": None}, 400, "tokens"), ({"tokens": [b64(b"1234").decode()]},
+                                                    400, "tokens"),
+                ({"tokens": [7]}, 400, "tokens"), ({"tokens": ["!"]}, 400, "tokens")]:
+            r = await http.put(f"/v1/hoomis/{h}/messages/{ack.id}", json={**new, **bad},
+                               headers=auth)
+            assert (r.status_code, r.json()["field"]) == (status, field), (bad, r.text)
+        for bad in ({"limit": None}, {"limit": 0}, {"before": 0}, {"tokens": None}):
+            r = await http.post(f"/v1/hoomis/{h}/search", headers=auth,
+                                json={"tokens": [b64(T[1]).decode()], **bad})
+            assert (r.status_code, r.json()["field"]) == (400, next(iter(bad))), (bad, r.text)
         r = await http.put(f"/v1/hoomis/{h}/messages/{ack.id}", json=new, headers=auth)
         assert r.status_code == 200  # the same edit again: the first answer
         r = await http.put(f"/v1/hoomis/{h}/messages/{uuid4()}",

@@ -5,6 +5,7 @@ imports from server/, storage/ or client/ (they import this package, never the r
 """
 
 from .codec import (
+    client_frame,
     decode_client,
     decode_server,
     decode_server_stream,
@@ -57,7 +58,7 @@ __all__ = [
     "ErrorCode", "Hello", "History", "HoomiError", "HoomiState", "Limits", "Membership",
     "MessageBody", "Page", "Ping", "Pong", "ProtocolError", "Reconnect", "Reencrypt",
     "ReencryptAck", "ReencryptItem", "Ref", "Search", "Send",
-    "ServerFrame", "Sync", "Welcome", "decode_client",
+    "ServerFrame", "Sync", "Welcome", "client_frame", "decode_client",
     "Presence", "PresenceReply", "Read", "ReadAck", "Receipt", "Typing", "TypingNotice",
     "decode_server", "encode_client",
     "encode_server", "decode_server_stream", "split_stream", "encode_body_map",

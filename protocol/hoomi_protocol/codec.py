@@ -549,6 +549,14 @@ def decode_client(data: bytes, limits: Limits = DEFAULT_LIMITS) -> ClientFrame:
     return decode(m, ref, limits)
 
 
+def client_frame(kind: str, m: dict[Any, Any],
+                 limits: Limits = DEFAULT_LIMITS) -> ClientFrame:
+    """A client frame of `kind` from a map already decoded (the HTTP API's JSON body with
+    its base64 fields made bytes), with exactly `decode_client`'s checks and errors: each
+    rule of a frame is written once. KeyError for a `kind` that is not a client frame."""
+    return _CLIENT_DECODERS[kind](m, None, limits)
+
+
 def encode_client(frame: ClientFrame) -> bytes:
     """For the reference client and tests: one client frame to bytes."""
     m: dict[str, Any]
