@@ -212,43 +212,10 @@ async def _still_exists(request: Request, services: Services, user_id: UUID) -> 
                       HoomiError(ErrorCode.UNAUTHORIZED, "unknown user", "authorization"))
 
 
-class VerifiedTokens:
-    """Tokens this replica has verified, with their user and expiry: a client sending the
-    same token on every request pays the signature and claim checks (about 47 us, two
-    JWT decodes in server/auth.py) once. A token's validity depends only on the time
-    once its signature and claims passed, so a hit is checked against its expiry and
-    nothing else; refused tokens are never kept (each one is checked and counted). At
-    most `size` tokens, the oldest forgotten first."""
-
-    __slots__ = ("_claims", "size")
-
-    def __init__(self, size: int = 4096) -> None:
-        self._claims: dict[str, auth.Claims] = {}
-        self.size = size
-
-    def get(self, token: str, now: float) -> UUID | None:
-        """The token's user if it was verified here and has not expired at `now`."""
-        claims = self._claims.get(token)
-        if claims is None:
-            return None
-        if now >= claims.expires_at:
-            del self._claims[token]
-            return None
-        return claims.user_id
-
-    def put(self, token: str, claims: auth.Claims) -> None:
-        if len(self._claims) >= self.size:
-            del self._claims[next(iter(self._claims))]
-        self._claims[token] = claims
-
-
 def _verified(request: Request, services: Services) -> UUID:
     """The user the request's token names (AuthError or HoomiError otherwise)."""
     token = _bearer(request)
-    state = request.app.state
-    cache: VerifiedTokens | None = getattr(state, "verified_tokens", None)
-    if cache is None:
-        cache = state.verified_tokens = VerifiedTokens()
+    cache = services.verified_tokens
     user_id = cache.get(token, time.time())
     if user_id is None:
         settings = services.settings

@@ -10,6 +10,7 @@ from hoomi_protocol import Limits
 from storage.db import WalClock
 from storage.writer import BatchWriter
 
+from .auth import VerifiedTokens
 from .broker import Broker
 from .config import Settings
 from .hub import Hub
@@ -41,6 +42,8 @@ class Services:
     auth_failures: KeyedBuckets = field(default_factory=lambda: KeyedBuckets(1.0, 20))
     http_requests: KeyedBuckets = field(default_factory=lambda: KeyedBuckets(50.0, 100))
     user_reads: KeyedCounter = field(default_factory=lambda: KeyedCounter(4))
+    # Bearer tokens the HTTP API has verified, until their expiry (server/auth.py).
+    verified_tokens: VerifiedTokens = field(default_factory=VerifiedTokens)
 
     def __post_init__(self) -> None:
         st = self.settings

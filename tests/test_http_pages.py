@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from server import auth
-from server.api import VerifiedTokens
+from server.auth import VerifiedTokens
 from server.testing.replica import JWT_SECRET
 
 
