@@ -68,14 +68,20 @@ async def stateless(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
             _STATELESS_RELEASE.reset(token)
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10,
+                      connection_class: type[asyncpg.Connection] = asyncpg.Connection
+                      ) -> asyncpg.Pool:
+    """`connection_class`: for tests and benches that count statements
+    (server/testing/counting.py) on a pool made as the hub makes its own."""
     hosts = _single_host_dsns(dsn)
     if len(hosts) > 1:
         pool: asyncpg.Pool = await _FollowingPool(
-            dsn, hosts=hosts, min_size=min_size, max_size=max_size, **_POOL_SETTINGS)
+            dsn, hosts=hosts, min_size=min_size, max_size=max_size,
+            connection_class=connection_class, **_POOL_SETTINGS)
         return pool
     made = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                     reset=_reset, **_POOL_SETTINGS)
+                                     reset=_reset, connection_class=connection_class,
+                                     **_POOL_SETTINGS)
     assert made is not None
     return made
 
@@ -185,7 +191,9 @@ class _FollowingPool(asyncpg.Pool):
     Two writable hosts (an old leader not yet demoted) or none: nothing is done.
     """
 
-    def __init__(self, dsn: str, *, hosts: list[str], **kwargs: Any) -> None:
+    def __init__(self, dsn: str, *, hosts: list[str],
+                 connection_class: type[asyncpg.Connection] = asyncpg.Connection,
+                 **kwargs: Any) -> None:
         self._follow_hosts = hosts
         self._host_of: weakref.WeakKeyDictionary[asyncpg.Connection, str] = \
             weakref.WeakKeyDictionary()
@@ -193,7 +201,7 @@ class _FollowingPool(asyncpg.Pool):
         super().__init__(
             dsn, connect=self._connect_tracked, max_queries=50000,
             max_inactive_connection_lifetime=300.0, setup=None, init=None, reset=_reset,
-            loop=None, connection_class=asyncpg.Connection, record_class=asyncpg.Record,
+            loop=None, connection_class=connection_class, record_class=asyncpg.Record,
             **kwargs)
 
     async def _async__init__(self) -> _FollowingPool:  # type: ignore[override]

@@ -13,11 +13,12 @@ Invariants the rest of the hub relies on, kept by this module alone:
    writers never deadlock). The lock is held until COMMIT, so the next allocator for that
    Hoomi, in this process or in another replica, reads the committed `last_seq`: seqs are
    1, 2, 3, ... with no gap, and become visible in seq order.
-3. Idempotent retries. A batch's first try checks membership only and inserts with
-   ON CONFLICT DO NOTHING on every unique index: a row the index skips (a retry's key,
-   or a used nonce) rolls the batch back whole, and it runs again with the full check
-   (`_CHECK_ROWS`). That check runs after the locks are taken, so a retry of a send
-   still in flight in the same Hoomi (on any replica) waits for it, then finds it.
+3. Idempotent retries. A batch's first try is one statement (`_APPEND_FIRST`, committed
+   by PostgreSQL before it answers) that checks membership only: a unique index that
+   refuses a row (a retry's key, or a used nonce) rolls the statement back whole, and
+   the batch runs again with the full check (`_CHECK_ROWS`, in a transaction). That
+   check runs after the locks are taken, so a retry of a send still in flight in the
+   same Hoomi (on any replica) waits for it, then finds it.
    A stored (hoomi, sender, client_msg_id) returns the original (id, seq, created_at).
    The key includes the Hoomi (SPEC §7.1: every unique key of a Hoomi's data does, for
    partitioning and Citus): a retry names the same Hoomi, and a send naming another
@@ -101,26 +102,67 @@ LEFT JOIN messages m ON m.hoomi_id = t.hoomi_id AND m.sender_id = t.sender_id
 LEFT JOIN hoomi_members hm ON hm.hoomi_id = t.hoomi_id AND hm.user_id = t.sender_id
 """
 
-# The first try of every batch (invariants 3 and 8): membership and last_seq only. Its
-# two lookups per row over 16 partitions made the full check cost PostgreSQL 1.0 ms of
-# CPU for 25 rows, 2.3 ms for 200 (run-time partition pruning at each row); instead the
-# insert skips any row one of the unique indexes refuses (ON CONFLICT DO NOTHING with no
-# target: a retry's key, or a used nonce), and a skipped row sends the batch back,
-# rolled back whole, to run again with the full check.
-_CHECK_MEMBERS = """
-SELECT t.ord, NULL::uuid AS id, NULL::uuid AS hoomi_id, NULL::int8 AS seq,
-       NULL::timestamptz AS created_at, hm.user_id IS NOT NULL AS is_member,
-       false AS nonce_used, h.last_seq, (SELECT clock_timestamp()) AS now
-FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS t(hoomi_id, sender_id, ord)
-LEFT JOIN hoomis h ON h.id = t.hoomi_id
-LEFT JOIN hoomi_members hm ON hm.hoomi_id = t.hoomi_id AND hm.user_id = t.sender_id
+# The first try of every batch (invariants 2, 3 and 8): the whole batch in ONE statement
+# run outside a transaction block, so PostgreSQL commits it before it answers (asyncpg
+# returns at ReadyForQuery, after the implicit COMMIT): one round trip per batch instead
+# of four (BEGIN with the locks, the check, the insert, COMMIT). At half load the writer
+# was a queue whose batches took as long as the gap between them; each round trip also
+# waited for the event loop's turn among the sockets (bench/RESULTS.md, issue 12).
+#
+# * `locked` takes the Hoomis' row locks in id order (LockRows sits above the Sort), and
+#   in READ COMMITTED a row locked after a wait is the newest version: its last_seq is
+#   the one the lock holder before us committed (invariant 2). `counters` updates those
+#   same row versions (ours to update: we hold their locks).
+# * `stamp` reads the clock once every lock is held (it counts `locked` first), as the
+#   full check does: a batch that waited for a lock never stamps an earlier created_at
+#   than the seqs before it.
+# * Membership is read with the statement's snapshot, taken before any lock wait: a
+#   member removed during that wait is still seen as one, as a removal committed just
+#   after the full check's read would be (removals do not take the Hoomi's lock).
+# * Duplicates and used nonces are left to the unique indexes: the plain INSERT raises
+#   on a retry's key or a used nonce, the statement is rolled back whole, and the batch
+#   runs again with the full check (`_CHECK_ROWS`, `_INSERT_ROWS`).
+# * Rows go to the INSERT in the idempotency index's order (see `_allocate`).
+# * Data-modifying CTEs run to completion whether or not the final SELECT reads them.
+_APPEND_FIRST = """
+WITH t AS MATERIALIZED (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bytea[], $5::bytea[],
+                         $6::text[], $7::int2[], $8::uuid[]) WITH ORDINALITY
+        AS t(hoomi_id, sender_id, client_msg_id, content, nonce, session_id, scheme, id, ord)
+), locked AS MATERIALIZED (
+    SELECT id, last_seq FROM hoomis WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
+), stamp AS MATERIALIZED (
+    SELECT clock_timestamp() AS now FROM (SELECT count(*) FROM locked) AS l
+), placed AS MATERIALIZED (
+    SELECT t.*, l.last_seq + row_number() OVER (PARTITION BY t.hoomi_id ORDER BY t.ord) AS seq
+    FROM t JOIN locked l ON l.id = t.hoomi_id
+    WHERE EXISTS (SELECT 1 FROM hoomi_members hm
+                  WHERE hm.hoomi_id = t.hoomi_id AND hm.user_id = t.sender_id)
+), ins AS (
+    INSERT INTO messages (id, hoomi_id, seq, sender_id, client_msg_id, content, nonce,
+                          session_id, scheme, created_at, updated_at)
+    SELECT p.id, p.hoomi_id, p.seq, p.sender_id, p.client_msg_id, p.content, p.nonce,
+           p.session_id, p.scheme, s.now, s.now
+    FROM placed p CROSS JOIN stamp s
+    ORDER BY p.sender_id, p.client_msg_id, p.hoomi_id
+), counters AS (
+    UPDATE hoomis h SET last_seq = c.last_seq
+    FROM (SELECT hoomi_id, max(seq) AS last_seq FROM placed GROUP BY hoomi_id) AS c
+    WHERE h.id = c.hoomi_id
+), tokens AS (
+    INSERT INTO message_tokens (hoomi_id, token, seq)
+    SELECT p.hoomi_id, k.token, p.seq
+    FROM unnest($9::int8[], $10::bytea[]) AS k(ord, token) JOIN placed p ON p.ord = k.ord
+    ON CONFLICT DO NOTHING
+)
+SELECT t.ord, l.id IS NOT NULL AS found, p.id, p.seq, (SELECT now FROM stamp) AS now
+FROM t LEFT JOIN locked l ON l.id = t.hoomi_id LEFT JOIN placed p ON p.ord = t.ord
 """
 
 # The new rows, their Hoomis' new last_seq and the rows' search tokens, in one statement
-# (the tokens' foreign key is checked at its end, when the messages are in). `{target}`:
-# the idempotency key after the full check, nothing (every unique index) after the
-# first.
-_INSERT_TEMPLATE = """
+# (the tokens' foreign key is checked at its end, when the messages are in), after the
+# full check: a key stored meanwhile is skipped (defensive, `_ConcurrentReuse`).
+_INSERT_ROWS = """
 WITH ins AS (
     INSERT INTO messages (id, hoomi_id, seq, sender_id, client_msg_id, content, nonce,
                           session_id, scheme, created_at, updated_at)
@@ -129,7 +171,7 @@ WITH ins AS (
     FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::uuid[], $5::uuid[], $6::bytea[],
                 $7::bytea[], $8::text[], $9::int2[])
          AS t(id, hoomi_id, seq, sender_id, client_msg_id, content, nonce, session_id, scheme)
-    ON CONFLICT {target} DO NOTHING
+    ON CONFLICT (hoomi_id, sender_id, client_msg_id) DO NOTHING
     RETURNING hoomi_id, seq
 ), counters AS (
     UPDATE hoomis h SET last_seq = v.last_seq
@@ -145,8 +187,6 @@ WITH ins AS (
 )
 SELECT (SELECT count(*) FROM ins) AS inserted
 """
-_INSERT_ROWS = _INSERT_TEMPLATE.format(target="(hoomi_id, sender_id, client_msg_id)")
-_INSERT_FIRST = _INSERT_TEMPLATE.format(target="")
 
 # After a failure that may have happened after COMMIT was applied: what got stored.
 _LOOKUP_STORED = """
@@ -407,7 +447,9 @@ class BatchWriter:
             check_scheme_tokens(r.scheme, r.tokens)
 
     async def _run(self) -> None:
-        quiet = False
+        # Whether the appends now queued came while a batch was committing: they have
+        # waited a commit already, and company for them is what came meanwhile.
+        waited = False
         while True:
             if not self._queue:
                 if self._closing:
@@ -416,22 +458,22 @@ class BatchWriter:
                 idle_from = time.perf_counter()
                 await self._wakeup.wait()
                 # After a quiet spell no company is coming within max_delay: commit at once.
-                quiet = time.perf_counter() - idle_from >= QUIET_AFTER_S
+                waited = time.perf_counter() - idle_from >= QUIET_AFTER_S
                 continue
             if (len(self._queue) < self._max_batch and self._max_delay > 0
-                    and not self._closing and not quiet):
+                    and not self._closing and not waited):
                 # Let the first message wait a little for company: fewer, larger commits.
                 self._full.clear()
                 try:
                     await asyncio.wait_for(self._full.wait(), self._max_delay)
                 except TimeoutError:
                     pass
-            quiet = False
             batch = self._queue.take(self._max_batch)
             for p in batch:
                 self._count(p.request, -len(p.request.content))
             started = time.perf_counter()
             await self._commit_isolating(batch)
+            waited = True
             if self._observer is not None:
                 try:
                     self._observer(len(batch), time.perf_counter() - started)
@@ -497,7 +539,7 @@ class BatchWriter:
         self._deliver(open_, outcomes)
 
     async def _commit_with_retry(self, batch: list[_Pending]) -> None:
-        full = False  # the first try checks membership only (_CHECK_MEMBERS)
+        full = False  # the first try: one statement, no duplicate check (_APPEND_FIRST)
         for attempt in range(5):
             try:
                 outcomes = await self._commit(batch, full)
@@ -552,17 +594,20 @@ class BatchWriter:
 
         outcomes: list[Outcome | None] = [None] * len(reqs)
         # `stateless`: the block leaves nothing behind when it ends normally (SET LOCAL
-        # ends with the COMMIT), so the pool skips asyncpg's reset query, a fifth round
+        # ends with the COMMIT), so the pool skips asyncpg's reset query, a further round
         # trip per batch (2 % of the hub's CPU per message); a block that raises is reset.
         async with stateless(self._pool) as conn:
-            # Four round trips: BEGIN with the locks, the check, the insert, COMMIT.
-            await conn.execute(_begin_locking(reqs[i].hoomi_id for i in leaders))
-            try:
-                await self._store_txn(conn, reqs, leaders, outcomes, full)
-                await conn.execute("COMMIT")
-            except BaseException:
-                await _rollback(conn)
-                raise
+            if not full:
+                await _append_first(conn, reqs, leaders, outcomes)
+            else:
+                # Four round trips: BEGIN with the locks, the check, the insert, COMMIT.
+                await conn.execute(_begin_locking(reqs[i].hoomi_id for i in leaders))
+                try:
+                    await self._store_txn(conn, reqs, leaders, outcomes)
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    await _rollback(conn)
+                    raise
         for i, r in enumerate(reqs):
             lead = leader_of[_key(r)]
             if lead != i:
@@ -577,23 +622,17 @@ class BatchWriter:
 
     @staticmethod
     async def _store_txn(conn: asyncpg.Connection, reqs: list[AppendRequest],
-                         leaders: list[int], outcomes: list[Outcome | None],
-                         full: bool) -> None:
-        """Decide and insert the leaders, under their Hoomis' locks: fills `outcomes`.
-        Not `full`: duplicates and used nonces are left to the unique indexes (a row
-        they refuse raises _ConcurrentReuse, the batch runs again with the full check)."""
-        if full:
-            checks = await conn.fetch(
-                _CHECK_ROWS,
-                [reqs[i].hoomi_id for i in leaders],
-                [reqs[i].sender_id for i in leaders],
-                [reqs[i].client_msg_id for i in leaders],
-                [reqs[i].session_id for i in leaders],
-                [reqs[i].nonce for i in leaders],
-            )
-        else:
-            checks = await conn.fetch(_CHECK_MEMBERS, [reqs[i].hoomi_id for i in leaders],
-                                      [reqs[i].sender_id for i in leaders])
+                         leaders: list[int], outcomes: list[Outcome | None]) -> None:
+        """The full check: decide and insert the leaders, under their Hoomis' locks (held
+        since `_begin_locking`): fills `outcomes`."""
+        checks = await conn.fetch(
+            _CHECK_ROWS,
+            [reqs[i].hoomi_id for i in leaders],
+            [reqs[i].sender_id for i in leaders],
+            [reqs[i].client_msg_id for i in leaders],
+            [reqs[i].session_id for i in leaders],
+            [reqs[i].nonce for i in leaders],
+        )
         now = checks[0]["now"] if checks else None
         last_seq = {reqs[leaders[row["ord"] - 1]].hoomi_id: row["last_seq"]
                     for row in checks if row["last_seq"] is not None}
@@ -622,12 +661,47 @@ class BatchWriter:
         assert now is not None  # rows to insert means some Hoomi row was locked
         args, placed = _allocate(reqs, list(zip(new_rows, uuid7s(len(new_rows)),
                                                 strict=True)), last_seq)
-        inserted = await conn.fetchval(_INSERT_ROWS if full else _INSERT_FIRST, *args, now,
-                                       *_token_rows(reqs, placed))
+        inserted = await conn.fetchval(_INSERT_ROWS, *args, now, *_token_rows(reqs, placed))
         if inserted != len(placed):
             raise _ConcurrentReuse()
         for i, msg_id, seq in placed:
             outcomes[i] = AppendResult(msg_id, reqs[i].hoomi_id, seq, now, False)
+
+
+async def _append_first(conn: asyncpg.Connection, reqs: list[AppendRequest],
+                        leaders: list[int], outcomes: list[Outcome | None]) -> None:
+    """The first try: decide, insert and commit the leaders in one statement
+    (`_APPEND_FIRST`, outside any transaction block), filling `outcomes`. A unique index
+    that refuses a row (a retry's key, a used nonce) rolls the statement back whole and
+    raises _ConcurrentReuse: the batch runs again with the full check."""
+    # Seqs follow the array order (invariant 4); each row gets its UUIDv7 here, used only
+    # if it is stored.
+    token_ords: list[int] = []
+    tokens: list[bytes] = []
+    for n, i in enumerate(leaders, 1):
+        for token in set(reqs[i].tokens):
+            token_ords.append(n)
+            tokens.append(token)
+    rows = [reqs[i] for i in leaders]
+    try:
+        checks = await conn.fetch(
+            _APPEND_FIRST,
+            [r.hoomi_id for r in rows], [r.sender_id for r in rows],
+            [r.client_msg_id for r in rows], [r.content for r in rows],
+            [r.nonce for r in rows], [r.session_id for r in rows],
+            [r.scheme for r in rows], uuid7s(len(rows)), token_ords, tokens,
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise _ConcurrentReuse() from exc
+    for row in checks:
+        i = leaders[row["ord"] - 1]
+        if row["seq"] is not None:
+            outcomes[i] = AppendResult(row["id"], reqs[i].hoomi_id, row["seq"], row["now"],
+                                       False)
+        elif not row["found"]:
+            outcomes[i] = not_found("hoomi", "hoomi_id")
+        else:
+            outcomes[i] = forbidden("not a member of this hoomi")
 
 
 def _begin_locking(hoomi_ids: Iterable[UUID]) -> str:

@@ -257,6 +257,64 @@ async def test_an_append_after_a_quiet_spell_does_not_wait_for_company(pool):
         await writer.close()
 
 
+async def test_appends_that_came_during_a_commit_do_not_wait_for_company(pool):
+    # They have waited one commit already: the next batch goes as soon as it ends, not
+    # max_delay later (with a minute's delay the second append would wait a minute).
+    alice, = await factories.users(pool, 1)
+    h = await factories.hoomi(pool, [alice])
+    writer = BatchWriter(pool, max_batch=64, max_delay=60.0)
+    writer.start()
+    try:
+        await asyncio.sleep(QUIET_AFTER_S * 2)
+        async with pool.acquire() as conn, conn.transaction():
+            # The first append goes at once (a quiet spell) and waits for this lock...
+            await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", h)
+            first = asyncio.ensure_future(writer.append(factories.request(h, alice)))
+            await asyncio.sleep(0.2)
+            # ...while the second comes, during its commit.
+            second = asyncio.ensure_future(writer.append(factories.request(h, alice)))
+            await asyncio.sleep(0.05)
+        acks = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert [a.seq for a in acks] == [1, 2]
+    finally:
+        await writer.close()
+
+
+async def test_a_batch_of_new_rows_is_one_statement(dsn):
+    """The first try decides, inserts and commits a batch in one round trip (outside a
+    transaction block: PostgreSQL commits before it answers), tokens included."""
+    from server.testing.counting import CountingConnection
+
+    counted = await create_pool(dsn, min_size=1, max_size=2,
+                                connection_class=CountingConnection)
+    try:
+        people = await factories.users(counted, 3)
+        hoomis = [await factories.hoomi(counted, people) for _ in range(3)]
+        writer = BatchWriter(counted, max_batch=64, max_delay=0.05)
+        writer.start()
+        reqs = [factories.request(hoomis[k % 3], people[k % 3])._replace(
+                    scheme=2, tokens=(bytes([k]) * 8, b"t" * 8)) for k in range(30)]
+        CountingConnection.reset_counts()
+        acks = await asyncio.gather(*(writer.append(r) for r in reqs))
+        assert CountingConnection.statements == 1
+        await writer.close()
+        for h in hoomis:
+            seqs = [a.seq for a in acks if a.hoomi_id == h]
+            assert seqs == list(range(1, 11))  # batch order is each sender's order
+        stored = await counted.fetch(
+            "SELECT m.id, m.hoomi_id, m.seq, m.created_at, m.scheme, "
+            "array_agg(t.token ORDER BY t.token) AS tokens FROM messages m "
+            "JOIN message_tokens t USING (hoomi_id, seq) GROUP BY 1, 2, 3, 4, 5")
+        assert sorted((r["id"], r["hoomi_id"], r["seq"], r["created_at"], r["scheme"],
+                       tuple(r["tokens"])) for r in stored) == sorted(
+            (a.id, a.hoomi_id, a.seq, a.created_at, 2, tuple(sorted(set(q.tokens))))
+            for a, q in zip(acks, reqs, strict=True))
+        assert {r["last_seq"] for r in await counted.fetch(
+            "SELECT last_seq FROM hoomis WHERE id = ANY($1::uuid[])", hoomis)} == {10}
+    finally:
+        await counted.close()
+
+
 async def test_close_flushes_queued_appends(pool):
     alice, = await factories.users(pool, 1)
     h = await factories.hoomi(pool, [alice])
@@ -597,7 +655,7 @@ async def test_the_database_refuses_a_reused_nonce_the_writer_did_not_see(pool, 
 
 
 async def test_a_retry_in_a_batch_of_new_rows_leaves_dense_seqs_and_one_set_of_tokens(pool):
-    # The first try of a batch checks membership only; the retry's row is skipped by the
+    # The first try of a batch checks membership only; the retry's row is refused by the
     # unique index, the batch rolls back whole and runs again with the full check.
     alice, = await factories.users(pool, 1)
     h = await factories.hoomi(pool, [alice])
