@@ -119,6 +119,21 @@ def cpu_s(pid: int, children: bool = False) -> float:
     return total / tick
 
 
+def run_delay_s(pid: int) -> float:
+    """Seconds the process's threads have spent runnable but waiting for a CPU
+    (/proc/PID/task/*/schedstat, second field): on a machine whose cores the hub,
+    PostgreSQL and the clients share, the part of a latency that is only the wait for a
+    core."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except OSError:
+            continue
+    return total / 1e9
+
+
 async def postmaster_pid(dsn: str) -> int | None:
     """The PostgreSQL server's main process, if it runs on this machine (embedded)."""
     conn = await asyncpg.connect(dsn)
@@ -356,11 +371,14 @@ async def main() -> None:
                         prof = stack.enter_context(Profile(hubs[0].pid, name.replace(" ", "-")))
                     metrics0 = hub_metrics(hub_port)
                     before = [cpu_s(h.pid) for h in hubs]
+                    waits = (run_delay_s(hubs[0].pid), run_delay_s(os.getpid()))
                     pg_before = cpu_s(postgres, children=True) if postgres else 0.0
                     res = await drive(urls, tokens, hoomi_ids, args.seconds, window,
                                       hub=True, batch=batch, rate=rate, raw=not args.validate)
                     res["cpu"] = sum(cpu_s(h.pid) - b for h, b in zip(hubs, before,
                                                                       strict=True)) / res["n"]
+                    res["hub_wait"] = (run_delay_s(hubs[0].pid) - waits[0]) / args.seconds
+                    res["client_wait"] = (run_delay_s(os.getpid()) - waits[1]) / args.seconds
                     # The first hub's writer in this run.
                     res.update(writer_figures(metrics0, hub_metrics(hub_port)))
                     if postgres:
@@ -412,6 +430,9 @@ async def main() -> None:
                  ) if not name.startswith("echo") else ""
         if "target" in res:
             extra += f"; paced at {res['target']:.0f} msg/s"
+        if "hub_wait" in res:
+            extra += (f"; waiting for a CPU: hub {res['hub_wait']:.0%}, clients "
+                      f"{res['client_wait']:.0%} of the run")
         if "rows_per_batch" in res:
             extra += (f"; {res['rows_per_batch']:.1f} rows per batch; in the hub, acks over "
                       f"2/5/10 ms {res['acks_over_2ms']:.1%}/{res['acks_over_5ms']:.1%}/"
