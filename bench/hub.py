@@ -33,7 +33,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import asyncpg
 import httpx
@@ -189,6 +189,8 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
     rng = random.Random(7)
     # Each run its own session_id: the same seeded nonces again would meet the nonce guard.
     session_id = uuid4().hex[:12]
+    # client_msg_ids: seeded afresh each run (a repeat of an earlier run's would be a retry).
+    ids = random.Random(uuid4().int)
     payload = os.urandom(200)
     latencies: list[float] = []
     # Send → push at the *other* member: the sender's clock rides in the first 8 bytes of
@@ -218,7 +220,10 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
             nonlocal pushes
             while not (done.is_set() and not sent_at):
                 try:
-                    data = await asyncio.wait_for(ws.recv(decode=False), 5)
+                    # asyncio.timeout, not wait_for: no task per message (wait_for's was
+                    # the clients' largest own cost, and they share the hub's 2 cores).
+                    async with asyncio.timeout(5):
+                        data = await ws.recv(decode=False)
                 except (TimeoutError, websockets.ConnectionClosed):
                     return
                 if not hub:  # the echo of our own send frame
@@ -266,11 +271,15 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             if task.done():  # the reader failed: its exception ends the run
                 break
-            await asyncio.wait_for(slots.acquire(), 10)  # no ack for 10 s: fail loudly
+            async with asyncio.timeout(10):  # no ack for 10 s: fail loudly
+                await slots.acquire()
             i += 1
             sent_at[i] = time.perf_counter()
             content = struct.pack(">d", sent_at[i]) + payload[8:]
-            frame = Send(hoomi_id=h, client_msg_id=uuid4(), content=content,
+            # Ids from the seeded generator: uuid4() reads the kernel's random source,
+            # a system call per message.
+            frame = Send(hoomi_id=h, client_msg_id=UUID(int=ids.getrandbits(128), version=4),
+                         content=content,
                          nonce=rng.randbytes(12), session_id=session_id, ref=i)
             await ws.send(encode_client(frame))
         done.set()
