@@ -124,6 +124,8 @@ LEFT JOIN hoomi_members hm ON hm.hoomi_id = t.hoomi_id AND hm.user_id = t.sender
 #   runs again with the full check (`_CHECK_ROWS`, `_INSERT_ROWS`).
 # * Rows go to the INSERT in the idempotency index's order (see `_allocate`).
 # * Data-modifying CTEs run to completion whether or not the final SELECT reads them.
+# * The answer is one row of arrays in batch order (each row's seq, NULL if not stored;
+#   whether its Hoomi exists): decoded in C, not a Record per row (the ids are ours).
 _APPEND_FIRST = """
 WITH t AS MATERIALIZED (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bytea[], $5::bytea[],
@@ -155,7 +157,8 @@ WITH t AS MATERIALIZED (
     FROM unnest($9::int8[], $10::bytea[]) AS k(ord, token) JOIN placed p ON p.ord = k.ord
     ON CONFLICT DO NOTHING
 )
-SELECT t.ord, l.id IS NOT NULL AS found, p.id, p.seq, (SELECT now FROM stamp) AS now
+SELECT (SELECT now FROM stamp) AS now, array_agg(p.seq ORDER BY t.ord) AS seqs,
+       array_agg(l.id IS NOT NULL ORDER BY t.ord) AS found
 FROM t LEFT JOIN locked l ON l.id = t.hoomi_id LEFT JOIN placed p ON p.ord = t.ord
 """
 
@@ -683,22 +686,24 @@ async def _append_first(conn: asyncpg.Connection, reqs: list[AppendRequest],
             token_ords.append(n)
             tokens.append(token)
     rows = [reqs[i] for i in leaders]
+    ids = uuid7s(len(rows))
     try:
-        checks = await conn.fetch(
+        answer = await conn.fetchrow(
             _APPEND_FIRST,
             [r.hoomi_id for r in rows], [r.sender_id for r in rows],
             [r.client_msg_id for r in rows], [r.content for r in rows],
             [r.nonce for r in rows], [r.session_id for r in rows],
-            [r.scheme for r in rows], uuid7s(len(rows)), token_ords, tokens,
+            [r.scheme for r in rows], ids, token_ords, tokens,
         )
     except asyncpg.UniqueViolationError as exc:
         raise _ConcurrentReuse() from exc
-    for row in checks:
-        i = leaders[row["ord"] - 1]
-        if row["seq"] is not None:
-            outcomes[i] = AppendResult(row["id"], reqs[i].hoomi_id, row["seq"], row["now"],
-                                       False)
-        elif not row["found"]:
+    assert answer is not None  # an aggregate: always one row
+    now = answer["now"]
+    for i, msg_id, seq, found in zip(leaders, ids, answer["seqs"], answer["found"],
+                                     strict=True):
+        if seq is not None:
+            outcomes[i] = AppendResult(msg_id, reqs[i].hoomi_id, seq, now, False)
+        elif not found:
             outcomes[i] = not_found("hoomi", "hoomi_id")
         else:
             outcomes[i] = forbidden("not a member of this hoomi")
