@@ -40,6 +40,10 @@ def hoomi_channel(hoomi_hex: str) -> str:
 
 
 class Broker(Protocol):
+    # Whether other replicas may be listening: False for a lone replica (LocalBroker),
+    # whose commits then build no broadcasts at all.
+    shared: bool
+
     async def start(self, handler: Handler, on_reconnect: ReconnectHandler) -> None: ...
     async def publish(self, events: Iterable[tuple[str, bytes]]) -> None: ...
     async def subscribe(self, channel: str) -> None: ...
@@ -68,6 +72,8 @@ def _dispatch(handler: Handler, origin: bytes, item: dict[str, Any]) -> None:
 class LocalBroker:
     """One replica: there is nobody else to tell, so publishing does nothing."""
 
+    shared = False
+
     def __init__(self) -> None:
         self._channels: set[str] = set()
 
@@ -95,6 +101,8 @@ class LocalBroker:
 
 class RedisBroker:
     """Many replicas: one pub/sub connection for reading, a pool for publishing."""
+
+    shared = True
 
     def __init__(self, url: str) -> None:
         self._url = url
@@ -307,6 +315,8 @@ class ClusterBroker:
     over behind a network partition may never break our connection): a channel found on
     the wrong node is moved, and the hub reconciles.
     """
+
+    shared = True
 
     RECHECK_S = 30.0
 

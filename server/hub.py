@@ -247,6 +247,7 @@ class Hub:
     def committed(self, batch: list[tuple[AppendRequest, AppendResult]]) -> None:
         """Called by the writer after each commit: push locally now, publish for the rest."""
         out: list[tuple[str, bytes]] = []
+        shared = self._broker.shared  # a lone replica builds no broadcasts
         for req, res in batch:
             if res.duplicate:
                 continue  # its first commit published it; reconcile covers a lost one
@@ -254,8 +255,9 @@ class Hub:
                 res.id, res.hoomi_id, res.seq, req.sender_id, req.content, req.nonce,
                 req.session_id, res.created_at, None, req.scheme, res.created_at))
             self.on_message(res.hoomi_id, res.seq, frame)
-            out.append((hoomi_channel(res.hoomi_id.hex),
-                        events.pack_message(res.hoomi_id, res.seq, frame)))
+            if shared:
+                out.append((hoomi_channel(res.hoomi_id.hex),
+                            events.pack_message(res.hoomi_id, res.seq, frame)))
         if out:
             self._to_publish.put_nowait(out)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 import pytest
@@ -15,6 +17,8 @@ from hoomi_protocol import Ack, Hello, MessageBody, Send, Welcome, decode_server
 from server.broker import LocalBroker
 from server.hub import FAN_OUT_AT, Hub
 from server.transport import binary_frame
+from storage.ids import uuid7
+from storage.records import AppendResult
 from tests import factories
 from tests.wsclient import TIMEOUT, Peer
 
@@ -138,3 +142,35 @@ async def test_every_member_of_a_big_hoomi_gets_the_push_and_the_sender_one_mess
 def test_a_frame_built_by_the_hub_is_the_one_websockets_builds(size):
     data = os.urandom(size)
     assert binary_frame(data) == Frame(Opcode.BINARY, data).serialize(mask=False)
+
+
+
+class RecordingBroker(LocalBroker):
+    """A broker that writes down what the hub publishes; `shared`: whether other
+    replicas may be listening."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.shared = shared  # type: ignore[misc]
+        self.published: list[tuple[str, bytes]] = []
+
+    async def publish(self, events: Iterable[tuple[str, bytes]]) -> None:
+        self.published.extend(events)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_a_commit_is_broadcast_only_when_other_replicas_may_listen(pool, shared):
+    broker = RecordingBroker(shared)
+    h = Hub(pool, broker, gap_grace=0.01)
+    await h.start()
+    try:
+        alice, = await factories.users(pool, 1)
+        hoomi = await factories.hoomi(pool, [alice])
+        h.committed([(factories.request(hoomi, alice),
+                      AppendResult(uuid7(), hoomi, 1, datetime.now(UTC), False))])
+        await asyncio.wait_for(h._to_publish.join(), 5)
+        # A lone replica (LocalBroker) has nobody to tell: no broadcast is even built.
+        assert [channel for channel, _ in broker.published] == (
+            [f"hoomi:{hoomi.hex}"] if shared else [])
+    finally:
+        await h.close()
