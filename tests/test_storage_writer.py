@@ -280,6 +280,93 @@ async def test_appends_that_came_during_a_commit_do_not_wait_for_company(pool):
         await writer.close()
 
 
+async def test_under_load_a_second_batch_commits_while_the_first_waits(pool):
+    """Invariant 4 with two batches in flight: the second (half a batch queued) goes while
+    the first waits for a lock, without the first batch's sender (its next append waits
+    for the first to end); hooks and acks follow the order the batches were formed."""
+    people = await factories.users(pool, 4)
+    h1 = await factories.hoomi(pool, people)
+    h2 = await factories.hoomi(pool, people)
+    hooked: list[list] = []
+    writer = BatchWriter(pool, max_batch=4, max_delay=0.0,
+                         on_commit=lambda b: hooked.append([r.client_msg_id for r, _ in b]))
+    writer.start()
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", h1)
+            first = factories.request(h1, people[0])
+            waiting = asyncio.ensure_future(writer.append(first))
+            await asyncio.sleep(0.2)  # the first batch waits for h1's lock
+            # Half a batch (2) queued: a second batch goes, without people[0]'s append.
+            later = factories.request(h2, people[0])
+            others = [factories.request(h2, people[k]) for k in (1, 2, 3)]
+            pending = [asyncio.ensure_future(writer.append(r)) for r in [later, *others]]
+            for _ in range(100):
+                stored = set(await pool.fetchval(
+                    "SELECT array_agg(client_msg_id) FROM messages WHERE hoomi_id = $1", h2)
+                    or [])
+                if stored:
+                    break
+                await asyncio.sleep(0.02)
+            assert stored == {r.client_msg_id for r in others}  # committed already...
+            assert not any(f.done() for f in [waiting, *pending])  # ...acked after the first
+            assert hooked == []
+        acks = await asyncio.wait_for(asyncio.gather(waiting, *pending), 10)
+    finally:
+        await writer.close()
+    assert hooked == [[first.client_msg_id], [r.client_msg_id for r in others],
+                      [later.client_msg_id]]
+    assert [a.seq for a in acks] == [1, 4, 1, 2, 3]
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_pipelined_batches_keep_each_senders_order_and_publish_seqs_in_order(
+        pool, seed):
+    """Bursts of appends from 6 senders over 3 Hoomis with batches of 8: under load two
+    batches are in flight. Each sender's appends keep their order in every Hoomi, seqs
+    are dense, and the commit hook sees every stored message once, ascending within a
+    batch (across two batches in flight a Hoomi's seqs may come out of order: the second
+    batch's statement can take a shared Hoomi's lock first; the hub's Sequencer holds
+    the higher seqs until the lower ones come)."""
+    rng = random.Random(seed)
+    people = await factories.users(pool, 6)
+    hoomis = [await factories.hoomi(pool, people) for _ in range(3)]
+    published: dict = defaultdict(list)
+
+    def hook(batch: list) -> None:
+        for h in hoomis:
+            mine = [result.seq for _, result in batch if result.hoomi_id == h]
+            assert mine == sorted(mine)
+            published[h].extend(mine)
+
+    in_flight: list[int] = []
+    writer = BatchWriter(pool, max_batch=8, max_delay=0.0005, on_commit=hook,
+                         observer=lambda n, _: in_flight.append(len(writer._inflight)))
+    writer.start()
+    sent: list = []
+    futures = []
+    try:
+        for _ in range(12):
+            for _ in range(rng.randrange(1, 25)):
+                req = factories.request(rng.choice(hoomis), rng.choice(people))
+                sent.append(req)
+                futures.append(writer.submit(req))
+            await asyncio.sleep(rng.random() * 0.004)
+        acks = await asyncio.wait_for(asyncio.gather(*futures), 30)
+    finally:
+        await writer.close()
+    # As a batch ends (the observer), another was in flight at times, never two more.
+    assert max(in_flight) == 1
+    for h in hoomis:
+        seqs = [a.seq for a in acks if a.hoomi_id == h]
+        assert sorted(seqs) == list(range(1, len(seqs) + 1))
+        assert sorted(published[h]) == sorted(seqs)  # each once
+        for who in people:
+            mine = [a.seq for a, r in zip(acks, sent, strict=True)
+                    if a.hoomi_id == h and r.sender_id == who]
+            assert mine == sorted(mine)
+
+
 async def test_a_batch_of_new_rows_is_one_statement(dsn):
     """The first try decides, inserts and commits a batch in one round trip (outside a
     transaction block: PostgreSQL commits before it answers), tokens included."""
