@@ -318,6 +318,9 @@ async def main() -> None:
                     help="then a paced run at half the batched hub's msg/s: ack p99 there")
     ap.add_argument("--half-rounds", type=int, default=1,
                     help="paced half runs of the hub (its p99 swings between runs)")
+    ap.add_argument("--half-rate", type=float, default=0.0,
+                    help="pace the half runs at this msg/s instead of half the measured "
+                    "rate (to compare trees at one load)")
     ap.add_argument("--validate", action="store_true",
                     help="the hub client decodes and validates every frame (decode_server) "
                          "instead of reading plain msgpack maps as the echo client does")
@@ -423,7 +426,7 @@ async def main() -> None:
                 # pace the half run past what the machine gives now.
                 rates = sorted(results["hub batch" if k == 1 else f"hub batch #{k}"]["rate"]
                                for k in range(1, args.rounds + 1))
-                half = rates[(len(rates) - 1) // 2] / 2
+                half = args.half_rate or rates[(len(rates) - 1) // 2] / 2
                 for k in range(1, args.half_rounds + 1):
                     name = "hub half" if k == 1 else f"hub half #{k}"
                     await run(name, 64, batch=True, rate=half)
