@@ -5,9 +5,12 @@ Invariants the rest of the hub relies on, kept by this module alone:
 1. Ack after commit. `append` returns only once the transaction holding the row has
    committed. If a transaction fails, each of its waiters gets the error and none of its
    rows is stored (the client retries with the same client_msg_id). If it fails in a way
-   that leaves COMMIT's outcome unknown (connection lost mid-COMMIT), the writer reads
-   back, on a fresh connection, which rows were stored: those waiters get their real ack
-   and the commit hook runs for them; the rest get `unavailable`.
+   that leaves COMMIT's outcome unknown (connection lost mid-COMMIT, or during the
+   one-statement first try, which PostgreSQL runs to its end for a client that is gone),
+   the writer reads back, on a fresh connection and after taking the batch's Hoomi locks
+   (so a statement still running for the lost connection ends first), which rows were
+   stored: those waiters get their real ack and the commit hook runs for them; the rest
+   get `unavailable`.
 2. Dense seq in commit order. A Hoomi's seqs are allocated inside the transaction while
    it holds that Hoomi's row lock (`SELECT ... FOR UPDATE`, taken in id order so that two
    writers never deadlock). The lock is held until COMMIT, so the next allocator for that
@@ -202,6 +205,9 @@ WITH ins AS (
 )
 SELECT (SELECT count(*) FROM ins) AS inserted
 """
+
+# Before the read-back below: wait for whatever holds or waits for these Hoomis' locks.
+_LOCK_HOOMIS = "SELECT FROM hoomis WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE"
 
 # After a failure that may have happened after COMMIT was applied: what got stored.
 _LOOKUP_STORED = """
@@ -592,7 +598,12 @@ class BatchWriter:
         if not open_:
             return
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # The batch's Hoomi locks first: a statement PostgreSQL still runs for a
+                # client that is gone (the first try's, waiting for a lock: a backend
+                # does not notice its client left while it waits) ends before this read,
+                # so a row it commits is acked here, not stored after an `unavailable`.
+                await conn.execute(_LOCK_HOOMIS, list({p.request.hoomi_id for p in open_}))
                 rows = await conn.fetch(
                     _LOOKUP_STORED,
                     [p.request.hoomi_id for p in open_],

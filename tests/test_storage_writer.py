@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from hoomi_protocol.errors import ErrorCode
+from server.testing.proxy import FaultProxy
 from storage.db import create_pool
 from storage.errors import StorageError
 from storage.writer import QUIET_AFTER_S, BatchWriter
@@ -456,6 +457,42 @@ async def test_commit_lost_after_it_applied_acks_stored_rows_and_runs_the_hook(p
     assert [r["seq"] for r in stored] == [1, 2, 3]
     assert isinstance(outcomes[3], StorageError) and outcomes[3].code == ErrorCode.UNAVAILABLE
     assert [(req, res) for req, res in hooked] == list(zip(reqs[:3], outcomes[:3], strict=True))
+
+
+async def test_a_first_try_orphaned_by_a_lost_connection_is_acked_not_stored_behind_an_error(
+        dsn, pool):
+    """The connection drops while the batch's one statement waits for a Hoomi's lock:
+    PostgreSQL still runs it to its commit once the lock is free (a backend waiting for
+    a lock does not notice its client left). The read-back waits for that lock too, so
+    the waiter gets the real ack (and the hook runs), not `unavailable` for a message
+    stored anyway; a retry then gets the same ack, and one row is stored."""
+    proxy = await FaultProxy.in_front_of(dsn).start()
+    proxied = await create_pool(proxy.url(dsn), min_size=0, max_size=2)
+    hooked: list = []
+    writer = BatchWriter(proxied, max_batch=8, max_delay=0.0, on_commit=hooked.extend)
+    writer.start()
+    try:
+        alice, = await factories.users(pool, 1)
+        h = await factories.hoomi(pool, [alice])
+        req = factories.request(h, alice)
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", h)
+            pending = asyncio.ensure_future(writer.append(req))
+            await asyncio.sleep(0.3)  # the statement waits for the lock
+            await proxy.drop()  # the writer's connection is gone; its backend waits on
+            await asyncio.sleep(0.3)  # the read-back waits for the lock as well
+            assert not pending.done()
+        ack = await asyncio.wait_for(pending, 10)
+        retry = await asyncio.wait_for(writer.append(req), 10)
+    finally:
+        await writer.close()
+        await proxied.close()
+        await proxy.close()
+    rows = await pool.fetch("SELECT id, seq FROM messages WHERE hoomi_id = $1", h)
+    assert [(r["id"], r["seq"]) for r in rows] == [(ack.id, 1)]
+    assert (ack.seq, ack.duplicate) == (1, False)
+    assert (retry.id, retry.seq, retry.duplicate) == (ack.id, 1, True)
+    assert hooked == [(req, ack), (req, retry)]  # the hub publishes only the first
 
 
 async def test_failure_whose_read_back_also_fails_gives_every_waiter_unavailable(pool):
