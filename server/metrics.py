@@ -46,7 +46,7 @@ class Metrics:
             "hoomi_writer_batch_size", "Messages per committed batch",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
         self.batch_seconds = Histogram(
-            "hoomi_writer_batch_seconds", "Time to commit one batch",
+            "hoomi_writer_batch_seconds", "Time to commit one batch and deliver it",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r)
         self.ack_seconds = Histogram(
             "hoomi_ack_seconds", "From a send frame read to its ack queued",
