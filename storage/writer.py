@@ -206,9 +206,6 @@ WITH ins AS (
 SELECT (SELECT count(*) FROM ins) AS inserted
 """
 
-# Before the read-back below: wait for whatever holds or waits for these Hoomis' locks.
-_LOCK_HOOMIS = "SELECT FROM hoomis WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE"
-
 # After a failure that may have happened after COMMIT was applied: what got stored.
 _LOOKUP_STORED = """
 SELECT m.sender_id, m.client_msg_id, m.id, m.hoomi_id, m.seq, m.created_at
@@ -598,18 +595,20 @@ class BatchWriter:
         if not open_:
             return
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with self._pool.acquire() as conn:
                 # The batch's Hoomi locks first: a statement PostgreSQL still runs for a
                 # client that is gone (the first try's, waiting for a lock: a backend
                 # does not notice its client left while it waits) ends before this read,
                 # so a row it commits is acked here, not stored after an `unavailable`.
-                await conn.execute(_LOCK_HOOMIS, list({p.request.hoomi_id for p in open_}))
+                # (A failure leaves the transaction open: the pool rolls it back.)
+                await conn.execute(_begin_locking(p.request.hoomi_id for p in open_))
                 rows = await conn.fetch(
                     _LOOKUP_STORED,
                     [p.request.hoomi_id for p in open_],
                     [p.request.sender_id for p in open_],
                     [p.request.client_msg_id for p in open_],
                 )
+                await conn.execute("COMMIT")
         except Exception as exc:
             _log.error("could not settle a failed batch: %s: %s", type(exc).__name__, exc)
             _fail(open_, unavailable())
@@ -629,8 +628,7 @@ class BatchWriter:
             outcomes.append(AppendResult(row["id"], row["hoomi_id"], row["seq"],
                                          row["created_at"], key in seen))
             seen.add(key)
-        await _after(gate)
-        self._deliver(open_, outcomes)
+        await self._deliver(open_, outcomes, gate)
 
     async def _commit_with_retry(self, batch: list[_Pending],
                                  gate: asyncio.Task[None] | None = None) -> None:
@@ -648,13 +646,18 @@ class BatchWriter:
                 # whole, so nothing of it is stored and running it again is safe.
                 _log.info("batch rolled back (%s); retry %d", type(exc).__name__, attempt)
                 continue
-            await _after(gate)
-            self._deliver(batch, outcomes)
+            await self._deliver(batch, outcomes, gate)
             return
         _fail(batch, unavailable())
 
-    def _deliver(self, batch: Sequence[_Pending], outcomes: Sequence[Outcome]) -> None:
-        """Run the commit hook for the stored rows, then wake every waiter."""
+    async def _deliver(self, batch: Sequence[_Pending], outcomes: Sequence[Outcome],
+                       gate: asyncio.Task[None] | None) -> None:
+        """Once the batch formed before this one (`gate`) has delivered (invariant 4:
+        commit hooks run in the order the batches were formed; its outcome is its own,
+        nothing is raised), run the commit hook for the stored rows, then wake every
+        waiter."""
+        if gate is not None and not gate.done():
+            await asyncio.wait((gate,))
         if self._on_commit is not None:
             committed = [(p.request, o) for p, o in zip(batch, outcomes, strict=True)
                          if isinstance(o, AppendResult)]
@@ -800,13 +803,6 @@ async def _append_first(conn: asyncpg.Connection, reqs: list[AppendRequest],
             outcomes[i] = not_found("hoomi", "hoomi_id")
         else:
             outcomes[i] = forbidden("not a member of this hoomi")
-
-
-async def _after(gate: asyncio.Task[None] | None) -> None:
-    """Wait until the batch before this one has delivered (invariant 4): commit hooks run
-    in the order the batches were formed. Its outcome is its own: nothing is raised."""
-    if gate is not None and not gate.done():
-        await asyncio.wait((gate,))
 
 
 def _begin_locking(hoomi_ids: Iterable[UUID]) -> str:
