@@ -34,8 +34,7 @@ from typing import Any
 from server import config
 from server.app import create_app
 from server.cli import hub_server
-from server.testing.loopback import free_port
-from server.testing.replica import replica_env
+from server.testing.replica import ReplicaBase
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
@@ -58,26 +57,16 @@ _handler = _PerReplica()
 _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
 
-class InProcessReplica:
+class InProcessReplica(ReplicaBase):
     def __init__(self, dsn: str, redis_url: str | None, name: str = "r",
                  **extra_env: str) -> None:
         if "HOOMI_ARCHIVE_URL" in extra_env:
             raise ValueError("HOOMI_ARCHIVE_URL configures a process-wide archive reader: "
                              "run that replica as a subprocess (server.testing.replica)")
-        self.port = free_port()
-        self.name = name
-        self.env = replica_env(dsn, redis_url, self.port, extra_env)
+        super().__init__(dsn, redis_url, name, extra_env)
         self.server: Any = None  # the uvicorn.Server while running
         self._task: asyncio.Task[None] | None = None
         self._lines: list[str] = []
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws"
 
     @property
     def services(self) -> Any:

@@ -44,16 +44,15 @@ def replica_env(dsn: str, redis_url: str | None, port: int,
     return env
 
 
-class Replica:
-    def __init__(self, dsn: str, redis_url: str | None, name: str = "r",
-                 **extra_env: str) -> None:
+class ReplicaBase:
+    """What a test replica is, run as a process (Replica) or in the test's event loop
+    (server/testing/inprocess.py): a name, a free loopback port, its environment."""
+
+    def __init__(self, dsn: str, redis_url: str | None, name: str,
+                 extra_env: dict[str, str]) -> None:
         self.port = free_port()
         self.name = name
         self.env = replica_env(dsn, redis_url, self.port, extra_env)
-        self.proc: subprocess.Popen | None = None
-        fd, log = tempfile.mkstemp(prefix=f"hoomi-{name}-", suffix=".log")
-        os.close(fd)  # each start appends to it through a handle of its own
-        self.log = Path(log)
 
     @property
     def http(self) -> str:
@@ -62,6 +61,16 @@ class Replica:
     @property
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}/v1/ws"
+
+
+class Replica(ReplicaBase):
+    def __init__(self, dsn: str, redis_url: str | None, name: str = "r",
+                 **extra_env: str) -> None:
+        super().__init__(dsn, redis_url, name, extra_env)
+        self.proc: subprocess.Popen | None = None
+        fd, log = tempfile.mkstemp(prefix=f"hoomi-{name}-", suffix=".log")
+        os.close(fd)  # each start appends to it through a handle of its own
+        self.log = Path(log)
 
     def start(self) -> Replica:
         """Run it and return once /healthz answers 200."""
