@@ -21,9 +21,15 @@ hoomi_writer_batch_seconds); `--half` runs the echo paced at the same rate as `h
 half`, for the latency the machine alone adds; `--rounds` repeats echo and hub batch
 back to back, `--half-rounds` the paced hub run.
 
-The client is kept lean (no task per received message, ids from a seeded generator)
-because it is the echo's bottleneck: with a task per message (asyncio.wait_for) and
-uuid4 the echo made 25 000 round trips/s, without them 37 000, on the same machine.
+The client is kept lean because it shares the cores and was the echo's bottleneck: with
+a task per message (asyncio.wait_for) and uuid4 the echo made 25 000 round trips/s,
+without them 37 000, and with bench/wsload.py's callback client on uvloop instead of the
+`websockets` client 85 000-99 000 (client CPU per round trip 26 → 10 µs), on the same
+machine. Before the hub runs the PostgreSQL server gets the WAL a server in service has
+(`warm_wal`: segment files made ahead, and a CHECKPOINT before each run so they are
+recycled): a new server creates and zero-fills a 16 MiB segment inside a commit every
+16 MiB of WAL, which held one commit in ~500 past 10 ms at half load. `--cold-wal`
+measures without that; each hub run prints the segments created during it.
 """
 
 from __future__ import annotations
@@ -45,8 +51,8 @@ from uuid import UUID, uuid4
 import asyncpg
 import httpx
 import msgpack
-import websockets
 
+from bench import wsload
 from bench.common import fresh_database
 from bench.profile import Profile
 from hoomi_protocol import (
@@ -63,6 +69,8 @@ from server.testing.loopback import free_port
 from server.testing.replica import ADMIN_TOKEN, JWT_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
+# WAL segment files made before the runs (16 MiB each): more than one run writes.
+WARM_SEGMENTS = 24
 
 
 def _start(args: list[str], env: dict[str, str], port: int,
@@ -155,6 +163,40 @@ async def postmaster_pid(dsn: str) -> int | None:
         await conn.close()
 
 
+async def wal_segments_created(dsn: str) -> int | None:
+    """WAL segment files PostgreSQL has created and zero-filled so far, all processes
+    (pg_stat_io, PostgreSQL 18; None before that). A backend that needs a new segment
+    writes its 16 MiB before its commit returns: tens of milliseconds here. A server that
+    has checkpointed recycles old segments instead (renamed, not written)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(
+            "SELECT sum(writes) FROM pg_stat_io WHERE object = 'wal' AND context = 'init'"))
+    except asyncpg.PostgresError:
+        return None
+    finally:
+        await conn.close()
+
+
+async def warm_wal(dsn: str, segments: int = 0) -> bool:
+    """Have PostgreSQL's WAL as a server in service has it: `segments` new segment files
+    (a WAL record and a switch each, so each switch moves on), then a CHECKPOINT, after
+    which the files written so far are recycled for the WAL to come instead of new ones
+    created and zero-filled in the middle of a commit. False if this role may not
+    (superuser, or pg_checkpoint and EXECUTE on pg_switch_wal)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for _ in range(segments):
+            await conn.execute("SELECT pg_logical_emit_message(false, 'bench.hub', '')")
+            await conn.execute("SELECT pg_switch_wal()")
+        await conn.execute("CHECKPOINT")
+        return True
+    except asyncpg.PostgresError:
+        return False
+    finally:
+        await conn.close()
+
+
 def hub_metrics(port: int) -> dict[str, float]:
     """The hub's /metrics samples by name with labels: 'hoomi_ack_seconds_bucket{le="0.01"}'."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -192,7 +234,10 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
     `raw`: hub frames are read as plain msgpack maps, as the echo client reads its own
     (else each is decoded and validated into a typed frame, protocol.decode_server).
     `rate` > 0: each connection sends at rate/connections per second (paced, open loop,
-    still at most `window` in flight) instead of as fast as acks come back."""
+    still at most `window` in flight) instead of as fast as acks come back.
+
+    Each connection is a bench/wsload.py socket driven by callbacks: a send goes from the
+    ack that frees its slot (or from the pacing timer), with no task per message."""
     rng = random.Random(7)
     # Each run its own session_id: the same seeded nonces again would meet the nonce guard.
     session_id = uuid4().hex[:12]
@@ -204,94 +249,133 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
     # the (opaque to the hub) content; both members are in this process.
     deliveries: list[float] = []
     pushes = 0
-    stop_at = time.monotonic() + seconds
+    loop = asyncio.get_running_loop()
+    stop_at = loop.time() + seconds
+    period = len(tokens) / rate if rate > 0 else 0.0
 
     async def one(k: int) -> None:
-        nonlocal pushes
         # Connection k and k+1 share a Hoomi; with two replicas they sit on different ones.
-        ws = await websockets.connect(urls[k % len(urls)], max_queue=None, max_size=2**22,
-                                      compression=None)
-        me = None
+        ws = await wsload.connect(urls[k % len(urls)], random.Random(k))
+        me_str = ""
+        early: list[bytes] = []  # what came after the welcome, before its handler is set
         if hub:
-            await ws.send(encode_client(Hello(token=tokens[k],
-                                              features=("batch",) if batch else ())))
-            welcome = decode_server(split_stream(await ws.recv(decode=False))[0])
-            me = getattr(welcome, "user_id", None)
-        me_str = str(me)
+            first: asyncio.Future[bytes] = loop.create_future()
+
+            def welcome_first(data: bytes) -> None:
+                if first.done():
+                    early.append(data)
+                else:
+                    first.set_result(data)
+
+            ws.on_message = welcome_first
+            ws.send(encode_client(Hello(token=tokens[k],
+                                        features=("batch",) if batch else ())))
+            welcome = decode_server(split_stream(await first)[0])
+            me_str = str(getattr(welcome, "user_id", None))
+        me = UUID(me_str) if hub else None
         h = hoomis[k // 2]
         sent_at: dict[int, float] = {}
-        slots = asyncio.Semaphore(window)
-        done = asyncio.Event()
-
-        async def reader() -> None:
-            nonlocal pushes
-            while not (done.is_set() and not sent_at):
-                try:
-                    # asyncio.timeout, not wait_for: no task per message (wait_for's was
-                    # the clients' largest own cost, and they share the hub's 2 cores).
-                    async with asyncio.timeout(5):
-                        data = await ws.recv(decode=False)
-                except (TimeoutError, websockets.ConnectionClosed):
-                    return
-                if not hub:  # the echo of our own send frame
-                    refs = [msgpack.unpackb(data)["ref"]]
-                elif raw:  # as little decoding as the echo client does: maps, no checks
-                    refs = []
-                    unpacker = msgpack.Unpacker(raw=False)
-                    unpacker.feed(data)
-                    for m in unpacker:
-                        kind = m["type"]
-                        if kind == "message":
-                            pushes += 1
-                            if m["sender_id"] != me_str and m.get("content") is not None:
-                                (t0,) = struct.unpack_from(">d", m["content"])
-                                deliveries.append(time.perf_counter() - t0)
-                        elif kind == "ack":
-                            refs.append(m["ref"])
-                        else:
-                            raise RuntimeError(f"unexpected {m}")
-                else:
-                    refs = []
-                    for frame in (decode_server_stream(data) if batch
-                                  else [decode_server(data)]):
-                        if isinstance(frame, MessageBody):
-                            pushes += 1
-                            if frame.sender_id != me and frame.content is not None:
-                                (t0,) = struct.unpack_from(">d", frame.content)
-                                deliveries.append(time.perf_counter() - t0)
-                            continue
-                        if not isinstance(frame, Ack):
-                            raise RuntimeError(f"unexpected {frame}")
-                        refs.append(frame.ref)
-                now = time.perf_counter()
-                for ref in refs:
-                    latencies.append(now - sent_at.pop(ref))
-                    slots.release()
-
-        task = asyncio.ensure_future(reader())
+        finished: asyncio.Future[None] = loop.create_future()
         i = 0
-        period = len(tokens) / rate if rate > 0 else 0.0
-        next_at = time.monotonic() + rng.random() * period
-        while time.monotonic() < stop_at:
-            if period:
-                next_at += period
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            if task.done():  # the reader failed: its exception ends the run
-                break
-            async with asyncio.timeout(10):  # no ack for 10 s: fail loudly
-                await slots.acquire()
+        due = 0  # paced sends whose time came while the window was full
+
+        def send_one() -> None:
+            nonlocal i
             i += 1
             sent_at[i] = time.perf_counter()
             content = struct.pack(">d", sent_at[i]) + payload[8:]
             # Ids from the seeded generator: uuid4() reads the kernel's random source,
             # a system call per message.
             frame = Send(hoomi_id=h, client_msg_id=UUID(int=ids.getrandbits(128), version=4),
-                         content=content,
-                         nonce=rng.randbytes(12), session_id=session_id, ref=i)
-            await ws.send(encode_client(frame))
-        done.set()
-        await task
-        await ws.close()
+                         content=content, nonce=rng.randbytes(12), session_id=session_id,
+                         ref=i)
+            ws.send(encode_client(frame))
+
+        def more() -> None:
+            """Send what the window and the pacing allow now; end once all is acked."""
+            nonlocal due
+            if loop.time() >= stop_at:
+                if not sent_at and not finished.done():
+                    finished.set_result(None)
+                return
+            if not period:
+                while len(sent_at) < window:
+                    send_one()
+                return
+            while due and len(sent_at) < window:
+                due -= 1
+                send_one()
+
+        def tick(at: float) -> None:
+            nonlocal due
+            if at >= stop_at:
+                more()
+                return
+            due += 1
+            more()
+            loop.call_at(at + period, tick, at + period)
+
+        def on_message(data: bytes) -> None:
+            nonlocal pushes
+            if not hub:  # the echo of our own send frame
+                refs = [msgpack.unpackb(data)["ref"]]
+            elif raw:  # as little decoding as the echo client does: maps, no checks
+                refs = []
+                unpacker = msgpack.Unpacker(raw=False)
+                unpacker.feed(data)
+                for m in unpacker:
+                    kind = m["type"]
+                    if kind == "message":
+                        pushes += 1
+                        if m["sender_id"] != me_str and m.get("content") is not None:
+                            (t0,) = struct.unpack_from(">d", m["content"])
+                            deliveries.append(time.perf_counter() - t0)
+                    elif kind == "ack":
+                        refs.append(m["ref"])
+                    else:
+                        raise RuntimeError(f"unexpected {m}")
+            else:
+                refs = []
+                for frame in (decode_server_stream(data) if batch else [decode_server(data)]):
+                    if isinstance(frame, MessageBody):
+                        pushes += 1
+                        if frame.sender_id != me and frame.content is not None:
+                            (t0,) = struct.unpack_from(">d", frame.content)
+                            deliveries.append(time.perf_counter() - t0)
+                        continue
+                    if not isinstance(frame, Ack):
+                        raise RuntimeError(f"unexpected {frame}")
+                    refs.append(frame.ref)
+            now = time.perf_counter()
+            for ref in refs:
+                latencies.append(now - sent_at.pop(ref))
+            more()
+
+        def guarded(data: bytes) -> None:
+            try:
+                on_message(data)
+            except Exception as exc:  # a bad frame ends the run loudly
+                if not finished.done():
+                    finished.set_exception(exc)
+
+        ws.on_message = guarded
+        for data in early:
+            guarded(data)
+        if period:
+            start = loop.time() + rng.random() * period
+            loop.call_at(start, tick, start)
+        else:
+            more()
+        try:
+            # No ack for 10 s after the end: fail loudly.
+            async with asyncio.timeout(seconds + 10):
+                await asyncio.wait((finished, ws.closed), return_when=asyncio.FIRST_COMPLETED)
+            if not finished.done():
+                raise RuntimeError(f"connection {k} closed with {len(sent_at)} sends unacked"
+                                   f" ({ws.error or 'by the server'})")
+            finished.result()
+        finally:
+            await ws.close()
 
     started = time.monotonic()
     client_cpu = time.process_time()  # this process runs only the clients
@@ -321,6 +405,10 @@ async def main() -> None:
     ap.add_argument("--half-rate", type=float, default=0.0,
                     help="pace the half runs at this msg/s instead of half the measured "
                     "rate (to compare trees at one load)")
+    ap.add_argument("--cold-wal", action="store_true",
+                    help="no WAL segments made ahead and no CHECKPOINT before each hub run: "
+                         "PostgreSQL then creates and zero-fills a segment every 16 MiB of "
+                         "WAL, in a commit, instead of recycling one")
     ap.add_argument("--validate", action="store_true",
                     help="the hub client decodes and validates every frame (decode_server) "
                          "instead of reading plain msgpack maps as the echo client does")
@@ -394,11 +482,19 @@ async def main() -> None:
                     before = [cpu_s(h.pid) for h in hubs]
                     waits = (run_delay_s(hubs[0].pid), run_delay_s(os.getpid()))
                     pg_before = cpu_s(postgres, children=True) if postgres else 0.0
+                    if not args.cold_wal:
+                        await warm_wal(dsn)  # recycle the last run's segments for this one
+                    segments0 = await wal_segments_created(dsn)
                     res = await drive(urls, tokens, hoomi_ids, args.seconds, window,
                                       hub=True, batch=batch, rate=rate, raw=not args.validate)
                     res["cpu"] = sum(cpu_s(h.pid) - b for h, b in zip(hubs, before,
                                                                       strict=True)) / res["n"]
                     res["hub_wait"] = (run_delay_s(hubs[0].pid) - waits[0]) / args.seconds
+                    # Stats reach pg_stat_io within a second of the run's commits.
+                    await asyncio.sleep(1.2)
+                    segments = await wal_segments_created(dsn)
+                    if segments is not None and segments0 is not None:
+                        res["wal_segments"] = segments - segments0
                     res["client_wait"] = (run_delay_s(os.getpid()) - waits[1]) / args.seconds
                     # The first hub's writer in this run.
                     res.update(writer_figures(metrics0, hub_metrics(hub_port)))
@@ -408,6 +504,11 @@ async def main() -> None:
                 if args.profile:
                     profiles.append(prof.report(per=int(results[name]["n"])))
 
+            # A server in service has checkpointed and recycles its old WAL segments. This
+            # one is new: each 16 MiB of WAL would be a segment created and zero-filled in
+            # the middle of a commit, >10 ms (bench/RESULTS.md, fifth pass).
+            if not args.cold_wal and not await warm_wal(dsn, WARM_SEGMENTS):
+                print("  (this role may not switch WAL or CHECKPOINT: the hub runs are cold)")
             await echo_run("echo", args.window)
             if not args.no_v1:
                 await run("hub v1", args.window, batch=False)
@@ -456,6 +557,8 @@ async def main() -> None:
         if "hub_wait" in res:
             extra += (f"; waiting for a CPU: hub {res['hub_wait']:.0%}, clients "
                       f"{res['client_wait']:.0%} of the run")
+        if "wal_segments" in res:
+            extra += f"; WAL segments created {res['wal_segments']:.0f}"
         if "rows_per_batch" in res:
             extra += (f"; {res['rows_per_batch']:.1f} rows per batch; in the hub, acks over "
                       f"2/5/10 ms {res['acks_over_2ms']:.1%}/{res['acks_over_5ms']:.1%}/"
@@ -484,4 +587,5 @@ async def main() -> None:
 
 if __name__ == "__main__":
     tempfile.tempdir = None
-    asyncio.run(main())
+    import uvloop
+    uvloop.run(main())
