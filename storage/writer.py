@@ -40,7 +40,11 @@ Invariants the rest of the hub relies on, kept by this module alone:
    batch takes the Hoomis' locks as soon as the first commits, instead of after the hub
    has read that commit and sent the next statement; below half a batch waiting it
    would only split the next batch in two (at half load that lengthened the acks), so
-   there is one batch in flight.
+   there is one batch in flight. When a batch's commit is answered and no batch formed
+   before it is still undelivered, its senders are free and the next batch starts at
+   once, before this one delivers: PostgreSQL works on it while the hub sends this
+   one's acks and pushes. A sender's next append then commits after this one (a later
+   seq), and delivers after it (the order above).
 5. Row-level verdicts. A row whose Hoomi is gone or whose sender is not a member fails
    alone; its neighbours commit. A row the database itself rejects is isolated by
    splitting the batch in halves. A repeat of a (hoomi, sender, client_msg_id) within
@@ -71,7 +75,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from uuid import UUID
 
 import asyncpg
@@ -390,9 +394,11 @@ class BatchWriter:
         # Invariant 7: bytes queued per sender, and the most one sender may hold.
         self._sender_bytes: dict[UUID, int] = {}
         self._max_sender_bytes = max(max_content_bytes, max_queued_bytes // SENDER_SHARE)
-        # Invariant 4: batches in flight (oldest first), and the senders they hold.
+        # Invariant 4: batches not yet delivered (oldest first), how many of them still
+        # wait for their commit (at most `pipeline`), and the senders they hold.
         self._pipeline = pipeline
         self._inflight: deque[asyncio.Task[None]] = deque()
+        self._committing = 0
         self._busy: set[UUID] = set()
         # Set by an append, a batch that ends, close: something may be taken now.
         self._wakeup = asyncio.Event()
@@ -496,11 +502,7 @@ class BatchWriter:
         waited = False
         try:
             while True:
-                if self._inflight and (len(self._inflight) >= self._pipeline
-                                       or len(self._queue) < self._deep_at):
-                    # Another batch in flight only under load (half a batch waiting):
-                    # below that it would only split the next batch in two, and wait for
-                    # the first one's locks anyway.
+                if not self._may_launch():
                     self._deep.clear()
                     await self._deep.wait()
                     waited = True
@@ -532,27 +534,66 @@ class BatchWriter:
                     waited = True
                     continue
                 waited = False
-                for p in batch:
-                    self._count(p.request, -len(p.request.content))
-                    self._busy.add(p.request.sender_id)
-                gate = self._inflight[-1] if self._inflight else None
-                task = asyncio.get_running_loop().create_task(self._run_batch(batch, gate))
-                self._inflight.append(task)
+                self._launch(batch)
         except asyncio.CancelledError:
             for task in self._inflight:
                 task.cancel()
             raise
 
+    def _may_launch(self) -> bool:
+        """Whether another batch may start now: none is committing, or fewer than
+        `pipeline` are and half a batch is waiting (below that a second batch would only
+        split the next one in two, and wait for the first one's locks anyway)."""
+        return not self._committing or (self._committing < self._pipeline
+                                         and len(self._queue) >= self._deep_at)
+
+    def _launch(self, batch: list[_Pending]) -> None:
+        """Start committing `batch` (taken from the queue) in a task of its own."""
+        for p in batch:
+            self._count(p.request, -len(p.request.content))
+            self._busy.add(p.request.sender_id)
+        gate = self._inflight[-1] if self._inflight else None
+        self._committing += 1
+        self._inflight.append(asyncio.get_running_loop().create_task(
+            self._run_batch(batch, gate)))
+
     async def _run_batch(self, batch: list[_Pending],
                          gate: asyncio.Task[None] | None) -> None:
         """One batch in flight: commit, deliver once the batch before it has delivered
-        (`gate`), then free its senders for the next batches."""
+        (`gate`), then free its senders for the next batches.
+
+        Once its commit is answered the batch no longer counts as committing, its senders
+        are free, and the next batch starts before this one delivers (`committed`): the
+        database works on the next batch while the hub sends this one's acks and pushes,
+        instead of waiting for them. The next batch still delivers after this one (its
+        gate), and a sender's later send gets a later seq since this commit is done."""
         started = time.perf_counter()
-        try:
-            await self._commit_isolating(batch, gate)
-        finally:
+        committing = True
+
+        async def committed() -> None:
+            nonlocal committing
+            if gate is not None and not gate.done():
+                # A batch formed earlier has yet to deliver: this one waits for it as
+                # before (a chain started here could commit while that one waits).
+                return
+            committing = False
+            self._committing -= 1
             for p in batch:
                 self._busy.discard(p.request.sender_id)
+            if self._queue and self._may_launch():
+                next_batch = self._queue.take(self._max_batch, self._busy)
+                if next_batch:
+                    self._launch(next_batch)
+                    # One turn of the loop: the new batch's statement leaves first.
+                    await asyncio.sleep(0)
+
+        try:
+            await self._commit_isolating(batch, gate, committed)
+        finally:
+            if committing:  # else `committed` has done this, and the senders may be
+                self._committing -= 1  # in the next batch already
+                for p in batch:
+                    self._busy.discard(p.request.sender_id)
             self._inflight.remove(asyncio.current_task())  # type: ignore[arg-type]
             self._wakeup.set()
             self._kick.set()
@@ -564,10 +605,12 @@ class BatchWriter:
                 # Metrics must never stop the writer: every later append would hang.
                 _log.exception("batch observer failed")
 
-    async def _commit_isolating(self, batch: list[_Pending],
-                                gate: asyncio.Task[None] | None = None) -> None:
+    async def _commit_isolating(
+        self, batch: list[_Pending], gate: asyncio.Task[None] | None = None,
+        committed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         try:
-            await self._commit_with_retry(batch, gate)
+            await self._commit_with_retry(batch, gate, committed)
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             # Some row the database refuses: find it by halves, so neighbours still commit.
             if len(batch) == 1:
@@ -630,8 +673,12 @@ class BatchWriter:
             seen.add(key)
         await self._deliver(open_, outcomes, gate)
 
-    async def _commit_with_retry(self, batch: list[_Pending],
-                                 gate: asyncio.Task[None] | None = None) -> None:
+    async def _commit_with_retry(
+        self, batch: list[_Pending], gate: asyncio.Task[None] | None = None,
+        committed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Commit and deliver `batch`; `committed` is awaited between the two when every
+        row is decided (none goes back to the queue)."""
         full = False  # the first try: one statement, no duplicate check (_APPEND_FIRST)
         for attempt in range(5):
             try:
@@ -646,6 +693,8 @@ class BatchWriter:
                 # whole, so nothing of it is stored and running it again is safe.
                 _log.info("batch rolled back (%s); retry %d", type(exc).__name__, attempt)
                 continue
+            if committed is not None and not any(isinstance(o, _Requeue) for o in outcomes):
+                await committed()
             await self._deliver(batch, outcomes, gate)
             return
         _fail(batch, unavailable())

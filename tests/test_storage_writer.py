@@ -14,7 +14,7 @@ from hoomi_protocol.errors import ErrorCode
 from server.testing.proxy import FaultProxy
 from storage.db import create_pool
 from storage.errors import StorageError
-from storage.writer import QUIET_AFTER_S, BatchWriter
+from storage.writer import PIPELINE, QUIET_AFTER_S, BatchWriter
 from tests import factories
 
 
@@ -320,6 +320,39 @@ async def test_under_load_a_second_batch_commits_while_the_first_waits(pool):
     assert [a.seq for a in acks] == [1, 4, 1, 2, 3]
 
 
+async def test_the_next_batch_starts_before_the_last_one_delivers(pool):
+    """Invariant 4: once a batch's commit is answered (and none before it is undelivered),
+    its senders are free and the next batch, holding that sender's next append, starts
+    before the first one's hook runs; it still delivers after it, with the later seq."""
+    people = await factories.users(pool, 2)
+    h1 = await factories.hoomi(pool, people)
+    h2 = await factories.hoomi(pool, people)
+    seen_in_hook: list[tuple[list, int]] = []
+    writer = BatchWriter(pool, max_batch=8, max_delay=0.0)
+    writer._on_commit = lambda b: seen_in_hook.append(
+        ([r.client_msg_id for r, _ in b], writer._committing))
+    writer.start()
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", h1)
+            first = factories.request(h1, people[0])
+            waiting = asyncio.ensure_future(writer.append(first))
+            await asyncio.sleep(0.2)  # the first batch waits for h1's lock
+            # Below half a batch, and people[0] is busy: it waits for the first batch.
+            later = factories.request(h2, people[0])
+            pending = asyncio.ensure_future(writer.append(later))
+            await asyncio.sleep(0.1)
+            assert writer._committing == 1 and not pending.done()
+        acks = await asyncio.wait_for(asyncio.gather(waiting, pending), 10)
+    finally:
+        await writer.close()
+    # The first batch's hook ran with the next batch already committing...
+    assert seen_in_hook[0] == ([first.client_msg_id], 1)
+    # ...and the next batch's after it.
+    assert seen_in_hook[1] == ([later.client_msg_id], 0)
+    assert [a.seq for a in acks] == [1, 1] and acks[0].created_at <= acks[1].created_at
+
+
 @pytest.mark.parametrize("seed", range(4))
 async def test_pipelined_batches_keep_each_senders_order_and_publish_seqs_in_order(
         pool, seed):
@@ -357,7 +390,9 @@ async def test_pipelined_batches_keep_each_senders_order_and_publish_seqs_in_ord
     finally:
         await writer.close()
     # As a batch ends (the observer), another was in flight at times, never two more.
-    assert max(in_flight) == 1
+    # As a batch ends (the observer), others were in flight at times (one formed while
+    # it committed, or started at its commit), never more than PIPELINE.
+    assert 1 <= max(in_flight) <= PIPELINE
     for h in hoomis:
         seqs = [a.seq for a in acks if a.hoomi_id == h]
         assert sorted(seqs) == list(range(1, len(seqs) + 1))
