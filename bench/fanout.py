@@ -16,7 +16,9 @@ hub never reads), and reports:
              them open and welcomed, per socket
   connect    sockets opened and welcomed per second
   CPU        the server's CPU time while the messages went, per push delivered
-The same client drives a bare Starlette broadcast server (bench/broadcast_app.py) on
+The client is bench/wsload.py's (callbacks on uvloop, as bench.hub's: the `websockets`
+client's own cost per push counted as delivery latency). It drives a bare Starlette
+broadcast server (bench/broadcast_app.py) on
 the same uvicorn and WebSocket implementation: no storage, no ordering, no queues.
 Everything shares the machine's cores; compare within one run (`--rounds`: hub and
 broadcast again, back to back, with the ratio of each round). `--compare TREE` runs the
@@ -34,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -44,8 +47,8 @@ from uuid import UUID, uuid4
 
 import asyncpg
 import msgpack
-import websockets
 
+from bench import wsload
 from bench.common import fresh_database
 from bench.hub import ROOT, _start, _wait_port, cpu_s, pct
 from bench.profile import Profile
@@ -78,7 +81,7 @@ class Target:
     def __init__(self, name: str, pid: int, read: Callable[[bytes], list[bytes]],
                  messages: int, hoomi_id: UUID) -> None:
         self.name, self.pid, self.read, self.hoomi_id = name, pid, read, hoomi_id
-        self.socks: list[websockets.ClientConnection] = []
+        self.socks: list[wsload.LeanSocket] = []
         self.arrivals: dict[int, list[float]] = {i: [] for i in range(messages)}
         self.rss_before = self.rss = 0
         self.connect_s = self.cpu = 0.0
@@ -87,30 +90,52 @@ class Target:
     async def open(self, url: str, tokens: list[str], features: tuple[str, ...]) -> None:
         self.rss_before = rss_kib(self.pid)
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
         for chunk in range(0, len(tokens), 100):  # in waves: a burst of SYNs overflows backlog
-            async def open_one(token: str) -> websockets.ClientConnection:
-                ws = await websockets.connect(url, max_queue=None, compression=None,
-                                              open_timeout=60, ping_interval=None)
-                await ws.send(encode_client(Hello(token=token, features=features)))
-                await ws.recv()  # welcome
+            async def open_one(k: int, token: str) -> wsload.LeanSocket:
+                ws = await wsload.connect(url, random.Random(k))
+                welcome: asyncio.Future[bytes] = loop.create_future()
+
+                def first(data: bytes) -> None:
+                    if not welcome.done():
+                        welcome.set_result(data)
+
+                ws.on_message = first
+                ws.send(encode_client(Hello(token=token, features=features)))
+                async with asyncio.timeout(60):
+                    await welcome
                 return ws
-            self.socks += await asyncio.gather(*(open_one(t)
-                                                 for t in tokens[chunk:chunk + 100]))
+            self.socks += await asyncio.gather(*(open_one(chunk + k, t) for k, t in
+                                                 enumerate(tokens[chunk:chunk + 100])))
         self.connect_s = time.perf_counter() - started
         await asyncio.sleep(1.0)
         self.rss = rss_kib(self.pid)
 
-    async def listen(self, ws: websockets.ClientConnection, messages: int) -> None:
+    async def listen(self, ws: wsload.LeanSocket, messages: int) -> None:
+        """Record each push's arrival, by callback (no task wake-up per message), until
+        `messages` came, the socket closed, or none came for 20 s."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
         got = 0
-        while got < messages:
-            try:
-                data = await asyncio.wait_for(ws.recv(decode=False), 20)
-            except (TimeoutError, websockets.ConnectionClosed):
-                return
+        last = loop.time()
+
+        def on_message(data: bytes) -> None:
+            nonlocal got, last
+            now = time.perf_counter()
+            last = loop.time()
             for content in self.read(data):
                 i, t0 = struct.unpack_from(">Id", content)
-                self.arrivals[i].append(time.perf_counter() - t0)
+                self.arrivals[i].append(now - t0)
                 got += 1
+            if got >= messages and not done.done():
+                done.set_result(None)
+
+        ws.on_message = on_message
+        while not done.done() and not ws.closed.done():
+            await asyncio.wait((done, ws.closed), timeout=max(0.1, last + 20 - loop.time()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            if loop.time() - last >= 20:
+                return
 
     def result(self, messages: int) -> dict[str, Any]:
         every = sorted(d for ds in self.arrivals.values() for d in ds)
@@ -147,7 +172,7 @@ async def drive(targets: list[Target], messages: int, rate: float,
             await asyncio.sleep(max(0.0, start + n * tick - time.perf_counter()))
             n += 1
             content = struct.pack(">Id", i, time.perf_counter()) + payload[12:]
-            await t.socks[0].send(encode_client(Send(
+            t.socks[0].send(encode_client(Send(
                 hoomi_id=t.hoomi_id, client_msg_id=uuid4(), content=content,
                 nonce=os.urandom(12), session_id="s1", ref=i)))
     await asyncio.gather(*listeners)
@@ -317,4 +342,5 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    import uvloop
+    uvloop.run(main())
