@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import defaultdict
 from uuid import uuid4
@@ -281,6 +282,18 @@ async def test_appends_that_came_during_a_commit_do_not_wait_for_company(pool):
         await writer.close()
 
 
+@contextlib.asynccontextmanager
+async def _first_batch_waits(pool, writer, hoomi, sender):
+    """Hold `hoomi`'s row lock and append one message from `sender`: its batch waits for
+    the lock until the block ends. Yields the request and its future."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", hoomi)
+        first = factories.request(hoomi, sender)
+        waiting = asyncio.ensure_future(writer.append(first))
+        await asyncio.sleep(0.2)  # the first batch waits for the lock
+        yield first, waiting
+
+
 async def test_under_load_a_second_batch_commits_while_the_first_waits(pool):
     """Invariant 4 with two batches in flight: the second (half a batch queued) goes while
     the first waits for a lock, without the first batch's sender (its next append waits
@@ -293,11 +306,7 @@ async def test_under_load_a_second_batch_commits_while_the_first_waits(pool):
                          on_commit=lambda b: hooked.append([r.client_msg_id for r, _ in b]))
     writer.start()
     try:
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", h1)
-            first = factories.request(h1, people[0])
-            waiting = asyncio.ensure_future(writer.append(first))
-            await asyncio.sleep(0.2)  # the first batch waits for h1's lock
+        async with _first_batch_waits(pool, writer, h1, people[0]) as (first, waiting):
             # Half a batch (2) queued: a second batch goes, without people[0]'s append.
             later = factories.request(h2, people[0])
             others = [factories.request(h2, people[k]) for k in (1, 2, 3)]
@@ -328,16 +337,14 @@ async def test_the_next_batch_starts_before_the_last_one_delivers(pool):
     h1 = await factories.hoomi(pool, people)
     h2 = await factories.hoomi(pool, people)
     seen_in_hook: list[tuple[list, int]] = []
-    writer = BatchWriter(pool, max_batch=8, max_delay=0.0)
-    writer._on_commit = lambda b: seen_in_hook.append(
-        ([r.client_msg_id for r, _ in b], writer._committing))
+
+    def hook(batch: list) -> None:  # the batch, and how many batches are committing
+        seen_in_hook.append(([r.client_msg_id for r, _ in batch], writer._committing))
+
+    writer = BatchWriter(pool, max_batch=8, max_delay=0.0, on_commit=hook)
     writer.start()
     try:
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", h1)
-            first = factories.request(h1, people[0])
-            waiting = asyncio.ensure_future(writer.append(first))
-            await asyncio.sleep(0.2)  # the first batch waits for h1's lock
+        async with _first_batch_waits(pool, writer, h1, people[0]) as (first, waiting):
             # Below half a batch, and people[0] is busy: it waits for the first batch.
             later = factories.request(h2, people[0])
             pending = asyncio.ensure_future(writer.append(later))
