@@ -278,6 +278,7 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
         finished: asyncio.Future[None] = loop.create_future()
         i = 0
         due = 0  # paced sends whose time came while the window was full
+        ended = False
 
         def send_one() -> None:
             nonlocal i
@@ -294,7 +295,7 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
         def more() -> None:
             """Send what the window and the pacing allow now; end once all is acked."""
             nonlocal due
-            if loop.time() >= stop_at:
+            if ended or loop.time() >= stop_at:
                 if not sent_at and not finished.done():
                     finished.set_result(None)
                 return
@@ -307,8 +308,9 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
                 send_one()
 
         def tick(at: float) -> None:
-            nonlocal due
+            nonlocal due, ended
             if at >= stop_at:
+                ended = True  # the last tick: even if the loop's timer ran it a bit early
                 more()
                 return
             due += 1
