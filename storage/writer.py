@@ -570,16 +570,22 @@ class BatchWriter:
         started = time.perf_counter()
         committing = True
 
-        async def committed() -> None:
+        def release() -> None:
+            """Stop counting as committing and free the senders, once (after that they
+            may be in the next batch already)."""
             nonlocal committing
+            if committing:
+                committing = False
+                self._committing -= 1
+                for p in batch:
+                    self._busy.discard(p.request.sender_id)
+
+        async def committed() -> None:
             if gate is not None and not gate.done():
                 # A batch formed earlier has yet to deliver: this one waits for it as
                 # before (a chain started here could commit while that one waits).
                 return
-            committing = False
-            self._committing -= 1
-            for p in batch:
-                self._busy.discard(p.request.sender_id)
+            release()
             if self._queue and self._may_launch():
                 next_batch = self._queue.take(self._max_batch, self._busy)
                 if next_batch:
@@ -590,10 +596,7 @@ class BatchWriter:
         try:
             await self._commit_isolating(batch, gate, committed)
         finally:
-            if committing:  # else `committed` has done this, and the senders may be
-                self._committing -= 1  # in the next batch already
-                for p in batch:
-                    self._busy.discard(p.request.sender_id)
+            release()
             self._inflight.remove(asyncio.current_task())  # type: ignore[arg-type]
             self._wakeup.set()
             self._kick.set()
