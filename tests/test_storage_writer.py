@@ -259,6 +259,19 @@ async def test_an_append_after_a_quiet_spell_does_not_wait_for_company(pool):
         await writer.close()
 
 
+@contextlib.asynccontextmanager
+async def _first_batch_waits(pool, writer, hoomi, sender, wait=0.2):
+    """Hold `hoomi`'s row lock and append one message from `sender`: its batch waits for
+    the lock until the block ends (given `wait` seconds to get there). Yields the
+    request and its future."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", hoomi)
+        first = factories.request(hoomi, sender)
+        waiting = asyncio.ensure_future(writer.append(first))
+        await asyncio.sleep(wait)  # the first batch waits for the lock
+        yield first, waiting
+
+
 async def test_appends_that_came_during_a_commit_do_not_wait_for_company(pool):
     # They have waited one commit already: the next batch goes as soon as it ends, not
     # max_delay later (with a minute's delay the second append would wait a minute).
@@ -268,11 +281,8 @@ async def test_appends_that_came_during_a_commit_do_not_wait_for_company(pool):
     writer.start()
     try:
         await asyncio.sleep(QUIET_AFTER_S * 2)
-        async with pool.acquire() as conn, conn.transaction():
-            # The first append goes at once (a quiet spell) and waits for this lock...
-            await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", h)
-            first = asyncio.ensure_future(writer.append(factories.request(h, alice)))
-            await asyncio.sleep(0.2)
+        # The first append goes at once (a quiet spell) and waits for a lock...
+        async with _first_batch_waits(pool, writer, h, alice) as (_, first):
             # ...while the second comes, during its commit.
             second = asyncio.ensure_future(writer.append(factories.request(h, alice)))
             await asyncio.sleep(0.05)
@@ -280,18 +290,6 @@ async def test_appends_that_came_during_a_commit_do_not_wait_for_company(pool):
         assert [a.seq for a in acks] == [1, 2]
     finally:
         await writer.close()
-
-
-@contextlib.asynccontextmanager
-async def _first_batch_waits(pool, writer, hoomi, sender):
-    """Hold `hoomi`'s row lock and append one message from `sender`: its batch waits for
-    the lock until the block ends. Yields the request and its future."""
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", hoomi)
-        first = factories.request(hoomi, sender)
-        waiting = asyncio.ensure_future(writer.append(first))
-        await asyncio.sleep(0.2)  # the first batch waits for the lock
-        yield first, waiting
 
 
 async def test_under_load_a_second_batch_commits_while_the_first_waits(pool):
@@ -516,11 +514,8 @@ async def test_a_first_try_orphaned_by_a_lost_connection_is_acked_not_stored_beh
     try:
         alice, = await factories.users(pool, 1)
         h = await factories.hoomi(pool, [alice])
-        req = factories.request(h, alice)
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT 1 FROM hoomis WHERE id = $1 FOR UPDATE", h)
-            pending = asyncio.ensure_future(writer.append(req))
-            await asyncio.sleep(0.3)  # the statement waits for the lock
+        # The statement waits for the lock...
+        async with _first_batch_waits(pool, writer, h, alice, 0.3) as (req, pending):
             await proxy.drop()  # the writer's connection is gone; its backend waits on
             await asyncio.sleep(0.3)  # the read-back waits for the lock as well
             assert not pending.done()
