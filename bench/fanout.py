@@ -90,20 +90,12 @@ class Target:
     async def open(self, url: str, tokens: list[str], features: tuple[str, ...]) -> None:
         self.rss_before = rss_kib(self.pid)
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         for chunk in range(0, len(tokens), 100):  # in waves: a burst of SYNs overflows backlog
             async def open_one(k: int, token: str) -> wsload.LeanSocket:
                 ws = await wsload.connect(url, random.Random(k))
-                welcome: asyncio.Future[bytes] = loop.create_future()
-
-                def first(data: bytes) -> None:
-                    if not welcome.done():
-                        welcome.set_result(data)
-
-                ws.on_message = first
                 ws.send(encode_client(Hello(token=token, features=features)))
                 async with asyncio.timeout(60):
-                    await welcome
+                    await ws.recv()  # welcome
                 return ws
             self.socks += await asyncio.gather(*(open_one(chunk + k, t) for k, t in
                                                  enumerate(tokens[chunk:chunk + 100])))
@@ -130,7 +122,7 @@ class Target:
             if got >= messages and not done.done():
                 done.set_result(None)
 
-        ws.on_message = on_message
+        ws.listen(on_message)
         while not done.done() and not ws.closed.done():
             await asyncio.wait((done, ws.closed), timeout=max(0.1, last + 20 - loop.time()),
                                return_when=asyncio.FIRST_COMPLETED)

@@ -257,20 +257,10 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
         # Connection k and k+1 share a Hoomi; with two replicas they sit on different ones.
         ws = await wsload.connect(urls[k % len(urls)], random.Random(k))
         me_str = ""
-        early: list[bytes] = []  # what came after the welcome, before its handler is set
         if hub:
-            first: asyncio.Future[bytes] = loop.create_future()
-
-            def welcome_first(data: bytes) -> None:
-                if first.done():
-                    early.append(data)
-                else:
-                    first.set_result(data)
-
-            ws.on_message = welcome_first
             ws.send(encode_client(Hello(token=tokens[k],
                                         features=("batch",) if batch else ())))
-            welcome = decode_server(split_stream(await first)[0])
+            welcome = decode_server(split_stream(await ws.recv())[0])
             me_str = str(getattr(welcome, "user_id", None))
         me = UUID(me_str) if hub else None
         h = hoomis[k // 2]
@@ -360,9 +350,7 @@ async def drive(urls: list[str], tokens: list[str], hoomis: list, seconds: float
                 if not finished.done():
                     finished.set_exception(exc)
 
-        ws.on_message = guarded
-        for data in early:
-            guarded(data)
+        ws.listen(guarded)  # pushes that came after the welcome first
         if period:
             start = loop.time() + rng.random() * period
             loop.call_at(start, tick, start)

@@ -7,7 +7,8 @@ about 60 µs per paced message here (a task wake-up per frame received, its Pyth
 parser, a kernel random read per mask); this one does per message what the protocol
 needs and no more:
 
-- `asyncio.Protocol` callbacks, no task: a received message goes straight to `on_message`;
+- `asyncio.Protocol` callbacks, no task: a received message goes straight to the
+  `listen` callback;
 - client frames masked (RFC 6455 5.3) with keys from a seeded generator and websockets'
   C `apply_mask`;
 - binary frames, fragmented or not, pings answered with pongs, a close answered and ended.
@@ -39,10 +40,14 @@ BINARY, CONTINUATION, CLOSE, PING, PONG = 0x2, 0x0, 0x8, 0x9, 0xA
 
 
 class LeanSocket(asyncio.Protocol):
-    """One client WebSocket. `on_message(payload)` is called for each binary message."""
+    """One client WebSocket. Until `listen(callback)`, binary messages are kept for
+    `recv()` (a handshake's reply: the hub's welcome); from then on each goes to the
+    callback as it arrives."""
 
     def __init__(self, key: bytes, host: str, path: str, rng: random.Random) -> None:
-        self.on_message: Callable[[bytes], None] = lambda data: None
+        self.on_message: Callable[[bytes], None] = self._keep
+        self._kept: list[bytes] = []
+        self._waiter: asyncio.Future[None] | None = None
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._key = key
@@ -82,6 +87,29 @@ class LeanSocket(asyncio.Protocol):
                 self._transport.abort()
 
     # -- in ------------------------------------------------------------------------------------
+
+    async def recv(self) -> bytes:
+        """The next message not read yet (before `listen`)."""
+        while not self._kept:
+            if self.closed.done():
+                raise self.error or ConnectionError("connection closed")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.wait((self._waiter, self.closed),
+                               return_when=asyncio.FIRST_COMPLETED)
+        return self._kept.pop(0)
+
+    def listen(self, callback: Callable[[bytes], None]) -> None:
+        """Hand every message to `callback`: those kept and not read first, then each as
+        it arrives (no task, no queue)."""
+        kept, self._kept = self._kept, []
+        self.on_message = callback
+        for data in kept:
+            callback(data)
+
+    def _keep(self, data: bytes) -> None:
+        self._kept.append(data)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is not an asyncio.Transport subclass).

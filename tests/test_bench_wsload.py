@@ -36,8 +36,16 @@ async def test_lean_client_speaks_rfc6455_to_a_strict_server() -> None:
     async with serve(handler, "127.0.0.1", 0, compression=None, max_size=2**20) as server:
         port = server.sockets[0].getsockname()[1]
         sock = await wsload.connect(f"ws://127.0.0.1:{port}/v1/ws", random.Random(1))
+        # Before `listen`: messages are kept for recv(), in order...
+        sock.send(b"first reply")
+        sock.send(b"kept for the callback")
+        assert await asyncio.wait_for(sock.recv(), 5) == b"first reply"
+        async with asyncio.timeout(5):
+            while not sock._kept:  # the second has come back, not read
+                await asyncio.sleep(0.01)
         got: asyncio.Queue[bytes] = asyncio.Queue()
-        sock.on_message = got.put_nowait
+        sock.listen(got.put_nowait)  # ...and the callback gets what was not read first
+        assert got.get_nowait() == b"kept for the callback"
         # 7-bit, 16-bit and 64-bit payload lengths, each masked with its own key.
         for payload in (b"x" * 100, bytes(range(256)) * 4, b"\x01" * 70_000):
             sock.send(payload)
@@ -50,7 +58,8 @@ async def test_lean_client_speaks_rfc6455_to_a_strict_server() -> None:
         await sock.close()
         assert await asyncio.wait_for(ended, 5) == 1000  # the server saw our close
         assert sock.closed.done() and sock.error is None
-    assert received[:3] == [b"x" * 100, bytes(range(256)) * 4, b"\x01" * 70_000]
+    assert received[:5] == [b"first reply", b"kept for the callback", b"x" * 100,
+                            bytes(range(256)) * 4, b"\x01" * 70_000]
 
 
 async def test_lean_client_refuses_a_server_that_does_not_upgrade() -> None:
