@@ -9,7 +9,15 @@ where `frame` is the `message` push already encoded for clients: it is encoded o
 the replica that committed it, and every replica forwards the same bytes to its sockets.
 A deletion is the same with `b"D"`, and a message's new version (an edit or a
 reencryption, the `edited` push) with `b"E"`: both follow their message on every socket
-(Session.on_deletion holds either until its message went out). Controls (membership
+(Session.on_deletion holds either until its message went out).
+
+Several messages of one Hoomi committed in the same batch are one broadcast: `b"P" |
+hoomi_id | count (8 bytes)` followed, for each message in seq order, by `seq (8 bytes) |
+length (4 bytes) | frame` (`pack_messages`). Pub/sub then costs a command and a read per
+Hoomi and batch instead of per message (bench/RESULTS.md). A replica older than this
+layout ignores the kind (as every replica ignores kinds it does not know): its sockets
+get those messages from PostgreSQL instead, when the next broadcast shows the gap or at
+the next reconcile (docs/operations.md, upgrades). Controls (membership
 changes) are small msgpack maps on the control channel.
 
 Signals (v1.1) are not messages and carry no place in the Hoomi's seq order: a read
@@ -40,11 +48,16 @@ from hoomi_protocol import (
     encode_body_map,
     encode_body_maps,
     encode_server,
+    uuid_str,
 )
 from storage.records import EditedMessage, StoredMessage, WireMessage
 
 _HEAD = struct.Struct(">c16sQ")
+_ITEM = struct.Struct(">QI")
+# A packed broadcast's frames: at most this many bytes (pub/sub buffers stay small).
+PACK_MAX_BYTES = 256 * 1024
 MESSAGE = b"M"
+MESSAGES = b"P"
 DELETED = b"D"
 EDITED = b"E"
 RECEIPT = b"R"
@@ -77,8 +90,9 @@ def body_map(m: StoredMessage, hoomi: str) -> dict[str, Any]:
     per row (no frozen MessageBody, no dict filled key by key); tests/test_batching.py
     checks the bytes."""
     created = int(m.created_at.timestamp() * 1000)
-    updated = created if m.updated_at is None else int(m.updated_at.timestamp() * 1000)
-    sender = None if m.sender_id is None else str(m.sender_id)
+    updated = (created if m.updated_at is None or m.updated_at is m.created_at
+               else int(m.updated_at.timestamp() * 1000))
+    sender = None if m.sender_id is None else uuid_str(m.sender_id)
     if m.deleted_at is not None:
         return {"id": str(m.id), "hoomi_id": hoomi, "seq": m.seq, "sender_id": sender,
                 "deleted": True, "created_at": created, "scheme": m.scheme,
@@ -112,11 +126,51 @@ def page_frame(ref: Ref, hoomi_id: UUID, messages: Sequence[StoredMessage | Wire
 
 
 def message_frame(m: StoredMessage) -> bytes:
-    return encode_body_map(body_map(m, str(m.hoomi_id)))
+    return encode_body_map(body_map(m, uuid_str(m.hoomi_id)))
 
 
 def pack_message(hoomi_id: UUID, seq: int, frame: bytes) -> bytes:
     return _HEAD.pack(MESSAGE, hoomi_id.bytes, seq) + frame
+
+
+def pack_messages(hoomi_id: UUID, items: Sequence[tuple[int, bytes]]) -> list[bytes]:
+    """Messages of one Hoomi, (seq, frame) in seq order, as few broadcasts as fit in
+    PACK_MAX_BYTES each (a frame larger than that goes alone): a broadcast of one
+    message keeps the `b"M"` layout."""
+    out: list[bytes] = []
+    start, size = 0, 0
+    for k in range(len(items) + 1):
+        if k == len(items) or (k > start
+                               and size + len(items[k][1]) + _ITEM.size > PACK_MAX_BYTES):
+            chunk = items[start:k]
+            if len(chunk) == 1:
+                out.append(pack_message(hoomi_id, *chunk[0]))
+            else:
+                parts = [_HEAD.pack(MESSAGES, hoomi_id.bytes, len(chunk))]
+                for seq, frame in chunk:
+                    parts.append(_ITEM.pack(seq, len(frame)))
+                    parts.append(frame)
+                out.append(b"".join(parts))
+            start, size = k, 0
+        if k < len(items):
+            size += len(items[k][1]) + _ITEM.size
+    return out
+
+
+def unpack_messages(payload: bytes) -> tuple[UUID, list[tuple[int, bytes]]]:
+    """`pack_messages` read back: the Hoomi and its (seq, frame), in order. ValueError
+    (struct.error) for a payload cut short."""
+    _, hoomi, count = _HEAD.unpack_from(payload)
+    items: list[tuple[int, bytes]] = []
+    at = _HEAD.size
+    for _ in range(count):
+        seq, n = _ITEM.unpack_from(payload, at)
+        at += _ITEM.size
+        if at + n > len(payload):
+            raise struct.error("a packed broadcast cut short")
+        items.append((seq, payload[at:at + n]))
+        at += n
+    return UUID(bytes=hoomi), items
 
 
 def pack_deleted(hoomi_id: UUID, message_id: UUID, seq: int) -> bytes:

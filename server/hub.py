@@ -246,8 +246,8 @@ class Hub:
 
     def committed(self, batch: list[tuple[AppendRequest, AppendResult]]) -> None:
         """Called by the writer after each commit: push locally now, publish for the rest."""
-        out: list[tuple[str, bytes]] = []
         shared = self._broker.shared  # a lone replica builds no broadcasts
+        by_hoomi: dict[UUID, list[tuple[int, bytes]]] = {}
         for req, res in batch:
             if res.duplicate:
                 continue  # its first commit published it; reconcile covers a lost one
@@ -256,10 +256,13 @@ class Hub:
                 req.session_id, res.created_at, None, req.scheme, res.created_at))
             self.on_message(res.hoomi_id, res.seq, frame)
             if shared:
-                out.append((hoomi_channel(res.hoomi_id.hex),
-                            events.pack_message(res.hoomi_id, res.seq, frame)))
-        if out:
-            self._to_publish.put_nowait(out)
+                by_hoomi.setdefault(res.hoomi_id, []).append((res.seq, frame))
+        if by_hoomi:
+            # One broadcast per Hoomi: its messages of this batch, in seq order (a batch
+            # allocates each Hoomi's seqs in its order).
+            self._to_publish.put_nowait([
+                (hoomi_channel(h.hex), payload)
+                for h, items in by_hoomi.items() for payload in events.pack_messages(h, items)])
 
     def publish_deletion(self, hoomi_id: UUID, message_id: UUID, seq: int) -> None:
         """A message was deleted for everyone: tell this replica's sockets and the others."""
@@ -332,6 +335,11 @@ class Hub:
             return
         if events.is_signal(payload):
             self._on_signal(events.unpack_signal(payload), None)
+            return
+        if payload[:1] == events.MESSAGES:
+            hoomi_id, items = events.unpack_messages(payload)
+            for seq, frame in items:
+                self.on_message(hoomi_id, seq, frame)
             return
         broadcast = events.unpack(payload)
         if broadcast.kind == events.MESSAGE:

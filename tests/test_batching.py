@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hoomi_client.sdk import HoomiClient
 from hoomi_protocol import (
@@ -24,6 +30,8 @@ from hoomi_protocol import (
     encode_client,
     encode_server,
 )
+from server import events
+from server.broker import hoomi_channel
 from server.config import load
 from server.events import message_body, message_frame, page_frame
 from server.session import BATCH_MAX_BYTES, Session
@@ -239,3 +247,77 @@ def test_pages_and_pushes_from_rows_are_the_bytes_of_the_frames():
     for m, body in zip(rows, bodies, strict=True):
         assert message_frame(m) == encode_server(body)
         assert decode_server(message_frame(m)) == body
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 120_000), min_size=1, max_size=12), st.integers(1, 2**40))
+def test_a_hoomi_s_messages_pack_into_bounded_broadcasts_and_read_back_in_order(
+        sizes: list[int], first: int) -> None:
+    """events.pack_messages: one Hoomi's (seq, frame) of a batch, as few broadcasts as fit
+    PACK_MAX_BYTES; a broadcast of one keeps the v1 `M` layout (old replicas read it)."""
+    items = [(first + k, bytes([k]) * n) for k, n in enumerate(sizes)]
+    chunks: list[list[tuple[int, bytes]]] = []
+    payloads = events.pack_messages(H, items)
+    for payload in payloads:
+        if payload[:1] == events.MESSAGES:
+            hoomi_id, part = events.unpack_messages(payload)
+            assert hoomi_id == H and len(part) > 1
+            assert sum(len(f) + 12 for _, f in part) <= events.PACK_MAX_BYTES
+            with pytest.raises(struct.error):
+                events.unpack_messages(payload[:-1])  # cut short: refused, not misread
+        else:
+            one = events.unpack(payload)
+            assert (one.kind, one.hoomi_id) == (events.MESSAGE, H)
+            part = [(one.seq, one.frame)]
+        chunks.append(part)
+    assert [item for part in chunks for item in part] == items
+    # A broadcast ends only where the next frame would take it past the bound.
+    for part, following in zip(chunks, chunks[1:], strict=False):
+        size = sum(len(f) + 12 for _, f in part) + len(following[0][1]) + 12
+        assert size > events.PACK_MAX_BYTES
+
+
+async def test_messages_committed_together_cross_replicas_as_one_broadcast(cluster, valkey):
+    """A batch's messages of one Hoomi are one pub/sub message (`P`), and the member on
+    the other replica gets every one, in seq order, exactly once."""
+    alice, alice_tok = await cluster.user()
+    bob, bob_tok = await cluster.user()
+    h = await cluster.admin.hoomi([alice], [bob])
+    watcher = aioredis.Redis.from_url(valkey.url)
+    pubsub = watcher.pubsub()
+    await pubsub.subscribe(hoomi_channel(h.hex))
+    confirmed = await pubsub.get_message(timeout=TIMEOUT)
+    assert confirmed is not None and confirmed["type"] == "subscribe"
+    receiver = await _joined(cluster.b.ws, bob_tok, {}, "batch")
+    sender = await _joined(cluster.a.ws, alice_tok, {}, "batch")
+    try:
+        for peer in (receiver, sender):  # joined the Hoomi's feed before the first send
+            assert isinstance(decode_server_stream(
+                await asyncio.wait_for(peer.conn.recv(), TIMEOUT))[0], Welcome)
+        sent = [Send(hoomi_id=h, client_msg_id=uuid4(), content=os.urandom(40),
+                     nonce=os.urandom(12), session_id="s1", ref=i) for i in range(40)]
+        for frame in sent:  # pipelined: the writer commits them in a few batches
+            await sender.send(frame)
+        got, _ = await _frames_until(receiver, 40, batch=True)
+        pushes = [m for m in got if isinstance(m, MessageBody)]
+        assert [m.seq for m in pushes] == list(range(1, 41))
+        assert [m.content for m in pushes] == [f.content for f in sent]
+        kinds: list[bytes] = []
+        async with asyncio.timeout(TIMEOUT):
+            while sum(_count(p) for p in kinds) < 40:
+                item = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if item is not None:
+                    kinds.append(item["data"][8:])  # after the publishing replica's origin
+        assert any(p[:1] == events.MESSAGES for p in kinds)
+        assert len(kinds) < 40
+    finally:
+        await sender.close()
+        await receiver.close()
+        await pubsub.aclose()
+        await watcher.aclose()
+
+
+def _count(payload: bytes) -> int:
+    if payload[:1] == events.MESSAGES:
+        return len(events.unpack_messages(payload)[1])
+    return 1

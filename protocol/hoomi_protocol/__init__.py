@@ -14,6 +14,7 @@ from .codec import (
     encode_client,
     encode_server,
     split_stream,
+    uuid_str,
 )
 from .errors import CloseCode, ErrorCode, HoomiError, ProtocolError, Reconnect
 from .frames import (
@@ -62,5 +63,5 @@ __all__ = [
     "Presence", "PresenceReply", "Read", "ReadAck", "Receipt", "Typing", "TypingNotice",
     "decode_server", "encode_client",
     "encode_server", "decode_server_stream", "split_stream", "encode_body_map",
-    "encode_body_maps",
+    "encode_body_maps", "uuid_str",
 ]

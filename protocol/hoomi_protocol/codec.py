@@ -89,7 +89,7 @@ def _parse_uuid(raw: str) -> UUID | None:
 # Hoomi and sender ids repeat from frame to frame: caching their strings and parsed
 # values saves ~0.4 µs (str) and ~1 µs (parse) per id. Message ids never repeat, so they
 # bypass the caches rather than evict the ids that do.
-_uuid_str = lru_cache(maxsize=4096)(str)
+uuid_str = lru_cache(maxsize=4096)(str)
 _parse_hoomi_id = lru_cache(maxsize=4096)(_parse_uuid)
 
 
@@ -561,7 +561,7 @@ def encode_client(frame: ClientFrame) -> bytes:
     """For the reference client and tests: one client frame to bytes."""
     m: dict[str, Any]
     if isinstance(frame, Send):
-        m = {"type": "send", "hoomi_id": _uuid_str(frame.hoomi_id),
+        m = {"type": "send", "hoomi_id": uuid_str(frame.hoomi_id),
              "client_msg_id": str(frame.client_msg_id), "content": frame.content,
              "nonce": frame.nonce, "session_id": frame.session_id}
         _v11(m, frame.scheme, frame.tokens)
@@ -632,9 +632,9 @@ def _item_map(it: ReencryptItem) -> dict[str, Any]:
 def _body(b: MessageBody, m: dict[str, Any]) -> dict[str, Any]:
     """Adds a message body's keys to m; a tombstone gets `deleted` and no content keys."""
     m["id"] = str(b.id)
-    m["hoomi_id"] = _uuid_str(b.hoomi_id)
+    m["hoomi_id"] = uuid_str(b.hoomi_id)
     m["seq"] = b.seq
-    m["sender_id"] = None if b.sender_id is None else _uuid_str(b.sender_id)
+    m["sender_id"] = None if b.sender_id is None else uuid_str(b.sender_id)
     if b.deleted:
         m["deleted"] = True
     else:
@@ -653,10 +653,10 @@ def encode_ack(ref: Ref, message_id: UUID, hoomi_id: UUID, seq: int, created_at:
     """The `ack` of a `send`: the bytes of `encode_server(Ack(...))`, without the frame
     object (one per message on the hub's hot path)."""
     if ref is None:
-        return _pack({"type": "ack", "id": str(message_id), "hoomi_id": _uuid_str(hoomi_id),
+        return _pack({"type": "ack", "id": str(message_id), "hoomi_id": uuid_str(hoomi_id),
                       "seq": seq, "created_at": created_at})
     return _pack({"type": "ack", "ref": ref, "id": str(message_id),
-                  "hoomi_id": _uuid_str(hoomi_id), "seq": seq, "created_at": created_at})
+                  "hoomi_id": uuid_str(hoomi_id), "seq": seq, "created_at": created_at})
 
 
 def _head(kind: str, ref: Ref) -> dict[str, Any]:
@@ -672,12 +672,12 @@ def encode_server(frame: ServerFrame) -> bytes:
     if isinstance(frame, Ack):
         m = _head("ack", frame.ref)
         m["id"] = str(frame.id)
-        m["hoomi_id"] = _uuid_str(frame.hoomi_id)
+        m["hoomi_id"] = uuid_str(frame.hoomi_id)
         m["seq"] = frame.seq
         m["created_at"] = frame.created_at
     elif isinstance(frame, Page):
         m = _head("page", frame.ref)
-        m["hoomi_id"] = _uuid_str(frame.hoomi_id)
+        m["hoomi_id"] = uuid_str(frame.hoomi_id)
         m["messages"] = [_body(b, {}) for b in frame.messages]
         if frame.has_more is None:
             m["next_before"] = frame.next_before
@@ -686,17 +686,17 @@ def encode_server(frame: ServerFrame) -> bytes:
     elif isinstance(frame, Welcome):
         m = _head("welcome", frame.ref)
         m["user_id"] = str(frame.user_id)
-        m["hoomis"] = [{"hoomi_id": _uuid_str(h.hoomi_id), "last_seq": h.last_seq,
+        m["hoomis"] = [{"hoomi_id": uuid_str(h.hoomi_id), "last_seq": h.last_seq,
                         "role": h.role, "read_seq": h.read_seq} for h in frame.hoomis]
         if frame.max_content_bytes is not None:
             m["max_content_bytes"] = frame.max_content_bytes
         if frame.features is not None:
             m["features"] = frame.features
     elif isinstance(frame, Deleted):
-        m = {"type": "deleted", "hoomi_id": _uuid_str(frame.hoomi_id), "id": str(frame.id),
+        m = {"type": "deleted", "hoomi_id": uuid_str(frame.hoomi_id), "id": str(frame.id),
              "seq": frame.seq}
     elif isinstance(frame, Membership):
-        m = {"type": "membership", "hoomi_id": _uuid_str(frame.hoomi_id),
+        m = {"type": "membership", "hoomi_id": uuid_str(frame.hoomi_id),
              "state": frame.state}
     elif isinstance(frame, Error):
         m = _head("error", frame.ref)
@@ -707,35 +707,35 @@ def encode_server(frame: ServerFrame) -> bytes:
     elif isinstance(frame, Pong):
         m = _head("pong", frame.ref)
     elif isinstance(frame, Edited):
-        m = {"type": "edited", "hoomi_id": _uuid_str(frame.hoomi_id), "id": str(frame.id),
+        m = {"type": "edited", "hoomi_id": uuid_str(frame.hoomi_id), "id": str(frame.id),
              "seq": frame.seq, "content": frame.content, "nonce": frame.nonce,
              "session_id": frame.session_id, "scheme": frame.scheme,
              "updated_at": frame.updated_at}
     elif isinstance(frame, EditAck):
         m = _head("ack", frame.ref)
         m["id"] = str(frame.id)
-        m["hoomi_id"] = _uuid_str(frame.hoomi_id)
+        m["hoomi_id"] = uuid_str(frame.hoomi_id)
         m["seq"] = frame.seq
         m["updated_at"] = frame.updated_at
     elif isinstance(frame, ReencryptAck):
         m = _head("ack", frame.ref)
-        m["hoomi_id"] = _uuid_str(frame.hoomi_id)
+        m["hoomi_id"] = uuid_str(frame.hoomi_id)
         m["updated"] = frame.updated
         m["skipped"] = [str(i) for i in frame.skipped]
     elif isinstance(frame, ReadAck):
         m = _head("ack", frame.ref)
-        m["hoomi_id"] = _uuid_str(frame.hoomi_id)
+        m["hoomi_id"] = uuid_str(frame.hoomi_id)
         m["seq"] = frame.seq
     elif isinstance(frame, Receipt):
-        m = {"type": "receipt", "hoomi_id": _uuid_str(frame.hoomi_id),
-             "user_id": _uuid_str(frame.user_id), "seq": frame.seq}
+        m = {"type": "receipt", "hoomi_id": uuid_str(frame.hoomi_id),
+             "user_id": uuid_str(frame.user_id), "seq": frame.seq}
     elif isinstance(frame, TypingNotice):
-        m = {"type": "typing", "hoomi_id": _uuid_str(frame.hoomi_id),
-             "user_id": _uuid_str(frame.user_id)}
+        m = {"type": "typing", "hoomi_id": uuid_str(frame.hoomi_id),
+             "user_id": uuid_str(frame.user_id)}
     elif isinstance(frame, PresenceReply):
         m = _head("presence", frame.ref)
-        m["hoomi_id"] = _uuid_str(frame.hoomi_id)
-        m["user_ids"] = [_uuid_str(u) for u in frame.user_ids]
+        m["hoomi_id"] = uuid_str(frame.hoomi_id)
+        m["user_ids"] = [uuid_str(u) for u in frame.user_ids]
     else:
         assert_never(frame)
     return _pack(m)
@@ -838,7 +838,7 @@ def encode_body_maps(ref: Ref, hoomi_id: UUID, bodies: list[dict[str, Any]], *,
     bytes as `encode_server(Page(...))` without a MessageBody per row. With `has_more`
     None, `next_before` is written (a history or search page), else `has_more` (sync)."""
     m = _head("page", ref)
-    m["hoomi_id"] = _uuid_str(hoomi_id)
+    m["hoomi_id"] = uuid_str(hoomi_id)
     m["messages"] = bodies
     if has_more is None:
         m["next_before"] = next_before
