@@ -46,11 +46,13 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
 import httpx
 import msgpack
+import redis.asyncio as aioredis
 
 from bench import wsload
 from bench.common import fresh_database
@@ -195,6 +197,19 @@ async def warm_wal(dsn: str, segments: int = 0) -> bool:
         return False
     finally:
         await conn.close()
+
+
+async def broker_figures(valkey: Any) -> tuple[float, float]:
+    """The Valkey server's CPU seconds so far and the PUBLISH commands it has run (INFO
+    commandstats); zeros without one."""
+    if valkey is None or valkey.proc is None:
+        return 0.0, 0.0
+    client = aioredis.Redis.from_url(valkey.url)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return cpu_s(valkey.proc.pid), float(stats.get("cmdstat_publish", {}).get("calls", 0))
 
 
 def hub_metrics(port: int) -> dict[str, float]:
@@ -472,6 +487,7 @@ async def main() -> None:
                     before = [cpu_s(h.pid) for h in hubs]
                     waits = (run_delay_s(hubs[0].pid), run_delay_s(os.getpid()))
                     pg_before = cpu_s(postgres, children=True) if postgres else 0.0
+                    broker_before = await broker_figures(valkey)
                     if not args.cold_wal:
                         await warm_wal(dsn)  # recycle the last run's segments for this one
                     segments0 = await wal_segments_created(dsn)
@@ -490,6 +506,10 @@ async def main() -> None:
                     res.update(writer_figures(metrics0, hub_metrics(hub_port)))
                     if postgres:
                         res["pg_cpu"] = (cpu_s(postgres, children=True) - pg_before) / res["n"]
+                    if valkey is not None:
+                        broker_after = await broker_figures(valkey)
+                        res["valkey_cpu"] = (broker_after[0] - broker_before[0]) / res["n"]
+                        res["publishes"] = (broker_after[1] - broker_before[1]) / res["n"]
                     results[name] = res
                 if args.profile:
                     profiles.append(prof.report(per=int(results[name]["n"])))
@@ -556,6 +576,8 @@ async def main() -> None:
                       f"{res['batches_over_2ms']:.1%}/{res['batches_over_10ms']:.1%}")
         cpu = f"; server CPU {res['cpu'] * 1e6:.0f} µs" + (
             f" + PostgreSQL {res['pg_cpu'] * 1e6:.0f} µs" if "pg_cpu" in res else "") + (
+            f" + Valkey {res['valkey_cpu'] * 1e6:.0f} µs ({res['publishes']:.2f} PUBLISH "
+            "per message)" if "valkey_cpu" in res else "") + (
             f", client CPU {res['client_cpu'] * 1e6:.0f} µs")
         print(f"  {name:9s} {res['rate']:8.0f} msg/s  p50 {res['p50']:6.2f} ms  "
               f"p99 {res['p99']:6.2f} ms  ({res['n']} round trips{cpu}{extra})")
