@@ -45,8 +45,10 @@ async def url() -> AsyncIterator[str]:
     app = Starlette(routes=[Route("/who", _who), Route("/big", _big),
                             Route("/missing", _missing), Route("/chunked", _chunked)])
     port = free_port()
+    # log_config=None: uvicorn's default would reconfigure the process's logging (its
+    # loggers stop propagating to the root, which in-process replicas read their log from).
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
+                                           log_config=None, lifespan="off"))
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(10):
         while not server.started:
