@@ -138,28 +138,33 @@ def pack_messages(hoomi_id: UUID, items: Sequence[tuple[int, bytes]]) -> list[by
     PACK_MAX_BYTES each (a frame larger than that goes alone): a broadcast of one
     message keeps the `b"M"` layout."""
     out: list[bytes] = []
-    start, size = 0, 0
-    for k in range(len(items) + 1):
-        if k == len(items) or (k > start
-                               and size + len(items[k][1]) + _ITEM.size > PACK_MAX_BYTES):
-            chunk = items[start:k]
-            if len(chunk) == 1:
-                out.append(pack_message(hoomi_id, *chunk[0]))
-            else:
-                parts = [_HEAD.pack(MESSAGES, hoomi_id.bytes, len(chunk))]
-                for seq, frame in chunk:
-                    parts.append(_ITEM.pack(seq, len(frame)))
-                    parts.append(frame)
-                out.append(b"".join(parts))
-            start, size = k, 0
-        if k < len(items):
-            size += len(items[k][1]) + _ITEM.size
+    chunk: list[tuple[int, bytes]] = []
+    size = 0
+    for item in items:
+        cost = _ITEM.size + len(item[1])
+        if chunk and size + cost > PACK_MAX_BYTES:
+            out.append(_pack_chunk(hoomi_id, chunk))
+            chunk, size = [], 0
+        chunk.append(item)
+        size += cost
+    if chunk:
+        out.append(_pack_chunk(hoomi_id, chunk))
     return out
 
 
+def _pack_chunk(hoomi_id: UUID, chunk: list[tuple[int, bytes]]) -> bytes:
+    if len(chunk) == 1:
+        return pack_message(hoomi_id, *chunk[0])
+    parts = [_HEAD.pack(MESSAGES, hoomi_id.bytes, len(chunk))]
+    for seq, frame in chunk:
+        parts.append(_ITEM.pack(seq, len(frame)))
+        parts.append(frame)
+    return b"".join(parts)
+
+
 def unpack_messages(payload: bytes) -> tuple[UUID, list[tuple[int, bytes]]]:
-    """`pack_messages` read back: the Hoomi and its (seq, frame), in order. ValueError
-    (struct.error) for a payload cut short."""
+    """`pack_messages` read back: the Hoomi and its (seq, frame), in order; struct.error
+    for a payload cut short."""
     _, hoomi, count = _HEAD.unpack_from(payload)
     items: list[tuple[int, bytes]] = []
     at = _HEAD.size
