@@ -23,6 +23,19 @@ class HttpError(ConnectionError):
     pass
 
 
+def read_head(buf: bytearray) -> tuple[str, dict[str, str]] | None:
+    """A response's status line and headers (names lower-cased), taken off the front of
+    `buf` once they are whole; None while they are not (bench/wsload.py reads its
+    upgrade's response with it too)."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+    del buf[:end + 4]
+    return lines[0], {k.strip().lower(): v.strip()
+                      for k, _, v in (line.partition(":") for line in lines[1:])}
+
+
 class LeanHttp(asyncio.Protocol):
     """One kept-alive connection: `get` sends a request and returns (status, body)."""
 
@@ -63,20 +76,17 @@ class LeanHttp(asyncio.Protocol):
         buf = self._buf
         buf += data
         if self._want < 0:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            head = read_head(buf)
+            if head is None:
                 return
-            lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-            del buf[:end + 4]
-            version, _, rest = lines[0].partition(" ")
+            status, headers = head
+            version, _, rest = status.partition(" ")
             if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
-                self._fail(f"not an HTTP/1.1 response: {lines[0]!r}")
+                self._fail(f"not an HTTP/1.1 response: {status!r}")
                 return
-            headers = {k.strip().lower(): v.strip()
-                       for k, _, v in (line.partition(":") for line in lines[1:])}
             length = headers.get("content-length", "")
             if headers.get("connection", "").lower() == "close" or not length.isdigit():
-                self._fail(f"not a kept-alive Content-Length response: {lines[0]!r}, "
+                self._fail(f"not a kept-alive Content-Length response: {status!r}, "
                            f"headers {sorted(headers)}")
                 return
             self._status, self._want = int(rest[:3]), int(length)

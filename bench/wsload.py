@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 from websockets.speedups import apply_mask
 
+from bench.httpload import read_head
+
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _HEAD_7 = struct.Struct(">BB")
 _HEAD_16 = struct.Struct(">BBH")
@@ -126,16 +128,13 @@ class LeanSocket(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buf += data
         if not self.opened.done():
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
+            head = read_head(self._buf)
+            if head is None:
                 return
-            head = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
-            del self._buf[:end + 4]
+            status, headers = head
             accept = base64.b64encode(hashlib.sha1(self._key + _GUID).digest()).decode()
-            headers = {k.strip().lower(): v.strip()
-                       for k, _, v in (line.partition(":") for line in head[1:])}
-            if " 101 " not in head[0] + " " or headers.get("sec-websocket-accept") != accept:
-                self._fail(f"handshake refused: {head[0]}")
+            if " 101 " not in status + " " or headers.get("sec-websocket-accept") != accept:
+                self._fail(f"handshake refused: {status}")
                 return
             self.opened.set_result(None)
         self._frames()
